@@ -1,0 +1,315 @@
+"""The agent: hold one tunnel to the relay, serve its streams, and never stay offline.
+
+Reconnects with jittered exponential backoff; the relay's close code decides how (SPEC's close
+code table). A watchdog abandons a socket that has gone silent without waiting for a close
+handshake, because on a black-holed TCP path that handshake never completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import structlog
+from yarl import URL
+
+from relay.agent.backoff import Backoff
+from relay.agent.tokens import TokenSource, TokenUnavailable
+from relay.agent.upstream import LocalOrigin
+from relay.errors import CloseCode, ProtocolViolation
+from relay.protocol.frames import HEADER_SIZE, PROTOCOL_VERSION
+from relay.tunnel.session import Channel, Role, SessionSettings, TunnelSession
+
+log = structlog.get_logger("relay.agent")
+
+CONNECT_TIMEOUT_S = 10.0
+HELLO_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class AgentOptions:
+    relay_url: str
+    host_id: str
+    upstream: str
+    max_frame: int = 65536
+    max_ws_message: int = 4 << 20
+    max_streams: int = 256
+    backoff_base_s: float = 0.5
+    backoff_cap_s: float = 30.0
+    # Until the relay's HELLO says otherwise, assume the defaults for liveness.
+    ping_interval_s: float = 10.0
+    keepalive_misses: int = 3
+
+
+def tunnel_url(relay_url: str, host_id: str) -> URL:
+    url = URL(relay_url)
+    if url.scheme in {"http", "https"}:
+        url = url.with_scheme("wss" if url.scheme == "https" else "ws")
+    if url.scheme not in {"ws", "wss"}:
+        raise ValueError(f"relay URL must be ws(s):// or http(s)://, got {relay_url!r}")
+    path = url.path.rstrip("/")
+    if not path.endswith("/tunnel"):
+        path += "/tunnel"
+    return url.with_path(path).with_query({"hostId": host_id, "v": str(PROTOCOL_VERSION)})
+
+
+def abandon(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """Drop the TCP connection at once, with no close handshake.
+
+    aiohttp offers no public abort; its connection's transport is the only way to not wait.
+    """
+    conn = getattr(ws, "_conn", None)
+    transport = getattr(conn, "transport", None)
+    if transport is not None:
+        transport.abort()
+    response = getattr(ws, "_response", None)
+    if response is not None:
+        response.close()
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one connection ended, which decides the next delay."""
+
+    code: int | None
+    reason: str
+    hello: bool = False
+    drained: bool = False
+    abandoned: bool = False
+
+
+class Agent:
+    def __init__(
+        self,
+        options: AgentOptions,
+        tokens: TokenSource,
+        *,
+        backoff: Backoff | None = None,
+        on_state: Callable[[Agent], None] | None = None,
+    ) -> None:
+        self.options = options
+        self.tokens = tokens
+        self.backoff = backoff or Backoff(options.backoff_base_s, options.backoff_cap_s)
+        self.url = tunnel_url(options.relay_url, options.host_id)
+        self._on_state = on_state
+        self.connected = False
+        self.connects = 0
+        self.attempts = 0
+        self.last_progress = time.monotonic()
+        self.next_attempt_at: float | None = None
+        self.last_outcome: Outcome | None = None
+        self.session: TunnelSession | None = None
+        self._client: aiohttp.ClientSession | None = None
+        self._origin: LocalOrigin | None = None
+        self.first_attempt_done = asyncio.Event()
+        self.connected_event = asyncio.Event()
+
+    # -- health, for the service manager -----------------------------------------------------
+    def healthy(self) -> bool:
+        """Up, or really trying: a wedged reconnect loop must look unhealthy to the watchdog."""
+        if self.connected:
+            return True
+        now = time.monotonic()
+        if self.next_attempt_at is not None:
+            return now < self.next_attempt_at + CONNECT_TIMEOUT_S + HELLO_TIMEOUT_S
+        return now - self.last_progress < self.options.backoff_cap_s + CONNECT_TIMEOUT_S * 3
+
+    def status_text(self) -> str:
+        if self.connected and self.session is not None:
+            return f"connected to {self.url.host}; {len(self.session.channels)} streams"
+        last = self.last_outcome
+        why = f" (last close {last.code} {last.reason})" if last and last.code else ""
+        return f"reconnecting{why}"
+
+    def _changed(self) -> None:
+        self.last_progress = time.monotonic()
+        if self._on_state is not None:
+            self._on_state(self)
+
+    # -- the loop ------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        connector = aiohttp.TCPConnector(limit=self.options.max_streams, keepalive_timeout=30)
+        async with aiohttp.ClientSession(
+            connector=connector, auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10),
+        ) as client:
+            self._client = client
+            self._origin = LocalOrigin(self.options.upstream, client,
+                                       max_ws_message=self.options.max_ws_message)
+            tunnel_client = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S)
+            )
+            try:
+                while not stop.is_set():
+                    outcome = await self._attempt(tunnel_client, stop)
+                    self.last_outcome = outcome
+                    self.first_attempt_done.set()
+                    if stop.is_set():
+                        break
+                    delay = self._delay_after(outcome)
+                    log.info("agent.reconnecting", delay_s=round(delay, 2), code=outcome.code,
+                             reason=outcome.reason)
+                    self.next_attempt_at = time.monotonic() + delay
+                    self._changed()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+            finally:
+                await tunnel_client.close()
+
+    def _delay_after(self, outcome: Outcome) -> float:
+        code = outcome.code
+        if outcome.drained or code == CloseCode.DRAINING:
+            # The relay asked us to come back at once; a crowd of agents still spreads a little.
+            self.backoff.reset()
+            return self.backoff.next_delay() / 4
+        if code == CloseCode.KEEPALIVE_MISSED or outcome.abandoned:
+            if outcome.hello:
+                self.backoff.reset()
+            return self.backoff.next_delay()
+        if code in (CloseCode.REPLACED, CloseCode.FORBIDDEN, CloseCode.BAD_REQUEST):
+            return self.backoff.slow()  # retrying fast cannot fix these; do not fight
+        if outcome.hello and code not in (CloseCode.UNAUTHORIZED,):
+            self.backoff.reset()
+        return self.backoff.next_delay()
+
+    async def _attempt(self, tunnel_client: aiohttp.ClientSession, stop: asyncio.Event) -> Outcome:
+        self.attempts += 1
+        self.next_attempt_at = None
+        self._changed()
+        try:
+            token = await self.tokens.get()
+        except TokenUnavailable as exc:
+            log.warning("agent.token_unavailable", error=str(exc))
+            return Outcome(None, "token_unavailable")
+        try:
+            ws = await asyncio.wait_for(
+                tunnel_client.ws_connect(
+                    self.url, headers={"Authorization": f"Bearer {token}"}, autoping=True,
+                    heartbeat=None, compress=0,
+                    max_msg_size=self.options.max_frame + 64 * 1024 + HEADER_SIZE,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+                ),
+                CONNECT_TIMEOUT_S,
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.info("agent.connect_failed", relay=str(self.url.origin()), error=type(exc).__name__)
+            return Outcome(None, "connect_failed")
+        try:
+            return await self._serve(ws, stop)
+        finally:
+            self.connected = False
+            self.connected_event.clear()
+            self._changed()
+            if not ws.closed:
+                abandon(ws)
+
+    async def _serve(self, ws: aiohttp.ClientWebSocketResponse, stop: asyncio.Event) -> Outcome:
+        outcome = Outcome(None, "closed")
+        hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        settings = SessionSettings(
+            window=262144, max_frame=self.options.max_frame, max_streams=self.options.max_streams,
+            max_ws_message=self.options.max_ws_message,
+            ping_interval_s=self.options.ping_interval_s,
+            keepalive_misses=self.options.keepalive_misses,
+        )
+
+        def on_hello(body: dict[str, Any]) -> None:
+            if not hello.done():
+                hello.set_result(body)
+
+        def on_drain(body: dict[str, Any]) -> None:
+            outcome.drained = True
+            self.backoff.reset()
+            log.info("agent.drain_received", reason=body.get("reason"))
+
+        def on_silence() -> None:
+            outcome.abandoned = True
+            log.warning("agent.watchdog_abandon", silent_s=round(session.silent_for(), 1))
+            abandon(ws)
+
+        session = TunnelSession(ws.send_bytes, settings, role=Role.AGENT,
+                                name=self.options.host_id, on_open=self._on_open,
+                                on_drain=on_drain, on_silence=on_silence, on_hello=on_hello)
+        reader = asyncio.ensure_future(self._read(ws, session))
+        reader.set_name(f"agent-reader:{self.options.host_id}")
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            done, _ = await asyncio.wait({hello, reader, stopper}, timeout=HELLO_TIMEOUT_S,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not hello.done():
+                if reader.done() or stopper.done():
+                    return self._closed_outcome(ws, outcome)
+                log.warning("agent.hello_timeout")
+                outcome.abandoned = True
+                outcome.reason = "hello_timeout"
+                return outcome
+            body = hello.result()
+            outcome.hello = True
+            session = self._adopt_hello(session, body)
+            session.start()
+            self.session = session
+            self.connected = True
+            self.connects += 1
+            self.connected_event.set()
+            self._changed()
+            log.info("agent.connected", relay=str(self.url.origin()), host_id=self.options.host_id,
+                     version=body.get("version"))
+            await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if stopper.done() and not reader.done():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ws.close(code=int(CloseCode.GOING_AWAY)), 2.0)
+                outcome.reason = "stopped"
+                return outcome
+            return self._closed_outcome(ws, outcome)
+        finally:
+            stopper.cancel()
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+            await session.close(int(CloseCode.GOING_AWAY), "tunnel closed")
+            self.session = None
+
+    @staticmethod
+    def _adopt_hello(session: TunnelSession, body: dict[str, Any]) -> TunnelSession:
+        """Take the relay's liveness settings so both ends agree on when silence is death."""
+        interval = body.get("pingIntervalS")
+        misses = body.get("keepaliveMisses")
+        if isinstance(interval, (int, float)) and interval > 0:
+            session.settings = SessionSettings(
+                window=int(body.get("window") or session.settings.window),
+                max_frame=session.settings.max_frame,
+                max_streams=session.settings.max_streams,
+                max_ws_message=session.settings.max_ws_message,
+                ping_interval_s=float(interval),
+                keepalive_misses=int(misses) if isinstance(misses, int) and misses > 0
+                else session.settings.keepalive_misses,
+            )
+        return session
+
+    def _closed_outcome(self, ws: aiohttp.ClientWebSocketResponse, outcome: Outcome) -> Outcome:
+        outcome.code = ws.close_code
+        log.info("agent.disconnected", code=outcome.code, abandoned=outcome.abandoned,
+                 drained=outcome.drained)
+        return outcome
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse, session: TunnelSession) -> None:
+        try:
+            async for msg in ws:
+                if msg.type is aiohttp.WSMsgType.BINARY:
+                    session.feed(msg.data)
+                elif msg.type is aiohttp.WSMsgType.ERROR:
+                    break
+        except ProtocolViolation as exc:
+            log.warning("agent.protocol_violation", error=exc.message)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(code=int(CloseCode.PROTOCOL_ERROR)), 2.0)
+
+    def _on_open(self, channel: Channel, head: dict[str, Any]) -> None:
+        assert self._origin is not None
+        channel.session.spawn(self._origin.serve(channel, head),
+                              f"agent-stream:{channel.session.name}:{channel.id}")

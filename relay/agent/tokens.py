@@ -1,0 +1,77 @@
+"""Where the agent's bearer token comes from: a flag, a file re-read per connect, or a command."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("relay.agent")
+
+COMMAND_TIMEOUT_S = 30.0
+MAX_TOKEN_BYTES = 16384
+
+
+class TokenUnavailable(Exception):
+    """No token could be obtained right now; the agent retries with backoff."""
+
+
+class TokenSource:
+    def __init__(self, *, token: str | None = None, file: str | None = None,
+                 command: str | None = None) -> None:
+        given = [v for v in (token, file, command) if v]
+        if len(given) != 1:
+            raise ValueError("exactly one of --token, --token-file or --token-command is required")
+        self._token, self._file, self._command = token, file, command
+
+    def describe(self) -> str:
+        if self._file:
+            return f"file {self._file}"
+        if self._command:
+            return "command"
+        return "flag"
+
+    async def get(self) -> str:
+        """A token for the next connect: files and commands are read afresh every time."""
+        if self._token:
+            return self._token
+        if self._file:
+            return self._read_file(Path(self._file))
+        assert self._command is not None
+        return await self._run_command(self._command)
+
+    @staticmethod
+    def _read_file(path: Path) -> str:
+        try:
+            raw = path.read_bytes()[:MAX_TOKEN_BYTES]
+        except OSError as exc:
+            raise TokenUnavailable(f"cannot read token file {path}: {exc.strerror}") from None
+        token = raw.decode(errors="replace").strip()
+        if not token:
+            raise TokenUnavailable(f"token file {path} is empty")
+        return token
+
+    @staticmethod
+    async def _run_command(command: str) -> str:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *shlex.split(command),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise TokenUnavailable(f"cannot run token command: {exc.strerror}") from None
+        try:
+            stdout, _ = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT_S)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise TokenUnavailable("token command timed out") from None
+        if proc.returncode != 0:
+            raise TokenUnavailable(f"token command exited with {proc.returncode}")
+        token = stdout[:MAX_TOKEN_BYTES].decode(errors="replace").strip()
+        if not token:
+            raise TokenUnavailable("token command printed nothing")
+        return token

@@ -1,0 +1,137 @@
+"""Serve tunnel streams against the agent's one local origin, streaming both ways."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import structlog
+from yarl import URL
+
+from relay.errors import CloseCode
+from relay.protocol.headers import WS_HANDSHAKE, strip_hop_by_hop
+from relay.tunnel.bridge import bridge
+from relay.tunnel.session import Channel, ChannelClosed, ChannelKind
+
+log = structlog.get_logger("relay.agent")
+
+
+def _error_head(status: int, code: str, message: str) -> tuple[dict[str, Any], bytes]:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    head = {"status": status, "headers": [["Content-Type", "application/json"],
+                                          ["Content-Length", str(len(body))]]}
+    return head, body
+
+
+class LocalOrigin:
+    """The agent's view of its host service: one origin, never anything else."""
+
+    def __init__(self, origin: str, client: aiohttp.ClientSession, *, max_ws_message: int) -> None:
+        url = URL(origin)
+        if url.scheme not in {"http", "https"} or not url.host:
+            raise ValueError(f"upstream must be an http(s) origin, got {origin!r}")
+        self.origin = url.origin()
+        self.client = client
+        self.max_ws_message = max_ws_message
+
+    def url_for(self, head: dict[str, Any], *, websocket: bool = False) -> URL:
+        path = str(head.get("path") or "/")
+        if not path.startswith("/"):
+            path = "/" + path
+        query = str(head.get("query") or "")
+        base = self.origin
+        if websocket:
+            base = base.with_scheme("wss" if base.scheme == "https" else "ws")
+        # The path arrives still percent-encoded: keep it byte-exact, and never let it
+        # name another origin.
+        raw = str(base) + path + (f"?{query}" if query else "")
+        url = URL(raw, encoded=True)
+        if url.origin() != base.origin():
+            raise ValueError("path escapes the local origin")
+        return url
+
+    async def serve(self, channel: Channel, head: dict[str, Any]) -> None:
+        try:
+            if channel.kind is ChannelKind.WS:
+                await self._serve_ws(channel, head)
+            else:
+                await self._serve_http(channel, head)
+        except ChannelClosed:
+            pass  # the relay ended the stream (client gone, tunnel gone)
+        finally:
+            channel.close(int(CloseCode.INTERNAL_ERROR), "agent stream ended")
+
+    async def _request_body(self, channel: Channel) -> AsyncIterator[bytes]:
+        while True:
+            chunk = await channel.read()
+            if chunk is None:
+                return
+            yield chunk.data
+            channel.consumed(len(chunk.data))
+
+    async def _serve_http(self, channel: Channel, head: dict[str, Any]) -> None:
+        method = str(head.get("method") or "GET")
+        headers = strip_hop_by_hop((str(n), str(v)) for n, v in head.get("headers") or [])
+        has_body = channel.state.value == "open"  # the relay sends FIN on OPEN when bodiless
+        try:
+            url = self.url_for(head)
+        except ValueError:
+            await self._send_error(channel, 400, "bad_request", "invalid path")
+            return
+        try:
+            async with self.client.request(
+                method, url, headers=headers,
+                data=self._request_body(channel) if has_body else None,
+                allow_redirects=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            ) as response:
+                channel.send_head({
+                    "status": response.status,
+                    "reason": response.reason,
+                    "headers": [[k.decode("latin-1"), v.decode("latin-1")]
+                                for k, v in response.raw_headers],
+                })
+                async for data in response.content.iter_any():
+                    await channel.write(data)
+                await channel.finish()
+        except ChannelClosed:
+            raise
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if channel.head.done() or channel.bytes_out:
+                raise
+            log.info("agent.upstream_failed", error=type(exc).__name__, path=head.get("path"))
+            await self._send_error(channel, 502, "host_unavailable",
+                                   "the host service did not answer")
+
+    async def _send_error(self, channel: Channel, status: int, code: str, message: str) -> None:
+        head, body = _error_head(status, code, message)
+        channel.send_head(head)
+        await channel.write(body, fin=True)
+
+    async def _serve_ws(self, channel: Channel, head: dict[str, Any]) -> None:
+        headers = strip_hop_by_hop(
+            ((str(n), str(v)) for n, v in head.get("headers") or []), extra=WS_HANDSHAKE
+        )
+        protocols = [str(p) for p in head.get("protocols") or []]
+        try:
+            url = self.url_for(head, websocket=True)
+            ws = await self.client.ws_connect(
+                url, protocols=protocols, headers=headers, autoping=True, compress=0,
+                max_msg_size=self.max_ws_message, decode_text=False,
+                timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            channel.send_head({"status": exc.status or 502})
+            return
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.info("agent.upstream_ws_failed", error=type(exc).__name__, path=head.get("path"))
+            channel.send_head({"status": 502})
+            return
+        channel.send_head({"status": 101, "protocol": ws.protocol})
+        try:
+            await bridge(ws, channel, lost_code=lambda _: (int(CloseCode.GOING_AWAY), "tunnel lost"))
+        finally:
+            if not ws.closed:
+                await ws.close()

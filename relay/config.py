@@ -1,0 +1,391 @@
+"""Load, override from the environment, validate and freeze the relay's configuration.
+
+A config is a TOML file whose sections map onto the frozen dataclasses below. Every key can be
+overridden as ``RELAY_<SECTION>_<KEY>``. Anything wrong raises :class:`ConfigError` naming the
+file, the key and the problem, so start-up stops with one line instead of running half-configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from relay.errors import ConfigError
+
+ENV_PREFIX = "RELAY_"
+SECRET_KEYS = frozenset({"directory.peer_secret", "admin.secret", "directory.redis_url"})
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 1 << 30  # 413 above this (declared or streamed)
+    max_header_bytes: int = 16384  # 431 above this
+    drain_grace_s: float = 20.0  # in-flight HTTP exchanges get this long on SIGTERM
+    trust_forwarded: bool = False  # honour X-Forwarded-* from a reverse proxy in front
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    mode: str = "dev"
+    jwks_url: str = ""
+    public_key_file: str = ""
+    issuer: str = ""
+    audience: str = ""
+    org_claim: str = "organizationIds"
+    email_claim: str = "email"
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    leeway_s: int = 30
+    dev_state_dir: str = "state"  # dev issuer key folder, relative to the config file
+    jwks_cache_s: int = 3600
+    jwks_refresh_min_interval_s: float = 30.0  # unknown-kid refreshes at most this often
+    token_cache_size: int = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class AccessConfig:
+    backend: str = "org"
+    upstream_url: str = ""
+    allow_ttl_s: float = 900.0
+    deny_ttl_s: float = 30.0
+    allow_cache_size: int = 100000
+    deny_cache_size: int = 100000
+    upstream_timeout_s: float = 5.0
+    failure_backoff_s: float = 2.0  # after an upstream failure, fail fast this long
+    static_grants_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelConfig:
+    ping_interval_s: float = 10.0
+    request_timeout_s: float = 120.0
+    keepalive_misses: int = 3  # silent ping intervals before 4408 / the agent's watchdog fires
+    max_streams: int = 256  # concurrent streams per tunnel; more answer 503
+    stream_window_bytes: int = 262144  # flow-control credit per stream and direction
+    max_frame_bytes: int = 65536  # largest DATA payload on the tunnel
+    max_ws_message_bytes: int = 4 << 20
+    open_timeout_s: float = 10.0  # a channel open must be acknowledged by the host this fast
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryConfig:
+    backend: str = "local"
+    redis_url: str = ""
+    instance_id: str = ""
+    advertise_url: str = ""
+    peer_secret: str = ""
+    heartbeat_s: float = 5.0
+    entry_ttl_s: float = 20.0
+    peer_max_skew_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    secret: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "json"
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # Where the config came from: relative paths resolve against its folder.
+    source: str = "<defaults>"
+    base_dir: str = "."
+
+    def resolve_path(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else Path(self.base_dir) / path
+
+    @property
+    def dev_state_path(self) -> Path:
+        return self.resolve_path(self.auth.dev_state_dir)
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "auth": AuthConfig,
+    "access": AccessConfig,
+    "tunnel": TunnelConfig,
+    "directory": DirectoryConfig,
+    "admin": AdminConfig,
+    "log": LogConfig,
+}
+
+
+def _coerce(source: str, key: str, value: Any, default: Any, from_env: bool) -> Any:
+    """Turn a TOML or environment value into the default's type, or explain why not."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if from_env and isinstance(value, str) and value.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if from_env and isinstance(value, str) and value.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(source, key, f"must be true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_env and isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(source, key, f"must be an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_env and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(source, key, f"must be a number, got {value!r}")
+    if isinstance(default, tuple):
+        if from_env and isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return tuple(value)
+        raise ConfigError(source, key, f"must be a list of strings, got {value!r}")
+    if not isinstance(value, str):
+        raise ConfigError(source, key, f"must be a string, got {value!r}")
+    return value
+
+
+def _build_section(
+    section: str, cls: type, raw: Mapping[str, Any], source: str, env: Mapping[str, str]
+) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(source, f"{section}.{key}", "unknown key")
+    values: dict[str, Any] = {}
+    defaults = cls()
+    for name in known:
+        default = getattr(defaults, name)
+        env_name = f"{ENV_PREFIX}{section.upper()}_{name.upper()}"
+        if env_name in env:
+            values[name] = _coerce(env_name, f"{section}.{name}", env[env_name], default, True)
+        elif name in raw:
+            values[name] = _coerce(source, f"{section}.{name}", raw[name], default, False)
+    return cls(**values)
+
+
+def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (or only defaults when None), apply ``RELAY_*`` overrides, validate."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    base_dir = Path.cwd()
+    if path is not None:
+        file = Path(path)
+        source = str(file)
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(source, "-", "file not found") from None
+        except OSError as exc:
+            raise ConfigError(source, "-", f"cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(source, "-", f"not valid TOML: {exc}") from None
+        base_dir = file.resolve().parent
+    for section in raw:
+        if section not in SECTIONS:
+            raise ConfigError(source, section, "unknown section")
+        if not isinstance(raw[section], dict):
+            raise ConfigError(source, section, "must be a table")
+    built = {
+        name: _build_section(name, cls, raw.get(name, {}), source, env)
+        for name, cls in SECTIONS.items()
+    }
+    config = Config(**built, source=source, base_dir=str(base_dir))
+    config = _fill_defaults(config)
+    validate(config)
+    return config
+
+
+def _fill_defaults(config: Config) -> Config:
+    directory = config.directory
+    if not directory.instance_id:
+        directory = dataclasses.replace(
+            directory, instance_id=f"{os.uname().nodename}-{uuid.uuid4().hex[:8]}"
+        )
+    if not directory.advertise_url:
+        host = config.server.host
+        if host in {"0.0.0.0", "::", ""}:
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        directory = dataclasses.replace(
+            directory, advertise_url=f"http://{host}:{config.server.port}"
+        )
+    return dataclasses.replace(config, directory=directory)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_url(source: str, key: str, value: str, schemes: set[str]) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.netloc:
+        wanted = " or ".join(sorted(schemes))
+        raise ConfigError(source, key, f"must be a {wanted} URL, got {value!r}")
+
+
+def validate(config: Config) -> None:
+    src = config.source
+    server, auth, access, tunnel = config.server, config.auth, config.access, config.tunnel
+    directory, log = config.directory, config.log
+    if not 0 <= server.port <= 65535:
+        raise ConfigError(src, "server.port", f"must be between 0 and 65535, got {server.port}")
+    if not server.host:
+        raise ConfigError(src, "server.host", "must not be empty")
+    if server.max_body_bytes <= 0:
+        raise ConfigError(src, "server.max_body_bytes", "must be positive")
+    if server.max_header_bytes < 1024:
+        raise ConfigError(src, "server.max_header_bytes", "must be at least 1024")
+    if server.drain_grace_s < 0:
+        raise ConfigError(src, "server.drain_grace_s", "must not be negative")
+
+    if auth.mode not in {"dev", "jwks", "public_key"}:
+        raise ConfigError(src, "auth.mode", f"must be dev, jwks or public_key, got {auth.mode!r}")
+    if auth.mode == "dev" and not _is_loopback(server.host):
+        raise ConfigError(
+            src,
+            "server.host",
+            f"dev auth mode only listens on loopback, got {server.host!r}; "
+            "set auth.mode to jwks or public_key to serve other addresses",
+        )
+    if auth.mode == "jwks":
+        if not auth.jwks_url:
+            raise ConfigError(src, "auth.jwks_url", "required when auth.mode is jwks")
+        _check_url(src, "auth.jwks_url", auth.jwks_url, {"http", "https"})
+    if auth.mode == "public_key":
+        if not auth.public_key_file:
+            raise ConfigError(src, "auth.public_key_file", "required when auth.mode is public_key")
+        key_path = config.resolve_path(auth.public_key_file)
+        if not key_path.is_file():
+            raise ConfigError(src, "auth.public_key_file", f"no such file: {key_path}")
+    allowed_algs = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                    "ES512", "EdDSA"}
+    if not auth.algorithms:
+        raise ConfigError(src, "auth.algorithms", "must name at least one algorithm")
+    for alg in auth.algorithms:
+        if alg not in allowed_algs:
+            raise ConfigError(
+                src, "auth.algorithms",
+                f"{alg!r} is not allowed (asymmetric algorithms only: {', '.join(sorted(allowed_algs))})",
+            )
+    if not auth.org_claim:
+        raise ConfigError(src, "auth.org_claim", "must not be empty")
+    if auth.leeway_s < 0 or auth.leeway_s > 300:
+        raise ConfigError(src, "auth.leeway_s", "must be between 0 and 300")
+    if auth.token_cache_size < 0:
+        raise ConfigError(src, "auth.token_cache_size", "must not be negative")
+
+    if access.backend not in {"org", "upstream", "static"}:
+        raise ConfigError(
+            src, "access.backend", f"must be org, upstream or static, got {access.backend!r}"
+        )
+    if access.backend == "upstream":
+        if not access.upstream_url:
+            raise ConfigError(src, "access.upstream_url", "required when access.backend is upstream")
+        _check_url(src, "access.upstream_url", access.upstream_url, {"http", "https"})
+    if access.backend == "static":
+        if not access.static_grants_file:
+            raise ConfigError(
+                src, "access.static_grants_file", "required when access.backend is static"
+            )
+        if not config.resolve_path(access.static_grants_file).is_file():
+            raise ConfigError(src, "access.static_grants_file", "no such file")
+    for key in ("allow_ttl_s", "deny_ttl_s", "upstream_timeout_s", "failure_backoff_s"):
+        if getattr(access, key) < 0:
+            raise ConfigError(src, f"access.{key}", "must not be negative")
+    if access.upstream_timeout_s <= 0:
+        raise ConfigError(src, "access.upstream_timeout_s", "must be positive")
+    for key in ("allow_cache_size", "deny_cache_size"):
+        if getattr(access, key) < 1:
+            raise ConfigError(src, f"access.{key}", "must be at least 1")
+
+    if tunnel.ping_interval_s <= 0:
+        raise ConfigError(src, "tunnel.ping_interval_s", "must be positive")
+    if tunnel.request_timeout_s <= 0:
+        raise ConfigError(src, "tunnel.request_timeout_s", "must be positive")
+    if tunnel.keepalive_misses < 1:
+        raise ConfigError(src, "tunnel.keepalive_misses", "must be at least 1")
+    if tunnel.max_streams < 1:
+        raise ConfigError(src, "tunnel.max_streams", "must be at least 1")
+    if not 1024 <= tunnel.max_frame_bytes <= 1 << 24:
+        raise ConfigError(src, "tunnel.max_frame_bytes", "must be between 1024 and 16777216")
+    if tunnel.stream_window_bytes < tunnel.max_frame_bytes:
+        raise ConfigError(
+            src, "tunnel.stream_window_bytes", "must be at least tunnel.max_frame_bytes"
+        )
+    if tunnel.max_ws_message_bytes < 1024:
+        raise ConfigError(src, "tunnel.max_ws_message_bytes", "must be at least 1024")
+    if tunnel.open_timeout_s <= 0:
+        raise ConfigError(src, "tunnel.open_timeout_s", "must be positive")
+
+    if directory.backend not in {"local", "redis"}:
+        raise ConfigError(
+            src, "directory.backend", f"must be local or redis, got {directory.backend!r}"
+        )
+    if directory.backend == "redis":
+        if not directory.redis_url:
+            raise ConfigError(src, "directory.redis_url", "required when directory.backend is redis")
+        _check_url(src, "directory.redis_url", directory.redis_url, {"redis", "rediss", "unix"})
+        if len(directory.peer_secret) < 16:
+            raise ConfigError(
+                src, "directory.peer_secret",
+                "required with the redis directory: at least 16 characters shared by all relays",
+            )
+        _check_url(src, "directory.advertise_url", directory.advertise_url, {"http", "https"})
+    if directory.heartbeat_s <= 0 or directory.entry_ttl_s <= directory.heartbeat_s * 2:
+        raise ConfigError(
+            src, "directory.entry_ttl_s", "must be more than twice directory.heartbeat_s"
+        )
+
+    if log.level.lower() not in {"debug", "info", "warning", "error", "critical"}:
+        raise ConfigError(src, "log.level", f"must be debug, info, warning or error, got {log.level!r}")
+    if log.format not in {"json", "console"}:
+        raise ConfigError(src, "log.format", f"must be json or console, got {log.format!r}")
+
+
+def masked(config: Config) -> dict[str, dict[str, Any]]:
+    """The effective configuration as plain data, with secrets replaced by a marker."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in SECTIONS:
+        values = dataclasses.asdict(getattr(config, section))
+        for key, value in values.items():
+            if f"{section}.{key}" in SECRET_KEYS and value:
+                values[key] = "********"
+            elif isinstance(value, tuple):
+                values[key] = list(value)
+        out[section] = values
+    return out

@@ -1,0 +1,150 @@
+"""A sample host service for demos and tests: echo, downloads, SSE, WebSocket, slow answers.
+
+Run it with ``python -m relay.devhost --port 3000``. It stands in for the desktop's local
+service behind an agent; nothing in the relay or the agent depends on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+
+from aiohttp import WSMsgType, web
+
+CHUNK = 64 * 1024
+
+
+def pattern_bytes(size: int, offset: int = 0) -> bytes:
+    """Deterministic, non-repeating-looking bytes so corruption and truncation show up."""
+    block = bytes((i * 7 + 13) % 256 for i in range(251))
+    start = offset % 251
+    reps = (size + start) // 251 + 2
+    return (block * reps)[start:start + size]
+
+
+async def echo(request: web.Request) -> web.StreamResponse:
+    """Stream the request body back as it arrives, with a digest of what was received."""
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    await response.prepare(request)
+    async for data in request.content.iter_any():
+        await response.write(data)
+    await response.write_eof()
+    return response
+
+
+async def digest(request: web.Request) -> web.Response:
+    hasher = hashlib.sha256()
+    size = 0
+    async for data in request.content.iter_any():
+        hasher.update(data)
+        size += len(data)
+    return web.json_response({"sha256": hasher.hexdigest(), "size": size})
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    size = int(request.match_info["size"])
+    chunked = request.query.get("chunked") == "1"
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    if not chunked:
+        response.content_length = size
+    await response.prepare(request)
+    sent = 0
+    while sent < size:
+        piece = pattern_bytes(min(CHUNK, size - sent), sent)
+        await response.write(piece)
+        sent += len(piece)
+    await response.write_eof()
+    return response
+
+
+async def small(request: web.Request) -> web.Response:
+    return web.Response(body=b"x" * int(request.query.get("size", "1024")),
+                        content_type="application/octet-stream")
+
+
+async def sse(request: web.Request) -> web.StreamResponse:
+    count = int(request.query.get("count", "5"))
+    interval = float(request.query.get("interval", "0.2"))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    for i in range(count):
+        await response.write(f"id: {i}\ndata: {{\"n\": {i}}}\n\n".encode())
+        await asyncio.sleep(interval)
+    await response.write_eof()
+    return response
+
+
+async def inspect(request: web.Request) -> web.Response:
+    body = await request.read()
+    return web.json_response({
+        "method": request.method,
+        "path": request.raw_path.split("?")[0],
+        "query": request.query_string,
+        "headers": [[k, v] for k, v in request.headers.items()],
+        "body_size": len(body),
+    })
+
+
+async def status(request: web.Request) -> web.Response:
+    code = int(request.match_info["code"])
+    return web.Response(status=code, text=f"status {code}\n")
+
+
+async def slow(request: web.Request) -> web.Response:
+    await asyncio.sleep(float(request.query.get("delay", "5")))
+    return web.Response(text="finally\n")
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    """Echo frames; "close:<code>" closes with that code; "bye" sends a last message and closes."""
+    ws = web.WebSocketResponse(protocols=("chat", "v2.chat"), max_msg_size=16 << 20)
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type is WSMsgType.TEXT:
+            if msg.data.startswith("close:"):
+                await ws.close(code=int(msg.data.split(":", 1)[1]), message=b"asked to close")
+                break
+            if msg.data == "bye":
+                await ws.send_str("bye!")
+                await ws.close(code=1000)
+                break
+            await ws.send_str(msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            await ws.send_bytes(msg.data)
+    return ws
+
+
+async def hello(request: web.Request) -> web.Response:
+    return web.Response(text=json.dumps({"hello": "from the host service"}),
+                        content_type="application/json")
+
+
+def build_app() -> web.Application:
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_get("/", hello)
+    app.router.add_post("/echo", echo)
+    app.router.add_put("/echo", echo)
+    app.router.add_post("/digest", digest)
+    app.router.add_get("/bytes/{size:\\d+}", download)
+    app.router.add_get("/small", small)
+    app.router.add_get("/sse", sse)
+    app.router.add_route("*", "/inspect{tail:.*}", inspect)
+    app.router.add_route("*", "/status/{code:\\d+}", status)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/ws", websocket)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=3000)
+    args = parser.parse_args()
+    web.run_app(build_app(), host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

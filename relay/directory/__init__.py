@@ -1,0 +1,42 @@
+"""Tunnel directory: which relay holds which host's tunnel, and cross-relay revocations.
+
+``build_directory(config)`` picks the backend named by ``directory.backend``; everything else
+talks to the :class:`Directory` interface.
+"""
+
+from __future__ import annotations
+
+from relay.config import Config
+from relay.directory.base import (
+    Directory,
+    DirectoryUnavailable,
+    LostCallback,
+    Owner,
+    RevocationCallback,
+)
+from relay.directory.local import LocalDirectory
+from relay.directory.redis import HeartbeatResult, RedisDirectory
+from relay.metrics import Metrics
+
+__all__ = [
+    "Directory",
+    "DirectoryUnavailable",
+    "HeartbeatResult",
+    "LocalDirectory",
+    "LostCallback",
+    "Owner",
+    "RedisDirectory",
+    "RevocationCallback",
+    "build_directory",
+]
+
+
+def build_directory(config: Config, metrics: Metrics | None = None) -> Directory:
+    """The directory configured by ``config.directory`` (not started yet: call ``start()``)."""
+    backend = config.directory.backend
+    if backend == "local":
+        return LocalDirectory(config.directory)
+    if backend == "redis":
+        return RedisDirectory(config.directory, metrics)
+    # load_config() validates the backend; this guards configs built by hand.
+    raise ValueError(f"unknown directory backend {backend!r}")

@@ -1,0 +1,178 @@
+"""The relay's exception tree, error codes and WebSocket close codes, defined once.
+
+Every refusal a user can meet is a :class:`RelayError` that knows its HTTP status, its stable
+error code, and the WebSocket close code to use when the refusal happens on a socket::
+
+    RelayError
+    ├── ConfigError                     bad configuration; stops start-up (no HTTP status)
+    ├── BadRequest            400 4400  bad_request
+    │   └── InvalidHost       400 4400  invalid_host
+    ├── Unauthorized          401 4401  unauthorized
+    ├── Forbidden             403 4403  not_in_org / not_registered
+    ├── PayloadTooLarge       413 1009  payload_too_large
+    ├── HeadersTooLarge       431 4400  headers_too_large
+    ├── TunnelClosed          502 4410  tunnel_closed
+    ├── HostOffline           503 4404  host_offline
+    ├── AccessUnavailable     503 1013  access_unavailable
+    ├── Draining              503 4503  draining
+    ├── Overloaded            503 1013  overloaded
+    ├── HostTimeout           504 4410  host_timeout
+    └── ProtocolViolation               a peer broke the tunnel protocol (local or remote)
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes the relay sends (SPEC: WebSocket close codes)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+    BAD_REQUEST = 4400
+    UNAUTHORIZED = 4401
+    FORBIDDEN = 4403
+    HOST_NOT_CONNECTED = 4404
+    KEEPALIVE_MISSED = 4408
+    REPLACED = 4409
+    TUNNEL_GONE = 4410
+    DRAINING = 4503
+
+
+# Close codes RFC 6455 forbids putting on the wire; they only describe what happened locally.
+UNSENDABLE_CLOSE_CODES = frozenset({1004, 1005, 1006, 1015})
+
+
+def sendable_close_code(code: int | None) -> int:
+    """Map a close code we observed to one we may send.
+
+    1005/1006/1015 mean "no code" or "abnormal"; forwarding them as 1000 would tell the client the
+    exit was clean and stop it reconnecting, so they become 1011.
+    """
+    if code is None or code in UNSENDABLE_CLOSE_CODES:
+        return int(CloseCode.INTERNAL_ERROR)
+    if code < 1000 or code >= 5000 or (1016 <= code < 3000):
+        return int(CloseCode.INTERNAL_ERROR)
+    return code
+
+
+class ErrorCode(StrEnum):
+    BAD_REQUEST = "bad_request"
+    INVALID_HOST = "invalid_host"
+    UNAUTHORIZED = "unauthorized"
+    NOT_IN_ORG = "not_in_org"
+    NOT_REGISTERED = "not_registered"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    TUNNEL_CLOSED = "tunnel_closed"
+    HOST_OFFLINE = "host_offline"
+    ACCESS_UNAVAILABLE = "access_unavailable"
+    DRAINING = "draining"
+    OVERLOADED = "overloaded"
+    HOST_TIMEOUT = "host_timeout"
+    NOT_FOUND = "not_found"
+    INTERNAL = "internal"
+
+
+class RelayError(Exception):
+    """Root of every error the relay raises on purpose."""
+
+    status: int = 500
+    code: ErrorCode = ErrorCode.INTERNAL
+    close_code: int = CloseCode.INTERNAL_ERROR
+    default_message = "internal error"
+    retry_after_s: int | None = None
+
+    def __init__(self, message: str | None = None, *, code: ErrorCode | None = None) -> None:
+        self.message = message or self.default_message
+        if code is not None:
+            self.code = code
+        super().__init__(self.message)
+
+    def to_json(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": str(self.code), "message": self.message}}
+
+
+class ConfigError(RelayError):
+    """Configuration that cannot run. Rendered as one line: file, key, problem."""
+
+    def __init__(self, file: str, key: str, problem: str) -> None:
+        self.file, self.key, self.problem = file, key, problem
+        super().__init__(f"{file}: {key}: {problem}")
+
+
+class BadRequest(RelayError):
+    status, code, close_code = 400, ErrorCode.BAD_REQUEST, CloseCode.BAD_REQUEST
+    default_message = "malformed request"
+
+
+class InvalidHost(BadRequest):
+    code = ErrorCode.INVALID_HOST
+    default_message = "host id must be <organizationId>:<machineId>"
+
+
+class Unauthorized(RelayError):
+    status, code, close_code = 401, ErrorCode.UNAUTHORIZED, CloseCode.UNAUTHORIZED
+    default_message = "missing or invalid bearer token; get a fresh token and retry"
+
+
+class Forbidden(RelayError):
+    status, code, close_code = 403, ErrorCode.NOT_REGISTERED, CloseCode.FORBIDDEN
+    default_message = "access to this host is denied"
+
+
+class PayloadTooLarge(RelayError):
+    status, code, close_code = 413, ErrorCode.PAYLOAD_TOO_LARGE, CloseCode.MESSAGE_TOO_BIG
+    default_message = "request body exceeds the configured limit"
+
+
+class HeadersTooLarge(RelayError):
+    status, code, close_code = 431, ErrorCode.HEADERS_TOO_LARGE, CloseCode.BAD_REQUEST
+    default_message = "request headers exceed the configured limit"
+
+
+class TunnelClosed(RelayError):
+    status, code, close_code = 502, ErrorCode.TUNNEL_CLOSED, CloseCode.TUNNEL_GONE
+    default_message = "the host's tunnel closed during the exchange; retry"
+
+
+class HostOffline(RelayError):
+    status, code, close_code = 503, ErrorCode.HOST_OFFLINE, CloseCode.HOST_NOT_CONNECTED
+    default_message = "the host is not connected; retry with backoff"
+    retry_after_s = 5
+
+
+class AccessUnavailable(RelayError):
+    status, code, close_code = 503, ErrorCode.ACCESS_UNAVAILABLE, CloseCode.TRY_AGAIN_LATER
+    default_message = "the access check is unavailable; retry shortly"
+    retry_after_s = 2
+
+
+class Draining(RelayError):
+    status, code, close_code = 503, ErrorCode.DRAINING, CloseCode.DRAINING
+    default_message = "relay is draining; reconnect at once"
+    retry_after_s = 0
+
+
+class Overloaded(RelayError):
+    status, code, close_code = 503, ErrorCode.OVERLOADED, CloseCode.TRY_AGAIN_LATER
+    default_message = "too many concurrent streams to this host; retry shortly"
+    retry_after_s = 1
+
+
+class HostTimeout(RelayError):
+    status, code, close_code = 504, ErrorCode.HOST_TIMEOUT, CloseCode.TUNNEL_GONE
+    default_message = "the host sent no response in time"
+
+
+class ProtocolViolation(RelayError):
+    """A tunnel peer sent something the protocol does not allow."""
+
+    status, close_code = 502, CloseCode.PROTOCOL_ERROR
+    code = ErrorCode.TUNNEL_CLOSED
+    default_message = "tunnel protocol violation"

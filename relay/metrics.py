@@ -1,0 +1,94 @@
+"""Prometheus metrics, named once; each relay instance owns its own registry.
+
+A registry per instance (not the process-global default) lets tests run several relays in one
+process and lets the agent expose its own set without clashing.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.tunnels_connected = Gauge(
+            "relay_tunnels_connected", "Agent tunnels currently registered on this relay",
+            registry=r,
+        )
+        self.tunnel_connects_total = Counter(
+            "relay_tunnel_connects_total", "Tunnels accepted", registry=r
+        )
+        self.tunnel_disconnects_total = Counter(
+            "relay_tunnel_disconnects_total", "Tunnels closed, by reason", ["reason"], registry=r
+        )
+        self.tunnel_rejections_total = Counter(
+            "relay_tunnel_rejections_total", "Tunnel attempts refused, by error code", ["code"],
+            registry=r,
+        )
+        self.streams_active = Gauge(
+            "relay_streams_active", "Streams open across all tunnels, by kind", ["kind"],
+            registry=r,
+        )
+        self.http_requests_total = Counter(
+            "relay_http_requests_total", "Proxied HTTP requests, by status code", ["status"],
+            registry=r,
+        )
+        self.http_request_duration_seconds = Histogram(
+            "relay_http_request_duration_seconds",
+            "Proxied HTTP request duration, from arrival to the last response byte",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.http_time_to_first_byte_seconds = Histogram(
+            "relay_http_time_to_first_byte_seconds",
+            "Time from a request's arrival to the host's response head through the tunnel",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ws_channels_total = Counter(
+            "relay_ws_channels_total", "Proxied WebSocket channels, by outcome", ["outcome"],
+            registry=r,
+        )
+        self.bytes_proxied_total = Counter(
+            "relay_bytes_proxied_total",
+            "Body and message bytes proxied, by direction (to_host, to_client)", ["direction"],
+            registry=r,
+        )
+        self.access_decisions_total = Counter(
+            "relay_access_decisions_total",
+            "Access decisions, by outcome (allowed, denied, unavailable) and source "
+            "(local, cache, upstream)",
+            ["outcome", "source"], registry=r,
+        )
+        self.access_upstream_duration_seconds = Histogram(
+            "relay_access_upstream_duration_seconds",
+            "checkAccess upstream call latency", buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.token_verifications_total = Counter(
+            "relay_token_verifications_total",
+            "Bearer token verifications, by result (ok, cached, rejected)", ["result"],
+            registry=r,
+        )
+        self.jwks_refreshes_total = Counter(
+            "relay_jwks_refreshes_total", "JWKS fetches, by result", ["result"], registry=r
+        )
+        self.forwarded_requests_total = Counter(
+            "relay_forwarded_requests_total",
+            "Requests and channels forwarded to the relay owning the tunnel, by kind",
+            ["kind"], registry=r,
+        )
+        self.directory_errors_total = Counter(
+            "relay_directory_errors_total", "Directory (Redis) operations that failed, by op",
+            ["op"], registry=r,
+        )
+        self.draining = Gauge(
+            "relay_draining", "1 while the relay is draining", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

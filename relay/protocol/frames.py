@@ -1,0 +1,150 @@
+"""Tunnel frame codec: one frame per WebSocket binary message, a 6-byte header, raw payloads.
+
+Layout (network byte order)::
+
+    0        1        2                 6
+    +--------+--------+-----------------+------------------+
+    |  type  | flags  | stream id (u32) | payload ...      |
+    +--------+--------+-----------------+------------------+
+
+Data payloads are raw bytes (no base64, no JSON per chunk). Control payloads that carry
+structured fields (HELLO, OPEN, HEAD, DRAIN) are compact JSON objects. See docs/protocol.md.
+Pure code: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+from typing import Any
+
+from relay.errors import ProtocolViolation
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+HEADER = struct.Struct("!BBI")
+HEADER_SIZE = HEADER.size
+_U32 = struct.Struct("!I")
+_CLOSE = struct.Struct("!H")
+MAX_STREAM_ID = 0xFFFFFFFF
+MAX_WINDOW = 0x7FFFFFFF
+MAX_CONTROL_PAYLOAD = 256 * 1024  # OPEN/HEAD carry headers; SPEC bounds headers far below this
+MAX_CLOSE_REASON = 123  # what fits in a WebSocket close frame
+
+
+class FrameType(IntEnum):
+    HELLO = 0x01  # relay -> agent, stream 0: negotiated settings
+    OPEN = 0x02  # relay -> agent: a new stream (HTTP exchange or WebSocket channel)
+    HEAD = 0x03  # agent -> relay: response head / WebSocket accept or refusal
+    DATA = 0x04  # either way: body bytes or a WebSocket message (fragment)
+    WINDOW = 0x05  # either way: grant more flow-control credit on a stream
+    CLOSE = 0x06  # either way: end the stream now, with a code and reason
+    PING = 0x07  # either way, stream 0
+    PONG = 0x08  # either way, stream 0, echoes the PING payload
+    DRAIN = 0x09  # relay -> agent, stream 0: this relay is going away; reconnect at once
+
+
+class Flags(IntFlag):
+    NONE = 0
+    FIN = 0x01  # DATA/OPEN: the sender's last bytes on this stream
+    TEXT = 0x02  # DATA on a WebSocket channel: the message is text (UTF-8)
+    MORE = 0x04  # DATA on a WebSocket channel: the message continues in the next frame
+
+
+CONNECTION_FRAMES = frozenset({FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.DRAIN})
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: FrameType
+    stream_id: int
+    flags: Flags
+    payload: bytes
+
+    @property
+    def fin(self) -> bool:
+        return bool(self.flags & Flags.FIN)
+
+
+def encode(ftype: FrameType, stream_id: int, payload: bytes = b"", flags: int = 0) -> bytes:
+    return HEADER.pack(ftype, flags, stream_id) + payload
+
+
+def decode(data: bytes, max_payload: int) -> Frame:
+    """Parse one frame, rejecting anything malformed as the peer's fault."""
+    if len(data) < HEADER_SIZE:
+        raise ProtocolViolation(f"frame shorter than its header ({len(data)} bytes)")
+    raw_type, raw_flags, stream_id = HEADER.unpack_from(data)
+    try:
+        ftype = FrameType(raw_type)
+    except ValueError:
+        raise ProtocolViolation(f"unknown frame type 0x{raw_type:02x}") from None
+    if raw_flags & ~0x07:
+        raise ProtocolViolation(f"unknown flags 0x{raw_flags:02x}")
+    payload = data[HEADER_SIZE:]
+    limit = max_payload if ftype is FrameType.DATA else MAX_CONTROL_PAYLOAD
+    if len(payload) > limit:
+        raise ProtocolViolation(f"{ftype.name} payload of {len(payload)} bytes over {limit}")
+    if (ftype in CONNECTION_FRAMES) != (stream_id == 0):
+        raise ProtocolViolation(f"{ftype.name} on the wrong stream id {stream_id}")
+    return Frame(ftype, stream_id, Flags(raw_flags), bytes(payload))
+
+
+def encode_json(ftype: FrameType, stream_id: int, body: dict[str, Any], flags: int = 0) -> bytes:
+    return encode(ftype, stream_id, json.dumps(body, separators=(",", ":")).encode(), flags)
+
+
+def decode_json(frame: Frame) -> dict[str, Any]:
+    try:
+        body = json.loads(frame.payload)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolViolation(f"{frame.type.name} payload is not JSON") from None
+    if not isinstance(body, dict):
+        raise ProtocolViolation(f"{frame.type.name} payload is not a JSON object")
+    return body
+
+
+def encode_window(stream_id: int, increment: int) -> bytes:
+    return encode(FrameType.WINDOW, stream_id, _U32.pack(increment))
+
+
+def decode_window(frame: Frame) -> int:
+    if len(frame.payload) != 4:
+        raise ProtocolViolation("WINDOW payload must be 4 bytes")
+    (increment,) = _U32.unpack(frame.payload)
+    if not 0 < increment <= MAX_WINDOW:
+        raise ProtocolViolation(f"WINDOW increment {increment} out of range")
+    return increment
+
+
+def encode_close(stream_id: int, code: int, reason: str = "") -> bytes:
+    raw = reason.encode()[:MAX_CLOSE_REASON]
+    # Never cut a UTF-8 sequence in half.
+    raw = raw.decode(errors="ignore").encode()
+    return encode(FrameType.CLOSE, stream_id, _CLOSE.pack(code) + raw)
+
+
+def decode_close(frame: Frame) -> tuple[int, str]:
+    if len(frame.payload) < 2:
+        raise ProtocolViolation("CLOSE payload must hold a 2-byte code")
+    (code,) = _CLOSE.unpack_from(frame.payload)
+    return code, frame.payload[2:].decode(errors="replace")
+
+
+def encode_ping(ftype: FrameType, payload: bytes) -> bytes:
+    return encode(ftype, 0, payload)
+
+
+def negotiate_version(offered: str | None) -> int | None:
+    """The highest version both sides speak, from the agent's comma-separated offer."""
+    if not offered:
+        return PROTOCOL_VERSION
+    versions = set()
+    for part in offered.split(","):
+        part = part.strip()
+        if part.isdigit():
+            versions.add(int(part))
+    common = versions & SUPPORTED_VERSIONS
+    return max(common) if common else None

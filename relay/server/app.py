@@ -1,0 +1,197 @@
+"""Assemble the relay's aiohttp application: routes, middlewares and resource lifetimes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from relay.auth.access import build_access_policy
+from relay.auth.tokens import build_verifier
+from relay.config import Config
+from relay.directory import build_directory
+from relay.errors import (
+    CloseCode,
+    Draining,
+    ErrorCode,
+    HostOffline,
+    RelayError,
+)
+from relay.metrics import CONTENT_TYPE_LATEST, Metrics
+from relay.protocol.headers import strip_token_param
+from relay.server.edge import (
+    HOSTS_PREFIX,
+    authorize,
+    check_header_size,
+    error_response,
+    parse_host_route,
+)
+from relay.server.http_proxy import proxy_http
+from relay.server.state import STATE, RelayState, session_settings
+from relay.server.tunnels import handle_tunnel
+from relay.server.ws_proxy import proxy_ws, refuse_ws
+
+log = structlog.get_logger("relay.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RelayError as error:
+        if request.path.startswith(HOSTS_PREFIX):
+            state = request.app[STATE]
+            state.metrics.http_requests_total.labels(status=str(error.status)).inc()
+            log.info("http.refused", method=request.method, status=error.status,
+                     code=str(error.code), host_id=request.path[len(HOSTS_PREFIX):].split("/")[0][:300])
+        return error_response(error)
+    except web.HTTPException as exc:
+        if exc.status in (404, 405):
+            code = ErrorCode.NOT_FOUND if exc.status == 404 else ErrorCode.BAD_REQUEST
+            return web.json_response(
+                {"error": {"code": str(code), "message": exc.reason}}, status=exc.status
+            )
+        raise
+
+
+def is_websocket_upgrade(request: web.Request) -> bool:
+    return (
+        request.method == "GET"
+        and request.headers.get("Upgrade", "").lower() == "websocket"
+        and "upgrade" in request.headers.get("Connection", "").lower()
+    )
+
+
+async def handle_hosts(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    route = parse_host_route(request)
+    query = strip_token_param(route.query)
+    if is_websocket_upgrade(request):
+        try:
+            if state.draining:
+                raise Draining()
+            check_header_size(request, state.config.server.max_header_bytes)
+            auth = await authorize(state, request, route.host_raw, allow_query_token=True)
+            tunnel = state.registry.get(str(auth.host))
+            if tunnel is None:
+                raise HostOffline()
+        except RelayError as error:
+            log.info("ws.refused", code=str(error.code), host_id=route.host_raw[:300])
+            return await refuse_ws(state, request, error)
+        return await proxy_ws(state, request, tunnel.session, route.path, query, str(auth.host))
+    if state.draining:
+        raise Draining()
+    check_header_size(request, state.config.server.max_header_bytes)
+    auth = await authorize(state, request, route.host_raw, allow_query_token=False)
+    tunnel = state.registry.get(str(auth.host))
+    if tunnel is None:
+        raise HostOffline()
+    state.request_started()
+    try:
+        return await proxy_http(state, request, tunnel.session, route.path, query, str(auth.host))
+    finally:
+        state.request_finished()
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    checks = {"draining": state.draining}
+    ready = not state.draining
+    if state.directory is not None:
+        healthy = state.directory.healthy
+        checks["directory"] = healthy
+        ready = ready and healthy
+    body = {"status": "ready" if ready else "unavailable", "checks": checks,
+            "tunnels": len(state.registry)}
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.Response(body=state.metrics.render(),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    """Everything with a lifetime: the HTTP client, key sources, the directory, owned tasks."""
+    state = app[STATE]
+    config = state.config
+    state.client = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=30),
+        auto_decompress=False,
+    )
+    state.verifier = build_verifier(config, state.client, state.metrics)
+    state.access = build_access_policy(config, state.client, state.metrics)
+    state.directory = build_directory(config, state.metrics)
+    await state.verifier.start()
+    await state.directory.start()
+    state.directory.on_revocation(
+        lambda sub, host: state.access.revoke(sub=sub, host=host) if state.access else 0
+    )
+    try:
+        yield
+    finally:
+        for tunnel in list(state.registry):
+            await tunnel.session.close(int(CloseCode.GOING_AWAY), "relay stopping")
+        tasks = list(state.tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        await state.directory.close()
+        await state.verifier.close()
+        await state.client.close()
+
+
+def build_app(config: Config, metrics: Metrics | None = None) -> web.Application:
+    state = RelayState(config=config, metrics=metrics or Metrics(), settings=session_settings(config))
+    state.idle.set()
+    app = web.Application(middlewares=[error_middleware], handler_args={
+        "max_field_size": max(8190, config.server.max_header_bytes * 2),
+        "max_line_size": max(8190, config.server.max_header_bytes * 2),
+    })
+    app[STATE] = state
+    app.cleanup_ctx.append(_resources)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/readyz", handle_readyz)
+    app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/tunnel", handle_tunnel)
+    app.router.add_route("*", "/hosts/{tail:.*}", handle_hosts)
+    return app
+
+
+async def drain(state: RelayState, grace_s: float) -> None:
+    """Refuse new work, tell every agent in-band, let in-flight exchanges finish, then close."""
+    if state.draining:
+        return
+    state.draining = True
+    state.metrics.draining.set(1)
+    started = time.monotonic()
+    log.info("relay.draining", tunnels=len(state.registry), inflight=state.inflight_http,
+             grace_s=grace_s)
+    tunnels = list(state.registry)
+    for tunnel in tunnels:
+        tunnel.session.send_drain({"reason": "relay draining", "reconnectAfterS": 0})
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(state.idle.wait(), grace_s)
+    for tunnel in tunnels:
+        await tunnel.session.flush(timeout=1.0)
+        tunnel.session.fail_all(int(CloseCode.DRAINING), "relay draining; reconnect at once")
+        tunnel.close(int(CloseCode.DRAINING), "relay draining")
+    # Give the close frames a moment to leave (bounded: closes time out on their own).
+    pending = [t for t in state.tasks if t.get_name().startswith("tunnel-close:")]
+    if pending:
+        await asyncio.wait(pending, timeout=3)
+    log.info("relay.drained", duration_s=round(time.monotonic() - started, 3),
+             inflight_left=state.inflight_http)

@@ -1,0 +1,175 @@
+"""Proxy one HTTP exchange down a tunnel, streaming both bodies with bounded buffers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import structlog
+from aiohttp import web
+
+from relay.errors import (
+    CloseCode,
+    HostTimeout,
+    PayloadTooLarge,
+    RelayError,
+    TunnelClosed,
+)
+from relay.protocol.headers import request_headers_for_host, response_headers_for_client
+from relay.server.state import RelayState
+from relay.tunnel.session import Channel, ChannelClosed, ChannelKind, TunnelSession
+
+log = structlog.get_logger("relay.http")
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Counters of one exchange, for the access line and metrics."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    started: float = field(default_factory=time.monotonic)
+    upload_progress: float = field(default_factory=time.monotonic)
+    upload_done: bool = False
+    body_too_large: bool = False
+
+
+def host_request_head(request: web.Request, path: str, query: str, trust_forwarded: bool) -> dict[str, object]:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    client_ip = peer[0] if peer else ""
+    prior = request.headers.get("X-Forwarded-For", "") if trust_forwarded else ""
+    scheme = request.headers.get("X-Forwarded-Proto", request.scheme) if trust_forwarded else request.scheme
+    host = request.headers.get("X-Forwarded-Host", request.host) if trust_forwarded else request.host
+    headers = request_headers_for_host(
+        list(request.headers.items()), client_ip=client_ip, scheme=scheme, host=host,
+        prior_forwarded_for=prior,
+    )
+    return {"method": request.method, "path": path, "query": query, "headers": headers}
+
+
+def request_has_body(request: web.Request) -> bool:
+    if request.content_length is not None:
+        return request.content_length > 0
+    return "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+
+
+async def _upload(request: web.Request, channel: Channel, exchange: Exchange, limit: int) -> None:
+    """Stream the client's body to the host; credit waits give the backpressure."""
+    try:
+        async for data in request.content.iter_any():
+            exchange.bytes_up += len(data)
+            if exchange.bytes_up > limit:
+                exchange.body_too_large = True
+                channel.close(int(CloseCode.MESSAGE_TOO_BIG), "request body too large")
+                return
+            await channel.write(data)
+            exchange.upload_progress = time.monotonic()
+        await channel.finish()
+        exchange.upload_done = True
+    except ChannelClosed:
+        pass  # the response side reports why
+
+
+async def _await_head(channel: Channel, exchange: Exchange, upload: asyncio.Task[None] | None,
+                      timeout: float) -> dict[str, object]:
+    """The host's response head; the clock runs while the upload makes no progress."""
+    while True:
+        done, _ = await asyncio.wait({channel.head}, timeout=timeout / 4 if upload else timeout)
+        if done:
+            return channel.head.result()
+        idle_since = exchange.upload_progress if upload and not upload.done() else exchange.started
+        if upload is not None and upload.done():
+            idle_since = max(exchange.upload_progress, exchange.started)
+        if time.monotonic() - idle_since >= timeout:
+            raise HostTimeout()
+
+
+async def proxy_http(
+    state: RelayState, request: web.Request, session: TunnelSession, path: str, query: str,
+    host_id: str,
+) -> web.StreamResponse:
+    config = state.config
+    metrics = state.metrics
+    exchange = Exchange()
+    limit = config.server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge()
+    has_body = request_has_body(request)
+    head = host_request_head(request, path, query, config.server.trust_forwarded)
+    channel = session.open_channel(ChannelKind.HTTP, head, fin=not has_body)
+    metrics.streams_active.labels(kind="http").inc()
+    upload: asyncio.Task[None] | None = None
+    response: web.StreamResponse | None = None
+    status = 0
+    try:
+        if has_body:
+            upload = asyncio.ensure_future(_upload(request, channel, exchange, limit))
+            upload.set_name(f"http-upload:{host_id}:{channel.id}")
+        try:
+            host_head = await _await_head(channel, exchange, upload, config.tunnel.request_timeout_s)
+        except ChannelClosed as closed:
+            if exchange.body_too_large:
+                raise PayloadTooLarge() from None
+            if closed.tunnel_lost:
+                raise TunnelClosed() from None
+            raise TunnelClosed(f"the host aborted the request: {closed.reason or closed.code}") from None
+        metrics.http_time_to_first_byte_seconds.observe(time.monotonic() - exchange.started)
+        status = int(host_head.get("status", 502))  # type: ignore[call-overload]
+        raw_headers = host_head.get("headers") or []
+        response = web.StreamResponse(status=status, reason=host_head.get("reason") or None)  # type: ignore[arg-type]
+        length = None
+        for name, value in raw_headers:  # type: ignore[attr-defined]
+            if name.lower() == "content-length":
+                length = value
+        for name, value in response_headers_for_client(raw_headers):  # type: ignore[arg-type]
+            response.headers.add(name, value)
+        if length is not None and length.isdigit():
+            response.content_length = int(length)
+        await response.prepare(request)
+        while True:
+            try:
+                chunk = await channel.read()
+            except ChannelClosed:
+                # Mid-body loss: the status is already sent, so cut the connection; a clean
+                # end would make a truncated body look complete.
+                exchange_failed(request)
+                status = 502
+                return response
+            if chunk is None:
+                break
+            await response.write(chunk.data)
+            exchange.bytes_down += len(chunk.data)
+            channel.consumed(len(chunk.data))
+        await response.write_eof()
+        return response
+    except RelayError as error:
+        status = error.status
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        status = 499  # the client went away
+        raise
+    finally:
+        if upload is not None and not upload.done():
+            upload.cancel()
+            with contextlib.suppress(BaseException):
+                await upload
+        if not channel.closed and channel.state.value != "closed":
+            channel.close(int(CloseCode.GOING_AWAY), "client went away")
+        metrics.streams_active.labels(kind="http").dec()
+        duration = time.monotonic() - exchange.started
+        metrics.http_requests_total.labels(status=str(status)).inc()
+        metrics.http_request_duration_seconds.observe(duration)
+        metrics.bytes_proxied_total.labels(direction="to_host").inc(exchange.bytes_up)
+        metrics.bytes_proxied_total.labels(direction="to_client").inc(exchange.bytes_down)
+        if config.log.access_log:
+            log.info("http.access", host_id=host_id, method=request.method, path=path,
+                     status=status, bytes_in=exchange.bytes_up, bytes_out=exchange.bytes_down,
+                     duration_ms=round(duration * 1000, 2))
+
+
+def exchange_failed(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()

@@ -1,0 +1,68 @@
+"""The relay's per-instance state, shared by its handlers through one typed app key."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from relay.config import Config
+from relay.metrics import Metrics
+from relay.server.registry import TunnelRegistry
+from relay.tunnel.session import SessionSettings
+
+if TYPE_CHECKING:
+    from relay.auth.access import AccessPolicy
+    from relay.auth.tokens import TokenVerifier
+    from relay.directory.base import Directory
+
+
+def session_settings(config: Config) -> SessionSettings:
+    t = config.tunnel
+    return SessionSettings(
+        window=t.stream_window_bytes,
+        max_frame=t.max_frame_bytes,
+        max_streams=t.max_streams,
+        max_ws_message=t.max_ws_message_bytes,
+        ping_interval_s=t.ping_interval_s,
+        keepalive_misses=t.keepalive_misses,
+    )
+
+
+@dataclass(eq=False)
+class RelayState:
+    config: Config
+    metrics: Metrics
+    registry: TunnelRegistry = field(default_factory=TunnelRegistry)
+    settings: SessionSettings = field(default_factory=SessionSettings)
+    verifier: TokenVerifier | None = None
+    access: AccessPolicy | None = None
+    directory: Directory | None = None
+    client: aiohttp.ClientSession | None = None
+    draining: bool = False
+    inflight_http: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    notifier: Any = None
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def request_started(self) -> None:
+        self.inflight_http += 1
+        self.idle.clear()
+
+    def request_finished(self) -> None:
+        self.inflight_http -= 1
+        if self.inflight_http <= 0:
+            self.idle.set()
+
+
+STATE: web.AppKey[RelayState] = web.AppKey("relay_state", RelayState)

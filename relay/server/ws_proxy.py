@@ -1,0 +1,107 @@
+"""Bridge a client's WebSocket to a channel on the host's tunnel, frames and close codes intact."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+from aiohttp import web
+
+from relay.errors import CloseCode, RelayError, TunnelClosed
+from relay.protocol.headers import request_headers_for_host
+from relay.server.state import RelayState
+from relay.server.tunnels import CLOSE_TIMEOUT_S, close_refused
+from relay.tunnel.bridge import bridge
+from relay.tunnel.session import Channel, ChannelClosed, ChannelKind, TunnelSession
+
+log = structlog.get_logger("relay.ws")
+
+
+def client_ws(state: RelayState, protocols: tuple[str, ...] = ()) -> web.WebSocketResponse:
+    return web.WebSocketResponse(
+        protocols=protocols,
+        compress=False,
+        timeout=CLOSE_TIMEOUT_S,
+        max_msg_size=state.config.tunnel.max_ws_message_bytes,
+        decode_text=False,
+    )
+
+
+async def refuse_ws(state: RelayState, request: web.Request, error: RelayError) -> web.WebSocketResponse:
+    """Accept, then close with the error's code: browsers cannot read a refused upgrade."""
+    ws = client_ws(state)
+    await ws.prepare(request)
+    state.metrics.ws_channels_total.labels(outcome=str(error.code)).inc()
+    return await close_refused(ws, error)
+
+
+def ws_open_head(request: web.Request, path: str, query: str) -> dict[str, object]:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    headers = request_headers_for_host(
+        list(request.headers.items()), client_ip=peer[0] if peer else "",
+        scheme="wss" if request.secure else "ws", host=request.host, websocket=True,
+    )
+    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+               if p.strip()]
+    return {"method": "GET", "path": path, "query": query, "headers": headers,
+            "protocols": offered}
+
+
+async def proxy_ws(
+    state: RelayState, request: web.Request, session: TunnelSession, path: str, query: str,
+    host_id: str,
+) -> web.StreamResponse:
+    metrics = state.metrics
+    try:
+        channel = session.open_channel(ChannelKind.WS, ws_open_head(request, path, query))
+    except ChannelClosed:
+        return await refuse_ws(state, request, TunnelClosed())
+    except RelayError as error:
+        return await refuse_ws(state, request, error)
+    metrics.streams_active.labels(kind="ws").inc()
+    started = time.monotonic()
+    try:
+        # The host must acknowledge the channel fast, or the client is failed at once:
+        # never leave a client attached to a channel the host never opened.
+        try:
+            head = await asyncio.wait_for(
+                asyncio.shield(channel.head), state.config.tunnel.open_timeout_s
+            )
+        except TimeoutError:
+            channel.close(int(CloseCode.GOING_AWAY), "open timed out")
+            return await refuse_ws(state, request, TunnelClosed("the host did not open the channel"))
+        except ChannelClosed as closed:
+            error = TunnelClosed(f"the host refused the channel: {closed.reason or closed.code}")
+            return await refuse_ws(state, request, error)
+        status = int(head.get("status", 502))
+        if status != 101:
+            channel.close(int(CloseCode.NORMAL), "")
+            error = TunnelClosed(f"the host refused the WebSocket with HTTP {status}")
+            error.close_code = int(CloseCode.INTERNAL_ERROR)
+            return await refuse_ws(state, request, error)
+        chosen = head.get("protocol")
+        ws = client_ws(state, (str(chosen),) if chosen else ())
+        await ws.prepare(request)
+        metrics.ws_channels_total.labels(outcome="opened").inc()
+        log.info("ws.opened", host_id=host_id, path=path, stream=channel.id)
+        await _bridge(ws, channel, state)
+        return ws
+    finally:
+        channel.close(int(CloseCode.GOING_AWAY), "client went away")
+        metrics.streams_active.labels(kind="ws").dec()
+        log.info("ws.closed", host_id=host_id, path=path, duration_s=round(time.monotonic() - started, 3))
+
+
+def _lost_code(closed: ChannelClosed) -> tuple[int, str]:
+    # A draining relay tells clients to come back at once; any other loss is 4410.
+    if closed.code == CloseCode.DRAINING:
+        return int(CloseCode.DRAINING), closed.reason
+    return int(CloseCode.TUNNEL_GONE), "the host's tunnel went away"
+
+
+async def _bridge(ws: web.WebSocketResponse, channel: Channel, state: RelayState) -> None:
+    to_host = state.metrics.bytes_proxied_total.labels(direction="to_host")
+    to_client = state.metrics.bytes_proxied_total.labels(direction="to_client")
+    await bridge(ws, channel, lost_code=_lost_code, on_outbound=to_host.inc,
+                 on_inbound=to_client.inc)

@@ -1,0 +1,507 @@
+"""The asyncio layer of the tunnel: many flow-controlled channels over one WebSocket.
+
+Shared by the relay and the agent. It only moves frames: the codec, stream states and windows
+are the pure code in ``relay.protocol``. One writer task owns the socket's send side, so frames
+leave in the order they were queued (a CLOSE never overtakes the DATA before it). Inbound frames
+are dispatched synchronously by :meth:`TunnelSession.feed`, called from whoever reads the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, NamedTuple
+
+import structlog
+
+from relay.errors import CloseCode, Overloaded, ProtocolViolation
+from relay.protocol import frames
+from relay.protocol.frames import Flags, Frame, FrameType
+from relay.protocol.streams import (
+    CAN_RECEIVE,
+    CAN_SEND,
+    RecvWindow,
+    SendWindow,
+    StreamEvent,
+    StreamState,
+    transition,
+)
+
+log = structlog.get_logger("relay.tunnel")
+
+# Frames queued for the writer beyond this many bytes make data senders wait.
+OUTBOX_HIGH_WATER = 1 << 20
+# A peer may queue at most this many messages on one channel (empty messages cost no credit).
+MAX_INBOX_ITEMS = 4096
+
+
+class Role(Enum):
+    RELAY = "relay"
+    AGENT = "agent"
+
+
+class ChannelKind(str, Enum):
+    HTTP = "http"
+    WS = "ws"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    window: int = 262144
+    max_frame: int = 65536
+    max_streams: int = 256
+    max_ws_message: int = 4 << 20
+    ping_interval_s: float = 10.0
+    keepalive_misses: int = 3
+
+    @property
+    def silence_limit_s(self) -> float:
+        return self.ping_interval_s * self.keepalive_misses
+
+
+class Chunk(NamedTuple):
+    data: bytes
+    text: bool
+    more: bool
+
+
+class ChannelClosed(Exception):
+    """The stream ended abnormally: the peer sent CLOSE, or the tunnel went away."""
+
+    def __init__(self, code: int, reason: str, *, tunnel_lost: bool = False) -> None:
+        super().__init__(f"{code} {reason}")
+        self.code, self.reason, self.tunnel_lost = code, reason, tunnel_lost
+
+
+_FIN = object()
+
+
+class Channel:
+    """One stream of a session, as seen by the code serving it."""
+
+    def __init__(self, session: TunnelSession, stream_id: int, kind: ChannelKind) -> None:
+        self.session = session
+        self.id = stream_id
+        self.kind = kind
+        self.state = StreamState.OPEN
+        settings = session.settings
+        self._send_window = SendWindow(settings.window)
+        self._recv_window = RecvWindow(settings.window)
+        self._credit = asyncio.Event()
+        self._inbox: collections.deque[Any] = collections.deque()
+        self._readable = asyncio.Event()
+        self._closed_with: ChannelClosed | None = None
+        self.head: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -- inbound, called by the session ------------------------------------------------------
+    def _on_data(self, frame: Frame) -> None:
+        if self.state not in CAN_RECEIVE:
+            raise ProtocolViolation(f"DATA on stream {self.id} after its FIN")
+        size = len(frame.payload)
+        more = bool(frame.flags & Flags.MORE)
+        if size == 0 and more:
+            raise ProtocolViolation("empty DATA fragment")
+        self._recv_window.receive(size)
+        self.bytes_in += size
+        if size or self.kind is ChannelKind.WS and not frame.fin:
+            if len(self._inbox) >= MAX_INBOX_ITEMS:
+                raise ProtocolViolation(f"stream {self.id} inbox overflow")
+            self._inbox.append(Chunk(frame.payload, bool(frame.flags & Flags.TEXT), more))
+        if frame.fin:
+            self.state = transition(self.state, StreamEvent.RECV_FIN)
+            self._inbox.append(_FIN)
+        self._readable.set()
+
+    def _on_window(self, increment: int) -> None:
+        self._send_window.grant(increment)
+        self._credit.set()
+
+    def _on_head(self, head: dict[str, Any]) -> None:
+        if self.head.done():
+            raise ProtocolViolation(f"second HEAD on stream {self.id}")
+        self.head.set_result(head)
+
+    def _terminate(self, error: ChannelClosed) -> None:
+        if self._closed_with is None:
+            self._closed_with = error
+        self.state = StreamState.CLOSED
+        if not self.head.done():
+            self.head.set_exception(error)
+            # Nobody may be waiting on the head (the agent side never does).
+            self.head.exception()
+        self._readable.set()
+        self._credit.set()
+
+    # -- the serving side's API ----------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed_with is not None
+
+    async def read(self) -> Chunk | None:
+        """Next chunk from the peer; None once the peer finished; raises ChannelClosed."""
+        while True:
+            if self._inbox:
+                item = self._inbox.popleft()
+                if item is _FIN:
+                    return None
+                return item  # type: ignore[no-any-return]
+            if self._closed_with is not None:
+                raise self._closed_with
+            self._readable.clear()
+            await self._readable.wait()
+
+    async def read_message(self) -> tuple[bytes, bool] | None:
+        """A whole WebSocket message (fragments joined), bounded by max_ws_message."""
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            chunk = await self.read()
+            if chunk is None:
+                if parts:
+                    raise ProtocolViolation("stream finished inside a fragmented message")
+                return None
+            total += len(chunk.data)
+            if total > self.session.settings.max_ws_message:
+                raise ProtocolViolation("WebSocket message over the size limit")
+            parts.append(chunk.data)
+            self.consumed(len(chunk.data))
+            if not chunk.more:
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                return data, chunk.text
+
+    def consumed(self, size: int) -> None:
+        """The bytes were handed on downstream: return credit to the peer."""
+        if size <= 0 or self.closed:
+            return
+        increment = self._recv_window.consume(size)
+        if increment:
+            self.session.send_nowait(frames.encode_window(self.id, increment))
+
+    async def write(self, data: bytes | memoryview, *, text: bool = False,
+                    message: bool = False, fin: bool = False) -> None:
+        """Send bytes, waiting for credit; ``message`` marks one whole WebSocket message."""
+        view = memoryview(data)
+        max_frame = self.session.settings.max_frame
+        flags = Flags.TEXT if text else Flags.NONE
+        if not view:
+            await self._send_data(b"", flags | (Flags.FIN if fin else Flags.NONE))
+            return
+        while view:
+            while self._send_window.credit <= 0:
+                self._check_writable()
+                self._credit.clear()
+                await self._credit.wait()
+            self._check_writable()
+            size = min(len(view), max_frame, self._send_window.credit)
+            piece, view = view[:size], view[size:]
+            piece_flags = flags
+            if view and message:
+                piece_flags |= Flags.MORE
+            if not view and fin:
+                piece_flags |= Flags.FIN
+            self._send_window.spend(size)
+            self.bytes_out += size
+            await self._send_data(bytes(piece), piece_flags)
+
+    async def finish(self) -> None:
+        await self.write(b"", fin=True)
+
+    async def _send_data(self, payload: bytes, flags: Flags) -> None:
+        self._check_writable()
+        if flags & Flags.FIN:
+            self.state = transition(self.state, StreamEvent.SEND_FIN)
+        await self.session.send(frames.encode(FrameType.DATA, self.id, payload, flags))
+        if self.state is StreamState.CLOSED:
+            self.session._forget(self)
+
+    def _check_writable(self) -> None:
+        if self._closed_with is not None:
+            raise self._closed_with
+        if self.state not in CAN_SEND:
+            raise ChannelClosed(int(CloseCode.INTERNAL_ERROR), "stream already finished")
+
+    def send_head(self, head: dict[str, Any]) -> None:
+        self.session.send_nowait(frames.encode_json(FrameType.HEAD, self.id, head))
+
+    def close(self, code: int = int(CloseCode.NORMAL), reason: str = "") -> None:
+        """End the stream now; tells the peer unless the stream is already over."""
+        if self._closed_with is not None:
+            return
+        was_live = self.state is not StreamState.CLOSED
+        self._terminate(ChannelClosed(code, reason))
+        self.session._forget(self)
+        if was_live and self.session.alive:
+            self.session.send_nowait(frames.encode_close(self.id, code, reason))
+
+
+OpenHandler = Callable[[Channel, dict[str, Any]], None]
+
+
+class TunnelSession:
+    """Frames in, frames out, channels multiplexed; one per tunnel WebSocket."""
+
+    def __init__(
+        self,
+        send_frame: Callable[[bytes], Awaitable[None]],
+        settings: SessionSettings,
+        *,
+        role: Role,
+        name: str,
+        on_open: OpenHandler | None = None,
+        on_drain: Callable[[dict[str, Any]], None] | None = None,
+        on_silence: Callable[[], None] | None = None,
+        on_hello: Callable[[dict[str, Any]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.role = role
+        self.name = name
+        self._send_frame = send_frame
+        self._on_open = on_open
+        self._on_drain = on_drain
+        self._on_silence = on_silence
+        self._on_hello = on_hello
+        self._clock = clock
+        self.channels: dict[int, Channel] = {}
+        self._next_id = 1
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._outbox_bytes = 0
+        self._outbox_ready = asyncio.Event()
+        self._outbox_room = asyncio.Event()
+        self._outbox_room.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.alive = True
+        self.last_inbound = clock()
+        self.last_pong = clock()
+        self.rtt_s: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.closed = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._spawn(self._writer(), f"tunnel-writer:{self.name}")
+        self._spawn(self._keepalive(), f"tunnel-keepalive:{self.name}")
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+        """Run work that belongs to this tunnel; it is cancelled when the tunnel ends."""
+        return self._spawn(coro, name)
+
+    async def close(self, code: int = int(CloseCode.TUNNEL_GONE), reason: str = "tunnel closed") -> None:
+        """Fail every channel and stop every task this session owns."""
+        self.fail_all(code, reason)
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+    def fail_all(self, code: int, reason: str) -> None:
+        self.alive = False
+        self.closed.set()
+        for channel in list(self.channels.values()):
+            channel._terminate(ChannelClosed(code, reason, tunnel_lost=True))
+        self.channels.clear()
+        self._outbox.clear()
+        self._outbox_room.set()
+
+    # -- sending -----------------------------------------------------------------------------
+    def send_nowait(self, frame: bytes) -> None:
+        if not self.alive:
+            return
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
+        self._outbox_ready.set()
+        if self._outbox_bytes > OUTBOX_HIGH_WATER:
+            self._outbox_room.clear()
+
+    async def send(self, frame: bytes) -> None:
+        while self._outbox_bytes > OUTBOX_HIGH_WATER and self.alive:
+            self._outbox_room.clear()
+            await self._outbox_room.wait()
+        if not self.alive:
+            raise ChannelClosed(int(CloseCode.TUNNEL_GONE), "tunnel closed", tunnel_lost=True)
+        self.send_nowait(frame)
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                while not self._outbox:
+                    self._outbox_ready.clear()
+                    await self._outbox_ready.wait()
+                frame = self._outbox.popleft()
+                self._outbox_bytes -= len(frame)
+                if self._outbox_bytes <= OUTBOX_HIGH_WATER:
+                    self._outbox_room.set()
+                self.bytes_out += len(frame)
+                await self._send_frame(frame)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the socket is gone; the reader will notice too
+            log.debug("tunnel.write_failed", tunnel=self.name, error=type(exc).__name__)
+            self.fail_all(int(CloseCode.TUNNEL_GONE), "tunnel write failed")
+
+    def send_hello(self, body: dict[str, Any]) -> None:
+        self.send_nowait(frames.encode_json(FrameType.HELLO, 0, body))
+
+    def send_drain(self, body: dict[str, Any]) -> None:
+        self.send_nowait(frames.encode_json(FrameType.DRAIN, 0, body))
+
+    async def flush(self, timeout: float) -> None:
+        """Wait until queued frames reached the socket (bounded)."""
+        deadline = self._clock() + timeout
+        while self._outbox and self.alive and self._clock() < deadline:
+            await asyncio.sleep(0.01)
+
+    # -- channels ----------------------------------------------------------------------------
+    def open_channel(self, kind: ChannelKind, head: dict[str, Any], *, fin: bool = False) -> Channel:
+        if not self.alive:
+            raise ChannelClosed(int(CloseCode.TUNNEL_GONE), "tunnel closed", tunnel_lost=True)
+        if len(self.channels) >= self.settings.max_streams:
+            raise Overloaded()
+        stream_id = self._next_id
+        self._next_id += 2
+        channel = Channel(self, stream_id, kind)
+        self.channels[stream_id] = channel
+        body = dict(head, kind=kind.value)
+        if fin:
+            channel.state = transition(channel.state, StreamEvent.SEND_FIN)
+        self.send_nowait(frames.encode_json(FrameType.OPEN, stream_id, body, Flags.FIN if fin else 0))
+        return channel
+
+    def _forget(self, channel: Channel) -> None:
+        if self.channels.get(channel.id) is channel and (
+            channel.state is StreamState.CLOSED or channel.closed
+        ):
+            del self.channels[channel.id]
+
+    # -- inbound -----------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Dispatch one inbound frame. Raises ProtocolViolation: the caller ends the tunnel."""
+        self.last_inbound = self._clock()
+        self.bytes_in += len(data)
+        frame = frames.decode(data, self.settings.max_frame)
+        ftype = frame.type
+        if ftype is FrameType.DATA:
+            channel = self.channels.get(frame.stream_id)
+            if channel is None:
+                return  # raced with our CLOSE; the peer could not know yet
+            channel._on_data(frame)
+            if channel.state is StreamState.CLOSED:
+                self._forget(channel)
+        elif ftype is FrameType.WINDOW:
+            increment = frames.decode_window(frame)
+            channel = self.channels.get(frame.stream_id)
+            if channel is not None:
+                channel._on_window(increment)
+        elif ftype is FrameType.CLOSE:
+            code, reason = frames.decode_close(frame)
+            channel = self.channels.pop(frame.stream_id, None)
+            if channel is not None:
+                channel._terminate(ChannelClosed(code, reason))
+        elif ftype is FrameType.PING:
+            self.send_nowait(frames.encode_ping(FrameType.PONG, frame.payload))
+        elif ftype is FrameType.PONG:
+            self._on_pong(frame.payload)
+        elif ftype is FrameType.HEAD:
+            if self.role is not Role.RELAY:
+                raise ProtocolViolation("HEAD sent to the agent")
+            channel = self.channels.get(frame.stream_id)
+            if channel is not None:
+                channel._on_head(frames.decode_json(frame))
+        elif ftype is FrameType.OPEN:
+            self._on_open_frame(frame)
+        elif ftype is FrameType.HELLO:
+            if self.role is not Role.AGENT:
+                raise ProtocolViolation("HELLO sent to the relay")
+            if self._on_hello is not None:
+                self._on_hello(frames.decode_json(frame))
+        elif ftype is FrameType.DRAIN:
+            if self.role is not Role.AGENT:
+                raise ProtocolViolation("DRAIN sent to the relay")
+            if self._on_drain is not None:
+                self._on_drain(frames.decode_json(frame))
+
+    def _on_open_frame(self, frame: Frame) -> None:
+        if self.role is not Role.AGENT or self._on_open is None:
+            raise ProtocolViolation("OPEN sent to the relay")
+        if frame.stream_id in self.channels or frame.stream_id % 2 == 0:
+            raise ProtocolViolation(f"OPEN reuses or misnumbers stream {frame.stream_id}")
+        head = frames.decode_json(frame)
+        try:
+            kind = ChannelKind(head.get("kind"))
+        except ValueError:
+            raise ProtocolViolation("OPEN with an unknown kind") from None
+        channel = Channel(self, frame.stream_id, kind)
+        if len(self.channels) >= self.settings.max_streams:
+            channel.state = StreamState.CLOSED
+            self.send_nowait(frames.encode_close(frame.stream_id, int(CloseCode.TRY_AGAIN_LATER),
+                                                 "agent stream limit"))
+            return
+        self.channels[frame.stream_id] = channel
+        if frame.fin:
+            channel.state = transition(channel.state, StreamEvent.RECV_FIN)
+            channel._inbox.append(_FIN)
+        self._on_open(channel, head)
+
+    # -- liveness ----------------------------------------------------------------------------
+    def _on_pong(self, payload: bytes) -> None:
+        self.last_pong = self._clock()
+        if len(payload) == 16:
+            sent = int.from_bytes(payload[8:], "big") / 1e9
+            self.rtt_s = max(0.0, time.monotonic() - sent)
+
+    def silent_for(self) -> float:
+        return self._clock() - self.last_inbound
+
+    async def _keepalive(self) -> None:
+        """Ping on every interval; declare the peer dead after ``keepalive_misses`` silent ones."""
+        interval = self.settings.ping_interval_s
+        check = min(interval, max(0.05, interval / 4))
+        next_ping = self._clock()
+        while self.alive:
+            now = self._clock()
+            if now >= next_ping:
+                stamp = int(time.monotonic() * 1e9).to_bytes(8, "big")
+                self.send_nowait(frames.encode_ping(FrameType.PING, os.urandom(8) + stamp))
+                next_ping = now + interval
+            if self.silent_for() > self.settings.silence_limit_s:
+                log.info("tunnel.keepalive_missed", tunnel=self.name,
+                         silent_s=round(self.silent_for(), 1))
+                if self._on_silence is not None:
+                    self._on_silence()
+                return
+            await asyncio.sleep(check)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "streams": len(self.channels),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "rtt_ms": None if self.rtt_s is None else round(self.rtt_s * 1000, 2),
+        }
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]], timeout: float = 5.0) -> None:
+    for task in tasks:
+        task.cancel()
+    live = [t for t in tasks if not t.done()]
+    if live:
+        with contextlib.suppress(Exception):
+            await asyncio.wait(live, timeout=timeout)
