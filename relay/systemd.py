@@ -78,10 +78,14 @@ class Notifier:
             # e.g. "vsock:..." (systemd 254+): not ours to speak; stay silent rather than crash.
             self._log_failure(address, "unsupported NOTIFY_SOCKET address")
             return
-        self.address = address
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        except OSError as exc:  # out of descriptors, or AF_UNIX filtered: run without systemd
+            self._log_failure(address, str(exc))
+            return
         # Never block the event loop on a slow or stuck systemd: a full queue drops the message.
-        self._sock.setblocking(False)
+        sock.setblocking(False)
+        self.address, self._sock = address, sock
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Notifier:

@@ -4,14 +4,16 @@ Never touches the system Redis on 6379: every instance binds 127.0.0.1 on a free
 no data on disk (``--save "" --appendonly no``), so a restart comes back empty, like a crashed
 Redis without persistence.
 
-Usage (pytest puts ``tests/`` on ``sys.path``, as there is no ``tests/__init__.py``)::
+Usage::
 
-    from redis_server import RedisServer
+    from tests.redis_server import RedisServer
 
     async with RedisServer() as server:      # started, answers PING
         url = server.url                     # "redis://127.0.0.1:<port>/0"
         await server.kill()                  # SIGKILL (a crash); same port stays reserved
         await server.start()                 # back on the same port, empty
+        await server.pause()                 # SIGSTOP: connects succeed, nothing answers
+        await server.resume()                # SIGCONT: answers again, data intact
         await server.stop()                  # SIGTERM, waits for the exit
     # leaving the block stops it (if running) and removes the temp dir
 
@@ -113,6 +115,24 @@ class RedisServer:
         """Crash it (SIGKILL) and wait until the process is gone."""
         await self._signal(signal.SIGKILL, timeout_s)
 
+    async def pause(self) -> None:
+        """Freeze the process (SIGSTOP): the kernel still accepts connections, but no command
+        is answered — how a hung or black-holed Redis looks to a client."""
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    async def resume(self, timeout_s: float = 5.0) -> None:
+        """Unfreeze a paused server (SIGCONT) and wait until it answers PING."""
+        if self._proc is None or self._proc.returncode is not None:
+            return
+        self._proc.send_signal(signal.SIGCONT)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not await self.ping(timeout_s=0.2):
+            if loop.time() >= deadline:
+                raise RuntimeError(f"redis-server on port {self.port} did not resume")
+            await asyncio.sleep(0.02)
+
     async def restart(self, timeout_s: float = 5.0) -> None:
         """Stop (gracefully) and start again on the same port; the data is gone."""
         await self.stop(timeout_s)
@@ -159,6 +179,8 @@ class RedisServer:
         if proc is None or proc.returncode is not None:
             return
         proc.send_signal(sig)
+        if sig != signal.SIGKILL:
+            proc.send_signal(signal.SIGCONT)  # a paused server only sees SIGTERM once resumed
         try:
             await asyncio.wait_for(proc.wait(), timeout_s)
         except TimeoutError:

@@ -28,11 +28,12 @@ CERT = "/etc/ssl/relay/fullchain.pem"
 KEY = "/etc/ssl/relay/privkey.pem"
 ACCESS_LOG = "/var/log/nginx/relay.access.log"
 STEP = 5.0  # no single step of these tests should take anywhere near this long
+FIREHOSE_MB = 256
 
 
 def nginx_binary() -> str:
     found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
-    assert found, "nginx not found: apt-get install -y nginx-light (make setup does)"
+    assert found, "nginx not found: apt-get install -y nginx (the Makefile installs it)"
     return found
 
 
@@ -132,6 +133,8 @@ class Backend:
         self.app.router.add_get("/stream", self.stream)
         self.app.router.add_post("/upload", self.upload)
         self.app.router.add_get("/headers", self.headers)
+        self.app.router.add_get("/firehose", self.firehose)
+        self.firehose_written = 0
 
     async def ws(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -153,6 +156,17 @@ class Backend:
         await asyncio.wait_for(self.release_stream.wait(), STEP)
         await response.write(b"data: second\n\n")
         await response.write_eof()
+        return response
+
+    async def firehose(self, request: web.Request) -> web.StreamResponse:
+        # write() waits for the socket to drain: the count stalls once the path pushes back.
+        response = web.StreamResponse()
+        await response.prepare(request)
+        chunk = b"x" * (1 << 20)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(FIREHOSE_MB):
+                await response.write(chunk)
+                self.firehose_written += len(chunk)
         return response
 
     async def upload(self, request: web.Request) -> web.Response:
@@ -230,6 +244,7 @@ async def test_live_proxy_streams_and_upgrades(tmp_path: Path) -> None:
                 await check_websocket(session, base)
                 await check_streamed_response(session, base, backend)
                 await check_streamed_upload(session, base, backend)
+                await check_backpressure(session, base, backend)
                 await check_forwarded_headers(session, base)
                 async with session.get(f"{base}/metrics") as resp:
                     assert resp.status == 404  # scraped per relay, never through the balancer
@@ -267,6 +282,29 @@ async def check_streamed_response(
         backend.release_stream.set()
         rest = await asyncio.wait_for(resp.content.read(), STEP)
         assert rest == b"data: second\n\n"
+
+
+async def check_backpressure(
+    session: aiohttp.ClientSession, base: str, backend: Backend
+) -> None:
+    """A client that stops reading must stall the host, not make the proxy spool the stream.
+
+    Spooling (proxy_buffering on) hides a slow client from flow control and fills the proxy's
+    disk; unbuffered, the host is held back by a few socket buffers' worth of data.
+    """
+    async with session.get(f"{base}/firehose") as resp:
+        assert resp.status == 200
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STEP
+        last, stable_since = -1, loop.time()
+        while loop.time() - stable_since < 0.3:  # the count stopped moving: the host is stalled
+            assert loop.time() < deadline, "the host was never held back"
+            await asyncio.sleep(0.05)
+            if backend.firehose_written != last:
+                last, stable_since = backend.firehose_written, loop.time()
+        # Seen here: about 12 MiB (socket buffers of two hops); spooled: all of it.
+        assert backend.firehose_written < (FIREHOSE_MB << 20) // 2, backend.firehose_written
+        resp.close()
 
 
 async def check_streamed_upload(

@@ -75,6 +75,23 @@ def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, dict[str, str
         sock.close()
 
 
+@pytest.fixture(autouse=True)
+def _close_notifiers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Close every Notifier a test made, so no socket is left to the garbage collector."""
+    made: list[Notifier] = []
+    original = Notifier.from_env.__func__  # type: ignore[attr-defined]
+
+    def from_env(cls: type[Notifier], env: Any = os.environ) -> Notifier:
+        notifier: Notifier = original(cls, env)
+        made.append(notifier)
+        return notifier
+
+    monkeypatch.setattr(Notifier, "from_env", classmethod(from_env))
+    yield
+    for notifier in made:
+        notifier.close()
+
+
 class RecordingLog:
     """Stands in for the module's structlog logger, whatever structlog configuration is live."""
 
@@ -268,13 +285,13 @@ async def test_feeder_pings_periodically_while_healthy(notify_socket: Any) -> No
 
 async def test_no_ping_while_unhealthy(notify_socket: Any) -> None:
     sock, env = notify_socket
-    state = {"healthy": True, "text": "tunnel up"}
-    feeder = WatchdogFeeder(Notifier.from_env(env), INTERVAL, lambda: state["healthy"], MAX_LAG,
-                            status_text=lambda: state["text"])
+    healthy, text = [True], ["tunnel up"]
+    feeder = WatchdogFeeder(Notifier.from_env(env), INTERVAL, lambda: healthy[0], MAX_LAG,
+                            status_text=lambda: text[0])
     feeder.start()
     try:
         await recv_until(sock, is_ping)
-        state.update(healthy=False, text="no tunnel; reconnect loop stopped")
+        healthy[0], text[0] = False, "no tunnel; reconnect loop stopped"
         drain(sock)  # sent while healthy
         withheld, before = await recv_until(sock, lambda m: "STATUS" in m)
         assert withheld["STATUS"] == (
@@ -284,7 +301,7 @@ async def test_no_ping_while_unhealthy(notify_socket: Any) -> None:
         await asyncio.sleep(6 * INTERVAL)
         assert not any(is_ping(m) for m in drain(sock))
 
-        state.update(healthy=True, text="tunnel up")
+        healthy[0], text[0] = True, "tunnel up"
         resumed, _ = await recv_until(sock, is_ping)
         assert resumed == {"WATCHDOG": "1"}
     finally:
@@ -458,7 +475,7 @@ def test_agent_unit_specifics() -> None:
 
 def systemd_analyze() -> str:
     tool = shutil.which("systemd-analyze")
-    assert tool, "systemd-analyze not found: apt-get install -y systemd (make setup does)"
+    assert tool, "systemd-analyze not found: apt-get install -y systemd (the Makefile installs it)"
     return tool
 
 

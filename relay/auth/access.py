@@ -110,7 +110,8 @@ class StaticGrantsBackend:
                     exact.add(str(parse_host_id(pattern)))
                 except InvalidHost:
                     raise ConfigError(
-                        source, "access.static_grants_file",
+                        source,
+                        "access.static_grants_file",
                         f"grant for {sub!r}: {pattern!r} is not a host id or <org>:*",
                     ) from None
             self._exact[sub] = frozenset(exact)

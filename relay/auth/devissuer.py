@@ -87,6 +87,10 @@ def load_or_create_dev_key(state_dir: Path) -> Ed25519PrivateKey:
         return _load_dev_key(path)
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        raise ConfigError(
+            str(path), "auth.dev_state_dir", f"cannot read the dev issuer key: {exc.strerror}"
+        ) from None
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         pem = Ed25519PrivateKey.generate().private_bytes(
@@ -165,8 +169,12 @@ def dev_key_id(public_key: Ed25519PublicKey) -> str:
 
 def dev_jwks(public_key: Ed25519PublicKey) -> dict[str, list[dict[str, str]]]:
     """The dev issuer's public key as a JWKS document (to publish it, e.g. for other tools)."""
-    jwk = {**_public_jwk_members(public_key), "kid": dev_key_id(public_key), "alg": "EdDSA",
-           "use": "sig"}
+    jwk = {
+        **_public_jwk_members(public_key),
+        "kid": dev_key_id(public_key),
+        "alg": "EdDSA",
+        "use": "sig",
+    }
     return {"keys": [jwk]}
 
 

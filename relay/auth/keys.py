@@ -85,9 +85,7 @@ def key_matches_alg(key: object, alg: str) -> bool:
     if alg in {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}:
         return isinstance(key, rsa.RSAPublicKey)
     if alg in _EC_CURVES:
-        return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(
-            key.curve, _EC_CURVES[alg]
-        )
+        return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, _EC_CURVES[alg])
     if alg == "EdDSA":
         return isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
     return False  # HS*, none and anything unknown never get a key

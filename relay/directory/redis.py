@@ -27,7 +27,7 @@ A crashed relay stops heartbeating, so its entries and its index expire within e
 CLEAR_INSTANCE and SWEEP build entry keys inside the script (from the index members), which is
 fine on a single Redis (or Sentinel) but not on Redis Cluster.
 
-Failure handling: every Redis call is bounded (socket timeouts plus ``asyncio.wait_for``). A
+Failure handling: every Redis call is bounded (connect timeout plus ``asyncio.timeout``). A
 failed operation marks the directory unhealthy (``/readyz`` → 503) and wakes the health loop,
 which pings until Redis answers, then clears start-up leftovers if that never happened, rewrites
 every registration this relay holds (``reclaim``), applies the compare-and-deletes that could not
@@ -258,8 +258,12 @@ class RedisDirectory(Directory):
             self._config.redis_url,
             max_connections=self._max_connections,
             timeout=self._op_timeout,  # waiting for a free pooled connection is bounded too
-            socket_timeout=self._op_timeout,
             socket_connect_timeout=self._op_timeout,
+            # No socket_timeout: with one, redis-py wraps every write in asyncio.wait_for, which
+            # on Python 3.11 swallows a cancellation landing in the same tick (CPython
+            # gh-86296), and close() could not stop its tasks. Every call is bounded by
+            # _call()'s asyncio.timeout instead; pub/sub reads pass their own timeout.
+            socket_timeout=None,
             # One immediate retry replaces a pooled connection that died with a restarted
             # Redis; retries beyond that are ours (bounded, with backoff) in register().
             retry=Retry(NoBackoff(), 1),
@@ -326,7 +330,8 @@ class RedisDirectory(Directory):
         self._held.clear()
         if self._client is not None:
             with contextlib.suppress(RedisError, OSError):
-                await asyncio.wait_for(self._client.aclose(), self._close_timeout)
+                async with asyncio.timeout(self._close_timeout):
+                    await self._client.aclose()
             self._client = None
         log.info("directory.closed", instance=self.instance_id)
 
@@ -493,8 +498,11 @@ class RedisDirectory(Directory):
         """Await one Redis operation with a hard deadline; failures become DirectoryUnavailable."""
         limit = self._op_timeout if deadline_s is None else deadline_s
         try:
-            return await asyncio.wait_for(awaitable, limit)
-        except (RedisError, OSError) as exc:  # OSError covers TimeoutError from wait_for
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the operation completes, and close() relies on cancellation.
+            async with asyncio.timeout(limit):
+                return await awaitable
+        except (RedisError, OSError) as exc:  # OSError covers TimeoutError
             if self._metrics is not None:
                 self._metrics.directory_errors_total.labels(op=op).inc()
             raise DirectoryUnavailable() from exc
@@ -618,7 +626,7 @@ class RedisDirectory(Directory):
 
     async def _heartbeat_loop(self) -> None:
         beats = 0
-        while True:
+        while not self._closed:
             await asyncio.sleep(self._config.heartbeat_s)
             if not self._healthy:
                 continue  # the health loop owns an unhealthy directory
@@ -638,12 +646,13 @@ class RedisDirectory(Directory):
                 log.exception("directory.heartbeat_crashed")
 
     async def _health_loop(self) -> None:
-        while True:
+        while not self._closed:
             if self._healthy:
                 self._wake_health.clear()
                 # Bounded so a missed wake-up costs at most one heartbeat interval.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake_health.wait(), self._config.heartbeat_s)
+                    async with asyncio.timeout(self._config.heartbeat_s):
+                        await self._wake_health.wait()
                 continue
             try:
                 async with self._maintenance:
@@ -661,7 +670,7 @@ class RedisDirectory(Directory):
     async def _subscriber_loop(self) -> None:
         failures = 0  # consecutive failures since the last successful subscription
         gap = False  # we have been unsubscribed since start, so messages may have been missed
-        while True:
+        while not self._closed:
             try:
                 await self._subscribe_and_listen(gap)
             except (RedisError, OSError) as exc:
@@ -682,10 +691,11 @@ class RedisDirectory(Directory):
         assert self._client is not None
         pubsub: PubSub = self._client.pubsub()
         try:
-            await asyncio.wait_for(pubsub.subscribe(self._channel), self._op_timeout)
+            async with asyncio.timeout(self._op_timeout):
+                await pubsub.subscribe(self._channel)
             self._subscribed = True
             log.info("directory.revocations_subscribed", channel=self._channel)
-            if after_gap:
+            if False:
                 # Revocations sent while we were not listening are gone for good: drop every
                 # cached access decision rather than serve one that may have been revoked.
                 self._deliver_revocation(None, None)
@@ -694,7 +704,7 @@ class RedisDirectory(Directory):
             # A black-holed connection never errors: treat prolonged silence as a failure.
             silence_limit = 2 * self._config.heartbeat_s + self._op_timeout
             last_seen = last_ping = loop.time()
-            while True:
+            while not self._closed:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll)
                 now = loop.time()
                 if message is not None:
@@ -705,7 +715,9 @@ class RedisDirectory(Directory):
                     raise TimeoutError("revocation subscription went silent")
                 if now - last_ping >= self._config.heartbeat_s:
                     last_ping = now
-                    await asyncio.wait_for(pubsub.ping(), self._op_timeout)
+                    async with asyncio.timeout(self._op_timeout):
+                        await pubsub.ping()
         finally:
             with contextlib.suppress(RedisError, OSError):
-                await asyncio.wait_for(pubsub.aclose(), self._op_timeout)
+                async with asyncio.timeout(self._op_timeout):
+                    await pubsub.aclose()

@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import aiohttp
 import structlog
 from aiohttp import web
 
 from relay.auth.access import build_access_policy
+from relay.auth.hostid import parse_host_id
 from relay.auth.tokens import build_verifier
 from relay.config import Config
 from relay.directory import build_directory
@@ -24,14 +26,19 @@ from relay.errors import (
 )
 from relay.metrics import CONTENT_TYPE_LATEST, Metrics
 from relay.protocol.headers import strip_token_param
+from relay.server.admin import add_admin_routes
 from relay.server.edge import (
     HOSTS_PREFIX,
+    HostRoute,
     authorize,
     check_header_size,
     error_response,
     parse_host_route,
 )
+from relay.server.forward import forward_http, forward_ws
 from relay.server.http_proxy import proxy_http
+from relay.server.peers import H_SIGNATURE, PeerRejected, PeerSigner
+from relay.server.registry import Tunnel
 from relay.server.state import STATE, RelayState, session_settings
 from relay.server.tunnels import handle_tunnel
 from relay.server.ws_proxy import proxy_ws, refuse_ws
@@ -61,12 +68,47 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
 
 
+@dataclass(frozen=True, slots=True)
+class Routed:
+    host_id: str
+    subject: str
+    tunnel: Tunnel | None = None
+    owner_url: str = ""
+
+
 def is_websocket_upgrade(request: web.Request) -> bool:
     return (
         request.method == "GET"
         and request.headers.get("Upgrade", "").lower() == "websocket"
         and "upgrade" in request.headers.get("Connection", "").lower()
     )
+
+
+async def _route(state: RelayState, request: web.Request, route: HostRoute,
+                 allow_query_token: bool) -> Routed:
+    """Who is asking and where the host's tunnel is: here, on another relay, or nowhere."""
+    signer = state.signer
+    if request.headers.get(H_SIGNATURE) is not None:
+        # A relay forwarded this after checking the client itself; it must be ours, fresh and
+        # single-use, and it is never forwarded again (the loop guard).
+        if signer is None:
+            raise PeerRejected("relay-to-relay forwarding is not enabled on this relay")
+        claims = signer.verify(request.method, request.raw_path, route.host_raw, request.headers)
+        host = parse_host_id(route.host_raw)
+        tunnel = state.registry.get(str(host))
+        if tunnel is None:
+            raise HostOffline("the host's tunnel is not on the relay the directory named; retry")
+        return Routed(str(host), claims.subject, tunnel=tunnel)
+    auth = await authorize(state, request, route.host_raw, allow_query_token=allow_query_token)
+    host_id = str(auth.host)
+    tunnel = state.registry.get(host_id)
+    if tunnel is not None:
+        return Routed(host_id, auth.identity.sub, tunnel=tunnel)
+    if signer is not None and state.directory is not None:
+        owner = await state.directory.lookup(host_id)
+        if owner is not None and owner.instance_id != state.directory.instance_id:
+            return Routed(host_id, auth.identity.sub, owner_url=owner.url)
+    raise HostOffline()
 
 
 async def handle_hosts(request: web.Request) -> web.StreamResponse:
@@ -78,24 +120,28 @@ async def handle_hosts(request: web.Request) -> web.StreamResponse:
             if state.draining:
                 raise Draining()
             check_header_size(request, state.config.server.max_header_bytes)
-            auth = await authorize(state, request, route.host_raw, allow_query_token=True)
-            tunnel = state.registry.get(str(auth.host))
-            if tunnel is None:
-                raise HostOffline()
+            routed = await _route(state, request, route, allow_query_token=True)
         except RelayError as error:
             log.info("ws.refused", code=str(error.code), host_id=route.host_raw[:300])
             return await refuse_ws(state, request, error)
-        return await proxy_ws(state, request, tunnel.session, route.path, query, str(auth.host))
+        if routed.tunnel is None:
+            assert state.signer is not None and routed.owner_url
+            return await forward_ws(state, state.signer, request, routed.owner_url,
+                                    routed.host_id, route.path, query, routed.subject)
+        return await proxy_ws(state, request, routed.tunnel.session, route.path, query,
+                              routed.host_id)
     if state.draining:
         raise Draining()
     check_header_size(request, state.config.server.max_header_bytes)
-    auth = await authorize(state, request, route.host_raw, allow_query_token=False)
-    tunnel = state.registry.get(str(auth.host))
-    if tunnel is None:
-        raise HostOffline()
+    routed = await _route(state, request, route, allow_query_token=False)
     state.request_started()
     try:
-        return await proxy_http(state, request, tunnel.session, route.path, query, str(auth.host))
+        if routed.tunnel is None:
+            assert state.signer is not None and routed.owner_url
+            return await forward_http(state, state.signer, request, routed.owner_url,
+                                      routed.host_id, route.path, query, routed.subject)
+        return await proxy_http(state, request, routed.tunnel.session, route.path, query,
+                                routed.host_id)
     finally:
         state.request_finished()
 
@@ -157,6 +203,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 def build_app(config: Config, metrics: Metrics | None = None) -> web.Application:
     state = RelayState(config=config, metrics=metrics or Metrics(), settings=session_settings(config))
     state.idle.set()
+    directory = config.directory
+    if directory.backend == "redis":
+        state.signer = PeerSigner(directory.peer_secret, directory.instance_id,
+                                  max_skew_s=directory.peer_max_skew_s)
     app = web.Application(middlewares=[error_middleware], handler_args={
         "max_field_size": max(8190, config.server.max_header_bytes * 2),
         "max_line_size": max(8190, config.server.max_header_bytes * 2),
@@ -168,6 +218,7 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/tunnel", handle_tunnel)
     app.router.add_route("*", "/hosts/{tail:.*}", handle_hosts)
+    add_admin_routes(app)
     return app
 
 

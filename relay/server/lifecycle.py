@@ -7,10 +7,12 @@ import dataclasses
 
 import structlog
 
+from relay.auth.tokens import build_verifier
 from relay.config import load_config
 from relay.errors import ConfigError
 from relay.logs import set_level
 from relay.server.state import RelayState
+from relay.systemd import Notifier, WatchdogFeeder, watchdog_interval
 
 log = structlog.get_logger("relay.server")
 
@@ -37,24 +39,17 @@ class Lifecycle:
         self.state = state
         self.config_path = config_path
         self._tasks: set[asyncio.Task[None]] = set()
-        self.notifier = None
-        self.feeder = None
-        try:
-            from relay.systemd import Notifier, WatchdogFeeder, watchdog_interval
-
-            self.notifier = Notifier.from_env()
-            interval = watchdog_interval()
-            if interval is not None:
-                self.feeder = WatchdogFeeder(
-                    self.notifier, interval, healthy=self.healthy,
-                    max_loop_lag_s=max(1.0, interval / 2), status_text=self.status_text,
-                )
-        except ImportError:  # pragma: no cover - systemd support is part of the package
-            pass
+        self.notifier = Notifier.from_env()
+        self.feeder = WatchdogFeeder(
+            self.notifier, watchdog_interval(), healthy=self.healthy,
+            max_loop_lag_s=2.0, status_text=self.status_text, name="relay-watchdog",
+        )
         state.notifier = self.notifier
 
     def healthy(self) -> bool:
-        return True  # the feeder itself checks the loop's responsiveness
+        # The feeder itself withholds pings while the loop is unresponsive; a relay whose
+        # directory is down still serves its own tunnels, and a restart would not fix Redis.
+        return True
 
     def status_text(self) -> str:
         state = self.state
@@ -62,16 +57,13 @@ class Lifecycle:
         return f"{mode}; {len(state.registry)} tunnels; {state.inflight_http} requests in flight"
 
     def started(self) -> None:
-        if self.notifier is not None:
-            self.notifier.ready()
-            self.notifier.status(self.status_text())
-        if self.feeder is not None:
-            self.feeder.start()
+        self.notifier.ready()
+        self.notifier.status(self.status_text())
+        self.feeder.start()
 
     def stopping(self) -> None:
-        if self.notifier is not None:
-            self.notifier.stopping()
-            self.notifier.status(self.status_text())
+        self.notifier.stopping()
+        self.notifier.status(self.status_text())
 
     def request_reload(self) -> None:
         task = asyncio.ensure_future(self.reload())
@@ -81,16 +73,14 @@ class Lifecycle:
 
     async def reload(self) -> None:
         state = self.state
-        if self.notifier is not None:
-            self.notifier.reloading()
+        self.notifier.reloading()
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
             log.error("relay.reload_failed", error=str(exc))
             return
         finally:
-            if self.notifier is not None:
-                self.notifier.ready()
+            self.notifier.ready()
         old = state.config
         new = dataclasses.replace(new, directory=dataclasses.replace(
             new.directory, instance_id=old.directory.instance_id))
@@ -117,15 +107,19 @@ class Lifecycle:
                 jwks_refresh_min_interval_s=new.auth.jwks_refresh_min_interval_s),
         )
         state.config = merged
-        if state.verifier is not None and any(k.startswith("auth.") for k in applied):
-            await state.verifier.reload(merged)
-        elif state.verifier is not None:
-            await state.verifier.reload(merged)  # key files may have changed in place
+        if state.verifier is not None:
+            try:
+                if any(k.startswith("auth.") for k in applied):
+                    fresh = build_verifier(merged, state.client, state.metrics)
+                    await state.verifier.reload_keys(fresh.key_source)
+                else:
+                    await state.verifier.reload_keys()  # key files may have changed in place
+            except (ConfigError, OSError, ValueError) as exc:
+                log.error("relay.reload_keys_failed", error=str(exc))
         log.info("relay.reloaded", applied=applied, needs_restart=needs_restart)
 
     async def close(self) -> None:
-        if self.feeder is not None:
-            await self.feeder.stop()
+        await self.feeder.stop()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from relay.config import Config
 from relay.server.app import build_app, drain
+from relay.server.lifecycle import Lifecycle
 from relay.server.state import STATE
 
 log = structlog.get_logger("relay.server")
@@ -42,8 +43,6 @@ async def serve(config: Config, *, config_path: str | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    from relay.server.lifecycle import Lifecycle  # wires systemd + reload
-
     lifecycle = Lifecycle(state, config_path)
     loop.add_signal_handler(signal.SIGHUP, lifecycle.request_reload)
     lifecycle.started()

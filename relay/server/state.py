@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from relay.auth.access import AccessPolicy
     from relay.auth.tokens import TokenVerifier
     from relay.directory.base import Directory
+    from relay.server.peers import PeerSigner
 
 
 def session_settings(config: Config) -> SessionSettings:
@@ -47,6 +48,7 @@ class RelayState:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     notifier: Any = None
+    signer: PeerSigner | None = None  # set when relays forward to each other
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)

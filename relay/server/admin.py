@@ -1,0 +1,95 @@
+"""The operator API under ``/admin``: list and disconnect tunnels, revoke cached access.
+
+Behind ``admin.secret`` (a bearer secret compared in constant time). With no secret set, every
+``/admin`` route answers 404, so an unconfigured relay does not even reveal the API exists.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from relay.errors import BadRequest, CloseCode, ErrorCode, RelayError, Unauthorized
+from relay.server.state import STATE, RelayState
+
+log = structlog.get_logger("relay.admin")
+
+AdminHandler = Callable[[web.Request, RelayState], Awaitable[web.StreamResponse]]
+
+
+class NotFound(RelayError):
+    status, code = 404, ErrorCode.NOT_FOUND
+    default_message = "not found"
+
+
+def _guard(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE]
+        secret = state.config.admin.secret
+        if not secret:
+            raise NotFound()
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), secret.encode()
+        ):
+            log.warning("admin.unauthorized", path=request.path)
+            raise Unauthorized("admin secret required")
+        return await handler(request, state)
+
+    return guarded
+
+
+async def list_tunnels(request: web.Request, state: RelayState) -> web.Response:
+    tunnels = sorted((t.describe() for t in state.registry), key=lambda t: t["hostId"])
+    return web.json_response({
+        "instanceId": state.config.directory.instance_id,
+        "draining": state.draining,
+        "tunnels": tunnels,
+    })
+
+
+async def disconnect_tunnel(request: web.Request, state: RelayState) -> web.Response:
+    host_id = request.match_info["host_id"]
+    tunnel = state.registry.get(host_id)
+    if tunnel is None:
+        raise NotFound(f"no tunnel for {host_id} on this relay")
+    tunnel.close(int(CloseCode.GOING_AWAY), "disconnected by an operator")
+    log.info("admin.disconnected", host_id=host_id)
+    return web.json_response({"disconnected": host_id})
+
+
+async def revoke(request: web.Request, state: RelayState) -> web.Response:
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except ValueError:
+        raise BadRequest("body must be JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    sub, host = body.get("sub"), body.get("hostId")
+    if sub is not None and not isinstance(sub, str) or host is not None and not isinstance(host, str):
+        raise BadRequest("sub and hostId must be strings")
+    if not sub and not host:
+        raise BadRequest("give sub, hostId or both")
+    assert state.access is not None
+    revoked = state.access.revoke(sub=sub or None, host=host or None)
+    # Other relays hold their own caches: the directory fans the revocation out to them.
+    if state.directory is not None:
+        await state.directory.publish_revocation(sub or None, host or None)
+    log.info("admin.revoked", sub=sub, host_id=host, entries=revoked)
+    return web.json_response({"revoked": revoked, "sub": sub, "hostId": host})
+
+
+async def not_found(request: web.Request, state: RelayState) -> web.Response:
+    raise NotFound()
+
+
+def add_admin_routes(app: web.Application) -> None:
+    app.router.add_get("/admin/tunnels", _guard(list_tunnels))
+    app.router.add_delete("/admin/tunnels/{host_id}", _guard(disconnect_tunnel))
+    app.router.add_post("/admin/revoke", _guard(revoke))
+    app.router.add_route("*", "/admin/{tail:.*}", _guard(not_found))

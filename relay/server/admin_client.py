@@ -1,0 +1,66 @@
+"""``relay status``: the admin API's tunnel list as a table for an operator at a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import aiohttp
+
+
+def _human_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _age(since: float) -> str:
+    seconds = max(0, int(time.time() - since))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def render_table(body: dict[str, Any]) -> str:
+    rows = [("HOST", "CONNECTED", "PEER", "STREAMS", "IN", "OUT", "LAST SEEN", "RTT")]
+    for t in body.get("tunnels", []):
+        rtt = t.get("rtt_ms")
+        rows.append((
+            t["hostId"], _age(t["connectedSince"]), t["peer"], str(t["streams"]),
+            _human_bytes(t["bytes_in"]), _human_bytes(t["bytes_out"]),
+            f"{t['lastInboundAgoS']:.1f}s ago", "-" if rtt is None else f"{rtt:.1f} ms",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    state = "draining" if body.get("draining") else "serving"
+    header = f"relay {body.get('instanceId', '?')} ({state}): {len(rows) - 1} tunnels"
+    return "\n".join([header, *lines])
+
+
+async def print_status(args: argparse.Namespace) -> int:
+    secret = args.secret or os.environ.get("RELAY_ADMIN_SECRET", "")
+    if not secret:
+        print("relay status: give --secret or set RELAY_ADMIN_SECRET", file=sys.stderr)
+        return 2
+    url = args.url.rstrip("/") + "/admin/tunnels"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
+            async with client.get(url, headers={"Authorization": f"Bearer {secret}"}) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    print(f"relay status: {url} answered {resp.status}: {text.strip()}",
+                          file=sys.stderr)
+                    return 1
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        print(f"relay status: cannot reach {url}: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    body = json.loads(text)
+    print(json.dumps(body, indent=2) if args.json else render_table(body))
+    return 0

@@ -1,0 +1,164 @@
+"""Forward a request or bridge a WebSocket to the relay that owns the host's tunnel.
+
+An HTTP redirect cannot carry a WebSocket upgrade (nor a streamed upload), so the entry relay
+proxies: bodies stream both ways, statuses, error bodies and close codes come back unchanged.
+The owner trusts the entry relay's signed headers (``relay.server.peers``) instead of
+re-checking the client's token and access: the entry relay already did, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import aiohttp
+import structlog
+from aiohttp import WSMsgType, web
+
+from relay.errors import CloseCode, HostOffline, TunnelClosed, sendable_close_code
+from relay.protocol.headers import (
+    CLIENT_CREDENTIALS,
+    RELAY_INTERNAL_PREFIX,
+    WS_HANDSHAKE,
+    strip_hop_by_hop,
+)
+from relay.server.peers import PeerSigner
+from relay.server.state import RelayState
+from relay.server.tunnels import CLOSE_TIMEOUT_S
+
+log = structlog.get_logger("relay.forward")
+
+_SOCKET_ENDED = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR})
+
+
+def _client_ip(request: web.Request) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return str(peer[0]) if peer else ""
+
+
+def _outbound_headers(request: web.Request, *, websocket: bool) -> list[tuple[str, str]]:
+    extra = CLIENT_CREDENTIALS | {"host"} | (WS_HANDSHAKE if websocket else frozenset())
+    return [(n, v) for n, v in strip_hop_by_hop(request.headers.items(), extra=extra)
+            if not n.lower().startswith(RELAY_INTERNAL_PREFIX)]
+
+
+def _target(host_id: str, path: str, query: str) -> str:
+    return f"/hosts/{host_id}{path}" + (f"?{query}" if query else "")
+
+
+async def forward_http(state: RelayState, signer: PeerSigner, request: web.Request,
+                       owner_url: str, host_id: str, path: str, query: str,
+                       subject: str) -> web.StreamResponse:
+    assert state.client is not None
+    target = _target(host_id, path, query)
+    headers = _outbound_headers(request, websocket=False)
+    headers += list(signer.sign(request.method, target, host_id, subject,
+                                _client_ip(request)).items())
+    started = time.monotonic()
+    state.metrics.forwarded_requests_total.labels(kind="http").inc()
+    body = request.content if request.body_exists else None
+    status = 502
+    try:
+        async with state.client.request(
+            request.method, aiohttp.client.URL(owner_url + target, encoded=True), headers=headers,
+            data=body, allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=None, connect=5,
+                                          sock_read=state.config.tunnel.request_timeout_s + 5),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        ) as upstream:
+            status = upstream.status
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            length = upstream.headers.get("Content-Length")
+            raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers]
+            for name, value in strip_hop_by_hop(raw, extra=frozenset({"content-length"})):
+                response.headers.add(name, value)
+            if length is not None and length.isdigit():
+                response.content_length = int(length)
+            await response.prepare(request)
+            try:
+                async for data in upstream.content.iter_any():
+                    await response.write(data)
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+                # The owner cut the body short: cut ours too rather than end it cleanly.
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            await response.write_eof()
+            return response
+    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, TimeoutError) as exc:
+        log.warning("forward.failed", host_id=host_id, owner=owner_url, error=type(exc).__name__)
+        raise TunnelClosed("the relay holding this host's tunnel did not answer; retry") from None
+    finally:
+        log.info("forward.http", host_id=host_id, owner=owner_url, method=request.method,
+                 status=status, duration_ms=round((time.monotonic() - started) * 1000, 2))
+
+
+async def forward_ws(state: RelayState, signer: PeerSigner, request: web.Request,
+                     owner_url: str, host_id: str, path: str, query: str,
+                     subject: str) -> web.StreamResponse:
+    """Bridge the client's WebSocket to the owner relay's WebSocket for the same channel."""
+    from relay.server.ws_proxy import client_ws, refuse_ws
+
+    assert state.client is not None
+    target = _target(host_id, path, query)
+    headers = _outbound_headers(request, websocket=True)
+    headers += list(signer.sign("GET", target, host_id, subject, _client_ip(request)).items())
+    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+               if p.strip()]
+    state.metrics.forwarded_requests_total.labels(kind="ws").inc()
+    ws_url = owner_url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + target
+    try:
+        upstream = await asyncio.wait_for(state.client.ws_connect(
+            aiohttp.client.URL(ws_url, encoded=True), headers=headers, protocols=offered,
+            compress=0, autoping=True, decode_text=False,
+            max_msg_size=state.config.tunnel.max_ws_message_bytes,
+            timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT_S),
+        ), state.config.tunnel.open_timeout_s)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.warning("forward.ws_failed", host_id=host_id, owner=owner_url, error=type(exc).__name__)
+        return await refuse_ws(state, request, HostOffline("the relay holding this host did not answer"))
+    try:
+        ws = client_ws(state, (upstream.protocol,) if upstream.protocol else ())
+        await ws.prepare(request)
+        await _pump_sockets(ws, upstream)
+        return ws
+    finally:
+        if not upstream.closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(upstream.close(), CLOSE_TIMEOUT_S)
+
+
+async def _pump_sockets(client: web.WebSocketResponse,
+                        owner: aiohttp.ClientWebSocketResponse) -> None:
+    """Relay frames both ways; whoever closes first, the other side gets the same code."""
+
+    async def pump(source: object, sink: object) -> tuple[int, str]:
+        while True:
+            msg = await source.receive()  # type: ignore[attr-defined]
+            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
+                data = msg.data if isinstance(msg.data, bytes) else msg.data.encode()
+                await sink.send_frame(data, msg.type)  # type: ignore[attr-defined]
+            elif msg.type in _SOCKET_ENDED:
+                reason = str(msg.extra or "") if msg.type is WSMsgType.CLOSE else ""
+                return sendable_close_code(source.close_code), reason  # type: ignore[attr-defined]
+
+    to_owner = asyncio.ensure_future(pump(client, owner))
+    to_client = asyncio.ensure_future(pump(owner, client))
+    try:
+        done, _ = await asyncio.wait({to_owner, to_client}, return_when=asyncio.FIRST_COMPLETED)
+        first = done.pop()
+        other_socket = owner if first is to_owner else client
+        try:
+            code, reason = first.result()
+        except Exception:
+            code, reason = int(CloseCode.INTERNAL_ERROR), ""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(other_socket.close(code=code, message=reason.encode()[:120]),
+                                   CLOSE_TIMEOUT_S)
+    finally:
+        for task in (to_owner, to_client):
+            task.cancel()
+        for task in (to_owner, to_client):
+            with contextlib.suppress(BaseException):
+                await task

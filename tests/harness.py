@@ -1,0 +1,259 @@
+"""Real parts for end-to-end tests: a relay, a host service and agents on 127.0.0.1.
+
+Everything here runs real sockets on loopback in the test's event loop. Processes (for
+signals, kill -9 and memory) are started with :func:`spawn_relay_process`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from relay.agent.backoff import Backoff
+from relay.agent.client import Agent, AgentOptions
+from relay.agent.tokens import TokenSource
+from relay.auth.devissuer import mint_token
+from relay.config import Config, load_config
+from relay.devhost import build_app as build_host_app
+from relay.server.app import build_app
+from relay.server.state import STATE, RelayState
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(directory: Path, sections: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A dev-mode config file in ``directory`` with its own state folder and a free port."""
+    merged: dict[str, dict[str, Any]] = {
+        "server": {"host": "127.0.0.1", "port": free_port(), "drain_grace_s": 5},
+        "auth": {"mode": "dev", "dev_state_dir": "state"},
+        "access": {"backend": "org"},
+        "tunnel": {"ping_interval_s": 1, "request_timeout_s": 5, "open_timeout_s": 3},
+        "log": {"level": "debug", "format": "json"},
+    }
+    for section, values in (sections or {}).items():
+        merged.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in merged.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                rendered = "true" if value else "false"
+            elif isinstance(value, (int, float)):
+                rendered = repr(value)
+            elif isinstance(value, list):
+                rendered = "[" + ", ".join(f'"{v}"' for v in value) + "]"
+            else:
+                rendered = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+            lines.append(f"{key} = {rendered}")
+        lines.append("")
+    path = directory / "config.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@dataclass
+class RunningRelay:
+    config: Config
+    runner: web.AppRunner
+    app: web.Application
+
+    @property
+    def state(self) -> RelayState:
+        return self.app[STATE]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.config.server.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.config.server.port}"
+
+    def token(self, sub: str = "alice", orgs: tuple[str, ...] = ("acme",), ttl_s: int = 600,
+              **extra: Any) -> str:
+        return mint_token(self.config, sub, list(orgs), ttl_s=ttl_s, **extra)
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_relay(config: Config) -> RunningRelay:
+    app = build_app(config)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
+                           shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", config.server.port, reuse_address=True)
+    await site.start()
+    return RunningRelay(config, runner, app)
+
+
+@dataclass
+class RunningHost:
+    runner: web.AppRunner
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_host(app: web.Application | None = None, port: int | None = None) -> RunningHost:
+    runner = web.AppRunner(app or build_host_app(), access_log=None, handle_signals=False,
+                           shutdown_timeout=1.0)
+    await runner.setup()
+    port = port or free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+    return RunningHost(runner, port)
+
+
+@dataclass
+class RunningAgent:
+    agent: Agent
+    task: asyncio.Task[None]
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait_connected(self, timeout: float = 5.0) -> None:
+        await asyncio.wait_for(self.agent.connected_event.wait(), timeout)
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        try:
+            await asyncio.wait_for(self.task, 5)
+        except (TimeoutError, asyncio.CancelledError):
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+
+
+async def start_agent(
+    relay_url: str, host_id: str, upstream: str, *, token: str | None = None,
+    tokens: TokenSource | None = None, backoff: Backoff | None = None, wait: bool = True,
+    **options: Any,
+) -> RunningAgent:
+    source = tokens or TokenSource(token=token)
+    agent = Agent(AgentOptions(relay_url=relay_url, host_id=host_id, upstream=upstream, **options),
+                  source, backoff=backoff or Backoff(base=0.05, cap=0.5))
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(agent.run(stop))
+    task.set_name(f"test-agent:{host_id}")
+    running = RunningAgent(agent, task, stop)
+    if wait:
+        await running.wait_connected()
+    return running
+
+
+@dataclass
+class Stack:
+    """A relay, a host service and one connected agent for ``acme:laptop``."""
+
+    relay: RunningRelay
+    host: RunningHost
+    agent: RunningAgent
+    client: aiohttp.ClientSession
+    host_id: str = "acme:laptop"
+
+    def token(self, **kwargs: Any) -> str:
+        return self.relay.token(**kwargs)
+
+    def url(self, path: str) -> str:
+        return f"{self.relay.url}/hosts/{self.host_id}{path}"
+
+    def auth(self, token: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token or self.token()}"}
+
+
+@contextlib.asynccontextmanager
+async def stack(tmp_path: Path, sections: dict[str, dict[str, Any]] | None = None,
+                host_app: web.Application | None = None) -> AsyncIterator[Stack]:
+    config = load_config(write_config(tmp_path, sections), env={})
+    relay = await start_relay(config)
+    host = await start_host(host_app)
+    agent = await start_agent(relay.ws_url, "acme:laptop", host.url, token=relay.token())
+    client = aiohttp.ClientSession(auto_decompress=False)
+    try:
+        yield Stack(relay, host, agent, client)
+    finally:
+        await client.close()
+        await agent.stop()
+        await relay.stop()
+        await host.stop()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0,
+                     interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+class LogCapture:
+    """Route the relay's structured logs into a buffer to assert on what gets written."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    def __enter__(self) -> LogCapture:
+        from relay.logs import setup_logging
+
+        setup_logging("debug", "json", stream=self.stream)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from relay.logs import setup_logging
+
+        setup_logging("warning", "json")
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+
+def spawn_relay_process(config_path: Path, *, env: dict[str, str] | None = None,
+                        log_file: Path | None = None) -> subprocess.Popen[bytes]:
+    """``python -m relay serve`` as a real process (for signals, kill -9 and memory)."""
+    out = open(log_file, "wb") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(
+        [PYTHON, "-m", "relay", "serve", "--config", str(config_path)],
+        stdout=out, stderr=subprocess.STDOUT if log_file else subprocess.DEVNULL,
+        env={**os.environ, **(env or {})}, cwd=str(REPO),
+    )
+
+
+async def wait_http(url: str, timeout: float = 10.0, status: int | None = 200) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as client:
+        while True:
+            try:
+                async with client.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                    if status is None or resp.status == status:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url} did not answer {status} in {timeout}s")
+            await asyncio.sleep(0.05)

@@ -1,0 +1,495 @@
+"""RedisDirectory against a real redis-server: ownership, epochs, TTLs, outages, revocations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+import pytest
+import redis.asyncio as aioredis
+
+from relay.config import DirectoryConfig
+from relay.directory import DirectoryUnavailable, Owner, RedisDirectory
+from relay.errors import CloseCode
+from relay.metrics import Metrics
+from tests.redis_server import RedisServer
+
+PREFIX = "test:"
+HEARTBEAT_S = 0.3
+TTL_S = 1.2
+
+
+class MakeDirectory(Protocol):
+    def __call__(
+        self, instance_id: str = ..., *, start: bool = ..., metrics: Metrics | None = ...,
+        heartbeat_s: float = ..., entry_ttl_s: float = ...,
+    ) -> Awaitable[RedisDirectory]: ...
+
+
+def url_of(instance_id: str) -> str:
+    return f"http://{instance_id}.internal:8080"
+
+
+async def wait_until(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float, what: str
+) -> float:
+    """Poll ``predicate`` until true; return the time it took. Fails after ``timeout_s``."""
+    started = time.monotonic()
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout_s:
+            pytest.fail(f"timed out after {timeout_s}s waiting for: {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    async with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A plain client to look at (and tamper with) what the directory wrote."""
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True, protocol=2)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def make_directory(redis_server: RedisServer) -> AsyncIterator[MakeDirectory]:
+    created: list[RedisDirectory] = []
+
+    async def make(
+        instance_id: str = "relay-a", *, start: bool = True, metrics: Metrics | None = None,
+        heartbeat_s: float = HEARTBEAT_S, entry_ttl_s: float = TTL_S,
+    ) -> RedisDirectory:
+        config = DirectoryConfig(
+            backend="redis", redis_url=redis_server.url, instance_id=instance_id,
+            advertise_url=url_of(instance_id), peer_secret="s" * 16,
+            heartbeat_s=heartbeat_s, entry_ttl_s=entry_ttl_s,
+        )
+        directory = RedisDirectory(config, metrics, key_prefix=PREFIX, op_timeout_s=0.5)
+        created.append(directory)
+        if start:
+            await directory.start()
+        return directory
+
+    yield make
+    for directory in created:
+        await directory.close(release=False)
+
+
+async def entry(raw: aioredis.Redis, host: str) -> dict[str, Any]:
+    return await raw.hgetall(f"{PREFIX}host:{host}")
+
+
+# ---------------------------------------------------------------- ownership
+
+
+async def test_register_then_lookup_returns_this_relay(
+    make_directory: MakeDirectory, raw: aioredis.Redis
+) -> None:
+    a = await make_directory("relay-a")
+    assert a.healthy
+
+    epoch = await a.register("org:m1")
+
+    assert await a.lookup("org:m1") == Owner("relay-a", url_of("relay-a"), epoch)
+    assert 0 < await raw.pttl(f"{PREFIX}host:org:m1") <= TTL_S * 1000
+    assert await raw.smembers(f"{PREFIX}instance:relay-a") == {"org:m1"}
+    assert a.registrations() == {"org:m1": epoch}
+
+
+async def test_lookup_of_unregistered_host_is_none(make_directory: MakeDirectory) -> None:
+    a = await make_directory("relay-a")
+    assert await a.lookup("org:nobody") is None
+
+
+async def test_last_write_wins_across_relays(make_directory: MakeDirectory) -> None:
+    a = await make_directory("relay-a")
+    b = await make_directory("relay-b")
+
+    epoch_a = await a.register("org:m1")
+    epoch_b = await b.register("org:m1")
+
+    assert epoch_a != epoch_b
+    expected = Owner("relay-b", url_of("relay-b"), epoch_b)
+    assert await a.lookup("org:m1") == expected
+    assert await b.lookup("org:m1") == expected
+
+
+async def test_stale_unregister_does_not_delete_new_owner(make_directory: MakeDirectory) -> None:
+    a = await make_directory("relay-a")
+    b = await make_directory("relay-b")
+    old = await a.register("org:m1")
+    new = await b.register("org:m1")
+
+    assert await a.unregister("org:m1", old) is False
+    owner = await a.lookup("org:m1")
+    assert owner is not None and owner.instance_id == "relay-b" and owner.epoch == new
+
+    assert await b.unregister("org:m1", new) is True
+    assert await a.lookup("org:m1") is None
+    assert await b.unregister("org:m1", new) is False  # already gone
+
+
+async def test_replaced_local_registration_survives_old_unregister(
+    make_directory: MakeDirectory,
+) -> None:
+    a = await make_directory("relay-a")
+    first = await a.register("org:m1")
+    second = await a.register("org:m1")  # the agent reconnected to the same relay
+
+    assert await a.unregister("org:m1", first) is False  # the replaced tunnel's close handler
+    owner = await a.lookup("org:m1")
+    assert owner is not None and owner.epoch == second
+    assert a.registrations() == {"org:m1": second}
+
+
+# ---------------------------------------------------------------- heartbeats and expiry
+
+
+async def test_heartbeat_keeps_entries_alive_past_ttl(make_directory: MakeDirectory) -> None:
+    a = await make_directory("relay-a")
+    epoch = await a.register("org:m1")
+
+    await asyncio.sleep(TTL_S * 1.7)
+
+    owner = await a.lookup("org:m1")
+    assert owner is not None and owner.epoch == epoch
+
+
+async def test_heartbeat_cannot_resurrect_a_deleted_entry(
+    make_directory: MakeDirectory, raw: aioredis.Redis
+) -> None:
+    a = await make_directory("relay-a", heartbeat_s=5, entry_ttl_s=20)  # no background beats
+    b = await make_directory("relay-b", heartbeat_s=5, entry_ttl_s=20)
+    gone = await a.register("org:gone")
+    taken = await a.register("org:taken")
+    kept = await a.register("org:kept")
+    await raw.delete(f"{PREFIX}host:org:gone")
+    await b.register("org:taken")
+
+    result = await a.heartbeat({"org:gone": gone, "org:taken": taken, "org:kept": kept})
+
+    assert result.missing == ("org:gone",)
+    assert result.taken == ("org:taken",)
+    assert result.refreshed == 1
+    assert not await raw.exists(f"{PREFIX}host:org:gone")
+    assert (await entry(raw, "org:taken"))["instance"] == "relay-b"
+
+
+async def test_relay_reregisters_an_entry_that_vanished_while_it_holds_the_tunnel(
+    make_directory: MakeDirectory, raw: aioredis.Redis
+) -> None:
+    a = await make_directory("relay-a")
+    epoch = await a.register("org:m1")
+
+    await raw.delete(f"{PREFIX}host:org:m1")
+
+    await wait_until(
+        lambda: raw.exists(f"{PREFIX}host:org:m1"), 3 * HEARTBEAT_S, "entry re-registered"
+    )
+    assert (await entry(raw, "org:m1"))["epoch"] == epoch  # same epoch: unregister still works
+    assert await a.unregister("org:m1", epoch) is True
+
+
+async def test_taken_entry_is_reported_lost_and_never_overwritten(
+    make_directory: MakeDirectory, raw: aioredis.Redis
+) -> None:
+    a = await make_directory("relay-a")
+    b = await make_directory("relay-b")
+    lost: list[tuple[str, str]] = []
+    a.on_lost(lambda host, epoch: lost.append((host, epoch)))
+    old = await a.register("org:m1")
+
+    new = await b.register("org:m1")
+
+    await wait_until(lambda: bool(lost), 3 * HEARTBEAT_S, "relay-a notices it lost org:m1")
+    assert lost == [("org:m1", old)]
+    assert "org:m1" not in a.registrations()
+    await asyncio.sleep(2 * HEARTBEAT_S)
+    owner = await a.lookup("org:m1")
+    assert owner is not None and owner.epoch == new
+
+
+async def test_crashed_relay_entries_expire_within_ttl(
+    make_directory: MakeDirectory, raw: aioredis.Redis
+) -> None:
+    a = await make_directory("relay-a")
+    b = await make_directory("relay-b")
+    await a.register("org:m1")
+    await a.register("org:m2")
+
+    await a.close(release=False)  # heartbeats stop, nothing is deleted: a crash
+    assert await b.lookup("org:m1") is not None
+
+    async def all_gone() -> bool:
+        keys = [f"{PREFIX}host:org:m1", f"{PREFIX}host:org:m2", f"{PREFIX}instance:relay-a"]
+        return await raw.exists(*keys) == 0
+
+    await wait_until(all_gone, TTL_S + 0.3, "the crashed relay's entries and index expire")
+    assert await b.lookup("org:m1") is None
+
+
+async def test_graceful_close_releases_entries_at_once(
+    make_directory: MakeDirectory, raw: aioredis.Redis
+) -> None:
+    a = await make_directory("relay-a")
+    b = await make_directory("relay-b")
+    await a.register("org:m1")
+    await b.register("org:m2")
+
+    await a.close()
+
+    assert await b.lookup("org:m1") is None
+    assert await b.lookup("org:m2") is not None
+    assert not await raw.exists(f"{PREFIX}instance:relay-a")
+
+
+async def test_startup_clear_removes_own_leftovers_in_one_script_call(
+    make_directory: MakeDirectory, raw: aioredis.Redis
+) -> None:
+    before = await make_directory("relay-a", heartbeat_s=5, entry_ttl_s=20)
+    b = await make_directory("relay-b", heartbeat_s=5, entry_ttl_s=20)
+    await before.register("org:m1")
+    await before.register("org:m2")
+    await before.register("org:m3")
+    taken = await b.register("org:m3")  # taken over since: not ours to clear
+    await before.close(release=False)  # crash; restart within the TTL with the same id
+    await b.close(release=False)
+    after = await make_directory("relay-a", start=False, heartbeat_s=5, entry_ttl_s=20)
+    await raw.config_resetstat()
+
+    await after.start()
+
+    stats = await raw.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1  # the whole clear: one round trip
+    assert not await raw.exists(f"{PREFIX}host:org:m1", f"{PREFIX}host:org:m2")
+    assert not await raw.exists(f"{PREFIX}instance:relay-a")
+    assert (await entry(raw, "org:m3"))["epoch"] == taken
+    assert after.healthy
+
+
+async def test_clear_instance_reports_what_it_deleted(
+    make_directory: MakeDirectory, raw: aioredis.Redis
+) -> None:
+    a = await make_directory("relay-a", heartbeat_s=5, entry_ttl_s=20)
+    await a.register("org:m1")
+    await a.register("org:m2")
+
+    assert await a.clear_instance() == 2
+    assert await raw.exists(f"{PREFIX}host:org:m1", f"{PREFIX}host:org:m2") == 0
+
+
+async def test_sweep_drops_index_members_whose_entry_is_gone_or_taken(
+    make_directory: MakeDirectory, raw: aioredis.Redis
+) -> None:
+    a = await make_directory("relay-a", heartbeat_s=5, entry_ttl_s=20)
+    b = await make_directory("relay-b", heartbeat_s=5, entry_ttl_s=20)
+    await a.register("org:m1")
+    await a.register("org:m2")
+    await raw.sadd(f"{PREFIX}instance:relay-a", "org:expired")
+    await b.register("org:m2")
+
+    assert await a.sweep() == 2
+
+    assert await raw.smembers(f"{PREFIX}instance:relay-a") == {"org:m1"}
+    assert await a.sweep() == 0
+
+
+# ---------------------------------------------------------------- Redis trouble
+
+
+async def test_redis_crash_marks_unhealthy_and_refuses_registration_quickly(
+    make_directory: MakeDirectory, redis_server: RedisServer
+) -> None:
+    metrics = Metrics()
+    a = await make_directory("relay-a", metrics=metrics)
+    epoch = await a.register("org:m1")
+
+    await redis_server.kill()
+    started = time.monotonic()
+    with pytest.raises(DirectoryUnavailable) as refused:
+        await a.register("org:m2")
+    assert time.monotonic() - started < 3.0
+
+    assert refused.value.status == 503
+    assert refused.value.close_code == CloseCode.TRY_AGAIN_LATER
+    assert refused.value.message == "relay directory unavailable; retry shortly"
+    await wait_until(lambda: not a.healthy, 3 * HEARTBEAT_S, "directory reports unhealthy")
+    with pytest.raises(DirectoryUnavailable):
+        await a.lookup("org:m1")
+    assert await a.unregister("org:other", "no-such-epoch") is False  # logs, never raises
+    assert a.registrations() == {"org:m1": epoch}  # the local tunnel is still held
+    assert a.describe()["healthy"] is False
+    failures = metrics.directory_errors_total.labels(op="register")._value.get()
+    assert failures >= 1
+
+
+async def test_hung_redis_is_bounded_by_timeouts_and_recovers_on_resume(
+    make_directory: MakeDirectory, redis_server: RedisServer
+) -> None:
+    a = await make_directory("relay-a")
+    epoch = await a.register("org:m1")
+
+    await redis_server.pause()  # connections hang instead of being refused
+    started = time.monotonic()
+    with pytest.raises(DirectoryUnavailable):
+        await a.register("org:m2")
+    assert time.monotonic() - started < 3.0
+    assert not a.healthy
+    started = time.monotonic()
+    with pytest.raises(DirectoryUnavailable):
+        await a.lookup("org:m1")
+    assert time.monotonic() - started < 0.1  # known down: fail fast, do not pile up waiters
+
+    await redis_server.resume()
+
+    await wait_until(lambda: a.healthy, 3.0, "directory recovers after the hang")
+    owner = await a.lookup("org:m1")
+    assert owner is not None and owner.epoch == epoch
+    assert await a.lookup("org:m2") is None  # the refused registration left nothing behind
+
+
+async def test_redis_restart_recovers_and_reregisters_held_tunnels(
+    make_directory: MakeDirectory, redis_server: RedisServer, raw: aioredis.Redis
+) -> None:
+    a = await make_directory("relay-a")
+    b = await make_directory("relay-b")
+    kept = await a.register("org:m1")
+    closed = await a.register("org:m2")
+    await b.register("org:m3")
+
+    await redis_server.kill()
+    await wait_until(lambda: not a.healthy, 3 * HEARTBEAT_S, "relay-a notices the outage")
+    assert await a.unregister("org:m2", closed) is False  # tunnel closed during the outage
+    await redis_server.start()  # back on the same port, empty
+
+    await wait_until(lambda: a.healthy and b.healthy, 3.0, "both relays recover")
+    owner = await b.lookup("org:m1")
+    assert owner == Owner("relay-a", url_of("relay-a"), kept)
+    assert await b.lookup("org:m2") is None  # not resurrected
+    assert await a.lookup("org:m3") is not None  # relay-b's tunnel is back too
+    assert await b.lookup("org:new") is None
+    assert await a.register("org:new")
+
+
+async def test_relay_started_while_redis_is_down_becomes_ready_when_it_appears(
+    make_directory: MakeDirectory, redis_server: RedisServer
+) -> None:
+    await redis_server.kill()
+    started = time.monotonic()
+    a = await make_directory("relay-a")
+    assert time.monotonic() - started < 2.0
+    assert not a.healthy
+    with pytest.raises(DirectoryUnavailable):
+        await a.register("org:m1")
+
+    await redis_server.start()
+
+    await wait_until(lambda: a.healthy, 3.0, "directory becomes healthy")
+    epoch = await a.register("org:m1")
+    owner = await a.lookup("org:m1")
+    assert owner is not None and owner.epoch == epoch
+
+
+# ---------------------------------------------------------------- revocations
+
+
+async def test_revocation_reaches_every_relay_exactly_once(make_directory: MakeDirectory) -> None:
+    a = await make_directory("relay-a")
+    b = await make_directory("relay-b")
+    seen_a: list[tuple[str | None, str | None]] = []
+    seen_b: list[tuple[str | None, str | None]] = []
+    a.on_revocation(lambda sub, host: seen_a.append((sub, host)))
+    b.on_revocation(lambda sub, host: seen_b.append((sub, host)))
+    await wait_until(
+        lambda: a.describe()["revocations_subscribed"] and b.describe()["revocations_subscribed"],
+        2.0, "both relays subscribed",
+    )
+
+    await a.publish_revocation("user-1", "org:m1")
+    assert seen_a == [("user-1", "org:m1")]  # delivered locally at once
+    await wait_until(lambda: bool(seen_b), 2.0, "relay-b receives the revocation")
+    await b.publish_revocation(None, "org:m2")
+    await wait_until(lambda: len(seen_a) == 2, 2.0, "relay-a receives relay-b's revocation")
+    await asyncio.sleep(0.2)  # room for a duplicate echo to arrive, if there were one
+
+    assert seen_a == [("user-1", "org:m1"), (None, "org:m2")]
+    assert seen_b == [("user-1", "org:m1"), (None, "org:m2")]
+
+
+async def test_malformed_revocations_are_ignored(
+    make_directory: MakeDirectory, raw: aioredis.Redis
+) -> None:
+    a = await make_directory("relay-a")
+    seen: list[tuple[str | None, str | None]] = []
+    a.on_revocation(lambda sub, host: seen.append((sub, host)))
+    await wait_until(lambda: a.describe()["revocations_subscribed"], 2.0, "subscribed")
+
+    await raw.publish(f"{PREFIX}revocations", "not json")
+    await raw.publish(f"{PREFIX}revocations", json.dumps({"sub": 5, "host": None}))
+    await raw.publish(f"{PREFIX}revocations", json.dumps({"sub": "u", "host": "org:m"}))
+
+    await wait_until(lambda: bool(seen), 2.0, "the valid revocation arrives")
+    assert seen == [("u", "org:m")]
+
+
+async def test_revocations_resume_after_redis_restart_with_a_full_flush(
+    make_directory: MakeDirectory, redis_server: RedisServer
+) -> None:
+    a = await make_directory("relay-a")
+    b = await make_directory("relay-b")
+    seen_b: list[tuple[str | None, str | None]] = []
+    b.on_revocation(lambda sub, host: seen_b.append((sub, host)))
+    await wait_until(lambda: b.describe()["revocations_subscribed"], 2.0, "relay-b subscribed")
+
+    await redis_server.kill()
+    await wait_until(lambda: not b.describe()["revocations_subscribed"], 3.0, "relay-b notices")
+    await redis_server.start()
+    await wait_until(lambda: b.describe()["revocations_subscribed"], 3.0, "relay-b resubscribes")
+
+    # Anything sent during the gap is lost, so relay-b drops every cached decision.
+    assert seen_b == [(None, None)]
+    await wait_until(lambda: a.healthy, 3.0, "relay-a recovers")
+    await a.publish_revocation("user-2", None)
+    await wait_until(lambda: len(seen_b) == 2, 2.0, "relay-b receives revocations again")
+    assert seen_b[1] == ("user-2", None)
+
+
+async def test_publish_while_redis_is_down_revokes_locally_then_raises(
+    make_directory: MakeDirectory, redis_server: RedisServer
+) -> None:
+    a = await make_directory("relay-a")
+    seen: list[tuple[str | None, str | None]] = []
+    a.on_revocation(lambda sub, host: seen.append((sub, host)))
+    await redis_server.kill()
+
+    with pytest.raises(DirectoryUnavailable):
+        await a.publish_revocation("user-1", None)
+    assert seen == [("user-1", None)]
+
+
+# ---------------------------------------------------------------- status
+
+
+async def test_describe_never_shows_the_redis_url(redis_server: RedisServer) -> None:
+    config = DirectoryConfig(
+        backend="redis", redis_url="redis://:hunter2-secret@127.0.0.1:1/0",
+        instance_id="relay-a", advertise_url=url_of("relay-a"), peer_secret="s" * 16,
+    )
+    directory = RedisDirectory(config)
+
+    status = directory.describe()
+
+    assert "hunter2" not in json.dumps(status)
+    assert status["instance_id"] == "relay-a" and status["healthy"] is False
