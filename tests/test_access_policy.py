@@ -523,3 +523,25 @@ async def test_denials_are_logged_without_tokens(
     assert [e["reason"] for e in denied] == ["not_registered", "not_in_org"]
     assert TOKEN not in repr(logs)
     assert "a@x.test" not in repr(logs)
+
+
+async def test_redirect_from_upstream_is_not_followed_with_the_token(
+    aiohttp_server: ServerFactory, session: aiohttp.ClientSession
+) -> None:
+    leaked: list[str | None] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect("/elsewhere")
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        leaked.append(request.headers.get("Authorization"))
+        return web.json_response({"allowed": True})
+
+    app = web.Application()
+    app.router.add_post("/checkAccess", redirect)
+    app.router.add_post("/elsewhere", elsewhere)
+    server = await aiohttp_server(app)
+    policy = make_policy(session, server, Clock())
+    with pytest.raises(AccessUnavailable):
+        await policy.check(ALICE, HOST, TOKEN)
+    assert leaked == []

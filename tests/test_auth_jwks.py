@@ -416,3 +416,25 @@ async def test_build_verifier_in_jwks_mode(
     await verifier.close()
     with pytest.raises(ValueError):
         build_verifier(config, None)
+
+
+async def test_reload_fetches_now_and_reports_failure(
+    session: aiohttp.ClientSession,
+    jwks: tuple[Jwks, str],
+    rsa_a: rsa.RSAPrivateKey,
+    rsa_b: rsa.RSAPrivateKey,
+) -> None:
+    state, url = jwks
+    state.keys = [jwk(rsa_a, "a")]
+    keys = source(session, url, Clock())
+    verifier = TokenVerifier(keys)
+    await verifier.start()
+    state.keys = [jwk(rsa_b, "b")]
+    await verifier.reload_keys()  # no rate limit for an operator's reload
+    assert keys.kids == frozenset({"b"})
+    state.status = 500
+    with pytest.raises(RuntimeError):
+        await verifier.reload_keys()
+    assert keys.kids == frozenset({"b"})
+    assert (await verifier.verify(token(rsa_b, "b"))).sub == "alice"
+    await verifier.close()

@@ -539,3 +539,16 @@ def test_identity_is_frozen() -> None:
     identity = Identity(sub="s", orgs=frozenset({"o"}), email=None, expires_at=1.0)
     with pytest.raises(AttributeError):
         identity.sub = "x"  # type: ignore[misc]
+
+
+async def test_hostile_kid_is_logged_bounded_and_printable(rsa_key: rsa.RSAPrivateKey) -> None:
+    verifier = TokenVerifier(
+        StaticKeySource.from_key(rsa_key.public_key()), algorithms=["RS256", "ES256"]
+    )
+    hostile = "\x1b[31m\nfake: line" + "k" * 500
+    with capture_logs() as logs, pytest.raises(Unauthorized):
+        await verifier.verify(sign(ec.generate_private_key(ec.SECP256R1()), "ES256", kid=hostile))
+    (event,) = logs
+    assert event["reason"] == "unknown_kid"
+    assert len(event["kid"]) == 64
+    assert all(" " <= c <= "~" for c in event["kid"])

@@ -383,6 +383,43 @@ async def test_redis_restart_recovers_and_reregisters_held_tunnels(
     assert await a.register("org:new")
 
 
+async def test_relay_cut_off_from_redis_does_not_steal_back_a_host_that_moved(
+    redis_server: RedisServer, raw: aioredis.Redis, make_directory: MakeDirectory
+) -> None:
+    # relay-a logs in as its own ACL user, so it alone can be cut off: a network partition.
+    await raw.acl_setuser(
+        "relay-a", enabled=True, passwords=["+pw-a"], keys=["*"], channels=["*"],
+        commands=["+@all"],
+    )
+    config = DirectoryConfig(
+        backend="redis", redis_url=f"redis://relay-a:pw-a@127.0.0.1:{redis_server.port}/0",
+        instance_id="relay-a", advertise_url=url_of("relay-a"), peer_secret="s" * 16,
+        heartbeat_s=HEARTBEAT_S, entry_ttl_s=TTL_S,
+    )
+    a = RedisDirectory(config, key_prefix=PREFIX, op_timeout_s=0.5)
+    await a.start()
+    b = await make_directory("relay-b")
+    lost: list[tuple[str, str]] = []
+    a.on_lost(lambda host, epoch: lost.append((host, epoch)))
+    try:
+        old = await a.register("org:m1")
+        await raw.acl_setuser("relay-a", enabled=False)
+        await raw.client_kill_filter(user="relay-a")
+        await wait_until(lambda: not a.healthy, 3 * HEARTBEAT_S, "relay-a is cut off")
+        await raw.delete(f"{PREFIX}host:org:m1")  # its entry expired meanwhile ...
+        new = await b.register("org:m1")  # ... and the agent reconnected to relay-b
+
+        await raw.acl_setuser("relay-a", enabled=True)
+        await wait_until(lambda: a.healthy, 3.0, "relay-a reconnects")
+
+        owner = await a.lookup("org:m1")
+        assert owner is not None and (owner.instance_id, owner.epoch) == ("relay-b", new)
+        assert lost == [("org:m1", old)]
+        assert "org:m1" not in a.registrations()
+    finally:
+        await a.close(release=False)
+
+
 async def test_relay_started_while_redis_is_down_becomes_ready_when_it_appears(
     make_directory: MakeDirectory, redis_server: RedisServer
 ) -> None:

@@ -105,7 +105,11 @@ class KeySource(Protocol):
         ...
 
     async def reload(self) -> None:
-        """Re-read key material now (operator action, SIGHUP). Old keys stay on failure."""
+        """Re-read key material now (operator action, SIGHUP).
+
+        Raises (``OSError``, ``ValueError``, ``RuntimeError``, ``ConfigError``) when that fails;
+        the old keys then stay in use.
+        """
         ...
 
     async def start(self) -> None: ...
@@ -241,8 +245,10 @@ class JwksKeySource:
             await asyncio.wait({task}, timeout=self._timeout_s)
 
     async def reload(self) -> None:
-        """Fetch now, ignoring the rate limit (an operator asked)."""
-        await self._refresh_shared()
+        """Fetch now, ignoring the rate limit (an operator asked). Raises if the fetch failed
+        (the keys we had stay in use), so the operator's reload can report it."""
+        if not await self._refresh_shared():
+            raise RuntimeError("JWKS refresh failed; keeping the current keys")
 
     async def key_for(self, kid: str | None, alg: str) -> PublicKey:
         now = self._clock()
@@ -308,7 +314,7 @@ class JwksKeySource:
 
     async def _fetch(self) -> bool:
         """One JWKS fetch. Never raises (except on cancellation); returns success."""
-        started = self._clock()
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
                 async with self._session.get(
@@ -322,6 +328,9 @@ class JwksKeySource:
             keys = _parse_jwks(body)
         except (TimeoutError, aiohttp.ClientError, OSError, _FetchError) as exc:
             return self._fetch_failed(exc, started)
+        except Exception as exc:  # a surprise from a parser must not cost us the keys we have
+            log.exception("auth.jwks_refresh_crashed")
+            return self._fetch_failed(exc, started)
         changed = [k.raw for k in self._keys] != [k.raw for k in keys]
         self._keys = keys
         self._loaded_at = self._clock()
@@ -330,7 +339,9 @@ class JwksKeySource:
         if self._metrics is not None:
             self._metrics.jwks_refreshes_total.labels(result="ok").inc()
         log.info(
-            "auth.jwks_refreshed", keys=len(keys), duration_s=round(self._clock() - started, 3)
+            "auth.jwks_refreshed",
+            keys=len(keys),
+            duration_s=round(time.perf_counter() - started, 3),
         )
         return True
 
@@ -339,10 +350,10 @@ class JwksKeySource:
             self._metrics.jwks_refreshes_total.labels(result="error").inc()
         log.warning(
             "auth.jwks_refresh_failed",
-            error=type(exc).__name__,
+            error="bad_response" if isinstance(exc, _FetchError) else type(exc).__name__,
             detail=str(exc)[:200] if isinstance(exc, _FetchError) else None,
             kept_keys=len(self._keys),
-            duration_s=round(self._clock() - started, 3),
+            duration_s=round(time.perf_counter() - started, 3),
         )
         return False
 

@@ -194,7 +194,8 @@ class TokenVerifier:
         would send them all off to refresh tokens that are fine.
         """
         if not token:
-            self._reject("missing", MSG_MISSING)
+            # Routine (a first request before login, a probe): not worth an info line.
+            self._reject("missing", MSG_MISSING, level="debug")
         if len(token) > MAX_TOKEN_LENGTH:
             self._reject("too_large", MSG_INVALID)
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
@@ -319,11 +320,12 @@ class TokenVerifier:
 
 
 def _short(value: object, limit: int = 64) -> str | None:
-    """A header value safe to log: header fields are attacker-chosen, so bound them."""
+    """A header value safe to log: header fields are attacker-chosen, so bound them and keep
+    only printable ASCII (no terminal escapes or fake log lines in console-format logs)."""
     if value is None:
         return None
     text = value if isinstance(value, str) else type(value).__name__
-    return text[:limit]
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
 
 
 def _number(value: object) -> float | None:

@@ -229,6 +229,7 @@ class RedisDirectory(Directory):
         self._session = uuid.uuid4().hex
 
         self._client: Redis | None = None
+        self._pubsub_client: Redis | None = None
         self._scripts: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._held: dict[str, str] = {}  # host_id -> epoch of every live registration we made
@@ -254,26 +255,10 @@ class RedisDirectory(Directory):
         if self._started:
             return
         self._started = True
-        pool = BlockingConnectionPool.from_url(
-            self._config.redis_url,
-            max_connections=self._max_connections,
-            timeout=self._op_timeout,  # waiting for a free pooled connection is bounded too
-            socket_connect_timeout=self._op_timeout,
-            # No socket_timeout: with one, redis-py wraps every write in asyncio.wait_for, which
-            # on Python 3.11 swallows a cancellation landing in the same tick (CPython
-            # gh-86296), and close() could not stop its tasks. Every call is bounded by
-            # _call()'s asyncio.timeout instead; pub/sub reads pass their own timeout.
-            socket_timeout=None,
-            # One immediate retry replaces a pooled connection that died with a restarted
-            # Redis; retries beyond that are ours (bounded, with backoff) in register().
-            retry=Retry(NoBackoff(), 1),
-            decode_responses=True,
-            # RESP2: every Redis (and compatible server) speaks it, and script and pub/sub
-            # replies keep one shape.
-            protocol=2,
-            client_name=re.sub(r"[^A-Za-z0-9._:-]", "_", f"relay:{self.instance_id}"),
-        )
-        self._client = Redis.from_pool(pool)
+        self._client = Redis.from_pool(self._make_pool(self._max_connections, retries=1))
+        # The subscriber gets its own connection with no retries: redis-py would otherwise
+        # reconnect and resubscribe silently, hiding a gap in which revocations were lost.
+        self._pubsub_client = Redis.from_pool(self._make_pool(2, retries=0))
         self._scripts = {
             name: self._client.register_script(source)
             for name, source in (
@@ -303,6 +288,27 @@ class RedisDirectory(Directory):
             )
         ]
 
+    def _make_pool(self, max_connections: int, retries: int) -> BlockingConnectionPool:
+        return BlockingConnectionPool.from_url(
+            self._config.redis_url,
+            max_connections=max_connections,
+            timeout=self._op_timeout,  # waiting for a free pooled connection is bounded too
+            socket_connect_timeout=self._op_timeout,
+            # No socket_timeout: with one, redis-py wraps every write in asyncio.wait_for, which
+            # on Python 3.11 swallows a cancellation landing in the same tick (CPython
+            # gh-86296), and close() could not stop its tasks. Every call is bounded by
+            # _call()'s asyncio.timeout instead; pub/sub reads pass their own timeout.
+            socket_timeout=None,
+            # retries=1 replaces, at once, a pooled connection that died with a restarted Redis;
+            # retries beyond that are ours (bounded, with backoff) in register().
+            retry=Retry(NoBackoff(), retries),
+            decode_responses=True,
+            # RESP2: every Redis (and compatible server) speaks it, and script and pub/sub
+            # replies keep one shape.
+            protocol=2,
+            client_name=re.sub(r"[^A-Za-z0-9._:-]", "_", f"relay:{self.instance_id}"),
+        )
+
     async def close(self, *, release: bool = True) -> None:
         """Stop background work and disconnect.
 
@@ -328,11 +334,12 @@ class RedisDirectory(Directory):
             except DirectoryUnavailable as exc:
                 log.warning("directory.release_failed", error=_describe_error(exc))
         self._held.clear()
-        if self._client is not None:
-            with contextlib.suppress(RedisError, OSError):
-                async with asyncio.timeout(self._close_timeout):
-                    await self._client.aclose()
-            self._client = None
+        for client in (self._client, self._pubsub_client):
+            if client is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    async with asyncio.timeout(self._close_timeout):
+                        await client.aclose()
+        self._client = self._pubsub_client = None
         log.info("directory.closed", instance=self.instance_id)
 
     # ------------------------------------------------------------------ registrations
@@ -688,14 +695,14 @@ class RedisDirectory(Directory):
 
     async def _subscribe_and_listen(self, after_gap: bool) -> None:
         """Subscribe and hand revocations to the callbacks until the connection fails."""
-        assert self._client is not None
-        pubsub: PubSub = self._client.pubsub()
+        assert self._pubsub_client is not None
+        pubsub: PubSub = self._pubsub_client.pubsub()
         try:
             async with asyncio.timeout(self._op_timeout):
                 await pubsub.subscribe(self._channel)
             self._subscribed = True
             log.info("directory.revocations_subscribed", channel=self._channel)
-            if False:
+            if after_gap:
                 # Revocations sent while we were not listening are gone for good: drop every
                 # cached access decision rather than serve one that may have been revoked.
                 self._deliver_revocation(None, None)

@@ -142,9 +142,10 @@ def negotiate_version(offered: str | None) -> int | None:
     if not offered:
         return PROTOCOL_VERSION
     versions = set()
-    for part in offered.split(","):
+    for part in offered.split(",")[:16]:
         part = part.strip()
-        if part.isdigit():
+        # ASCII digits only: str.isdigit() also accepts "²" (which int() refuses) and "١".
+        if part.isascii() and part.isdigit() and len(part) <= 9:
             versions.add(int(part))
     common = versions & SUPPORTED_VERSIONS
     return max(common) if common else None

@@ -6,13 +6,16 @@ Pure functions over ``(name, value)`` lists so they are testable without a serve
 from __future__ import annotations
 
 from collections.abc import Iterable
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the ones proxies conventionally drop.
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "proxy-connection",
 })
+# Proxy-Authorization, Proxy-Authenticate, Proxy-Connection and any other Proxy-* field belong to
+# the hop they were sent on.
+HOP_BY_HOP_PREFIX = "proxy-"
 # The relay authenticates the client itself; its credentials must never reach the host.
 CLIENT_CREDENTIALS = frozenset({"authorization"})
 # Set by the WebSocket handshake on each hop; forwarding them would corrupt the next handshake.
@@ -35,10 +38,13 @@ def _connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
 
 
 def strip_hop_by_hop(headers: Iterable[tuple[str, str]], *, extra: frozenset[str] = frozenset()) -> Headers:
-    """Drop hop-by-hop fields, anything listed in Connection, and ``extra`` names."""
+    """Drop hop-by-hop fields (and Proxy-*), anything listed in Connection, and ``extra`` names."""
     items = list(headers)
     drop = HOP_BY_HOP | _connection_tokens(items) | extra
-    return [(n, v) for n, v in items if n.lower() not in drop]
+    return [
+        (n, v) for n, v in items
+        if n.lower() not in drop and not n.lower().startswith(HOP_BY_HOP_PREFIX)
+    ]
 
 
 def request_headers_for_host(
@@ -71,10 +77,15 @@ def response_headers_for_client(headers: Iterable[tuple[str, str]]) -> Headers:
 
 
 def strip_token_param(query: str) -> str:
-    """Remove the ``token`` query parameter, keeping every other byte of the query as sent."""
-    if not query or "token" not in query:
+    """Remove the ``token`` query parameter, keeping every other byte of the query as sent.
+
+    Names are compared decoded: ``%74oken=`` is the same parameter to the relay's own query
+    parser (which accepts it as a credential) and to the host's.
+    """
+    if not query or ("token" not in query and "%" not in query):
         return query
-    kept = [part for part in query.split("&") if part.split("=", 1)[0] != "token"]
+    kept = [part for part in query.split("&")
+            if unquote_plus(part.split("=", 1)[0]) != "token"]
     return "&".join(kept)
 
 

@@ -16,7 +16,7 @@ import aiohttp
 import structlog
 from aiohttp import WSMsgType, web
 
-from relay.errors import CloseCode, HostOffline, TunnelClosed, sendable_close_code
+from relay.errors import CloseCode, HostOffline, sendable_close_code
 from relay.protocol.headers import (
     CLIENT_CREDENTIALS,
     RELAY_INTERNAL_PREFIX,
@@ -88,7 +88,9 @@ async def forward_http(state: RelayState, signer: PeerSigner, request: web.Reque
             return response
     except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, TimeoutError) as exc:
         log.warning("forward.failed", host_id=host_id, owner=owner_url, error=type(exc).__name__)
-        raise TunnelClosed("the relay holding this host's tunnel did not answer; retry") from None
+        # The owner is gone (crashed, partitioned): until its directory entry expires or the
+        # agent re-registers elsewhere, the host is offline from here.
+        raise HostOffline("the relay holding this host's tunnel is unreachable; retry") from None
     finally:
         log.info("forward.http", host_id=host_id, owner=owner_url, method=request.method,
                  status=status, duration_ms=round((time.monotonic() - started) * 1000, 2))

@@ -1,0 +1,332 @@
+"""Three relay processes on one real Redis behave, from the outside, like one relay."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from relay.auth.devissuer import mint_token
+from relay.config import load_config
+from relay.devhost import pattern_bytes
+from relay.server.peers import PeerSigner
+from tests.harness import (
+    RunningAgent,
+    RunningHost,
+    spawn_relay_process,
+    start_agent,
+    start_host,
+    write_config,
+)
+from tests.redis_server import RedisServer, free_port
+from tests.tcp_balancer import FailoverBalancer
+
+PEER_SECRET = "a-shared-peer-secret-for-tests"
+HOST = "acme:laptop"
+ENTRY_TTL_S = 2.0
+
+
+@dataclass
+class RelayProc:
+    name: str
+    port: int
+    config_path: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = spawn_relay_process(self.config_path, log_file=self.log)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+@dataclass
+class Fleet:
+    redis: RedisServer
+    relays: list[RelayProc]
+    host: RunningHost
+    token: str
+    client: aiohttp.ClientSession
+
+    def relay(self, name: str) -> RelayProc:
+        return next(r for r in self.relays if r.name == name)
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    async def get(self, relay: RelayProc, path: str) -> tuple[int, bytes]:
+        async with self.client.get(f"{relay.url}/hosts/{HOST}{path}", headers=self.auth(),
+                                   timeout=aiohttp.ClientTimeout(total=20)) as resp:
+            return resp.status, await resp.read()
+
+
+async def _ready(relay: RelayProc, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as client:
+        while time.monotonic() < deadline:
+            try:
+                async with client.get(f"{relay.url}/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{relay.name} not ready:\n{relay.log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    async with RedisServer() as redis:
+        shared_state = tmp_path / "shared-state"
+        relays = []
+        for name in ("a", "b", "c"):
+            folder = tmp_path / name
+            folder.mkdir()
+            port = free_port()
+            path = write_config(folder, {
+                "server": {"port": port, "drain_grace_s": 2},
+                "auth": {"dev_state_dir": str(shared_state)},
+                "tunnel": {"ping_interval_s": 0.5, "request_timeout_s": 10},
+                "directory": {
+                    "backend": "redis", "redis_url": redis.url, "instance_id": f"relay-{name}",
+                    "advertise_url": f"http://127.0.0.1:{port}", "peer_secret": PEER_SECRET,
+                    "heartbeat_s": 0.4, "entry_ttl_s": ENTRY_TTL_S,
+                },
+                "log": {"level": "info"},
+            })
+            relays.append(RelayProc(name, port, path, folder / "relay.log"))
+        token = mint_token(load_config(relays[0].config_path, env={}), "alice", ["acme"],
+                           ttl_s=600)
+        for relay in relays:
+            relay.start()
+        host = await start_host()
+        client = aiohttp.ClientSession(auto_decompress=False)
+        try:
+            for relay in relays:
+                await _ready(relay)
+            yield Fleet(redis, relays, host, token, client)
+        finally:
+            await client.close()
+            for relay in relays:
+                relay.stop()
+            await host.stop()
+
+
+async def _agent_on(fleet: Fleet, relay_port: int) -> RunningAgent:
+    return await start_agent(f"ws://127.0.0.1:{relay_port}", HOST, fleet.host.url,
+                             token=fleet.token)
+
+
+async def _wait_routable(fleet: Fleet, relays: list[RelayProc], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    for relay in relays:
+        while True:
+            status, _ = await fleet.get(relay, "/")
+            if status == 200:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{relay.name} cannot reach {HOST}: {status}")
+            await asyncio.sleep(0.1)
+
+
+async def test_http_through_a_non_owner_relay_is_byte_exact(fleet: Fleet) -> None:
+    agent = await _agent_on(fleet, fleet.relay("a").port)
+    try:
+        await _wait_routable(fleet, fleet.relays)
+        for name in ("b", "c"):
+            status, body = await fleet.get(fleet.relay(name), "/bytes/5000000")
+            assert status == 200
+            assert hashlib.sha256(body).digest() == hashlib.sha256(pattern_bytes(5_000_000)).digest()
+        upload = os.urandom(3_000_000)
+        async with fleet.client.post(f"{fleet.relay('b').url}/hosts/{HOST}/digest",
+                                     headers=fleet.auth(), data=upload) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["sha256"] == hashlib.sha256(upload).hexdigest()
+        # Errors keep their status and code end to end.
+        async with fleet.client.get(f"{fleet.relay('c').url}/hosts/{HOST}/status/418",
+                                    headers=fleet.auth()) as resp:
+            assert resp.status == 418
+        async with fleet.client.get(f"{fleet.relay('c').url}/hosts/other:box/",
+                                    headers=fleet.auth()) as resp:
+            assert resp.status == 403
+            assert (await resp.json())["error"]["code"] == "not_in_org"
+    finally:
+        await agent.stop()
+
+
+async def test_websocket_through_a_non_owner_relay_keeps_frames_and_close_codes(
+    fleet: Fleet,
+) -> None:
+    agent = await _agent_on(fleet, fleet.relay("a").port)
+    try:
+        await _wait_routable(fleet, fleet.relays)
+        url = f"{fleet.relay('b').url}/hosts/{HOST}/ws?token={fleet.token}"
+        async with fleet.client.ws_connect(url, protocols=("chat",)) as ws:
+            assert ws.protocol == "chat"
+            await ws.send_str("hello")
+            assert (await ws.receive(timeout=5)).data == "hello"
+            blob = os.urandom(200_000)
+            await ws.send_bytes(blob)
+            assert (await ws.receive(timeout=5)).data == blob
+            await ws.send_str("close:4321")
+            msg = await ws.receive(timeout=5)
+            assert msg.type is aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == 4321
+        # A refusal at the entry relay is a close code, as on a single relay.
+        async with fleet.client.ws_connect(
+            f"{fleet.relay('c').url}/hosts/acme:nobody/ws?token={fleet.token}"
+        ) as ws:
+            await ws.receive(timeout=5)
+            assert ws.close_code == 4404
+    finally:
+        await agent.stop()
+
+
+async def test_killed_owner_is_reported_offline_within_expiry_and_agent_moves(
+    fleet: Fleet,
+) -> None:
+    a, b, c = fleet.relays
+    balancer = FailoverBalancer([a.port])
+    await balancer.start()
+    agent = await _agent_on(fleet, balancer.port)
+    try:
+        await _wait_routable(fleet, fleet.relays)
+        a.kill()
+        killed_at = time.monotonic()
+        # Until the directory entry expires, B may still name A; afterwards it must say offline.
+        while True:
+            status, body = await fleet.get(b, "/")
+            if status == 503 and b"host_offline" in body:
+                break
+            assert time.monotonic() - killed_at < ENTRY_TTL_S + 3, (status, body)
+            await asyncio.sleep(0.1)
+        # The load balancer now sends the agent to B; traffic resumes through B and C.
+        balancer.backends = [b.port]
+        await _wait_routable(fleet, [b, c], timeout=15)
+        # A comes back empty; requests entering it reach the host on B.
+        a.start()
+        await _ready(a)
+        await _wait_routable(fleet, [a, b, c])
+    finally:
+        await agent.stop()
+        await balancer.stop()
+
+
+async def test_redis_restart_heals_without_touching_local_traffic(fleet: Fleet) -> None:
+    a, b, _ = fleet.relays
+    agent = await _agent_on(fleet, a.port)
+    try:
+        await _wait_routable(fleet, fleet.relays)
+        await fleet.redis.kill()
+        async with aiohttp.ClientSession() as probe:
+            async def not_ready() -> bool:
+                async with probe.get(f"{b.url}/readyz") as resp:
+                    return resp.status == 503
+            deadline = time.monotonic() + 10
+            while not await not_ready():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        # The owner keeps serving its own tunnel while Redis is down.
+        status, _ = await fleet.get(a, "/")
+        assert status == 200
+        # New registrations are refused with a code that makes agents retry.
+        async with fleet.client.ws_connect(
+            f"ws://127.0.0.1:{b.port}/tunnel?hostId=acme:other&v=1&token={fleet.token}"
+        ) as ws:
+            await ws.receive(timeout=10)
+            assert ws.close_code == 1013
+        await fleet.redis.start()
+        for relay in fleet.relays:
+            await _ready(relay, timeout=20)
+        # The owner re-registered its tunnel: non-owners route to it again.
+        await _wait_routable(fleet, fleet.relays, timeout=20)
+    finally:
+        await agent.stop()
+
+
+def _signed(secret: str, relay: RelayProc, path: str, *, instance: str = "relay-x") -> dict[str, str]:
+    signer = PeerSigner(secret, instance)
+    return signer.sign("GET", f"/hosts/{HOST}{path}", HOST, "alice", "198.51.100.7")
+
+
+async def test_forged_and_replayed_peer_requests_are_refused(fleet: Fleet) -> None:
+    a, b, _ = fleet.relays
+    agent = await _agent_on(fleet, a.port)
+    try:
+        await _wait_routable(fleet, fleet.relays)
+        url = f"{a.url}/hosts/{HOST}/"
+        # A signature made with another secret: refused, and no token needed to learn that.
+        async with fleet.client.get(url, headers=_signed("not-the-secret-at-all", a, "/")) as r:
+            assert r.status == 401
+        # Headers copied from a real forward and altered (another path) do not verify.
+        headers = _signed(PEER_SECRET, a, "/")
+        async with fleet.client.get(f"{a.url}/hosts/{HOST}/inspect", headers=headers) as r:
+            assert r.status == 401
+        # A valid signature is accepted once, never twice.
+        headers = _signed(PEER_SECRET, a, "/")
+        async with fleet.client.get(url, headers=headers) as r:
+            assert r.status == 200
+        async with fleet.client.get(url, headers=headers) as r:
+            assert r.status == 401
+            assert "replayed" in (await r.json())["error"]["message"]
+        # A stale timestamp is refused even with a correct signature.
+        old = PeerSigner(PEER_SECRET, "relay-x", clock=lambda: time.time() - 300)
+        stale = old.sign("GET", f"/hosts/{HOST}/", HOST, "alice", "198.51.100.7")
+        async with fleet.client.get(url, headers=stale) as r:
+            assert r.status == 401
+    finally:
+        await agent.stop()
+
+
+async def _forwarded_count(client: aiohttp.ClientSession, relay: RelayProc) -> float:
+    async with client.get(f"{relay.url}/metrics") as r:
+        metrics = await r.text()
+    lines = [line for line in metrics.splitlines()
+             if line.startswith('relay_forwarded_requests_total{kind="http"}')]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+async def test_loop_guard_never_forwards_a_forwarded_request(fleet: Fleet) -> None:
+    a, b, _ = fleet.relays
+    agent = await _agent_on(fleet, a.port)
+    try:
+        await _wait_routable(fleet, fleet.relays)
+        before = await _forwarded_count(fleet.client, b)
+        # A correctly signed forward that lands on B (not the owner) fails instead of hopping
+        # on, even though B's directory knows the owner.
+        headers = _signed(PEER_SECRET, b, "/")
+        async with fleet.client.get(f"{b.url}/hosts/{HOST}/", headers=headers) as r:
+            assert r.status == 503
+            assert (await r.json())["error"]["code"] == "host_offline"
+        assert await _forwarded_count(fleet.client, b) == before
+        # An ordinary client request entering B is forwarded (the counter does move).
+        status, _ = await fleet.get(b, "/")
+        assert status == 200
+        assert await _forwarded_count(fleet.client, b) == before + 1
+    finally:
+        await agent.stop()
