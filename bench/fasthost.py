@@ -22,6 +22,7 @@ import contextlib
 import signal
 import socket
 import sys
+from typing import cast
 
 from bench import wsframes
 
@@ -30,7 +31,10 @@ SMALL_RESPONSE = (
     b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 1024\r\n\r\n"
     + SMALL_BODY
 )
-NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\nnot found\n"
+NOT_FOUND = (
+    b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\n"
+    b"not found\n"
+)
 BAD_REQUEST = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n"
     b"Connection: close\r\n\r\nbad request\n"
@@ -59,8 +63,8 @@ class HostProtocol(asyncio.Protocol):
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         sock = transport.get_extra_info("socket")
         if sock is not None:

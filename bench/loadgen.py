@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -25,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from bench import wsframes
@@ -267,8 +268,8 @@ class WsClient(asyncio.Protocol):
         self.handshaken = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -381,8 +382,7 @@ async def _wsecho(args: argparse.Namespace) -> int:
     for _ in range(args.channels):
         host, port, request = handshake_request(args.url, args.token)
         _, client = await asyncio.wait_for(
-            loop.create_connection(lambda request=request: EchoClient(request, args.size),
-                                   host, port),
+            loop.create_connection(functools.partial(EchoClient, request, args.size), host, port),
             10,
         )
         await asyncio.wait_for(client.opened, 10)
@@ -446,7 +446,8 @@ async def _tunnels(args: argparse.Namespace) -> int:
         async with gate:
             try:
                 _, tunnel = await asyncio.wait_for(
-                    loop.create_connection(lambda: IdleTunnel(request), host, port), 30)
+                    loop.create_connection(functools.partial(IdleTunnel, request), host, port),
+                    30)
                 tunnels.append(tunnel)
                 await asyncio.wait_for(tunnel.opened, 30)
                 await asyncio.wait_for(asyncio.shield(tunnel.hello), 30)
@@ -482,7 +483,8 @@ def main() -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", required=True)
-    common.add_argument("--token", default="")
+    common.add_argument("--token", default=os.environ.get("RELAY_BENCH_TOKEN", ""),
+                        help="bearer token (default: $RELAY_BENCH_TOKEN)")
     common.add_argument("--deadline", type=float, default=120.0, help="longest wait for anything")
 
     p = sub.add_parser("download", parents=[common])

@@ -12,6 +12,7 @@ import ctypes
 import json
 import os
 import queue
+import resource
 import signal
 import socket
 import subprocess
@@ -101,12 +102,13 @@ class Procs:
         self.children.append((name, popen))
         return popen
 
-    def worker(self, name: str, argv: Sequence[str]) -> Worker:
+    def worker(self, name: str, argv: Sequence[str], *,
+               env: dict[str, str] | None = None) -> Worker:
         """A load-generator child speaking JSON lines (see bench/loadgen.py)."""
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop_all
         self._logs.append(log)
         popen = subprocess.Popen(
-            list(argv), cwd=self.cwd, env=self.env, stdin=subprocess.PIPE,
+            list(argv), cwd=self.cwd, env={**self.env, **(env or {})}, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=_die_with_parent,
         )
         self.children.append((name, popen))
@@ -181,13 +183,19 @@ def settle_rss(pid: int, seconds: float = 1.0, interval: float = 0.05) -> int:
 
 
 class RssSampler:
-    """Reads VmRSS of some processes every ``interval`` seconds in a thread; keeps the peaks."""
+    """Peak VmRSS of some processes while a block runs.
+
+    A thread reads VmRSS every ``interval`` seconds; VmHWM (the kernel's exact high-water mark)
+    is read on entry and exit too, so a spike shorter than the interval still counts when it
+    set a new high for the process.
+    """
 
     def __init__(self, pids: dict[str, int], interval: float = 0.05) -> None:
         self.pids = pids
         self.interval = interval
         self.peak: dict[str, int] = dict.fromkeys(pids, 0)
         self.samples = 0
+        self._hwm_before: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
@@ -199,12 +207,91 @@ class RssSampler:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> RssSampler:
+        self._hwm_before = {n: proc_status_kib(p, "VmHWM") for n, p in self.pids.items()}
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(2)
+        for name, pid in self.pids.items():
+            hwm = proc_status_kib(pid, "VmHWM")
+            if hwm > self._hwm_before.get(name, hwm):
+                self.peak[name] = max(self.peak[name], hwm)
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuMeter:
+    """CPU seconds used by some processes, and by this process's reaped children (the load
+    generators, which exit inside the block), while a block runs."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.used: dict[str, float] = {}
+        self.wall = 0.0
+        self._start: dict[str, float] = {}
+        self._children = 0.0
+        self._machine = 0.0
+        self._t0 = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._children = _children_cpu()
+        self._machine = _machine_busy_seconds()
+        self._t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.monotonic() - self._t0
+        self.used = {name: cpu_seconds(pid) - self._start[name] for name, pid in self.pids.items()}
+        self.used["loadgen"] = _children_cpu() - self._children
+        # Whatever else ran on the machine meanwhile (another test run skews the numbers).
+        machine = _machine_busy_seconds() - self._machine
+        self.used["other"] = max(0.0, machine - sum(self.used.values()))
+
+    def describe(self) -> str:
+        """``relay 95% agent 80% ...``: each process's average share of one core."""
+        return " ".join(f"{name} {100 * self.share(name):.0f}%" for name in self.used)
+
+    def share(self, name: str) -> float:
+        """Average share of one core used by ``name`` over the block."""
+        return self.used.get(name, 0.0) / self.wall if self.wall else 0.0
+
+
+def _machine_ticks() -> tuple[int, int]:
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    return sum(values[:8]), values[3] + values[4]  # total (no guest time), idle + iowait
+
+
+def _machine_busy_seconds() -> float:
+    total, idle = _machine_ticks()
+    return (total - idle) / _TICK
+
+
+def machine_busy(seconds: float = 0.5) -> float:
+    """Share of all cores busy over a short window (before the bench starts anything)."""
+    total0, idle0 = _machine_ticks()
+    time.sleep(seconds)
+    total1, idle1 = _machine_ticks()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
 
 
 # -- waiting and plain HTTP -----------------------------------------------------------------
@@ -215,7 +302,7 @@ def http_get(url: str, headers: dict[str, str] | None = None,
     """Status and body of a GET; status 0 when nothing answered."""
     request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return int(response.status), response.read()
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read()

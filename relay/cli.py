@@ -34,7 +34,10 @@ def _config_path(args: argparse.Namespace) -> str | None:
 
 def _load(args: argparse.Namespace) -> tuple[Config, str | None]:
     path = _config_path(args)
-    return load_config(path), path
+    try:
+        return load_config(path), path
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "-", "not UTF-8 text") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -63,7 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     config, _ = _load(args)
     if config.auth.mode != "dev":
-        raise ConfigError(config.source, "auth.mode", "relay token needs the dev issuer (mode = \"dev\")")
+        raise ConfigError(config.source, "auth.mode",
+                          'relay token needs the dev issuer (mode = "dev")')
     from relay.auth.devissuer import mint_token
 
     print(mint_token(config, args.sub, list(args.org), ttl_s=args.ttl, email=args.email))
@@ -117,15 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--token")
     group.add_argument("--token-file", help="re-read on every connect")
     group.add_argument("--token-command", help="run on every connect; its stdout is the token")
-    agent.add_argument("--backoff-cap", type=float, default=30.0, help="longest reconnect delay (s)")
+    agent.add_argument("--backoff-cap", type=float, default=30.0,
+                       help="longest reconnect delay (s)")
     agent.add_argument("--log-level", default=os.environ.get("RELAY_LOG_LEVEL", "info"))
     agent.add_argument("--log-format", default=os.environ.get("RELAY_LOG_FORMAT", "json"),
                        choices=["json", "console"])
     agent.set_defaults(func=cmd_agent)
 
     status = sub.add_parser("status", help="list a relay's tunnels (admin API)")
-    status.add_argument("--url", default=os.environ.get("RELAY_URL", "http://127.0.0.1:8080"))
-    status.add_argument("--secret", default=None, help="admin secret (default: $RELAY_ADMIN_SECRET)")
+    status.add_argument("--url", default=os.environ.get("RELAY_ADMIN_URL", "http://127.0.0.1:8080"),
+                        help="the relay's own address (default: $RELAY_ADMIN_URL or "
+                             "http://127.0.0.1:8080)")
+    status.add_argument("--secret", default=None,
+                        help="admin secret (default: $RELAY_ADMIN_SECRET)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(func=cmd_status)
     return parser
@@ -133,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Until a command configures logging its own way, log lines go to stderr: stdout carries
+    # only a command's output (`TOKEN=$(relay token ...)` must capture the token alone, even
+    # on the first run, which logs the creation of the dev key).
+    setup_logging("info", "console")
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -206,6 +206,8 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
             raise ConfigError(source, "-", "file not found") from None
         except OSError as exc:
             raise ConfigError(source, "-", f"cannot read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(source, "-", "not valid UTF-8") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(source, "-", f"not valid TOML: {exc}") from None
         base_dir = file.resolve().parent

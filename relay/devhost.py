@@ -8,12 +8,48 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import hashlib
 import json
+from dataclasses import dataclass
 
 from aiohttp import WSMsgType, web
 
 CHUNK = 64 * 1024
+
+
+@dataclass
+class Streams:
+    """What the streaming endpoints are doing, so tests can see a stream stop on the host."""
+
+    active: int = 0  # response bodies being written right now
+    finished: int = 0  # ... that reached their end
+    aborted: int = 0  # ... that stopped early (the agent dropped the connection)
+
+
+STREAMS: web.AppKey[Streams] = web.AppKey("devhost_streams", Streams)
+
+
+async def _stream_body(request: web.Request, response: web.StreamResponse, size: int,
+                       interval: float = 0.0) -> None:
+    """Write ``size`` pattern bytes (pausing ``interval`` between chunks), counted in STREAMS."""
+    streams = request.app[STREAMS]
+    streams.active += 1
+    try:
+        sent = 0
+        while sent < size:
+            piece = pattern_bytes(min(CHUNK, size - sent), sent)
+            await response.write(piece)
+            sent += len(piece)
+            if interval:
+                await asyncio.sleep(interval)
+        await response.write_eof()
+        streams.finished += 1
+    except BaseException:
+        streams.aborted += 1
+        raise
+    finally:
+        streams.active -= 1
 
 
 def pattern_bytes(size: int, offset: int = 0) -> bytes:
@@ -43,6 +79,30 @@ async def digest(request: web.Request) -> web.Response:
     return web.json_response({"sha256": hasher.hexdigest(), "size": size})
 
 
+async def sink(request: web.Request) -> web.Response:
+    """``/sink?pause=S``: read a little of the upload, stop reading for S seconds, then digest.
+
+    Stands in for a host service that consumes uploads slower than the client sends them.
+    """
+    pause = float(request.query.get("pause", "1"))
+    hasher = hashlib.sha256()
+    first = await request.content.read(CHUNK)
+    hasher.update(first)
+    size = len(first)
+    await asyncio.sleep(pause)
+    async for data in request.content.iter_any():
+        hasher.update(data)
+        size += len(data)
+    return web.json_response({"sha256": hasher.hexdigest(), "size": size})
+
+
+async def gzipped(request: web.Request) -> web.Response:
+    """A body the host compressed itself: proxies must pass it on untouched."""
+    body = gzip.compress(pattern_bytes(int(request.query.get("size", "100000"))), mtime=0)
+    return web.Response(body=body, headers={"Content-Type": "application/octet-stream",
+                                            "Content-Encoding": "gzip"})
+
+
 async def download(request: web.Request) -> web.StreamResponse:
     size = int(request.match_info["size"])
     chunked = request.query.get("chunked") == "1"
@@ -50,12 +110,57 @@ async def download(request: web.Request) -> web.StreamResponse:
     if not chunked:
         response.content_length = size
     await response.prepare(request)
-    sent = 0
-    while sent < size:
-        piece = pattern_bytes(min(CHUNK, size - sent), sent)
-        await response.write(piece)
-        sent += len(piece)
-    await response.write_eof()
+    await _stream_body(request, response, size)
+    return response
+
+
+async def drip(request: web.Request) -> web.StreamResponse:
+    """``/drip/<size>?interval=S[&chunked=1]``: a slow download, a 64 KiB chunk per interval."""
+    size = int(request.match_info["size"])
+    interval = float(request.query.get("interval", "0.1"))
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    if request.query.get("chunked") != "1":
+        response.content_length = size
+    await response.prepare(request)
+    await _stream_body(request, response, size, interval)
+    return response
+
+
+async def broken(request: web.Request) -> web.StreamResponse:
+    """``/broken/<size>?after=N``: promise ``size`` bytes, send the head and ``after`` bytes, die.
+
+    Stands in for a host service that crashes mid-response (``after=0``: right after its head).
+    """
+    size = int(request.match_info["size"])
+    after = int(request.query.get("after", "0"))
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.content_length = size
+    await response.prepare(request)
+    if after:
+        await response.write(pattern_bytes(after))
+    else:
+        writer = response._payload_writer  # aiohttp defers the head to the first body write
+        if writer is not None:
+            writer.send_headers()
+    await asyncio.sleep(0.2)
+    if request.transport is not None:
+        request.transport.abort()
+    raise asyncio.CancelledError
+
+
+async def hop_headers(request: web.Request) -> web.Response:
+    """A response carrying hop-by-hop fields a proxy must not pass on."""
+    response = web.Response(text="hop\n")
+    response.headers["Connection"] = "keep-alive, X-Hop-Secret"
+    response.headers["X-Hop-Secret"] = "host-internal"
+    response.headers["Keep-Alive"] = "timeout=5"
+    response.headers["Proxy-Authenticate"] = 'Basic realm="host"'
+    response.headers["Proxy-Connection"] = "keep-alive"
+    response.headers["Trailer"] = "X-Checksum"
+    response.headers["Upgrade"] = "h2c"
+    response.headers["X-End-To-End"] = "kept"
+    response.headers.add("Set-Cookie", "a=1; Path=/")
+    response.headers.add("Set-Cookie", "b=2; Path=/")
     return response
 
 
@@ -83,6 +188,7 @@ async def inspect(request: web.Request) -> web.Response:
         "method": request.method,
         "path": request.raw_path.split("?")[0],
         "query": request.query_string,
+        "raw_query": request.rel_url.raw_query_string,
         "headers": [[k, v] for k, v in request.headers.items()],
         "body_size": len(body),
     })
@@ -124,11 +230,17 @@ async def hello(request: web.Request) -> web.Response:
 
 def build_app() -> web.Application:
     app = web.Application(client_max_size=1 << 30)
+    app[STREAMS] = Streams()
     app.router.add_get("/", hello)
     app.router.add_post("/echo", echo)
     app.router.add_put("/echo", echo)
     app.router.add_post("/digest", digest)
+    app.router.add_post("/sink", sink)
+    app.router.add_get("/gzip", gzipped)
     app.router.add_get("/bytes/{size:\\d+}", download)
+    app.router.add_get("/drip/{size:\\d+}", drip)
+    app.router.add_get("/hop", hop_headers)
+    app.router.add_get("/broken/{size:\\d+}", broken)
     app.router.add_get("/small", small)
     app.router.add_get("/sse", sse)
     app.router.add_route("*", "/inspect{tail:.*}", inspect)

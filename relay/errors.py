@@ -17,6 +17,7 @@ error code, and the WebSocket close code to use when the refusal happens on a so
     ├── Draining              503 4503  draining
     ├── Overloaded            503 1013  overloaded
     ├── HostTimeout           504 4410  host_timeout
+    ├── DirectoryUnavailable  503 1013  directory_unavailable  (relay.directory.base)
     └── ProtocolViolation               a peer broke the tunnel protocol (local or remote)
 """
 
@@ -75,6 +76,7 @@ class ErrorCode(StrEnum):
     DRAINING = "draining"
     OVERLOADED = "overloaded"
     HOST_TIMEOUT = "host_timeout"
+    DIRECTORY_UNAVAILABLE = "directory_unavailable"
     NOT_FOUND = "not_found"
     INTERNAL = "internal"
 

@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 from relay.auth.keys import MAX_JWKS_KEYS, JwksKeySource, KeysUnavailable, UnknownKey
 from relay.auth.tokens import TokenVerifier, build_verifier
 from relay.config import AuthConfig, Config
-from relay.errors import AccessUnavailable, Unauthorized
+from relay.errors import AccessUnavailable, ConfigError, Unauthorized
 from relay.metrics import Metrics
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
@@ -433,8 +433,9 @@ async def test_reload_fetches_now_and_reports_failure(
     await verifier.reload_keys()  # no rate limit for an operator's reload
     assert keys.kids == frozenset({"b"})
     state.status = 500
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ConfigError) as info:
         await verifier.reload_keys()
+    assert info.value.key == "auth.jwks_url"
     assert keys.kids == frozenset({"b"})
     assert (await verifier.verify(token(rsa_b, "b"))).sub == "alice"
     await verifier.close()

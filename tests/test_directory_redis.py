@@ -503,6 +503,21 @@ async def test_revocations_resume_after_redis_restart_with_a_full_flush(
     assert seen_b[1] == ("user-2", None)
 
 
+async def test_dropped_subscription_is_noticed_and_flushes_everything(
+    make_directory: MakeDirectory, raw: aioredis.Redis
+) -> None:
+    b = await make_directory("relay-b")
+    seen: list[tuple[str | None, str | None]] = []
+    b.on_revocation(lambda sub, host: seen.append((sub, host)))
+    await wait_until(lambda: b.describe()["revocations_subscribed"], 2.0, "subscribed")
+
+    # A brief connection drop, Redis itself stays up: a reconnect must not be silent.
+    assert await raw.client_kill_filter(_type="pubsub") >= 1
+
+    await wait_until(lambda: bool(seen), 2.0, "relay-b flushes after resubscribing")
+    assert seen == [(None, None)]
+
+
 async def test_publish_while_redis_is_down_revokes_locally_then_raises(
     make_directory: MakeDirectory, redis_server: RedisServer
 ) -> None:

@@ -260,6 +260,6 @@ def test_json_payload_survives_non_ascii_headers() -> None:
     assert json.loads(frame.payload) == body
 
 
-@pytest.mark.parametrize("offered", ["²", "١", "9" * 5000, "1" * 10, "٢,²"])
+@pytest.mark.parametrize("offered", ["\u00b2", "\u0661", "9" * 5000, "1" * 10, "\u0662,\u00b2"])
 def test_version_offer_with_odd_digits_is_refused_not_crashed(offered: str) -> None:
     assert frames.negotiate_version(offered) is None

@@ -92,7 +92,7 @@ def test_forwarded_headers_are_set_by_the_relay() -> None:
 def test_client_supplied_forwarded_headers_are_not_trusted() -> None:
     headers = [("X-Forwarded-For", "1.2.3.4"), ("x-forwarded-proto", "gopher"),
                ("X-Forwarded-Host", "evil.example"), ("X-Relay-Peer", "forged"),
-               ("x-relay-hop", "9")]
+               ("x-relay-hop", "9"), ("Forwarded", "for=1.2.3.4;host=evil.example")]
     out = for_host(headers)
     assert out == [("X-Forwarded-For", "10.0.0.9"), ("X-Forwarded-Proto", "https"),
                    ("X-Forwarded-Host", "relay.example")]

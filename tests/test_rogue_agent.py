@@ -29,13 +29,19 @@ class RawTunnel:
         self.ws = ws
         self.host_id = host_id
         self.hello: dict[str, Any] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
         cls, client: aiohttp.ClientSession, relay: RunningRelay, host_id: str,
         token: str | None = None, *, query: str | None = None, wait_hello: bool = True,
+        heartbeat_s: float | None = 0.25,
     ) -> RawTunnel:
-        """Open ``/tunnel`` for ``host_id``; with ``wait_hello``, read the relay's HELLO."""
+        """Open ``/tunnel`` for ``host_id``; with ``wait_hello``, read the relay's HELLO.
+
+        With ``heartbeat_s`` the tunnel sends a PING that often without reading anything, so
+        it stays alive while the test is busy elsewhere; ``None`` makes it silent.
+        """
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         url = f"{relay.ws_url}/tunnel?" + (query if query is not None else f"hostId={host_id}&v=1")
         ws = await client.ws_connect(url, headers=headers, autoping=True, heartbeat=None)
@@ -43,32 +49,51 @@ class RawTunnel:
         if wait_hello:
             hello = await tunnel.expect(FrameType.HELLO)
             tunnel.hello = frames.decode_json(hello)
+        if heartbeat_s is not None:
+            tunnel._heartbeat = asyncio.ensure_future(tunnel._beat(heartbeat_s))
+            tunnel._heartbeat.set_name(f"raw-tunnel-heartbeat:{host_id}")
         return tunnel
+
+    async def _beat(self, interval: float) -> None:
+        with contextlib.suppress(Exception):
+            while not self.ws.closed:
+                await self.send(frames.encode_ping(FrameType.PING, b"rawtunnl"))
+                await asyncio.sleep(interval)
+
+    async def stop_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(BaseException):
+                await self._heartbeat
+            self._heartbeat = None
 
     async def send(self, frame: bytes) -> None:
         await self.ws.send_bytes(frame)
 
-    async def recv(self, timeout: float = 5.0, *, answer_pings: bool = True) -> Frame:
-        """The next frame other than PING (answered with PONG unless told not to)."""
-        while True:
-            msg = await self.ws.receive(timeout=timeout)
-            if msg.type is not aiohttp.WSMsgType.BINARY:
-                raise AssertionError(f"expected a frame, got {msg.type.name} {msg.data!r}")
-            frame = frames.decode(msg.data, 1 << 24)
-            if frame.type is FrameType.PING:
-                if answer_pings:
-                    await self.send(frames.encode_ping(FrameType.PONG, frame.payload))
-                continue
-            return frame
+    async def recv(self, within: float = 5.0, *, answer_pings: bool = True) -> Frame:
+        """The next frame that is not liveness (PINGs are answered unless told not to)."""
+        async with asyncio.timeout(within):
+            while True:
+                msg = await self.ws.receive()
+                if msg.type is not aiohttp.WSMsgType.BINARY:
+                    raise AssertionError(f"expected a frame, got {msg.type.name} {msg.data!r}")
+                frame = frames.decode(msg.data, 1 << 24)
+                if frame.type is FrameType.PING:
+                    if answer_pings:
+                        await self.send(frames.encode_ping(FrameType.PONG, frame.payload))
+                    continue
+                if frame.type is FrameType.PONG:
+                    continue
+                return frame
 
-    async def expect(self, ftype: FrameType, timeout: float = 5.0) -> Frame:
-        frame = await self.recv(timeout)
+    async def expect(self, ftype: FrameType, within: float = 5.0) -> Frame:
+        frame = await self.recv(within)
         assert frame.type is ftype, f"expected {ftype.name}, got {frame.type.name}"
         return frame
 
-    async def expect_close(self, timeout: float = 5.0) -> tuple[int | None, str]:
+    async def expect_close(self, within: float = 5.0) -> tuple[int | None, str]:
         """Read until the relay closes the tunnel; its close code and reason."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
                 msg = await self.ws.receive()
                 if msg.type is aiohttp.WSMsgType.CLOSE:
@@ -88,12 +113,15 @@ class RawTunnel:
 
     def abort(self) -> None:
         """Vanish without a close handshake, like a host whose network died."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         conn = getattr(self.ws, "_conn", None)
         transport = getattr(conn, "transport", None)
         assert transport is not None
         transport.abort()
 
     async def close(self) -> None:
+        await self.stop_heartbeat()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ws.close(), 2)
 

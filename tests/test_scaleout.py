@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -167,6 +168,17 @@ async def test_http_through_a_non_owner_relay_is_byte_exact(fleet: Fleet) -> Non
                                      headers=fleet.auth(), data=upload) as resp:
             assert resp.status == 200
             assert (await resp.json())["sha256"] == hashlib.sha256(upload).hexdigest()
+        # The host sees the real client and the address it used, not the hop between relays.
+        connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        async with aiohttp.ClientSession(connector=connector) as from_elsewhere:
+            async with from_elsewhere.get(f"{fleet.relay('b').url}/hosts/{HOST}/inspect",
+                                          headers=fleet.auth()) as resp:
+                seen = {k.lower(): v for k, v in (await resp.json())["headers"]}
+        assert seen["x-forwarded-for"] == "127.0.0.2"
+        assert seen["x-forwarded-host"] == f"127.0.0.1:{fleet.relay('b').port}"
+        assert seen["x-forwarded-proto"] == "http"
+        assert not any(name.startswith("x-relay-") for name in seen)
+        assert "authorization" not in seen
         # Errors keep their status and code end to end.
         async with fleet.client.get(f"{fleet.relay('c').url}/hosts/{HOST}/status/418",
                                     headers=fleet.auth()) as resp:
@@ -330,3 +342,52 @@ async def test_loop_guard_never_forwards_a_forwarded_request(fleet: Fleet) -> No
         assert await _forwarded_count(fleet.client, b) == before + 1
     finally:
         await agent.stop()
+
+
+def _balanced_variant(port: int, redirect_port: int, relay_ports: list[int], log: Path) -> str:
+    """deploy/nginx/relay.conf with its three upstream relays pointed at the test fleet."""
+    from tests.test_nginx_config import ACCESS_LOG, CONF, substitute
+
+    text = CONF.read_text()
+    for index, relay_port in zip((1, 2, 3), relay_ports, strict=True):
+        text = substitute(text, rf"^(\s*)server 10\.0\.0\.1{index}:8080\b",
+                          rf"\1server 127.0.0.1:{relay_port}", 1)
+    text = substitute(text, r"^(\s*)listen 80;", rf"\1listen 127.0.0.1:{redirect_port};", 1)
+    text = substitute(text, r"^(\s*)listen 443 ssl http2;", rf"\1listen 127.0.0.1:{port};", 1)
+    text = substitute(text, r"^\s*listen \[::\]:(80|443 ssl http2);\n", "", 2)
+    text = substitute(text, r"^\s*ssl_\w+ [^;]*;\n", "", 7)
+    return substitute(text, re.escape(ACCESS_LOG), str(log), 2)
+
+
+async def test_nginx_example_balances_a_fleet_and_every_entry_reaches_the_host(
+    fleet: Fleet, tmp_path: Path,
+) -> None:
+    from tests.test_nginx_config import running_nginx, wait_listening, wrapper
+
+    port, redirect_port = free_port(), free_port()
+    work = tmp_path / "nginx"
+    work.mkdir()
+    site = work / "relay.conf"
+    site.write_text(_balanced_variant(port, redirect_port, [r.port for r in fleet.relays],
+                                      work / "access.log"))
+    conf = wrapper(work, site, extra="daemon off;\nmaster_process off;")
+    with running_nginx(work, conf, port) as proc:
+        await wait_listening(proc, port, work)
+        # The agent, like every client, only knows the balancer's address.
+        agent = await start_agent(f"ws://127.0.0.1:{port}", HOST, fleet.host.url,
+                                  token=fleet.token)
+        try:
+            base = f"http://127.0.0.1:{port}/hosts/{HOST}"
+            for _ in range(12):  # least_conn spreads these over the three relays
+                async with fleet.client.get(f"{base}/bytes/100000", headers=fleet.auth()) as r:
+                    assert r.status == 200
+                    assert await r.read() == pattern_bytes(100_000)
+            for _ in range(3):
+                async with fleet.client.ws_connect(f"{base}/ws?token={fleet.token}") as ws:
+                    await ws.send_str("through the balancer")
+                    assert (await ws.receive(timeout=5)).data == "through the balancer"
+        finally:
+            await agent.stop()
+    # Every relay took part: the ones without the tunnel forwarded to its owner.
+    forwarded = [await _forwarded_count(fleet.client, relay) for relay in fleet.relays]
+    assert sum(1 for count in forwarded if count > 0) >= 1

@@ -75,8 +75,8 @@ def test_both_fins_in_either_order_close_the_stream() -> None:
 
 
 def test_which_states_may_send_and_receive() -> None:
-    assert CAN_SEND == {S.OPEN, S.REMOTE_DONE}
-    assert CAN_RECEIVE == {S.OPEN, S.LOCAL_DONE}
+    assert set(CAN_SEND) == {S.OPEN, S.REMOTE_DONE}
+    assert set(CAN_RECEIVE) == {S.OPEN, S.LOCAL_DONE}
 
 
 # -- send window ----------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""WebSocket channels through relay, tunnel and agent: frames, subprotocols and close codes intact."""
+"""WebSocket channels through relay, tunnel and agent: frames, subprotocols, close codes."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -11,13 +12,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
+from yarl import URL
 
 from relay.devhost import build_app as build_host_app
 from relay.errors import CloseCode
 from relay.protocol import frames
 from relay.protocol.frames import FrameType
 from relay.server.app import drain
-from tests.harness import Stack, eventually, stack
+from tests.harness import Stack, eventually, stack, start_agent
 from tests.test_rogue_agent import RawTunnel
 
 CLOSES: web.AppKey[asyncio.Queue[tuple[int | None, str]]] = web.AppKey("closes", asyncio.Queue)
@@ -57,12 +59,26 @@ async def ws_inspect(request: web.Request) -> web.WebSocketResponse:
 
 
 async def ws_drop(request: web.Request) -> web.WebSocketResponse:
-    """On the first message, vanish without a close frame (the agent sees 1006)."""
+    """On the first message, vanish without a close frame: "reset" aborts the TCP connection,
+    "fin" closes it gracefully (what the kernel does for a crashed host service)."""
     ws = web.WebSocketResponse()
     await ws.prepare(request)
-    await ws.receive()
+    msg = await ws.receive()
     assert request.transport is not None
-    request.transport.abort()
+    if msg.data == "reset":
+        request.transport.abort()
+    else:
+        request.transport.close()
+    return ws
+
+
+async def ws_flood(request: web.Request) -> web.WebSocketResponse:
+    """On request, send one message of the asked size (to go over the agent's limit)."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    msg = await ws.receive()
+    await ws.send_bytes(b"y" * int(msg.data))
+    await ws.receive()
     return ws
 
 
@@ -72,6 +88,7 @@ def host_app() -> web.Application:
     app.router.add_get("/ws-record", ws_record_close)
     app.router.add_get("/ws-inspect", ws_inspect)
     app.router.add_get("/ws-drop", ws_drop)
+    app.router.add_get("/ws-flood", ws_flood)
     return app
 
 
@@ -87,13 +104,15 @@ def host_closes(s: Stack) -> asyncio.Queue[tuple[int | None, str]]:
     return app[CLOSES]
 
 
-async def connect(s: Stack, path: str = "/ws", **kwargs: object) -> aiohttp.ClientWebSocketResponse:
-    return await s.client.ws_connect(s.url(path), headers=s.auth(), **kwargs)  # type: ignore[arg-type]
+async def connect(
+    s: Stack, path: str = "/ws", protocols: tuple[str, ...] = ()
+) -> aiohttp.ClientWebSocketResponse:
+    return await s.client.ws_connect(s.url(path), headers=s.auth(), protocols=protocols)
 
 
-async def expect_close(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> tuple[int, str]:
+async def expect_close(ws: aiohttp.ClientWebSocketResponse, within: float = 5.0) -> tuple[int, str]:
     """Skip messages until the close frame; its code and reason."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         while True:
             msg = await ws.receive()
             if msg.type is WSMsgType.CLOSE:
@@ -107,7 +126,9 @@ async def expect_close(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0
 async def test_text_and_binary_messages_arrive_unchanged(ws_stack: Stack) -> None:
     big = bytes(range(256)) * 4096  # 1 MiB: many max_frame fragments and several windows
     assert len(big) > ws_stack.relay.state.settings.max_frame * 4
-    messages: list[str | bytes] = ["hello", "ünïcødé ✓", "", b"", b"\x00\xff\x00", big, "x" * 200_000]
+    messages: list[str | bytes] = [
+        "hello", "ünïcødé ✓", "", b"", b"\x00\xff\x00", big, "x" * 200_000,
+    ]
     async with await connect(ws_stack) as ws:
         for message in messages:
             if isinstance(message, str):
@@ -168,32 +189,68 @@ async def test_host_clean_close_after_a_last_message(ws_stack: Stack) -> None:
         assert await expect_close(ws) == (1000, "")
 
 
-async def test_host_socket_dropped_abnormally_gives_the_client_1011(ws_stack: Stack) -> None:
-    """1006 at the agent must never become a clean 1000: the client would stop reconnecting."""
+@pytest.mark.parametrize("how", ["reset", "fin"])
+async def test_host_socket_dropped_abnormally_gives_the_client_1011(
+    ws_stack: Stack, how: str
+) -> None:
+    """No close frame from the host (1006 at the agent) must never become a clean 1000."""
     async with await connect(ws_stack, "/ws-drop") as ws:
-        await ws.send_str("now")
+        await ws.send_str(how)
         code, _ = await expect_close(ws)
         assert code == CloseCode.INTERNAL_ERROR
 
 
+@pytest.mark.parametrize("how", ["reset", "fin"])
 async def test_client_dropped_abnormally_is_not_a_clean_close_for_the_host(
-    ws_stack: Stack,
+    ws_stack: Stack, how: str
 ) -> None:
     ws = await connect(ws_stack, "/ws-record")
     await ws.send_str("hi")
     assert (await ws.receive_str(timeout=5)) == "hi"
     conn = ws._conn  # type: ignore[attr-defined]
     assert conn is not None and conn.transport is not None
-    conn.transport.abort()
+    if how == "reset":
+        conn.transport.abort()
+    else:
+        conn.transport.close()
     seen_code, _ = await asyncio.wait_for(host_closes(ws_stack).get(), 5)
-    assert seen_code == CloseCode.INTERNAL_ERROR
+    # "Going away" or "abnormal", never a clean 1000 the host would take for a goodbye.
+    assert seen_code in (CloseCode.GOING_AWAY, CloseCode.INTERNAL_ERROR)
     await ws.close()
+
+
+async def test_client_message_over_the_limit_ends_the_channel_with_1009(
+    ws_stack: Stack,
+) -> None:
+    limit = ws_stack.relay.config.tunnel.max_ws_message_bytes
+    ws = await connect(ws_stack, "/ws-record")
+    try:
+        # The relay refuses mid-message; the client may see the close or a reset first.
+        with contextlib.suppress(ConnectionError):
+            await ws.send_bytes(b"x" * (limit + 1))
+        msg = await ws.receive(timeout=5)
+        assert msg.type is not WSMsgType.BINARY
+        if msg.type is WSMsgType.CLOSE:
+            assert msg.data == CloseCode.MESSAGE_TOO_BIG
+    finally:
+        await ws.close()
+    seen_code, _ = await asyncio.wait_for(host_closes(ws_stack).get(), 5)
+    assert seen_code == CloseCode.MESSAGE_TOO_BIG
+
+
+async def test_host_message_over_the_limit_gives_the_client_1009(ws_stack: Stack) -> None:
+    limit = ws_stack.agent.agent.options.max_ws_message
+    async with await connect(ws_stack, "/ws-flood") as ws:
+        await ws.send_str(str(limit + 1))
+        code, _ = await expect_close(ws)
+        assert code == CloseCode.MESSAGE_TOO_BIG
 
 
 # -- refusals ----------------------------------------------------------------------------------
 
 async def _refusal(s: Stack, url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
-    async with s.client.ws_connect(url, headers=headers or {}) as ws:
+    # encoded=True: send the path exactly as written (percent-escapes included).
+    async with s.client.ws_connect(URL(url, encoded=True), headers=headers or {}) as ws:
         return await expect_close(ws)
 
 
@@ -264,10 +321,10 @@ async def test_host_service_down_fails_the_client_fast(ws_stack: Stack) -> None:
     started = time.monotonic()
     async with await connect(ws_stack) as ws:
         code, _ = await expect_close(ws)
-    assert code not in (1000, 1001)
-    assert code == CloseCode.INTERNAL_ERROR
+    assert code == CloseCode.INTERNAL_ERROR  # an error the client retries, not a clean 1000
     assert time.monotonic() - started < 2.0
-    assert not ws_stack.relay.state.registry.get(ws_stack.host_id).session.channels  # type: ignore[union-attr]
+    tunnel = ws_stack.relay.state.registry.get(ws_stack.host_id)
+    assert tunnel is not None and not tunnel.session.channels
 
 
 async def test_host_refusing_the_upgrade_fails_the_client(ws_stack: Stack) -> None:
@@ -294,9 +351,42 @@ async def test_agent_that_never_answers_open_fails_the_client_within_open_timeou
             # The relay also ended the stream it had offered, so nothing is left half-open.
             closed = await mute.expect(FrameType.CLOSE)
             assert closed.stream_id == opened.stream_id
-            assert not s.relay.state.registry.get("acme:mute").session.channels  # type: ignore[union-attr]
+            tunnel = s.relay.state.registry.get("acme:mute")
+            assert tunnel is not None and not tunnel.session.channels
         finally:
             await mute.close()
+
+
+async def test_agent_gives_up_a_host_upgrade_the_relay_already_gave_up_on(
+    tmp_path: Path,
+) -> None:
+    """A host service that accepts TCP but never answers the upgrade must not pin the agent's
+    stream (and a socket to the host) for ever once the client was told 4410."""
+    live: set[asyncio.StreamWriter] = set()
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        live.add(writer)
+        try:
+            await reader.read()  # until the agent hangs up
+        finally:
+            live.discard(writer)
+            writer.close()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    mute_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with stack(tmp_path, sections={"tunnel": {"open_timeout_s": 0.5}}) as s:
+            agent = await start_agent(s.relay.ws_url, "acme:mute", mute_url, token=s.token())
+            try:
+                url = f"{s.relay.url}/hosts/acme:mute/ws"
+                code, _ = await _refusal(s, url, s.auth())
+                assert code == CloseCode.TUNNEL_GONE
+                await eventually(lambda: not live, timeout=2)
+            finally:
+                await agent.stop()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_tunnel_dropped_under_an_open_channel_gives_the_client_4410(

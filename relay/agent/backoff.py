@@ -1,4 +1,4 @@
-"""Reconnect delays: exponential with full jitter, reset by the relay's drain. Pure; rng injected."""
+"""Reconnect delays: exponential with half jitter, reset by a relay's drain. Pure; rng injected."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class Backoff:
         self.attempt = 0
 
     def next_delay(self) -> float:
-        ceiling = min(self.cap, self.base * self.factor ** self.attempt)
+        ceiling = self._ceiling()
         self.attempt += 1
         return ceiling / 2 + self._rng() * ceiling / 2
 
@@ -28,6 +28,12 @@ class Backoff:
         """A delay at the cap, for refusals that retrying fast cannot fix."""
         self.attempt += 1
         return self.cap / 2 + self._rng() * self.cap / 2
+
+    def _ceiling(self) -> float:
+        try:
+            return min(self.cap, self.base * self.factor ** self.attempt)
+        except OverflowError:  # ~1000 doublings: a host offline for days is still capped
+            return self.cap
 
     def reset(self) -> None:
         self.attempt = 0

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
@@ -27,8 +27,14 @@ from relay.tunnel.session import Channel, Role, SessionSettings, TunnelSession
 
 log = structlog.get_logger("relay.agent")
 
+T = TypeVar("T")
+
 CONNECT_TIMEOUT_S = 10.0
+MAX_TUNNEL_FRAME = 1 << 24  # the largest tunnel.max_frame_bytes a relay may configure
 HELLO_TIMEOUT_S = 10.0
+# After a DRAIN, streams in flight get this long on the old tunnel before the agent leaves it
+# (the relay closes it sooner, after its own grace period, when it is still alive to do so).
+DRAIN_LINGER_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +76,34 @@ def abandon(ws: aiohttp.ClientWebSocketResponse) -> None:
     response = getattr(ws, "_response", None)
     if response is not None:
         response.close()
+
+
+async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """``work``'s result, or None (with ``work`` cancelled) when ``stop`` is set first."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})  # let it clean up (a token command is killed, a socket closed)
+    if not task.cancelled():
+        task.exception()  # finished meanwhile; we are stopping, so its result is moot
+    return None
+
+
+def _relay_max_frame(hello: dict[str, Any], default: int) -> int:
+    """The relay decides the largest DATA frame; the agent must not send bigger ones."""
+    value = hello.get("maxFrame")
+    if isinstance(value, int) and 1024 <= value <= MAX_TUNNEL_FRAME:
+        return value
+    return default
 
 
 @dataclass(slots=True)
@@ -134,8 +168,10 @@ class Agent:
     # -- the loop ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         connector = aiohttp.TCPConnector(limit=self.options.max_streams, keepalive_timeout=30)
+        # No cookie jar: the agent serves many users through one client, and a Set-Cookie
+        # from the host must never ride along on another user's request.
         async with aiohttp.ClientSession(
-            connector=connector, auto_decompress=False,
+            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10),
         ) as client:
             self._client = client
@@ -164,9 +200,14 @@ class Agent:
     def _delay_after(self, outcome: Outcome) -> float:
         code = outcome.code
         if outcome.drained or code == CloseCode.DRAINING:
-            # The relay asked us to come back at once; a crowd of agents still spreads a little.
-            self.backoff.reset()
-            return self.backoff.next_delay() / 4
+            if outcome.hello:
+                # The relay we were on is going away: come back at once (a crowd of agents
+                # still spreads a little).
+                self.backoff.reset()
+                return self.backoff.next_delay() / 4
+            # Refused at the door by a draining relay: another relay may take us soon, but
+            # resetting here would make a hot reconnect loop against this one while it drains.
+            return self.backoff.next_delay()
         if code == CloseCode.KEEPALIVE_MISSED or outcome.abandoned:
             if outcome.hello:
                 self.backoff.reset()
@@ -181,24 +222,29 @@ class Agent:
         self.attempts += 1
         self.next_attempt_at = None
         self._changed()
+        # A token command or a connect can each take many seconds; a stop cuts them short.
         try:
-            token = await self.tokens.get()
+            token = await _unless_stopped(self.tokens.get(), stop)
         except TokenUnavailable as exc:
             log.warning("agent.token_unavailable", error=str(exc))
             return Outcome(None, "token_unavailable")
+        if token is None:
+            return Outcome(None, "stopped")
         try:
-            ws = await asyncio.wait_for(
+            ws = await _unless_stopped(asyncio.wait_for(
                 tunnel_client.ws_connect(
                     self.url, headers={"Authorization": f"Bearer {token}"}, autoping=True,
                     heartbeat=None, compress=0,
-                    max_msg_size=self.options.max_frame + 64 * 1024 + HEADER_SIZE,
+                    max_msg_size=MAX_TUNNEL_FRAME + 64 * 1024 + HEADER_SIZE,
                     timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
                 ),
                 CONNECT_TIMEOUT_S,
-            )
+            ), stop)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             log.info("agent.connect_failed", relay=str(self.url.origin()), error=type(exc).__name__)
             return Outcome(None, "connect_failed")
+        if ws is None:
+            return Outcome(None, "stopped")
         try:
             return await self._serve(ws, stop)
         finally:
@@ -226,6 +272,9 @@ class Agent:
             outcome.drained = True
             self.backoff.reset()
             log.info("agent.drain_received", reason=body.get("reason"))
+            # The relay's close frame often never arrives once it is going away: leave on the
+            # in-band notice itself, as soon as the streams in flight are done.
+            session.spawn(self._leave_drained(ws, session), f"agent-drain:{self.options.host_id}")
 
         def on_silence() -> None:
             outcome.abandoned = True
@@ -239,8 +288,8 @@ class Agent:
         reader.set_name(f"agent-reader:{self.options.host_id}")
         stopper = asyncio.ensure_future(stop.wait())
         try:
-            done, _ = await asyncio.wait({hello, reader, stopper}, timeout=HELLO_TIMEOUT_S,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            first: set[asyncio.Future[Any]] = {hello, reader, stopper}
+            await asyncio.wait(first, timeout=HELLO_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
             if not hello.done():
                 if reader.done() or stopper.done():
                     return self._closed_outcome(ws, outcome)
@@ -275,6 +324,19 @@ class Agent:
             self.session = None
 
     @staticmethod
+    async def _leave_drained(ws: aiohttp.ClientWebSocketResponse, session: TunnelSession) -> None:
+        deadline = time.monotonic() + DRAIN_LINGER_S
+        while session.channels and time.monotonic() < deadline:  # noqa: ASYNC110 (no idle event)
+            await asyncio.sleep(0.05)
+        log.info("agent.leaving_drained_relay", streams_left=len(session.channels))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                ws.close(code=int(CloseCode.GOING_AWAY), message=b"relay draining"), 1.0
+            )
+        if not ws.closed:
+            abandon(ws)
+
+    @staticmethod
     def _adopt_hello(session: TunnelSession, body: dict[str, Any]) -> TunnelSession:
         """Take the relay's liveness settings so both ends agree on when silence is death."""
         interval = body.get("pingIntervalS")
@@ -282,7 +344,7 @@ class Agent:
         if isinstance(interval, (int, float)) and interval > 0:
             session.settings = SessionSettings(
                 window=int(body.get("window") or session.settings.window),
-                max_frame=session.settings.max_frame,
+                max_frame=_relay_max_frame(body, session.settings.max_frame),
                 max_streams=session.settings.max_streams,
                 max_ws_message=session.settings.max_ws_message,
                 ping_interval_s=float(interval),

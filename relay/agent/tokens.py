@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shlex
 from pathlib import Path
 
@@ -69,6 +70,11 @@ class TokenSource:
             proc.kill()
             await proc.wait()
             raise TokenUnavailable("token command timed out") from None
+        except asyncio.CancelledError:
+            # The agent is stopping: do not leave the command running behind it.
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
         if proc.returncode != 0:
             raise TokenUnavailable(f"token command exited with {proc.returncode}")
         token = stdout[:MAX_TOKEN_BYTES].decode(errors="replace").strip()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import aiohttp
@@ -23,6 +24,26 @@ def _error_head(status: int, code: str, message: str) -> tuple[dict[str, Any], b
     head = {"status": status, "headers": [["Content-Type", "application/json"],
                                           ["Content-Length", str(len(body))]]}
     return head, body
+
+
+async def _connect_while_open(
+    channel: Channel, connecting: Awaitable[aiohttp.ClientWebSocketResponse[Any]]
+) -> aiohttp.ClientWebSocketResponse[Any]:
+    """Await the host's WebSocket until the relay ends the stream (it gives up on a host that
+    is slow to accept), then cancel it rather than hold a socket to the host for nobody."""
+    task = asyncio.ensure_future(connecting)
+    try:
+        while not task.done():
+            if channel.closed:
+                raise ChannelClosed(int(CloseCode.GOING_AWAY), "the relay ended the stream")
+            await asyncio.wait({task}, timeout=0.05)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+            if not task.cancelled() and task.exception() is None:
+                await task.result().close()  # it connected just then: hang up
+    return task.result()
 
 
 class LocalOrigin:
@@ -74,12 +95,15 @@ class LocalOrigin:
     async def _serve_http(self, channel: Channel, head: dict[str, Any]) -> None:
         method = str(head.get("method") or "GET")
         headers = strip_hop_by_hop((str(n), str(v)) for n, v in head.get("headers") or [])
-        has_body = channel.state.value == "open"  # the relay sends FIN on OPEN when bodiless
+        # The OPEN's FIN says "no body". Not the stream's current state: a small body and its
+        # FIN may already have arrived by the time this task runs.
+        has_body = not channel.fin_on_open
         try:
             url = self.url_for(head)
         except ValueError:
             await self._send_error(channel, 400, "bad_request", "invalid path")
             return
+        head_sent = False
         try:
             async with self.client.request(
                 method, url, headers=headers,
@@ -93,15 +117,22 @@ class LocalOrigin:
                     "headers": [[k.decode("latin-1"), v.decode("latin-1")]
                                 for k, v in response.raw_headers],
                 })
+                head_sent = True
                 async for data in response.content.iter_any():
                     await channel.write(data)
                 await channel.finish()
         except ChannelClosed:
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:
-            if channel.head.done() or channel.bytes_out:
-                raise
-            log.info("agent.upstream_failed", error=type(exc).__name__, path=head.get("path"))
+            if channel.closed:
+                return  # the relay ended the stream (e.g. while its body was being sent)
+            log.info("agent.upstream_failed", error=type(exc).__name__, path=head.get("path"),
+                     after_head=head_sent)
+            if head_sent:
+                # Mid-body: a second HEAD would break the whole tunnel; abort this stream so
+                # the relay cuts the client's connection instead of ending the body cleanly.
+                channel.close(int(CloseCode.INTERNAL_ERROR), "host failed mid-response")
+                return
             await self._send_error(channel, 502, "host_unavailable",
                                    "the host service did not answer")
 
@@ -117,11 +148,11 @@ class LocalOrigin:
         protocols = [str(p) for p in head.get("protocols") or []]
         try:
             url = self.url_for(head, websocket=True)
-            ws = await self.client.ws_connect(
+            ws = await _connect_while_open(channel, self.client.ws_connect(
                 url, protocols=protocols, headers=headers, autoping=True, compress=0,
                 max_msg_size=self.max_ws_message, decode_text=False,
                 timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
-            )
+            ))
         except aiohttp.WSServerHandshakeError as exc:
             channel.send_head({"status": exc.status or 502})
             return
@@ -131,7 +162,8 @@ class LocalOrigin:
             return
         channel.send_head({"status": 101, "protocol": ws.protocol})
         try:
-            await bridge(ws, channel, lost_code=lambda _: (int(CloseCode.GOING_AWAY), "tunnel lost"))
+            await bridge(ws, channel,
+                         lost_code=lambda _: (int(CloseCode.GOING_AWAY), "tunnel lost"))
         finally:
             if not ws.closed:
                 await ws.close()

@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from relay.errors import ConfigError
 from relay.metrics import Metrics
 
 __all__ = [
@@ -107,8 +108,8 @@ class KeySource(Protocol):
     async def reload(self) -> None:
         """Re-read key material now (operator action, SIGHUP).
 
-        Raises (``OSError``, ``ValueError``, ``RuntimeError``, ``ConfigError``) when that fails;
-        the old keys then stay in use.
+        Raises ``OSError``, ``ValueError`` or ``ConfigError`` when that fails; the old keys then
+        stay in use.
         """
         ...
 
@@ -248,7 +249,9 @@ class JwksKeySource:
         """Fetch now, ignoring the rate limit (an operator asked). Raises if the fetch failed
         (the keys we had stay in use), so the operator's reload can report it."""
         if not await self._refresh_shared():
-            raise RuntimeError("JWKS refresh failed; keeping the current keys")
+            raise ConfigError(
+                self._url, "auth.jwks_url", "refresh failed; keeping the current keys"
+            )
 
     async def key_for(self, kid: str | None, alg: str) -> PublicKey:
         now = self._clock()

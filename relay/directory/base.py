@@ -47,13 +47,12 @@ class DirectoryUnavailable(RelayError):
     """The directory backend cannot be read or written right now.
 
     On an agent's ``/tunnel`` this closes the socket with 1013 (try again later): the agent keeps
-    its normal reconnect backoff and gets in once the directory is back. There is no dedicated
-    error code in :class:`relay.errors.ErrorCode` yet, so it reuses ``overloaded`` (the other
-    "503, retry shortly" condition) rather than ``host_offline``, which would tell clients the
-    host is gone.
+    its normal reconnect backoff and gets in once the directory is back. Clients whose request
+    needs a directory lookup get 503 ``directory_unavailable`` rather than ``host_offline``,
+    which would tell them the host is gone.
     """
 
-    status, code, close_code = 503, ErrorCode.OVERLOADED, CloseCode.TRY_AGAIN_LATER
+    status, code, close_code = 503, ErrorCode.DIRECTORY_UNAVAILABLE, CloseCode.TRY_AGAIN_LATER
     default_message = "relay directory unavailable; retry shortly"
     retry_after_s = 2
 

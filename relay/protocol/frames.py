@@ -32,6 +32,9 @@ MAX_STREAM_ID = 0xFFFFFFFF
 MAX_WINDOW = 0x7FFFFFFF
 MAX_CONTROL_PAYLOAD = 256 * 1024  # OPEN/HEAD carry headers; SPEC bounds headers far below this
 MAX_CLOSE_REASON = 123  # what fits in a WebSocket close frame
+# Flow-control credit a DATA frame on a WebSocket channel costs beyond its payload (an empty
+# FIN-only frame is free), so many tiny messages are bounded by the window like bytes are.
+WS_FRAME_COST = 64
 
 
 class FrameType(IntEnum):
@@ -144,7 +147,8 @@ def negotiate_version(offered: str | None) -> int | None:
     versions = set()
     for part in offered.split(",")[:16]:
         part = part.strip()
-        # ASCII digits only: str.isdigit() also accepts "²" (which int() refuses) and "١".
+        # ASCII digits only: str.isdigit() also accepts superscripts (which int() refuses)
+        # and other scripts' digits.
         if part.isascii() and part.isdigit() and len(part) <= 9:
             versions.add(int(part))
     common = versions & SUPPORTED_VERSIONS

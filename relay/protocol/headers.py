@@ -37,7 +37,9 @@ def _connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
     return tokens
 
 
-def strip_hop_by_hop(headers: Iterable[tuple[str, str]], *, extra: frozenset[str] = frozenset()) -> Headers:
+def strip_hop_by_hop(
+    headers: Iterable[tuple[str, str]], *, extra: frozenset[str] = frozenset()
+) -> Headers:
     """Drop hop-by-hop fields (and Proxy-*), anything listed in Connection, and ``extra`` names."""
     items = list(headers)
     drop = HOP_BY_HOP | _connection_tokens(items) | extra
@@ -61,7 +63,8 @@ def request_headers_for_host(
     out = [
         (n, v) for n, v in strip_hop_by_hop(headers, extra=extra)
         if not n.lower().startswith(RELAY_INTERNAL_PREFIX)
-        and n.lower() not in {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+        and n.lower() not in {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+                              "forwarded"}
     ]
     # A chain from a trusted reverse proxy is extended; otherwise the client cannot forge one.
     chain = [p for p in (prior_forwarded_for, client_ip) if p]

@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from relay.auth.hostid import parse_host_id
+from relay.directory.base import DirectoryUnavailable
 from relay.errors import BadRequest, CloseCode, ErrorCode, RelayError, Unauthorized
 from relay.server.state import STATE, RelayState
 
@@ -71,16 +73,24 @@ async def revoke(request: web.Request, state: RelayState) -> web.Response:
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     sub, host = body.get("sub"), body.get("hostId")
-    if sub is not None and not isinstance(sub, str) or host is not None and not isinstance(host, str):
+    if not isinstance(sub, str | None) or not isinstance(host, str | None):
         raise BadRequest("sub and hostId must be strings")
     if not sub and not host:
         raise BadRequest("give sub, hostId or both")
+    if host:
+        host = str(parse_host_id(host))  # a typo must not "revoke" nothing and answer 200
     assert state.access is not None
     revoked = state.access.revoke(sub=sub or None, host=host or None)
+    log.info("admin.revoked", sub=sub, host_id=host, entries=revoked)
     # Other relays hold their own caches: the directory fans the revocation out to them.
     if state.directory is not None:
-        await state.directory.publish_revocation(sub or None, host or None)
-    log.info("admin.revoked", sub=sub, host_id=host, entries=revoked)
+        try:
+            await state.directory.publish_revocation(sub or None, host or None)
+        except DirectoryUnavailable:
+            raise DirectoryUnavailable(
+                "revoked on this relay, but the directory is unavailable so the other relays "
+                "were not told; retry"
+            ) from None
     return web.json_response({"revoked": revoked, "sub": sub, "hostId": host})
 
 

@@ -50,17 +50,30 @@ async def print_status(args: argparse.Namespace) -> int:
         print("relay status: give --secret or set RELAY_ADMIN_SECRET", file=sys.stderr)
         return 2
     url = args.url.rstrip("/") + "/admin/tunnels"
+    headers = {"Authorization": f"Bearer {secret}"}
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
-            async with client.get(url, headers={"Authorization": f"Bearer {secret}"}) as resp:
-                text = await resp.text()
-                if resp.status != 200:
-                    print(f"relay status: {url} answered {resp.status}: {text.strip()}",
-                          file=sys.stderr)
-                    return 1
-    except (aiohttp.ClientError, TimeoutError) as exc:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client,
+            client.get(url, headers=headers) as resp,
+        ):
+            text = await resp.text(errors="replace")
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         print(f"relay status: cannot reach {url}: {type(exc).__name__}", file=sys.stderr)
         return 1
-    body = json.loads(text)
-    print(json.dumps(body, indent=2) if args.json else render_table(body))
+    if status != 200:
+        print(f"relay status: {url} answered {status}: {_one_line(text)}", file=sys.stderr)
+        return 1
+    try:
+        body = json.loads(text)
+        table = render_table(body)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        print(f"relay status: {url} did not answer with a tunnel list: {_one_line(text)}",
+              file=sys.stderr)
+        return 1
+    print(json.dumps(body, indent=2) if args.json else table)
     return 0
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    return " ".join(text.split())[:limit]

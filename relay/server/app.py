@@ -74,6 +74,7 @@ class Routed:
     subject: str
     tunnel: Tunnel | None = None
     owner_url: str = ""
+    client_chain: str | None = None  # set on requests a peer relay forwarded
 
 
 def is_websocket_upgrade(request: web.Request) -> bool:
@@ -98,7 +99,7 @@ async def _route(state: RelayState, request: web.Request, route: HostRoute,
         tunnel = state.registry.get(str(host))
         if tunnel is None:
             raise HostOffline("the host's tunnel is not on the relay the directory named; retry")
-        return Routed(str(host), claims.subject, tunnel=tunnel)
+        return Routed(str(host), claims.subject, tunnel=tunnel, client_chain=claims.client_ip)
     auth = await authorize(state, request, route.host_raw, allow_query_token=allow_query_token)
     host_id = str(auth.host)
     tunnel = state.registry.get(host_id)
@@ -141,7 +142,7 @@ async def handle_hosts(request: web.Request) -> web.StreamResponse:
             return await forward_http(state, state.signer, request, routed.owner_url,
                                       routed.host_id, route.path, query, routed.subject)
         return await proxy_http(state, request, routed.tunnel.session, route.path, query,
-                                routed.host_id)
+                                routed.host_id, routed.client_chain)
     finally:
         state.request_finished()
 
@@ -170,22 +171,37 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
-    """Everything with a lifetime: the HTTP client, key sources, the directory, owned tasks."""
+    """Everything with a lifetime: the HTTP client, key sources, the directory, owned tasks.
+
+    Whatever was created is released even when a later step fails (a bad grants file, say).
+    """
     state = app[STATE]
     config = state.config
     state.client = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=30),
         auto_decompress=False,
-    )
-    state.verifier = build_verifier(config, state.client, state.metrics)
-    state.access = build_access_policy(config, state.client, state.metrics)
-    state.directory = build_directory(config, state.metrics)
-    await state.verifier.start()
-    await state.directory.start()
-    state.directory.on_revocation(
-        lambda sub, host: state.access.revoke(sub=sub, host=host) if state.access else 0
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
     try:
+        state.verifier = build_verifier(config, state.client, state.metrics)
+        state.access = build_access_policy(config, state.client, state.metrics)
+        state.directory = build_directory(config, state.metrics)
+        await state.verifier.start()
+        await state.directory.start()
+        access = state.access
+
+        def revoked(sub: str | None, host: str | None) -> None:
+            access.revoke(sub=sub, host=host)
+
+        def lost(host_id: str, epoch: str) -> None:
+            # Another relay took this host over: its agent reconnected there, ours is stale.
+            tunnel = state.registry.get(host_id)
+            if tunnel is not None and tunnel.epoch == epoch:
+                log.info("tunnel.taken_over", host_id=host_id)
+                tunnel.close(int(CloseCode.REPLACED), "replaced by a newer tunnel on another relay")
+
+        state.directory.on_revocation(revoked)
+        state.directory.on_lost(lost)
         yield
     finally:
         for tunnel in list(state.registry):
@@ -195,8 +211,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5)
-        await state.directory.close()
-        await state.verifier.close()
+        if state.directory is not None:
+            await state.directory.close()
+        if state.access is not None:
+            await state.access.close()
+        if state.verifier is not None:
+            await state.verifier.close()
         await state.client.close()
 
 
@@ -207,9 +227,12 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     if directory.backend == "redis":
         state.signer = PeerSigner(directory.peer_secret, directory.instance_id,
                                   max_skew_s=directory.peer_max_skew_s)
+    # aiohttp's parser refuses single lines above these with a bare 400; keep them well above
+    # server.max_header_bytes so oversized headers get the documented JSON 431 instead.
+    parser_limit = max(65536, config.server.max_header_bytes * 8)
     app = web.Application(middlewares=[error_middleware], handler_args={
-        "max_field_size": max(8190, config.server.max_header_bytes * 2),
-        "max_line_size": max(8190, config.server.max_header_bytes * 2),
+        "max_field_size": parser_limit,
+        "max_line_size": parser_limit,
     })
     app[STATE] = state
     app.cleanup_ctx.append(_resources)
@@ -223,7 +246,11 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
 
 
 async def drain(state: RelayState, grace_s: float) -> None:
-    """Refuse new work, tell every agent in-band, let in-flight exchanges finish, then close."""
+    """Refuse new work, tell every agent in-band, let in-flight exchanges finish, then close.
+
+    Bounded: ``grace_s`` for in-flight HTTP exchanges, then at most ~1 s to flush the last frames
+    and ~3 s for the close handshakes, however many tunnels there are (they run concurrently).
+    """
     if state.draining:
         return
     state.draining = True
@@ -231,13 +258,29 @@ async def drain(state: RelayState, grace_s: float) -> None:
     started = time.monotonic()
     log.info("relay.draining", tunnels=len(state.registry), inflight=state.inflight_http,
              grace_s=grace_s)
-    tunnels = list(state.registry)
-    for tunnel in tunnels:
-        tunnel.session.send_drain({"reason": "relay draining", "reconnectAfterS": 0})
+    told: set[Tunnel] = set()  # Tunnel compares by identity
+
+    def tell(tunnels: list[Tunnel]) -> None:
+        for tunnel in tunnels:
+            if tunnel not in told:
+                told.add(tunnel)
+                tunnel.session.send_drain({"reason": "relay draining", "reconnectAfterS": 0})
+
+    tell(list(state.registry))
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(state.idle.wait(), grace_s)
+    cut = state.inflight_http
+    if cut:
+        log.warning("relay.drain_grace_expired", inflight=cut, grace_s=grace_s)
+    # Re-read the registry: a tunnel whose handshake was already past the draining check when
+    # the drain began may have registered since; it gets the same drain and 4503.
+    tunnels = list(state.registry)
+    tell(tunnels)
+    if tunnels:
+        # Let the DRAIN frames reach the sockets, all tunnels at once (a black-holed agent
+        # must not hold up the others).
+        await asyncio.gather(*(t.session.flush(timeout=1.0) for t in tunnels))
     for tunnel in tunnels:
-        await tunnel.session.flush(timeout=1.0)
         tunnel.session.fail_all(int(CloseCode.DRAINING), "relay draining; reconnect at once")
         tunnel.close(int(CloseCode.DRAINING), "relay draining")
     # Give the close frames a moment to leave (bounded: closes time out on their own).
@@ -245,4 +288,4 @@ async def drain(state: RelayState, grace_s: float) -> None:
     if pending:
         await asyncio.wait(pending, timeout=3)
     log.info("relay.drained", duration_s=round(time.monotonic() - started, 3),
-             inflight_left=state.inflight_http)
+             tunnels=len(tunnels), cut=cut, inflight_left=state.inflight_http)

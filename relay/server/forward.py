@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Any
 
 import aiohttp
 import structlog
@@ -32,15 +33,31 @@ log = structlog.get_logger("relay.forward")
 _SOCKET_ENDED = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR})
 
 
-def _client_ip(request: web.Request) -> str:
+_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
+
+
+def _client_chain(request: web.Request, trust_forwarded: bool) -> str:
+    """The client's address (after a trusted proxy's chain), as the owner should report it."""
     peer = request.transport.get_extra_info("peername") if request.transport else None
-    return str(peer[0]) if peer else ""
+    chain = [str(peer[0])] if peer else []
+    prior = request.headers.get("X-Forwarded-For", "") if trust_forwarded else ""
+    return ", ".join([p for p in (prior,) if p] + chain)
 
 
-def _outbound_headers(request: web.Request, *, websocket: bool) -> list[tuple[str, str]]:
-    extra = CLIENT_CREDENTIALS | {"host"} | (WS_HANDSHAKE if websocket else frozenset())
-    return [(n, v) for n, v in strip_hop_by_hop(request.headers.items(), extra=extra)
-            if not n.lower().startswith(RELAY_INTERNAL_PREFIX)]
+def _outbound_headers(request: web.Request, *, websocket: bool,
+                      trust_forwarded: bool) -> list[tuple[str, str]]:
+    extra = CLIENT_CREDENTIALS | {"host"} | _FORWARDED | (WS_HANDSHAKE if websocket else frozenset())
+    headers = [(n, v) for n, v in strip_hop_by_hop(request.headers.items(), extra=extra)
+               if not n.lower().startswith(RELAY_INTERNAL_PREFIX)]
+    scheme, host = request.scheme, request.host
+    if trust_forwarded:
+        scheme = request.headers.get("X-Forwarded-Proto", scheme)
+        host = request.headers.get("X-Forwarded-Host", host)
+    if websocket:
+        scheme = {"http": "ws", "https": "wss"}.get(scheme, scheme)
+    # The owner reports what the client used, not the internal hop between relays.
+    headers += [("X-Forwarded-Proto", scheme), ("X-Forwarded-Host", host)]
+    return headers
 
 
 def _target(host_id: str, path: str, query: str) -> str:
@@ -52,9 +69,10 @@ async def forward_http(state: RelayState, signer: PeerSigner, request: web.Reque
                        subject: str) -> web.StreamResponse:
     assert state.client is not None
     target = _target(host_id, path, query)
-    headers = _outbound_headers(request, websocket=False)
+    trust = state.config.server.trust_forwarded
+    headers = _outbound_headers(request, websocket=False, trust_forwarded=trust)
     headers += list(signer.sign(request.method, target, host_id, subject,
-                                _client_ip(request)).items())
+                                _client_chain(request, trust)).items())
     started = time.monotonic()
     state.metrics.forwarded_requests_total.labels(kind="http").inc()
     body = request.content if request.body_exists else None
@@ -104,8 +122,10 @@ async def forward_ws(state: RelayState, signer: PeerSigner, request: web.Request
 
     assert state.client is not None
     target = _target(host_id, path, query)
-    headers = _outbound_headers(request, websocket=True)
-    headers += list(signer.sign("GET", target, host_id, subject, _client_ip(request)).items())
+    trust = state.config.server.trust_forwarded
+    headers = _outbound_headers(request, websocket=True, trust_forwarded=trust)
+    headers += list(signer.sign("GET", target, host_id, subject,
+                                _client_chain(request, trust)).items())
     offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
                if p.strip()]
     state.metrics.forwarded_requests_total.labels(kind="ws").inc()
@@ -131,8 +151,7 @@ async def forward_ws(state: RelayState, signer: PeerSigner, request: web.Request
                 await asyncio.wait_for(upstream.close(), CLOSE_TIMEOUT_S)
 
 
-async def _pump_sockets(client: web.WebSocketResponse,
-                        owner: aiohttp.ClientWebSocketResponse) -> None:
+async def _pump_sockets(client: web.WebSocketResponse, owner: Any) -> None:
     """Relay frames both ways; whoever closes first, the other side gets the same code."""
 
     async def pump(source: object, sink: object) -> tuple[int, str]:

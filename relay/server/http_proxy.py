@@ -12,7 +12,10 @@ from aiohttp import web
 
 from relay.errors import (
     CloseCode,
+    Draining,
+    HostOffline,
     HostTimeout,
+    Overloaded,
     PayloadTooLarge,
     RelayError,
     TunnelClosed,
@@ -36,12 +39,24 @@ class Exchange:
     body_too_large: bool = False
 
 
-def host_request_head(request: web.Request, path: str, query: str, trust_forwarded: bool) -> dict[str, object]:
+def host_request_head(
+    request: web.Request, path: str, query: str, trust_forwarded: bool,
+    client_chain: str | None = None,
+) -> dict[str, object]:
+    """What the host sees of the request; ``client_chain`` is a forwarding relay's signed claim."""
     peer = request.transport.get_extra_info("peername") if request.transport else None
     client_ip = peer[0] if peer else ""
-    prior = request.headers.get("X-Forwarded-For", "") if trust_forwarded else ""
-    scheme = request.headers.get("X-Forwarded-Proto", request.scheme) if trust_forwarded else request.scheme
-    host = request.headers.get("X-Forwarded-Host", request.host) if trust_forwarded else request.host
+    prior, scheme, host = "", request.scheme, request.host
+    if client_chain is not None:
+        # Forwarded by a peer relay: the client is the one it vouched for, and it passed on
+        # the scheme and host the client used.
+        client_ip = client_chain
+        scheme = request.headers.get("X-Forwarded-Proto", scheme)
+        host = request.headers.get("X-Forwarded-Host", host)
+    elif trust_forwarded:
+        prior = request.headers.get("X-Forwarded-For", "")
+        scheme = request.headers.get("X-Forwarded-Proto", scheme)
+        host = request.headers.get("X-Forwarded-Host", host)
     headers = request_headers_for_host(
         list(request.headers.items()), client_ip=client_ip, scheme=scheme, host=host,
         prior_forwarded_for=prior,
@@ -73,22 +88,22 @@ async def _upload(request: web.Request, channel: Channel, exchange: Exchange, li
 
 
 async def _await_head(channel: Channel, exchange: Exchange, upload: asyncio.Task[None] | None,
-                      timeout: float) -> dict[str, object]:
+                      limit_s: float) -> dict[str, object]:
     """The host's response head; the clock runs while the upload makes no progress."""
     while True:
-        done, _ = await asyncio.wait({channel.head}, timeout=timeout / 4 if upload else timeout)
+        done, _ = await asyncio.wait({channel.head}, timeout=limit_s / 4 if upload else limit_s)
         if done:
             return channel.head.result()
         idle_since = exchange.upload_progress if upload and not upload.done() else exchange.started
         if upload is not None and upload.done():
             idle_since = max(exchange.upload_progress, exchange.started)
-        if time.monotonic() - idle_since >= timeout:
+        if time.monotonic() - idle_since >= limit_s:
             raise HostTimeout()
 
 
 async def proxy_http(
     state: RelayState, request: web.Request, session: TunnelSession, path: str, query: str,
-    host_id: str,
+    host_id: str, client_chain: str | None = None,
 ) -> web.StreamResponse:
     config = state.config
     metrics = state.metrics
@@ -97,8 +112,12 @@ async def proxy_http(
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge()
     has_body = request_has_body(request)
-    head = host_request_head(request, path, query, config.server.trust_forwarded)
-    channel = session.open_channel(ChannelKind.HTTP, head, fin=not has_body)
+    head = host_request_head(request, path, query, config.server.trust_forwarded, client_chain)
+    try:
+        channel = session.open_channel(ChannelKind.HTTP, head, fin=not has_body)
+    except ChannelClosed:
+        # The tunnel failed and its handler has not unregistered it yet: nothing was sent.
+        raise HostOffline() from None
     metrics.streams_active.labels(kind="http").inc()
     upload: asyncio.Task[None] | None = None
     response: web.StreamResponse | None = None
@@ -108,13 +127,19 @@ async def proxy_http(
             upload = asyncio.ensure_future(_upload(request, channel, exchange, limit))
             upload.set_name(f"http-upload:{host_id}:{channel.id}")
         try:
-            host_head = await _await_head(channel, exchange, upload, config.tunnel.request_timeout_s)
+            host_head = await _await_head(channel, exchange, upload,
+                                          config.tunnel.request_timeout_s)
         except ChannelClosed as closed:
             if exchange.body_too_large:
                 raise PayloadTooLarge() from None
+            if closed.tunnel_lost and closed.code == CloseCode.DRAINING:
+                raise Draining() from None
             if closed.tunnel_lost:
                 raise TunnelClosed() from None
-            raise TunnelClosed(f"the host aborted the request: {closed.reason or closed.code}") from None
+            if closed.code == CloseCode.TRY_AGAIN_LATER:
+                raise Overloaded("the host's agent is at its stream limit; retry shortly") from None
+            why = closed.reason or closed.code
+            raise TunnelClosed(f"the host aborted the request: {why}") from None
         metrics.http_time_to_first_byte_seconds.observe(time.monotonic() - exchange.started)
         status = int(host_head.get("status", 502))  # type: ignore[call-overload]
         raw_headers = host_head.get("headers") or []

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Any
 
 import structlog
 
 from relay.auth.tokens import build_verifier
-from relay.config import load_config
+from relay.config import Config, load_config
 from relay.errors import ConfigError
 from relay.logs import set_level
 from relay.server.state import RelayState
@@ -16,22 +17,40 @@ from relay.systemd import Notifier, WatchdogFeeder, watchdog_interval
 
 log = structlog.get_logger("relay.server")
 
-# Keys a reload applies in place; any other change needs a restart.
+# Keys a reload applies in place; any other change needs a restart. Each of these is read from
+# ``state.config`` at the moment it is used (or pushed to its owner by ``Lifecycle.reload``).
 RELOADABLE = frozenset({
-    "log.level", "access.allow_ttl_s", "access.deny_ttl_s", "auth.jwks_url",
-    "auth.public_key_file", "auth.jwks_cache_s", "auth.jwks_refresh_min_interval_s",
-    "admin.secret", "server.drain_grace_s",
+    "log.level", "log.access_log",
+    "access.allow_ttl_s", "access.deny_ttl_s",
+    "auth.jwks_url", "auth.public_key_file", "auth.jwks_cache_s",
+    "auth.jwks_refresh_min_interval_s",
+    "admin.secret",
+    "server.drain_grace_s",
+    "tunnel.request_timeout_s", "tunnel.open_timeout_s",
 })
+SECTIONS = ("server", "auth", "access", "tunnel", "directory", "admin", "log")
+# Filled in with generated defaults when the file leaves them empty; compare what the file says.
+_GENERATED = frozenset({"directory.instance_id"})
 
 
-def changed_keys(old: object, new: object) -> list[str]:
+def changed_keys(old: Config, new: Config) -> list[str]:
     keys = []
-    for section in ("server", "auth", "access", "tunnel", "directory", "admin", "log"):
+    for section in SECTIONS:
         a, b = dataclasses.asdict(getattr(old, section)), dataclasses.asdict(getattr(new, section))
-        # instance_id and advertise_url get generated defaults; compare what the file says.
-        keys += [f"{section}.{k}" for k in a if a[k] != b[k]
-                 and f"{section}.{k}" not in {"directory.instance_id"}]
+        keys += [f"{section}.{k}" for k in a if a[k] != b[k] and f"{section}.{k}" not in _GENERATED]
     return keys
+
+
+def merge(old: Config, new: Config, keys: list[str]) -> Config:
+    """``old`` with the values of ``keys`` (``section.key``) taken from ``new``."""
+    updates: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        section, name = key.split(".", 1)
+        updates.setdefault(section, {})[name] = getattr(getattr(new, section), name)
+    return dataclasses.replace(old, **{
+        section: dataclasses.replace(getattr(old, section), **values)
+        for section, values in updates.items()
+    })
 
 
 class Lifecycle:
@@ -39,6 +58,7 @@ class Lifecycle:
         self.state = state
         self.config_path = config_path
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
         self.notifier = Notifier.from_env()
         self.feeder = WatchdogFeeder(
             self.notifier, watchdog_interval(), healthy=self.healthy,
@@ -72,51 +92,54 @@ class Lifecycle:
         task.add_done_callback(self._tasks.discard)
 
     async def reload(self) -> None:
+        """Re-read the config file; apply the RELOADABLE keys, report the others (SIGHUP)."""
+        async with self._reload_lock:  # two quick SIGHUPs apply one after the other
+            self.notifier.reloading()
+            try:
+                await self._reload()
+            finally:
+                self.notifier.ready()
+                self.notifier.status(self.status_text())
+
+    async def _reload(self) -> None:
         state = self.state
-        self.notifier.reloading()
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
             log.error("relay.reload_failed", error=str(exc))
             return
-        finally:
-            self.notifier.ready()
+        except Exception as exc:  # e.g. a file that is not UTF-8: still keep running
+            log.error("relay.reload_failed", error=f"{self.config_path}: {exc}")
+            return
         old = state.config
-        new = dataclasses.replace(new, directory=dataclasses.replace(
-            new.directory, instance_id=old.directory.instance_id))
         changed = changed_keys(old, new)
         applied = [k for k in changed if k in RELOADABLE]
         needs_restart = [k for k in changed if k not in RELOADABLE]
-        if "log.level" in changed:
-            set_level(new.log.level)
-        if state.access is not None and (
-            "access.allow_ttl_s" in changed or "access.deny_ttl_s" in changed
-        ):
-            state.access.update_ttls(new.access.allow_ttl_s, new.access.deny_ttl_s)
-        # Keep the unreloadable parts as they were so the running process stays coherent.
-        merged = dataclasses.replace(
-            old,
-            log=dataclasses.replace(old.log, level=new.log.level),
-            access=dataclasses.replace(old.access, allow_ttl_s=new.access.allow_ttl_s,
-                                       deny_ttl_s=new.access.deny_ttl_s),
-            admin=new.admin,
-            server=dataclasses.replace(old.server, drain_grace_s=new.server.drain_grace_s),
-            auth=dataclasses.replace(
-                old.auth, jwks_url=new.auth.jwks_url, public_key_file=new.auth.public_key_file,
-                jwks_cache_s=new.auth.jwks_cache_s,
-                jwks_refresh_min_interval_s=new.auth.jwks_refresh_min_interval_s),
-        )
-        state.config = merged
+        merged = merge(old, new, applied)
+        failed: list[str] = []
         if state.verifier is not None:
+            auth_keys = [k for k in applied if k.startswith("auth.")]
             try:
-                if any(k.startswith("auth.") for k in applied):
+                if auth_keys:
                     fresh = build_verifier(merged, state.client, state.metrics)
                     await state.verifier.reload_keys(fresh.key_source)
                 else:
                     await state.verifier.reload_keys()  # key files may have changed in place
-            except (ConfigError, OSError, ValueError) as exc:
-                log.error("relay.reload_keys_failed", error=str(exc))
-        log.info("relay.reloaded", applied=applied, needs_restart=needs_restart)
+            except Exception as exc:  # the old keys stay in use; so do the old auth settings
+                log.error("relay.reload_keys_failed", error=str(exc) or type(exc).__name__)
+                failed = auth_keys
+                applied = [k for k in applied if k not in failed]
+                merged = merge(merged, old, failed)
+        if "log.level" in applied:
+            set_level(new.log.level)
+        if state.access is not None and (
+            "access.allow_ttl_s" in applied or "access.deny_ttl_s" in applied
+        ):
+            state.access.update_ttls(new.access.allow_ttl_s, new.access.deny_ttl_s)
+        state.config = merged
+        log.info("relay.reloaded", applied=applied, needs_restart=needs_restart, failed=failed)
+        if needs_restart:
+            log.warning("relay.restart_required", keys=needs_restart)
 
     async def close(self) -> None:
         await self.feeder.stop()

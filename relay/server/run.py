@@ -15,10 +15,31 @@ from relay.server.state import STATE
 
 log = structlog.get_logger("relay.server")
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 async def serve(config: Config, *, config_path: str | None = None) -> int:
     app = build_app(config)
     state = app[STATE]
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_stop_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("relay.signal", signal=sig.name)
+            stop.set()
+        elif state.draining:
+            # A second SIGTERM / Ctrl-C: the operator does not want to wait for the grace.
+            # In-flight exchanges are cut now; agents still get DRAIN and 4503.
+            log.warning("relay.drain_forced", signal=sig.name, inflight=state.inflight_http)
+            state.idle.set()
+
+    # Handlers first: a SIGTERM during start-up must still end in a clean exit, and SIGHUP's
+    # default action would kill the process.
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_stop_signal, sig)
+    lifecycle = Lifecycle(state, config_path)
+    loop.add_signal_handler(signal.SIGHUP, lifecycle.request_reload)
     runner = web.AppRunner(
         app,
         handle_signals=False,
@@ -26,33 +47,28 @@ async def serve(config: Config, *, config_path: str | None = None) -> int:
         handler_cancellation=True,  # a client that hangs up cancels its stream at once
         shutdown_timeout=5.0,
     )
-    await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port, backlog=2048,
-                       reuse_address=True)
     try:
-        await site.start()
-    except OSError as exc:
-        log.error("relay.listen_failed", host=config.server.host, port=config.server.port,
-                  error=exc.strerror)
-        await runner.cleanup()
-        return 1
-    log.info("relay.listening", url=f"http://{config.server.host}:{config.server.port}",
-             auth_mode=config.auth.mode, access_backend=config.access.backend,
-             directory=config.directory.backend, instance_id=config.directory.instance_id)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    lifecycle = Lifecycle(state, config_path)
-    loop.add_signal_handler(signal.SIGHUP, lifecycle.request_reload)
-    lifecycle.started()
-    try:
+        await runner.setup()
+        site = web.TCPSite(runner, config.server.host, config.server.port, backlog=2048,
+                           reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            log.error("relay.listen_failed", host=config.server.host, port=config.server.port,
+                      error=exc.strerror)
+            return 1
+        log.info("relay.listening", url=f"http://{config.server.host}:{config.server.port}",
+                 auth_mode=config.auth.mode, access_backend=config.access.backend,
+                 directory=config.directory.backend, instance_id=config.directory.instance_id)
+        lifecycle.started()
         await stop.wait()
         lifecycle.stopping()
-        await drain(state, config.server.drain_grace_s)
+        # The grace is read now, not at start-up: a SIGHUP may have changed it.
+        await drain(state, state.config.server.drain_grace_s)
+        lifecycle.notifier.status(lifecycle.status_text())  # what is left after the drain
     finally:
         await lifecycle.close()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (*STOP_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await runner.cleanup()
     log.info("relay.stopped")

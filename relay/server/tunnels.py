@@ -64,8 +64,8 @@ async def handle_tunnel(request: web.Request) -> web.StreamResponse:
         epoch = await state.directory.register(str(auth.host))
     except RelayError as error:
         state.metrics.tunnel_rejections_total.labels(code=str(error.code)).inc()
-        log.info("tunnel.refused", code=str(error.code), host_id=request.query.get("hostId", "")[:300],
-                 peer=peer_address(request))
+        log.info("tunnel.refused", code=str(error.code),
+                 host_id=request.query.get("hostId", "")[:300], peer=peer_address(request))
         return await close_refused(ws, error)
     return await serve_tunnel(state, request, ws, str(auth.host), auth.identity.sub, epoch, version)
 
@@ -130,15 +130,28 @@ async def serve_tunnel(
         log.warning("tunnel.protocol_violation", host_id=host_id, error=exc.message)
         await _close_socket(ws, int(CloseCode.PROTOCOL_ERROR), exc.message[:120], request.transport)
     finally:
-        await session.close(int(CloseCode.TUNNEL_GONE), "the host's tunnel went away")
+        # The handler is cancelled as soon as the agent's connection is gone (which our own
+        # close causes), so everything that must happen runs before the first await, and the
+        # asynchronous rest in a task the relay owns, which a cancelled handler cannot cut short.
+        session.fail_all(int(CloseCode.TUNNEL_GONE), "the host's tunnel went away")
         still_current = state.registry.unregister(tunnel)
-        if still_current and state.directory is not None:
-            await state.directory.unregister(host_id, epoch)
         metrics.tunnels_connected.set(len(state.registry))
         metrics.tunnel_disconnects_total.labels(reason=_reason_label(closing, reason)).inc()
         log.info("tunnel.disconnected", host_id=host_id, peer=tunnel.peer,
                  reason=_reason_label(closing, reason), replaced=not still_current)
+        release = state.spawn(_release(state, session, host_id, epoch, still_current),
+                              f"tunnel-release:{host_id}")
+        await asyncio.shield(release)
     return ws
+
+
+async def _release(
+    state: RelayState, session: TunnelSession, host_id: str, epoch: str, still_current: bool
+) -> None:
+    """Stop the session's tasks and, if this tunnel was still current, its directory entry."""
+    await session.close(int(CloseCode.TUNNEL_GONE), "the host's tunnel went away")
+    if still_current and state.directory is not None:
+        await state.directory.unregister(host_id, epoch)
 
 
 def _reason_label(closing: dict[str, object], fallback: str) -> str:
@@ -151,7 +164,7 @@ def _reason_label(closing: dict[str, object], fallback: str) -> str:
 
 
 async def _close_socket(
-    ws: web.WebSocketResponse, code: int, reason: str, transport: asyncio.BaseTransport | None
+    ws: web.WebSocketResponse, code: int, reason: str, transport: asyncio.Transport | None
 ) -> None:
     """Close with a code, but never wait on a peer that may be gone for good."""
     clean = False

@@ -28,7 +28,9 @@ def client_ws(state: RelayState, protocols: tuple[str, ...] = ()) -> web.WebSock
     )
 
 
-async def refuse_ws(state: RelayState, request: web.Request, error: RelayError) -> web.WebSocketResponse:
+async def refuse_ws(
+    state: RelayState, request: web.Request, error: RelayError
+) -> web.WebSocketResponse:
     """Accept, then close with the error's code: browsers cannot read a refused upgrade."""
     ws = client_ws(state)
     await ws.prepare(request)
@@ -70,16 +72,17 @@ async def proxy_ws(
             )
         except TimeoutError:
             channel.close(int(CloseCode.GOING_AWAY), "open timed out")
-            return await refuse_ws(state, request, TunnelClosed("the host did not open the channel"))
+            refusal = TunnelClosed("the host did not open the channel")
+            return await refuse_ws(state, request, refusal)
         except ChannelClosed as closed:
-            error = TunnelClosed(f"the host refused the channel: {closed.reason or closed.code}")
-            return await refuse_ws(state, request, error)
+            refusal = TunnelClosed(f"the host refused the channel: {closed.reason or closed.code}")
+            return await refuse_ws(state, request, refusal)
         status = int(head.get("status", 502))
         if status != 101:
             channel.close(int(CloseCode.NORMAL), "")
-            error = TunnelClosed(f"the host refused the WebSocket with HTTP {status}")
-            error.close_code = int(CloseCode.INTERNAL_ERROR)
-            return await refuse_ws(state, request, error)
+            refusal = TunnelClosed(f"the host refused the WebSocket with HTTP {status}")
+            refusal.close_code = CloseCode.INTERNAL_ERROR
+            return await refuse_ws(state, request, refusal)
         chosen = head.get("protocol")
         ws = client_ws(state, (str(chosen),) if chosen else ())
         await ws.prepare(request)
@@ -90,7 +93,8 @@ async def proxy_ws(
     finally:
         channel.close(int(CloseCode.GOING_AWAY), "client went away")
         metrics.streams_active.labels(kind="ws").dec()
-        log.info("ws.closed", host_id=host_id, path=path, duration_s=round(time.monotonic() - started, 3))
+        log.info("ws.closed", host_id=host_id, path=path,
+                 duration_s=round(time.monotonic() - started, 3))
 
 
 def _lost_code(closed: ChannelClosed) -> tuple[int, str]:

@@ -48,6 +48,7 @@ async def bridge(
 
     async def socket_to_channel() -> None:
         reason = ""
+        code: int | None = None
         while True:
             msg = await ws.receive()
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
@@ -57,9 +58,14 @@ async def bridge(
             elif msg.type is WSMsgType.CLOSE:
                 reason = str(msg.extra or "")
                 break
+            elif msg.type is WSMsgType.ERROR:
+                # The socket was failed with a code (1009 for a message over the limit); a
+                # close handshake the peer then never completed leaves 1006 in close_code.
+                code = getattr(msg.data, "code", None)
+                break
             elif msg.type in _SOCKET_ENDED:
                 break
-        channel.close(sendable_close_code(ws.close_code), reason)
+        channel.close(sendable_close_code(code if code is not None else ws.close_code), reason)
 
     async def channel_to_socket() -> None:
         try:

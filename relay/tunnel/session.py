@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any, NamedTuple
 
 import structlog
@@ -37,8 +37,6 @@ log = structlog.get_logger("relay.tunnel")
 
 # Frames queued for the writer beyond this many bytes make data senders wait.
 OUTBOX_HIGH_WATER = 1 << 20
-# A peer may queue at most this many messages on one channel (empty messages cost no credit).
-MAX_INBOX_ITEMS = 4096
 
 
 class Role(Enum):
@@ -46,7 +44,7 @@ class Role(Enum):
     AGENT = "agent"
 
 
-class ChannelKind(str, Enum):
+class ChannelKind(StrEnum):
     HTTP = "http"
     WS = "ws"
 
@@ -94,10 +92,17 @@ class Channel:
         self._send_window = SendWindow(settings.window)
         self._recv_window = RecvWindow(settings.window)
         self._credit = asyncio.Event()
+        # HTTP: body bytes (bytes, or a bytearray coalescing frames the reader has not taken
+        # yet); WS: one Chunk per message or fragment. _FIN last.
         self._inbox: collections.deque[Any] = collections.deque()
+        self._buffered = 0
         self._readable = asyncio.Event()
         self._closed_with: ChannelClosed | None = None
         self.head: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        # Each WebSocket message (or fragment) costs credit beyond its payload, so a flood of
+        # tiny or empty messages is bounded by the window like bytes are.
+        self._frame_cost = frames.WS_FRAME_COST if kind is ChannelKind.WS else 0
+        self.fin_on_open = False  # the OPEN carried FIN: the peer sends no body
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -105,16 +110,30 @@ class Channel:
     def _on_data(self, frame: Frame) -> None:
         if self.state not in CAN_RECEIVE:
             raise ProtocolViolation(f"DATA on stream {self.id} after its FIN")
-        size = len(frame.payload)
+        payload = frame.payload
+        size = len(payload)
         more = bool(frame.flags & Flags.MORE)
         if size == 0 and more:
             raise ProtocolViolation("empty DATA fragment")
-        self._recv_window.receive(size)
+        if self.kind is ChannelKind.WS:
+            is_message = bool(size) or not frame.fin  # an empty FIN-only frame ends the stream
+            self._recv_window.receive(size + self._frame_cost if is_message else 0)
+            if is_message:
+                self._inbox.append(Chunk(payload, bool(frame.flags & Flags.TEXT), more))
+        else:
+            self._recv_window.receive(size)
+            if size:
+                # Chunk boundaries mean nothing in a body: coalesce what the reader has not
+                # taken yet, so many tiny frames cost one buffer, not one object each.
+                last = self._inbox[-1] if self._inbox else None
+                if isinstance(last, bytearray):
+                    last += payload
+                elif isinstance(last, bytes):
+                    self._inbox[-1] = bytearray(last) + payload
+                else:
+                    self._inbox.append(payload)
+        self._buffered += size
         self.bytes_in += size
-        if size or self.kind is ChannelKind.WS and not frame.fin:
-            if len(self._inbox) >= MAX_INBOX_ITEMS:
-                raise ProtocolViolation(f"stream {self.id} inbox overflow")
-            self._inbox.append(Chunk(frame.payload, bool(frame.flags & Flags.TEXT), more))
         if frame.fin:
             self.state = transition(self.state, StreamEvent.RECV_FIN)
             self._inbox.append(_FIN)
@@ -145,14 +164,25 @@ class Channel:
     def closed(self) -> bool:
         return self._closed_with is not None
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Payload bytes received and not yet read: at most one window."""
+        return self._buffered
+
     async def read(self) -> Chunk | None:
-        """Next chunk from the peer; None once the peer finished; raises ChannelClosed."""
+        """Next chunk from the peer; None once the peer finished; raises ChannelClosed.
+
+        On an HTTP channel a chunk holds whatever body bytes arrived since the last read.
+        """
         while True:
             if self._inbox:
                 item = self._inbox.popleft()
                 if item is _FIN:
                     return None
-                return item  # type: ignore[no-any-return]
+                if not isinstance(item, Chunk):
+                    item = Chunk(bytes(item), False, False)
+                self._buffered -= len(item.data)
+                return item
             if self._closed_with is not None:
                 raise self._closed_with
             self._readable.clear()
@@ -172,7 +202,7 @@ class Channel:
             if total > self.session.settings.max_ws_message:
                 raise ProtocolViolation("WebSocket message over the size limit")
             parts.append(chunk.data)
-            self.consumed(len(chunk.data))
+            self.consumed(len(chunk.data) + self._frame_cost)
             if not chunk.more:
                 data = parts[0] if len(parts) == 1 else b"".join(parts)
                 return data, chunk.text
@@ -187,28 +217,35 @@ class Channel:
 
     async def write(self, data: bytes | memoryview, *, text: bool = False,
                     message: bool = False, fin: bool = False) -> None:
-        """Send bytes, waiting for credit; ``message`` marks one whole WebSocket message."""
+        """Send bytes, waiting for credit; ``message`` marks one whole WebSocket message.
+
+        On a WebSocket channel every frame but an empty FIN is a message (or fragment) and
+        costs ``WS_FRAME_COST`` credit on top of its payload.
+        """
         view = memoryview(data)
         max_frame = self.session.settings.max_frame
         flags = Flags.TEXT if text else Flags.NONE
-        if not view:
+        cost = self._frame_cost
+        if not view and (fin or not cost):
             await self._send_data(b"", flags | (Flags.FIN if fin else Flags.NONE))
             return
-        while view:
-            while self._send_window.credit <= 0:
+        empty_message = not view
+        while view or empty_message:
+            while self._send_window.credit < cost + (1 if view else 0):
                 self._check_writable()
                 self._credit.clear()
                 await self._credit.wait()
             self._check_writable()
-            size = min(len(view), max_frame, self._send_window.credit)
+            size = min(len(view), max_frame, self._send_window.credit - cost)
             piece, view = view[:size], view[size:]
             piece_flags = flags
             if view and message:
                 piece_flags |= Flags.MORE
             if not view and fin:
                 piece_flags |= Flags.FIN
-            self._send_window.spend(size)
+            self._send_window.spend(size + cost)
             self.bytes_out += size
+            empty_message = False
             await self._send_data(bytes(piece), piece_flags)
 
     async def finish(self) -> None:
@@ -229,6 +266,8 @@ class Channel:
             raise ChannelClosed(int(CloseCode.INTERNAL_ERROR), "stream already finished")
 
     def send_head(self, head: dict[str, Any]) -> None:
+        if self._closed_with is not None:
+            return  # the stream is over; the peer has forgotten it
         self.session.send_nowait(frames.encode_json(FrameType.HEAD, self.id, head))
 
     def close(self, code: int = int(CloseCode.NORMAL), reason: str = "") -> None:
@@ -271,12 +310,15 @@ class TunnelSession:
         self._on_hello = on_hello
         self._clock = clock
         self.channels: dict[int, Channel] = {}
-        self._next_id = 1
+        self._next_id = 1  # the next stream id this side opens (the relay opens them all)
+        self._peer_max_id = 0  # the highest stream id the peer opened
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_bytes = 0
         self._outbox_ready = asyncio.Event()
         self._outbox_room = asyncio.Event()
         self._outbox_room.set()
+        self._flushed = asyncio.Event()  # nothing queued and nothing being written
+        self._flushed.set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.alive = True
         self.last_inbound = clock()
@@ -302,7 +344,9 @@ class TunnelSession:
         """Run work that belongs to this tunnel; it is cancelled when the tunnel ends."""
         return self._spawn(coro, name)
 
-    async def close(self, code: int = int(CloseCode.TUNNEL_GONE), reason: str = "tunnel closed") -> None:
+    async def close(
+        self, code: int = int(CloseCode.TUNNEL_GONE), reason: str = "tunnel closed"
+    ) -> None:
         """Fail every channel and stop every task this session owns."""
         self.fail_all(code, reason)
         current = asyncio.current_task()
@@ -320,6 +364,7 @@ class TunnelSession:
         self.channels.clear()
         self._outbox.clear()
         self._outbox_room.set()
+        self._flushed.set()
 
     # -- sending -----------------------------------------------------------------------------
     def send_nowait(self, frame: bytes) -> None:
@@ -328,6 +373,7 @@ class TunnelSession:
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
         self._outbox_ready.set()
+        self._flushed.clear()
         if self._outbox_bytes > OUTBOX_HIGH_WATER:
             self._outbox_room.clear()
 
@@ -351,6 +397,8 @@ class TunnelSession:
                     self._outbox_room.set()
                 self.bytes_out += len(frame)
                 await self._send_frame(frame)
+                if not self._outbox:
+                    self._flushed.set()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the socket is gone; the reader will notice too
@@ -363,14 +411,15 @@ class TunnelSession:
     def send_drain(self, body: dict[str, Any]) -> None:
         self.send_nowait(frames.encode_json(FrameType.DRAIN, 0, body))
 
-    async def flush(self, timeout: float) -> None:
-        """Wait until queued frames reached the socket (bounded)."""
-        deadline = self._clock() + timeout
-        while self._outbox and self.alive and self._clock() < deadline:
-            await asyncio.sleep(0.01)
+    async def flush(self, timeout: float) -> None:  # noqa: ASYNC109 (part of the API)
+        """Wait until every queued frame was handed to the socket (bounded)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._flushed.wait(), timeout)
 
     # -- channels ----------------------------------------------------------------------------
-    def open_channel(self, kind: ChannelKind, head: dict[str, Any], *, fin: bool = False) -> Channel:
+    def open_channel(
+        self, kind: ChannelKind, head: dict[str, Any], *, fin: bool = False
+    ) -> Channel:
         if not self.alive:
             raise ChannelClosed(int(CloseCode.TUNNEL_GONE), "tunnel closed", tunnel_lost=True)
         if len(self.channels) >= self.settings.max_streams:
@@ -382,7 +431,8 @@ class TunnelSession:
         body = dict(head, kind=kind.value)
         if fin:
             channel.state = transition(channel.state, StreamEvent.SEND_FIN)
-        self.send_nowait(frames.encode_json(FrameType.OPEN, stream_id, body, Flags.FIN if fin else 0))
+        flags = Flags.FIN if fin else Flags.NONE
+        self.send_nowait(frames.encode_json(FrameType.OPEN, stream_id, body, flags))
         return channel
 
     def _forget(self, channel: Channel) -> None:
@@ -399,7 +449,7 @@ class TunnelSession:
         frame = frames.decode(data, self.settings.max_frame)
         ftype = frame.type
         if ftype is FrameType.DATA:
-            channel = self.channels.get(frame.stream_id)
+            channel = self._channel_for(frame)
             if channel is None:
                 return  # raced with our CLOSE; the peer could not know yet
             channel._on_data(frame)
@@ -407,13 +457,14 @@ class TunnelSession:
                 self._forget(channel)
         elif ftype is FrameType.WINDOW:
             increment = frames.decode_window(frame)
-            channel = self.channels.get(frame.stream_id)
+            channel = self._channel_for(frame)
             if channel is not None:
                 channel._on_window(increment)
         elif ftype is FrameType.CLOSE:
             code, reason = frames.decode_close(frame)
-            channel = self.channels.pop(frame.stream_id, None)
+            channel = self._channel_for(frame)
             if channel is not None:
+                del self.channels[channel.id]
                 channel._terminate(ChannelClosed(code, reason))
         elif ftype is FrameType.PING:
             self.send_nowait(frames.encode_ping(FrameType.PONG, frame.payload))
@@ -422,7 +473,7 @@ class TunnelSession:
         elif ftype is FrameType.HEAD:
             if self.role is not Role.RELAY:
                 raise ProtocolViolation("HEAD sent to the agent")
-            channel = self.channels.get(frame.stream_id)
+            channel = self._channel_for(frame)
             if channel is not None:
                 channel._on_head(frames.decode_json(frame))
         elif ftype is FrameType.OPEN:
@@ -438,14 +489,31 @@ class TunnelSession:
             if self._on_drain is not None:
                 self._on_drain(frames.decode_json(frame))
 
+    def _channel_for(self, frame: Frame) -> Channel | None:
+        """The live channel a stream frame is for; None for a stream that has since ended.
+
+        A stream that was never opened (an even id, or one beyond the highest opened) is a
+        protocol violation, not a late frame.
+        """
+        channel = self.channels.get(frame.stream_id)
+        if channel is not None:
+            return channel
+        highest = self._next_id - 2 if self.role is Role.RELAY else self._peer_max_id
+        if frame.stream_id % 2 == 0 or frame.stream_id > highest:
+            raise ProtocolViolation(
+                f"{frame.type.name} for stream {frame.stream_id}, which was never opened"
+            )
+        return None
+
     def _on_open_frame(self, frame: Frame) -> None:
         if self.role is not Role.AGENT or self._on_open is None:
             raise ProtocolViolation("OPEN sent to the relay")
-        if frame.stream_id in self.channels or frame.stream_id % 2 == 0:
+        if frame.stream_id <= self._peer_max_id or frame.stream_id % 2 == 0:
             raise ProtocolViolation(f"OPEN reuses or misnumbers stream {frame.stream_id}")
+        self._peer_max_id = frame.stream_id
         head = frames.decode_json(frame)
         try:
-            kind = ChannelKind(head.get("kind"))
+            kind = ChannelKind(str(head.get("kind")))
         except ValueError:
             raise ProtocolViolation("OPEN with an unknown kind") from None
         channel = Channel(self, frame.stream_id, kind)
@@ -457,6 +525,7 @@ class TunnelSession:
         self.channels[frame.stream_id] = channel
         if frame.fin:
             channel.state = transition(channel.state, StreamEvent.RECV_FIN)
+            channel.fin_on_open = True
             channel._inbox.append(_FIN)
         self._on_open(channel, head)
 
@@ -498,7 +567,9 @@ class TunnelSession:
         }
 
 
-async def cancel_and_wait(tasks: list[asyncio.Task[Any]], timeout: float = 5.0) -> None:
+async def cancel_and_wait(
+    tasks: list[asyncio.Task[Any]], timeout: float = 5.0  # noqa: ASYNC109
+) -> None:
     for task in tasks:
         task.cancel()
     live = [t for t in tasks if not t.done()]

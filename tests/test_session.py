@@ -1,0 +1,691 @@
+"""TunnelSession without sockets: a relay session and an agent session joined back to back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+
+from relay.errors import CloseCode, Overloaded, ProtocolViolation
+from relay.protocol import frames
+from relay.protocol.frames import WS_FRAME_COST, Flags, FrameType
+from relay.tunnel.session import (
+    Channel,
+    ChannelClosed,
+    ChannelKind,
+    Role,
+    SessionSettings,
+    TunnelSession,
+)
+from tests.harness import eventually
+
+SMALL = SessionSettings(window=4096, max_frame=1024, max_streams=8, max_ws_message=64 * 1024)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Link:
+    """Two sessions whose writers feed each other, like the two ends of a tunnel WebSocket."""
+
+    relay: TunnelSession
+    agent: TunnelSession
+    opened: asyncio.Queue[tuple[Channel, dict[str, Any]]]
+    violations: list[tuple[str, ProtocolViolation]] = field(default_factory=list)
+    frames_to_relay: list[bytes] = field(default_factory=list)
+    frames_to_agent: list[bytes] = field(default_factory=list)
+    cut_to_relay: bool = False
+    cut_to_agent: bool = False
+
+    async def accept(self) -> tuple[Channel, dict[str, Any]]:
+        return await asyncio.wait_for(self.opened.get(), 5)
+
+    async def close(self) -> None:
+        await self.relay.close()
+        await self.agent.close()
+
+
+def sender(
+    link: Callable[[], Link], to_relay: bool
+) -> Callable[[bytes], Awaitable[None]]:
+    async def send_frame(data: bytes) -> None:
+        pipe = link()
+        if to_relay:
+            pipe.frames_to_relay.append(data)
+            if pipe.cut_to_relay:
+                return
+            target, name = pipe.relay, "relay"
+        else:
+            pipe.frames_to_agent.append(data)
+            if pipe.cut_to_agent:
+                return
+            target, name = pipe.agent, "agent"
+        try:
+            target.feed(data)
+        except ProtocolViolation as violation:
+            pipe.violations.append((name, violation))
+
+    return send_frame
+
+
+def make_link(
+    relay_settings: SessionSettings = SMALL,
+    agent_settings: SessionSettings | None = None,
+    *,
+    relay_clock: Callable[[], float] | None = None,
+    on_silence: Callable[[], None] | None = None,
+    start: bool = True,
+) -> Link:
+    holder: list[Link] = []
+    opened: asyncio.Queue[tuple[Channel, dict[str, Any]]] = asyncio.Queue()
+    extra: dict[str, Any] = {"clock": relay_clock} if relay_clock else {}
+    relay = TunnelSession(sender(lambda: holder[0], to_relay=False), relay_settings,
+                          role=Role.RELAY, name="relay", on_silence=on_silence, **extra)
+    agent = TunnelSession(sender(lambda: holder[0], to_relay=True),
+                          agent_settings or relay_settings, role=Role.AGENT, name="agent",
+                          on_open=lambda ch, head: opened.put_nowait((ch, head)))
+    holder.append(Link(relay, agent, opened))
+    if start:
+        relay.start()
+        agent.start()
+    return holder[0]
+
+
+@pytest.fixture
+async def link() -> AsyncIterator[Link]:
+    pipe = make_link()
+    try:
+        yield pipe
+    finally:
+        await pipe.close()
+    assert pipe.violations == []
+
+
+async def read_all(channel: Channel) -> bytes:
+    parts = []
+    while (chunk := await asyncio.wait_for(channel.read(), 5)) is not None:
+        parts.append(chunk.data)
+        channel.consumed(len(chunk.data))
+    return b"".join(parts)
+
+
+async def settle() -> None:
+    """Let queued frames cross the in-memory pipe."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+# -- one exchange ----------------------------------------------------------------------------------
+
+
+async def test_open_head_data_fin_round_trip(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {"method": "POST", "path": "/up"})
+    await relay_ch.write(b"hello ", fin=False)
+    await relay_ch.write(b"host", fin=True)
+    agent_ch, head = await link.accept()
+    assert head == {"method": "POST", "path": "/up", "kind": "http"}
+    assert agent_ch.id == relay_ch.id == 1
+    assert await read_all(agent_ch) == b"hello host"
+
+    agent_ch.send_head({"status": 200, "headers": [["X-A", "1"]]})
+    await agent_ch.write(b"hello ")
+    await agent_ch.write(b"client", fin=True)
+    assert await asyncio.wait_for(relay_ch.head, 5) == {"status": 200, "headers": [["X-A", "1"]]}
+    assert await read_all(relay_ch) == b"hello client"
+    await settle()
+    assert link.relay.channels == {} and link.agent.channels == {}
+
+
+async def test_open_with_fin_means_no_request_body(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {"method": "GET"}, fin=True)
+    agent_ch, _ = await link.accept()
+    assert agent_ch.fin_on_open
+    assert await agent_ch.read() is None
+    with pytest.raises(ChannelClosed):
+        await relay_ch.write(b"late")
+
+
+async def test_open_without_fin_is_not_mistaken_for_a_bodiless_request(link: Link) -> None:
+    """Body and FIN may arrive before the agent's task looks at the stream."""
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {"method": "POST"})
+    await relay_ch.write(b"tiny", fin=True)
+    await settle()
+    agent_ch, _ = await link.accept()
+    assert not agent_ch.fin_on_open
+    assert await read_all(agent_ch) == b"tiny"
+
+
+async def test_stream_ids_are_odd_and_increasing(link: Link) -> None:
+    ids = [link.relay.open_channel(ChannelKind.HTTP, {}, fin=True).id for _ in range(4)]
+    assert ids == [1, 3, 5, 7]
+
+
+async def test_binary_payload_crosses_byte_exact(link: Link) -> None:
+    payload = bytes(range(256)) * 100
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+    writer = asyncio.ensure_future(relay_ch.write(payload, fin=True))
+    agent_ch, _ = await link.accept()
+    assert await read_all(agent_ch) == payload
+    await writer
+
+
+async def test_data_never_exceeds_max_frame_on_the_wire(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+    writer = asyncio.ensure_future(relay_ch.write(b"z" * 10000, fin=True))
+    agent_ch, _ = await link.accept()
+    await read_all(agent_ch)
+    await writer
+    sizes = [len(f) - frames.HEADER_SIZE for f in link.frames_to_agent if f[0] == FrameType.DATA]
+    assert sum(sizes) == 10000
+    assert max(sizes) <= SMALL.max_frame
+
+
+async def test_close_never_overtakes_the_data_before_it(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+    agent_ch, _ = await link.accept()
+    agent_ch.send_head({"status": 200})
+    await agent_ch.write(b"partial body")
+    agent_ch.close(4000, "host failed")
+    chunk = await asyncio.wait_for(relay_ch.read(), 5)
+    assert chunk is not None and chunk.data == b"partial body"
+    with pytest.raises(ChannelClosed) as info:
+        await relay_ch.read()
+    assert (info.value.code, info.value.reason, info.value.tunnel_lost) == (4000, "host failed",
+                                                                            False)
+
+
+# -- flow control ----------------------------------------------------------------------------------
+
+
+async def test_a_reader_that_does_not_read_blocks_the_writer_at_one_window(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+    payload = bytes(i % 251 for i in range(5 * SMALL.window))
+    writer = asyncio.ensure_future(relay_ch.write(payload, fin=True))
+    agent_ch, _ = await link.accept()
+
+    await eventually(lambda: agent_ch.buffered_bytes == SMALL.window)
+    for _ in range(50):  # the writer stays stuck however long the reader waits
+        await asyncio.sleep(0)
+        assert not writer.done()
+        assert agent_ch.buffered_bytes <= SMALL.window
+        assert relay_ch.bytes_out - agent_ch.bytes_in == 0  # nothing else in flight
+
+    received = bytearray()
+    while len(received) < len(payload):
+        chunk = await asyncio.wait_for(agent_ch.read(), 5)
+        assert chunk is not None
+        assert agent_ch.buffered_bytes <= SMALL.window
+        received += chunk.data
+        agent_ch.consumed(len(chunk.data))
+    assert bytes(received) == payload
+    assert await agent_ch.read() is None
+    await asyncio.wait_for(writer, 5)
+
+
+async def test_unacknowledged_bytes_never_exceed_the_window(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+    writer = asyncio.ensure_future(relay_ch.write(b"q" * 100_000, fin=True))
+    agent_ch, _ = await link.accept()
+    consumed = 0
+    while (chunk := await asyncio.wait_for(agent_ch.read(), 5)) is not None:
+        assert relay_ch.bytes_out - consumed <= SMALL.window
+        await asyncio.sleep(0)  # a slow consumer: the writer gets every chance to overrun
+        assert relay_ch.bytes_out - consumed <= SMALL.window
+        agent_ch.consumed(len(chunk.data))
+        consumed += len(chunk.data)
+    assert consumed == 100_000
+    await writer
+
+
+async def test_window_updates_are_batched(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+    writer = asyncio.ensure_future(relay_ch.write(b"w" * 40 * SMALL.window, fin=True))
+    agent_ch, _ = await link.accept()
+    await read_all(agent_ch)
+    await writer
+    windows = [f for f in link.frames_to_relay if f[0] == FrameType.WINDOW]
+    data = [f for f in link.frames_to_agent if f[0] == FrameType.DATA]
+    assert len(windows) <= 2 * 40  # one per half window, not one per chunk
+    assert len(windows) < len(data)
+
+
+async def test_many_tiny_body_chunks_to_a_slow_reader_stay_within_one_window(link: Link) -> None:
+    """A host writing a byte at a time to a slow client must not break the tunnel."""
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+    agent_ch, _ = await link.accept()
+    agent_ch.send_head({"status": 200})
+
+    async def trickle() -> None:
+        for i in range(3 * SMALL.window):
+            await agent_ch.write(bytes([i % 256]))
+        await agent_ch.finish()
+
+    writer = asyncio.ensure_future(trickle())
+    await eventually(lambda: relay_ch.buffered_bytes == SMALL.window)
+    assert not writer.done()
+    assert len(relay_ch._inbox) <= 2  # coalesced, not one object per frame
+    body = await read_all(relay_ch)
+    assert body == bytes(i % 256 for i in range(3 * SMALL.window))
+    await writer
+
+
+async def test_writer_blocked_on_credit_fails_when_the_peer_closes(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+    writer = asyncio.ensure_future(relay_ch.write(b"x" * 3 * SMALL.window))
+    agent_ch, _ = await link.accept()
+    await eventually(lambda: agent_ch.buffered_bytes == SMALL.window)
+    agent_ch.close(1001, "client went away")
+    with pytest.raises(ChannelClosed) as info:
+        await asyncio.wait_for(writer, 5)
+    assert info.value.code == 1001
+
+
+async def test_peer_sending_beyond_its_credit_is_a_protocol_violation() -> None:
+    link = make_link()
+    try:
+        relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+        await link.accept()
+        link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"a" * SMALL.max_frame))
+        for _ in range(SMALL.window // SMALL.max_frame - 1):
+            link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"a" * SMALL.max_frame))
+        with pytest.raises(ProtocolViolation, match="credit"):
+            link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"a"))
+    finally:
+        await link.close()
+
+
+async def test_peer_granting_credit_beyond_the_maximum_is_a_protocol_violation(
+    link: Link,
+) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+    with pytest.raises(ProtocolViolation, match="maximum window"):
+        link.relay.feed(frames.encode_window(relay_ch.id, frames.MAX_WINDOW))
+
+
+async def test_data_after_the_peers_fin_is_a_protocol_violation(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+    await relay_ch.finish()
+    await link.accept()
+    await settle()
+    # The agent's view: the relay finished its half; more DATA from it is a violation.
+    with pytest.raises(ProtocolViolation, match="after its FIN"):
+        link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"late"))
+
+
+# -- WebSocket messages ------------------------------------------------------------------------
+
+
+async def test_large_ws_message_is_fragmented_with_more_and_reassembled(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.WS, {"path": "/ws"})
+    text = ("héllo wörld " * 1000).encode()  # multi-byte characters cut across fragments
+    writer = asyncio.ensure_future(relay_ch.write(text, text=True, message=True))
+    agent_ch, _ = await link.accept()
+    assert await asyncio.wait_for(agent_ch.read_message(), 5) == (text, True)
+    await writer
+    data = [frames.decode(f, SMALL.max_frame) for f in link.frames_to_agent
+            if f[0] == FrameType.DATA]
+    assert len(data) > 1
+    assert all(f.flags & Flags.MORE for f in data[:-1])
+    assert not data[-1].flags & Flags.MORE
+    assert all(f.flags & Flags.TEXT for f in data)
+
+
+async def test_ws_messages_keep_their_boundaries_and_types(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.WS, {})
+    sent = [(b"one", True), (b"", False), (b"\x00\x01", False), (b"", True), (b"x" * 5000, False)]
+
+    async def send_all() -> None:
+        for data, is_text in sent:
+            await relay_ch.write(data, text=is_text, message=True)
+
+    writer = asyncio.ensure_future(send_all())
+    agent_ch, _ = await link.accept()
+    for expected in sent:
+        assert await asyncio.wait_for(agent_ch.read_message(), 5) == expected
+    await writer
+
+
+async def test_ws_message_over_max_ws_message_is_refused_by_the_reader() -> None:
+    settings = replace(SMALL, max_ws_message=4096)
+    link = make_link(settings)
+    try:
+        relay_ch = link.relay.open_channel(ChannelKind.WS, {})
+        writer = asyncio.ensure_future(relay_ch.write(b"m" * 4096, message=True))
+        agent_ch, _ = await link.accept()
+        assert await asyncio.wait_for(agent_ch.read_message(), 5) == (b"m" * 4096, False)
+        await writer
+        writer = asyncio.ensure_future(relay_ch.write(b"m" * 4097, message=True))
+        with pytest.raises(ProtocolViolation, match="size limit"):
+            await asyncio.wait_for(agent_ch.read_message(), 5)
+        writer.cancel()
+    finally:
+        await link.close()
+
+
+async def test_ws_stream_ending_inside_a_fragmented_message_is_a_violation(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.WS, {})
+    agent_ch, _ = await link.accept()
+    link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"part", Flags.MORE))
+    link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"", Flags.FIN))
+    with pytest.raises(ProtocolViolation, match="inside a fragmented message"):
+        await agent_ch.read_message()
+
+
+async def test_empty_ws_fragment_is_a_violation(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.WS, {})
+    await link.accept()
+    with pytest.raises(ProtocolViolation, match="empty DATA fragment"):
+        link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"", Flags.MORE))
+
+
+async def test_a_flood_of_empty_ws_messages_is_bounded_by_credit(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.WS, {})
+    count = 10 * SMALL.window // WS_FRAME_COST
+
+    async def flood() -> None:
+        for _ in range(count):
+            await relay_ch.write(b"", message=True)
+
+    writer = asyncio.ensure_future(flood())
+    agent_ch, _ = await link.accept()
+    bound = SMALL.window // WS_FRAME_COST
+    await eventually(lambda: len(agent_ch._inbox) == bound)
+    for _ in range(50):
+        await asyncio.sleep(0)
+        assert len(agent_ch._inbox) <= bound
+        assert not writer.done()
+    for _ in range(count):
+        assert await asyncio.wait_for(agent_ch.read_message(), 5) == (b"", False)
+    await asyncio.wait_for(writer, 5)
+
+
+async def test_a_flood_of_tiny_ws_messages_is_bounded_by_credit(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.WS, {})
+    count = 2000
+
+    async def flood() -> None:
+        for i in range(count):
+            await relay_ch.write(bytes([i % 256]), message=True)
+
+    writer = asyncio.ensure_future(flood())
+    agent_ch, _ = await link.accept()
+    bound = SMALL.window // (WS_FRAME_COST + 1)
+    await eventually(lambda: len(agent_ch._inbox) == bound)
+    assert not writer.done()
+    for i in range(count):
+        assert await asyncio.wait_for(agent_ch.read_message(), 5) == (bytes([i % 256]), False)
+    await asyncio.wait_for(writer, 5)
+
+
+async def test_a_peer_flooding_empty_ws_messages_beyond_credit_is_a_violation(
+    link: Link,
+) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.WS, {})
+    agent_ch, _ = await link.accept()
+    empty = frames.encode(FrameType.DATA, relay_ch.id, b"")
+    with pytest.raises(ProtocolViolation, match="credit"):
+        for _ in range(SMALL.window):
+            link.agent.feed(empty)
+    assert len(agent_ch._inbox) <= SMALL.window // WS_FRAME_COST
+
+
+# -- ending streams and tunnels ----------------------------------------------------------------
+
+
+async def test_close_ends_the_peers_reader_with_its_code_and_reason(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.WS, {})
+    agent_ch, _ = await link.accept()
+    reader = asyncio.ensure_future(agent_ch.read_message())
+    await settle()
+    relay_ch.close(4410, "tunnel gone")
+    with pytest.raises(ChannelClosed) as info:
+        await asyncio.wait_for(reader, 5)
+    assert (info.value.code, info.value.reason, info.value.tunnel_lost) == (4410, "tunnel gone",
+                                                                            False)
+    assert agent_ch.closed and relay_ch.closed
+    assert link.relay.channels == {} and link.agent.channels == {}
+
+
+async def test_close_before_head_fails_the_waiter_on_the_head(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+    agent_ch, _ = await link.accept()
+    agent_ch.close(int(CloseCode.TRY_AGAIN_LATER), "busy")
+    with pytest.raises(ChannelClosed) as info:
+        await asyncio.wait_for(relay_ch.head, 5)
+    assert info.value.code == 1013
+
+
+async def test_a_finished_stream_sends_no_close(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+    agent_ch, _ = await link.accept()
+    agent_ch.send_head({"status": 204})
+    await agent_ch.finish()
+    assert await asyncio.wait_for(relay_ch.read(), 5) is None
+    agent_ch.close()
+    relay_ch.close()
+    await settle()
+    assert [f for f in link.frames_to_agent + link.frames_to_relay
+            if f[0] == FrameType.CLOSE] == []
+
+
+async def test_fail_all_marks_every_channel_tunnel_lost(link: Link) -> None:
+    waiting_head = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+    reading = link.relay.open_channel(ChannelKind.WS, {})
+    writing = link.relay.open_channel(ChannelKind.HTTP, {})
+    reader = asyncio.ensure_future(reading.read())
+    writer = asyncio.ensure_future(writing.write(b"x" * 3 * SMALL.window))
+    for _ in range(3):
+        await link.accept()
+    await settle()
+    link.relay.fail_all(4410, "tunnel gone")
+    for pending in (waiting_head.head, reader, writer):
+        with pytest.raises(ChannelClosed) as info:
+            await asyncio.wait_for(pending, 5)
+        assert info.value.tunnel_lost
+        assert info.value.code == 4410
+    assert link.relay.channels == {}
+    assert not link.relay.alive
+    with pytest.raises(ChannelClosed) as opened:
+        link.relay.open_channel(ChannelKind.HTTP, {})
+    assert opened.value.tunnel_lost
+
+
+async def test_session_close_stops_its_tasks(link: Link) -> None:
+    task = link.relay.spawn(asyncio.sleep(3600), "owned")
+    await link.relay.close()
+    assert task.cancelled()
+    assert link.relay.closed.is_set()
+
+
+async def test_writer_failure_fails_the_session() -> None:
+    async def broken(_: bytes) -> None:
+        raise ConnectionResetError
+
+    session = TunnelSession(broken, SMALL, role=Role.RELAY, name="broken")
+    session.start()
+    channel = session.open_channel(ChannelKind.HTTP, {}, fin=True)
+    with pytest.raises(ChannelClosed) as info:
+        await asyncio.wait_for(channel.head, 5)
+    assert info.value.tunnel_lost
+    await session.close()
+
+
+# -- stream limits -----------------------------------------------------------------------------
+
+
+async def test_max_streams_refuses_one_more_with_overloaded() -> None:
+    link = make_link(replace(SMALL, max_streams=2))
+    try:
+        first = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+        link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+        with pytest.raises(Overloaded):
+            link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+        first.close(1001, "done")
+        link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+    finally:
+        await link.close()
+
+
+async def test_agent_over_its_stream_limit_refuses_the_open_with_1013() -> None:
+    link = make_link(SMALL, replace(SMALL, max_streams=1))
+    try:
+        link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+        refused = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+        with pytest.raises(ChannelClosed) as info:
+            await asyncio.wait_for(refused.head, 5)
+        assert info.value.code == 1013
+        assert link.opened.qsize() == 1
+    finally:
+        await link.close()
+
+
+# -- frames in the wrong direction ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("to_relay", "data", "message"),
+    [
+        (True, frames.encode_json(FrameType.OPEN, 1, {"kind": "http"}), "OPEN sent to the relay"),
+        (True, frames.encode_json(FrameType.HELLO, 0, {}), "HELLO sent to the relay"),
+        (True, frames.encode_json(FrameType.DRAIN, 0, {}), "DRAIN sent to the relay"),
+        (False, frames.encode_json(FrameType.HEAD, 1, {}), "HEAD sent to the agent"),
+        (False, frames.encode_json(FrameType.OPEN, 2, {"kind": "http"}), "misnumbers"),
+        (False, frames.encode_json(FrameType.OPEN, 1, {"kind": "ftp"}), "unknown kind"),
+    ],
+)
+async def test_frames_in_the_wrong_direction_are_violations(
+    link: Link, to_relay: bool, data: bytes, message: str
+) -> None:
+    target = link.relay if to_relay else link.agent
+    with pytest.raises(ProtocolViolation, match=message):
+        target.feed(data)
+
+
+async def test_open_reusing_a_live_stream_id_is_a_violation(link: Link) -> None:
+    link.relay.open_channel(ChannelKind.HTTP, {})
+    await link.accept()
+    with pytest.raises(ProtocolViolation, match="reuses"):
+        link.agent.feed(frames.encode_json(FrameType.OPEN, 1, {"kind": "http"}))
+
+
+async def test_second_head_is_a_violation(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+    link.relay.feed(frames.encode_json(FrameType.HEAD, relay_ch.id, {"status": 200}))
+    with pytest.raises(ProtocolViolation, match="second HEAD"):
+        link.relay.feed(frames.encode_json(FrameType.HEAD, relay_ch.id, {"status": 200}))
+
+
+async def test_late_frames_for_a_stream_that_ended_are_ignored(link: Link) -> None:
+    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+    agent_ch, _ = await link.accept()
+    relay_ch.close(1001, "client went away")
+    await settle()
+    for session, frame_id in ((link.relay, relay_ch.id), (link.agent, agent_ch.id)):
+        session.feed(frames.encode(FrameType.DATA, frame_id, b"late"))
+        session.feed(frames.encode_window(frame_id, 10))
+        session.feed(frames.encode_close(frame_id, 1000))
+    link.relay.feed(frames.encode_json(FrameType.HEAD, relay_ch.id, {"status": 200}))
+    assert link.relay.channels == {} and link.agent.channels == {}
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        frames.encode(FrameType.DATA, 3, b"unsolicited"),
+        frames.encode(FrameType.DATA, 2, b"even"),
+        frames.encode_window(3, 10),
+        frames.encode_close(5, 1000),
+        frames.encode_json(FrameType.HEAD, 7, {"status": 200}),
+        frames.encode_json(FrameType.HEAD, 2, {"status": 200}),
+    ],
+    ids=["data", "data-even", "window", "close", "head", "head-even"],
+)
+async def test_frames_for_a_stream_never_opened_are_violations(link: Link, frame: bytes) -> None:
+    link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)  # stream 1 exists
+    await link.accept()
+    with pytest.raises(ProtocolViolation, match="never opened"):
+        link.relay.feed(frame)
+    if frame[0] != FrameType.HEAD:
+        with pytest.raises(ProtocolViolation, match="never opened"):
+            link.agent.feed(frame)
+
+
+async def test_open_for_an_id_below_the_last_one_is_a_violation(link: Link) -> None:
+    link.agent.feed(frames.encode_json(FrameType.OPEN, 5, {"kind": "http"}, Flags.FIN))
+    with pytest.raises(ProtocolViolation, match="reuses or misnumbers"):
+        link.agent.feed(frames.encode_json(FrameType.OPEN, 3, {"kind": "http"}))
+
+
+async def test_hello_and_drain_reach_the_agents_callbacks() -> None:
+    hellos: list[dict[str, Any]] = []
+    drains: list[dict[str, Any]] = []
+    agent = TunnelSession(lambda _: asyncio.sleep(0), SMALL, role=Role.AGENT, name="a",
+                          on_hello=hellos.append, on_drain=drains.append)
+    agent.feed(frames.encode_json(FrameType.HELLO, 0, {"version": 1}))
+    agent.feed(frames.encode_json(FrameType.DRAIN, 0, {"reason": "deploy"}))
+    assert hellos == [{"version": 1}] and drains == [{"reason": "deploy"}]
+
+
+# -- keepalive ----------------------------------------------------------------------------------
+
+
+async def test_keepalive_does_not_fire_while_pongs_flow() -> None:
+    clock = FakeClock()
+    fired: list[bool] = []
+    settings = replace(SMALL, ping_interval_s=0.01, keepalive_misses=3)
+    link = make_link(settings, replace(settings, ping_interval_s=3600), relay_clock=clock,
+                     on_silence=lambda: fired.append(True))
+    try:
+        for _ in range(30):  # 30 intervals: ten times the silence limit
+            clock.now += settings.ping_interval_s
+            await eventually(lambda: link.relay.last_pong == clock.now)
+            assert link.relay.silent_for() == 0
+        assert fired == []
+        assert link.relay.rtt_s is not None
+    finally:
+        await link.close()
+
+
+async def test_keepalive_fires_once_the_peer_stops_answering() -> None:
+    clock = FakeClock()
+    fired: list[bool] = []
+    settings = replace(SMALL, ping_interval_s=0.01, keepalive_misses=3)
+    link = make_link(settings, replace(settings, ping_interval_s=3600), relay_clock=clock,
+                     on_silence=lambda: fired.append(True))
+    try:
+        await eventually(lambda: link.relay.last_pong == clock.now)
+        link.cut_to_relay = True  # the agent's answers are lost from now on
+        clock.now += settings.silence_limit_s * 0.9  # nearly at the limit: not yet
+        pings = len(link.frames_to_agent)
+        await eventually(lambda: len(link.frames_to_agent) > pings)
+        await asyncio.sleep(0.05)
+        assert fired == []
+        clock.now += settings.silence_limit_s * 0.2
+        await eventually(lambda: fired == [True])
+    finally:
+        await link.close()
+
+
+async def test_any_inbound_frame_counts_as_life() -> None:
+    clock = FakeClock()
+    session = TunnelSession(lambda _: asyncio.sleep(0), SMALL, role=Role.RELAY, name="r",
+                            clock=clock)
+    clock.now += 100
+    assert session.silent_for() == 100
+    session.feed(frames.encode_ping(FrameType.PING, b"x"))
+    assert session.silent_for() == 0
+
+
+async def test_ping_is_answered_with_a_pong_echoing_its_payload(link: Link) -> None:
+    link.relay.feed(frames.encode_ping(FrameType.PING, b"echo me"))
+    await settle()
+    assert frames.encode_ping(FrameType.PONG, b"echo me") in link.frames_to_agent
