@@ -64,6 +64,13 @@ def package_of(path: str) -> str:
     return parts[0]
 
 
+# Frames on every stack (interpreter and event-loop entry): noise in an inclusive ranking.
+_ENTRY_POINTS = frozenset({
+    "<module>", "run", "main", "_run", "run_forever", "run_until_complete", "_run_once",
+    "_run_module_as_main", "_run_code", "cmd_serve", "cmd_agent", "Runner.run",
+})
+
+
 @dataclass
 class Profile:
     """Counts from one raw py-spy file."""
@@ -103,10 +110,10 @@ def load_raw(path: Path) -> Profile:
 
 
 def summarize(profile: Profile, *, title: str, seconds: float, rate: int,
-              top: int = 25) -> str:
+              top: int = 25, lines: int = 15) -> str:
     """A text report: busy share, self time by package, top functions by self and inclusive."""
     possible = max(1, round(seconds * rate))
-    lines = [
+    out = [
         f"{title}",
         f"samples: {profile.samples} busy of ~{possible} possible "
         f"({100 * profile.samples / possible:.0f}% of one core; idle waits are not sampled)",
@@ -114,19 +121,23 @@ def summarize(profile: Profile, *, title: str, seconds: float, rate: int,
         "self time by package:",
     ]
     total = max(1, profile.samples)
-    for name, count in profile.self_by_package.most_common(12):
-        lines.append(f"  {100 * count / total:5.1f}%  {name}")
-    lines += ["", f"top {top} functions by self time:"]
+    for name, count in profile.self_by_package.most_common(8 if lines == 0 else 12):
+        out.append(f"  {100 * count / total:5.1f}%  {name}")
+    out += ["", f"top {top} functions by self time:"]
     for name, count in profile.self_by_func.most_common(top):
-        lines.append(f"  {100 * count / total:5.1f}%  {name}")
-    lines += ["", f"top {top} functions by inclusive time (on the stack):"]
-    for name, count in profile.total_by_func.most_common(top + 10):
+        out.append(f"  {100 * count / total:5.1f}%  {name}")
+    out += ["", f"top {top} functions by inclusive time (on the stack, entry points left out):"]
+    shown = 0
+    for name, count in profile.total_by_func.most_common():
         func = name.split(" (", 1)[0]
-        if func in {"<module>", "run", "main", "_run", "run_forever", "run_until_complete",
-                    "_run_once", "_run_module_as_main", "_run_code"}:
+        if func in _ENTRY_POINTS:
             continue
-        lines.append(f"  {100 * count / total:5.1f}%  {name}")
-    lines += ["", "top 15 lines by self time:"]
-    for name, count in profile.self_by_line.most_common(15):
-        lines.append(f"  {100 * count / total:5.1f}%  {name}")
-    return "\n".join(lines) + "\n"
+        out.append(f"  {100 * count / total:5.1f}%  {name}")
+        shown += 1
+        if shown >= top:
+            break
+    if lines:
+        out += ["", f"top {lines} lines by self time:"]
+        for name, count in profile.self_by_line.most_common(lines):
+            out.append(f"  {100 * count / total:5.1f}%  {name}")
+    return "\n".join(out) + "\n"

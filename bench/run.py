@@ -294,8 +294,8 @@ class Bench:
             with self.cpu_meter() as meters[path]:
                 results[path] = wrk.run(binary, url, token=self.token, seconds=d.w1_s)
             r = results[path]
-            print(f"  W1 {path:6s} {r.requests_per_s:10,.0f} req/s  p50 {r.p50_ms} ms  "
-                  f"p99 {r.p99_ms} ms  errors {r.errors}  CPU {meters[path].describe()}",
+            print(f"  W1 {path:6s} {r.requests_per_s:10,.0f} req/s  p50 {ms(r.p50_ms)}  "
+                  f"p99 {ms(r.p99_ms)}  errors {r.errors}  CPU {meters[path].describe()}",
                   flush=True)
         direct, relay = results["direct"], results["relay"]
         self.report.raw["W1"] = {k: {**asdict(v), "cpu_s": meters[k].used}
@@ -373,12 +373,12 @@ class Bench:
                     f"{workload} profile of the {who}: py-spy wrote nothing "
                     f"({self.procs.log_tail(f'pyspy-{who}-raw', 3)})")
                 continue
-            text = profiling.summarize(profiling.load_raw(raw),
-                                       title=f"{who} under {workload} (py-spy, {rate} Hz)",
-                                       seconds=seconds, rate=rate)
+            profile = profiling.load_raw(raw)
+            title = f"{who} under {workload} (py-spy, {rate} Hz)"
             top = RESULTS / f"{who}-{workload}-top.txt"
-            top.write_text(text)
-            self.report.profiles[f"{who}-{workload}"] = text
+            top.write_text(profiling.summarize(profile, title=title, seconds=seconds, rate=rate))
+            self.report.profiles[f"{who}-{workload}"] = profiling.summarize(
+                profile, title=title, seconds=seconds, rate=rate, top=12, lines=0)
         self.report.notes.append(
             f"{workload} profiles: {RESULTS.relative_to(REPO)}/{{relay,agent}}-{workload}.svg "
             f"(flame graphs), *-{workload}-top.txt (summaries), *.raw.txt (collapsed stacks)")
@@ -707,8 +707,8 @@ class Bench:
                 results[path] = wrk.run(binary, url, token=self.token,
                                         seconds=self.durations.w5_s)
                 r = results[path]
-                print(f"  W5 {path:9s} {r.requests_per_s:10,.0f} req/s  p50 {r.p50_ms} ms  "
-                      f"p99 {r.p99_ms} ms  errors {r.errors}", flush=True)
+                print(f"  W5 {path:9s} {r.requests_per_s:10,.0f} req/s  p50 {ms(r.p50_ms)}  "
+                      f"p99 {ms(r.p99_ms)}  errors {r.errors}", flush=True)
             own, fwd = results["owner"], results["non-owner"]
             self.report.raw["W5"] = {k: asdict(v) for k, v in results.items()}
             rows = self.report.rows
@@ -796,6 +796,11 @@ def percentile(hist: collections.Counter[int], pct: float) -> float:
 
 
 # -- output -----------------------------------------------------------------------------------
+
+
+def ms(value: float | None) -> str:
+    """A latency for a progress line."""
+    return "n/a" if value is None else f"{value:.2f} ms"
 
 
 def fmt_value(value: float | None, unit: str) -> str:
@@ -923,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
         file = f"{name}.txt" if name.endswith("-memory") else f"{name}-top.txt"
         tool = "tracemalloc" if name.endswith("-memory") else "py-spy"
         print(f"\n--- {tool}: {name} (top of {RESULTS.relative_to(REPO)}/{file}) ---")
-        print("\n".join(text.splitlines()[:45]))
+        print("\n".join(text.splitlines()[:60]))
     print(f"\nbench: finished in {elapsed:.0f}s")
     if args.json_path:
         payload = {
