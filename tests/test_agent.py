@@ -603,3 +603,21 @@ async def test_stopping_agent_does_not_wait_for_a_hanging_connect() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_first_4503_refusal_reconnects_at_once_and_repeats_back_off() -> None:
+    from relay.agent.backoff import Backoff
+    from relay.agent.client import Agent, AgentOptions, Outcome
+    from relay.agent.tokens import TokenSource
+    from relay.errors import CloseCode
+
+    agent = Agent(AgentOptions(relay_url="ws://127.0.0.1:1", host_id="acme:pc",
+                               upstream="http://127.0.0.1:2"), TokenSource(token="t"),
+                  backoff=Backoff(base=1.0, cap=30.0, rng=lambda: 1.0))
+    for _ in range(4):  # an agent that had been failing for a while
+        agent._delay_after(Outcome(None, "connect_failed"))
+    refused = Outcome(int(CloseCode.DRAINING), "draining")
+    first = agent._delay_after(refused)
+    assert first <= 0.25  # reset and at once (a quarter of the base, for spread)
+    delays = [agent._delay_after(Outcome(int(CloseCode.DRAINING), "draining")) for _ in range(4)]
+    assert delays == sorted(delays) and delays[-1] >= 4.0  # no hot loop against a draining relay

@@ -132,6 +132,7 @@ class Agent:
         self.url = tunnel_url(options.relay_url, options.host_id)
         self._on_state = on_state
         self.connected = False
+        self.door_refusals = 0  # consecutive 4503 refusals before HELLO
         self.connects = 0
         self.attempts = 0
         self.last_progress = time.monotonic()
@@ -203,11 +204,18 @@ class Agent:
             if outcome.hello:
                 # The relay we were on is going away: come back at once (a crowd of agents
                 # still spreads a little).
+                self.door_refusals = 0
                 self.backoff.reset()
                 return self.backoff.next_delay() / 4
-            # Refused at the door by a draining relay: another relay may take us soon, but
-            # resetting here would make a hot reconnect loop against this one while it drains.
+            # Refused at the door by a draining relay: the first refusal reconnects at once with
+            # the backoff reset (SPEC), since a balancer will likely send us elsewhere; repeated
+            # refusals back off so an agent never hot-loops against a relay while it drains.
+            self.door_refusals += 1
+            if self.door_refusals == 1:
+                self.backoff.reset()
+                return self.backoff.next_delay() / 4
             return self.backoff.next_delay()
+        self.door_refusals = 0
         if code == CloseCode.KEEPALIVE_MISSED or outcome.abandoned:
             if outcome.hello:
                 self.backoff.reset()

@@ -67,6 +67,10 @@ class LocalOrigin:
             base = base.with_scheme("wss" if base.scheme == "https" else "ws")
         # The path arrives still percent-encoded: keep it byte-exact, and never let it
         # name another origin.
+        if any(ord(ch) <= 0x20 or ord(ch) == 0x7F or ch == "#" for ch in path + query):
+            # The relay forwards what the client sent percent-encoded; a raw space, control
+            # character or fragment here would corrupt the request line to the host.
+            raise ValueError("path or query holds characters that must be percent-encoded")
         raw = str(base) + path + (f"?{query}" if query else "")
         url = URL(raw, encoded=True)
         if url.origin() != base.origin():
@@ -118,9 +122,17 @@ class LocalOrigin:
                                 for k, v in response.raw_headers],
                 })
                 head_sent = True
-                async for data in response.content.iter_any():
+                content = response.content
+                while True:
+                    data = await content.readany()
+                    if not data:
+                        await channel.finish()
+                        break
+                    if content.at_eof():
+                        # The last bytes carry the FIN: a small response is one DATA frame.
+                        await channel.write(data, fin=True)
+                        break
                     await channel.write(data)
-                await channel.finish()
         except ChannelClosed:
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -55,7 +55,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except RelayError as error:
         if request.path.startswith(HOSTS_PREFIX):
             state = request.app[STATE]
-            state.metrics.http_requests_total.labels(status=str(error.status)).inc()
+            state.metrics.requests_with_status(error.status).inc()
             log.info("http.refused", method=request.method, status=error.status,
                      code=str(error.code), host_id=request.path[len(HOSTS_PREFIX):].split("/")[0][:300])
         return error_response(error)
@@ -204,6 +204,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         state.directory.on_lost(lost)
         yield
     finally:
+        # Without a drain (a test, a crash path) agents must still hear that we are going,
+        # or they only find out at their keepalive deadline.
+        for tunnel in list(state.registry):
+            tunnel.close(int(CloseCode.GOING_AWAY), "relay stopping")
+        closing = [t for t in state.tasks if t.get_name().startswith("tunnel-close:")]
+        if closing:
+            await asyncio.wait(closing, timeout=2.5)
         for tunnel in list(state.registry):
             await tunnel.session.close(int(CloseCode.GOING_AWAY), "relay stopping")
         tasks = list(state.tasks)

@@ -61,7 +61,7 @@ async def proxy_ws(
         return await refuse_ws(state, request, TunnelClosed())
     except RelayError as error:
         return await refuse_ws(state, request, error)
-    metrics.streams_active.labels(kind="ws").inc()
+    metrics.ws_streams.inc()
     started = time.monotonic()
     try:
         # The host must acknowledge the channel fast, or the client is failed at once:
@@ -92,7 +92,7 @@ async def proxy_ws(
         return ws
     finally:
         channel.close(int(CloseCode.GOING_AWAY), "client went away")
-        metrics.streams_active.labels(kind="ws").dec()
+        metrics.ws_streams.dec()
         log.info("ws.closed", host_id=host_id, path=path,
                  duration_s=round(time.monotonic() - started, 3))
 
@@ -105,7 +105,7 @@ def _lost_code(closed: ChannelClosed) -> tuple[int, str]:
 
 
 async def _bridge(ws: web.WebSocketResponse, channel: Channel, state: RelayState) -> None:
-    to_host = state.metrics.bytes_proxied_total.labels(direction="to_host")
-    to_client = state.metrics.bytes_proxied_total.labels(direction="to_client")
+    to_host = state.metrics.bytes_to_host
+    to_client = state.metrics.bytes_to_client
     await bridge(ws, channel, lost_code=_lost_code, on_outbound=to_host.inc,
                  on_inbound=to_client.inc)
