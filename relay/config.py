@@ -191,7 +191,9 @@ def _build_section(
     return cls(**values)
 
 
-def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+) -> Config:
     """Read ``path`` (or only defaults when None), apply ``RELAY_*`` overrides, validate."""
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
@@ -302,7 +304,8 @@ def validate(config: Config) -> None:
         if alg not in allowed_algs:
             raise ConfigError(
                 src, "auth.algorithms",
-                f"{alg!r} is not allowed (asymmetric algorithms only: {', '.join(sorted(allowed_algs))})",
+                f"{alg!r} is not allowed (asymmetric algorithms only: "
+                f"{', '.join(sorted(allowed_algs))})",
             )
     if not auth.org_claim:
         raise ConfigError(src, "auth.org_claim", "must not be empty")
@@ -317,7 +320,9 @@ def validate(config: Config) -> None:
         )
     if access.backend == "upstream":
         if not access.upstream_url:
-            raise ConfigError(src, "access.upstream_url", "required when access.backend is upstream")
+            raise ConfigError(
+                src, "access.upstream_url", "required when access.backend is upstream"
+            )
         _check_url(src, "access.upstream_url", access.upstream_url, {"http", "https"})
     if access.backend == "static":
         if not access.static_grants_file:
@@ -360,7 +365,9 @@ def validate(config: Config) -> None:
         )
     if directory.backend == "redis":
         if not directory.redis_url:
-            raise ConfigError(src, "directory.redis_url", "required when directory.backend is redis")
+            raise ConfigError(
+                src, "directory.redis_url", "required when directory.backend is redis"
+            )
         _check_url(src, "directory.redis_url", directory.redis_url, {"redis", "rediss", "unix"})
         if len(directory.peer_secret) < 16:
             raise ConfigError(
@@ -374,7 +381,9 @@ def validate(config: Config) -> None:
         )
 
     if log.level.lower() not in {"debug", "info", "warning", "error", "critical"}:
-        raise ConfigError(src, "log.level", f"must be debug, info, warning or error, got {log.level!r}")
+        raise ConfigError(
+            src, "log.level", f"must be debug, info, warning or error, got {log.level!r}"
+        )
     if log.format not in {"json", "console"}:
         raise ConfigError(src, "log.format", f"must be json or console, got {log.format!r}")
 

@@ -12,7 +12,7 @@ from tests.harness import LogCapture, stack
 
 
 def _parts(token: str) -> list[str]:
-    head, payload, signature = token.split(".")
+    _head, payload, signature = token.split(".")
     return [token, payload, signature]
 
 

@@ -162,7 +162,8 @@ async def test_http_through_a_non_owner_relay_is_byte_exact(fleet: Fleet) -> Non
         for name in ("b", "c"):
             status, body = await fleet.get(fleet.relay(name), "/bytes/5000000")
             assert status == 200
-            assert hashlib.sha256(body).digest() == hashlib.sha256(pattern_bytes(5_000_000)).digest()
+            expected = hashlib.sha256(pattern_bytes(5_000_000)).digest()
+            assert hashlib.sha256(body).digest() == expected
         upload = os.urandom(3_000_000)
         async with fleet.client.post(f"{fleet.relay('b').url}/hosts/{HOST}/digest",
                                      headers=fleet.auth(), data=upload) as resp:
@@ -170,10 +171,12 @@ async def test_http_through_a_non_owner_relay_is_byte_exact(fleet: Fleet) -> Non
             assert (await resp.json())["sha256"] == hashlib.sha256(upload).hexdigest()
         # The host sees the real client and the address it used, not the hop between relays.
         connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
-        async with aiohttp.ClientSession(connector=connector) as from_elsewhere:
-            async with from_elsewhere.get(f"{fleet.relay('b').url}/hosts/{HOST}/inspect",
-                                          headers=fleet.auth()) as resp:
-                seen = {k.lower(): v for k, v in (await resp.json())["headers"]}
+        async with (
+            aiohttp.ClientSession(connector=connector) as from_elsewhere,
+            from_elsewhere.get(f"{fleet.relay('b').url}/hosts/{HOST}/inspect",
+                               headers=fleet.auth()) as resp,
+        ):
+            seen = {k.lower(): v for k, v in (await resp.json())["headers"]}
         assert seen["x-forwarded-for"] == "127.0.0.2"
         assert seen["x-forwarded-host"] == f"127.0.0.1:{fleet.relay('b').port}"
         assert seen["x-forwarded-proto"] == "http"
@@ -281,13 +284,15 @@ async def test_redis_restart_heals_without_touching_local_traffic(fleet: Fleet) 
         await agent.stop()
 
 
-def _signed(secret: str, relay: RelayProc, path: str, *, instance: str = "relay-x") -> dict[str, str]:
+def _signed(
+    secret: str, relay: RelayProc, path: str, *, instance: str = "relay-x"
+) -> dict[str, str]:
     signer = PeerSigner(secret, instance)
     return signer.sign("GET", f"/hosts/{HOST}{path}", HOST, "alice", "198.51.100.7")
 
 
 async def test_forged_and_replayed_peer_requests_are_refused(fleet: Fleet) -> None:
-    a, b, _ = fleet.relays
+    a, _b, _ = fleet.relays
     agent = await _agent_on(fleet, a.port)
     try:
         await _wait_routable(fleet, fleet.relays)

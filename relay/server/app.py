@@ -57,7 +57,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             state = request.app[STATE]
             state.metrics.requests_with_status(error.status).inc()
             log.info("http.refused", method=request.method, status=error.status,
-                     code=str(error.code), host_id=request.path[len(HOSTS_PREFIX):].split("/")[0][:300])
+                     code=str(error.code),
+                     host_id=request.path[len(HOSTS_PREFIX):].split("/")[0][:300])
         return error_response(error)
     except web.HTTPException as exc:
         if exc.status in (404, 405):
@@ -228,7 +229,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 def build_app(config: Config, metrics: Metrics | None = None) -> web.Application:
-    state = RelayState(config=config, metrics=metrics or Metrics(), settings=session_settings(config))
+    state = RelayState(
+        config=config, metrics=metrics or Metrics(), settings=session_settings(config)
+    )
     state.idle.set()
     directory = config.directory
     if directory.backend == "redis":

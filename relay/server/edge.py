@@ -1,4 +1,4 @@
-"""The edge of every proxied request and tunnel: error rendering, route parsing, identity and access.
+"""The edge of every proxied request and tunnel: errors, route parsing, identity and access.
 
 The order is SPEC's: token, host id, org short-circuit, cached decision, upstream check.
 """

@@ -46,7 +46,8 @@ def _client_chain(request: web.Request, trust_forwarded: bool) -> str:
 
 def _outbound_headers(request: web.Request, *, websocket: bool,
                       trust_forwarded: bool) -> list[tuple[str, str]]:
-    extra = CLIENT_CREDENTIALS | {"host"} | _FORWARDED | (WS_HANDSHAKE if websocket else frozenset())
+    handshake = WS_HANDSHAKE if websocket else frozenset()
+    extra = CLIENT_CREDENTIALS | {"host"} | _FORWARDED | handshake
     headers = [(n, v) for n, v in strip_hop_by_hop(request.headers.items(), extra=extra)
                if not n.lower().startswith(RELAY_INTERNAL_PREFIX)]
     scheme, host = request.scheme, request.host
@@ -64,15 +65,25 @@ def _target(host_id: str, path: str, query: str) -> str:
     return f"/hosts/{host_id}{path}" + (f"?{query}" if query else "")
 
 
+def _signed_request(state: RelayState, signer: PeerSigner, request: web.Request, host_id: str,
+                    path: str, query: str, subject: str,
+                    *, websocket: bool) -> tuple[str, list[tuple[str, str]]]:
+    """The owner-relative target and the headers (client's, forwarded, signed) to send."""
+    target = _target(host_id, path, query)
+    trust = state.config.server.trust_forwarded
+    headers = _outbound_headers(request, websocket=websocket, trust_forwarded=trust)
+    method = "GET" if websocket else request.method
+    headers += list(signer.sign(method, target, host_id, subject,
+                                _client_chain(request, trust)).items())
+    return target, headers
+
+
 async def forward_http(state: RelayState, signer: PeerSigner, request: web.Request,
                        owner_url: str, host_id: str, path: str, query: str,
                        subject: str) -> web.StreamResponse:
     assert state.client is not None
-    target = _target(host_id, path, query)
-    trust = state.config.server.trust_forwarded
-    headers = _outbound_headers(request, websocket=False, trust_forwarded=trust)
-    headers += list(signer.sign(request.method, target, host_id, subject,
-                                _client_chain(request, trust)).items())
+    target, headers = _signed_request(state, signer, request, host_id, path, query, subject,
+                                      websocket=False)
     started = time.monotonic()
     state.metrics.forwarded_requests_total.labels(kind="http").inc()
     body = request.content if request.body_exists else None
@@ -121,11 +132,8 @@ async def forward_ws(state: RelayState, signer: PeerSigner, request: web.Request
     from relay.server.ws_proxy import client_ws, refuse_ws
 
     assert state.client is not None
-    target = _target(host_id, path, query)
-    trust = state.config.server.trust_forwarded
-    headers = _outbound_headers(request, websocket=True, trust_forwarded=trust)
-    headers += list(signer.sign("GET", target, host_id, subject,
-                                _client_chain(request, trust)).items())
+    target, headers = _signed_request(state, signer, request, host_id, path, query, subject,
+                                      websocket=True)
     offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
                if p.strip()]
     state.metrics.forwarded_requests_total.labels(kind="ws").inc()
@@ -139,7 +147,8 @@ async def forward_ws(state: RelayState, signer: PeerSigner, request: web.Request
         ), state.config.tunnel.open_timeout_s)
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.warning("forward.ws_failed", host_id=host_id, owner=owner_url, error=type(exc).__name__)
-        return await refuse_ws(state, request, HostOffline("the relay holding this host did not answer"))
+        error = HostOffline("the relay holding this host did not answer")
+        return await refuse_ws(state, request, error)
     try:
         ws = client_ws(state, (upstream.protocol,) if upstream.protocol else ())
         await ws.prepare(request)

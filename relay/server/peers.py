@@ -111,7 +111,7 @@ class PeerSigner:
         # Nonces only need remembering while their timestamp could still pass the skew check.
         horizon = now - 2 * self.max_skew_s
         while self._seen:
-            nonce, seen_at = next(iter(self._seen.items()))
+            _nonce, seen_at = next(iter(self._seen.items()))
             if seen_at >= horizon:
                 break
             self._seen.popitem(last=False)

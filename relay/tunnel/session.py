@@ -453,7 +453,7 @@ class TunnelSession:
     def send_drain(self, body: dict[str, Any]) -> None:
         self.send_nowait(frames.encode_json(FrameType.DRAIN, 0, body))
 
-    async def flush(self, timeout: float) -> None:  # noqa: ASYNC109 (part of the API)
+    async def flush(self, timeout: float) -> None:
         """Wait until every queued frame was handed to the socket (bounded)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._flushed.wait(), timeout)
@@ -610,7 +610,7 @@ class TunnelSession:
 
 
 async def cancel_and_wait(
-    tasks: list[asyncio.Task[Any]], timeout: float = 5.0  # noqa: ASYNC109
+    tasks: list[asyncio.Task[Any]], timeout: float = 5.0
 ) -> None:
     for task in tasks:
         task.cancel()
