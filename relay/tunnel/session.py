@@ -77,6 +77,46 @@ class ChannelClosed(Exception):
         self.code, self.reason, self.tunnel_lost = code, reason, tunnel_lost
 
 
+class Flag:
+    """A lean asyncio.Event: no deque until someone waits.
+
+    A tunnel holds several of these and each stream two; asyncio.Event's always-allocated
+    waiter deque made up a large share of an idle tunnel's memory (bench W4).
+    """
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self, value: bool = False) -> None:
+        self._set = value
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
 _FIN = object()
 
 
@@ -91,12 +131,12 @@ class Channel:
         settings = session.settings
         self._send_window = SendWindow(settings.window)
         self._recv_window = RecvWindow(settings.window)
-        self._credit = asyncio.Event()
+        self._credit = Flag()
         # HTTP: body bytes (bytes, or a bytearray coalescing frames the reader has not taken
         # yet); WS: one Chunk per message or fragment. _FIN last.
         self._inbox: collections.deque[Any] = collections.deque()
         self._buffered = 0
-        self._readable = asyncio.Event()
+        self._readable = Flag()
         self._closed_with: ChannelClosed | None = None
         self.head: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         # Each WebSocket message (or fragment) costs credit beyond its payload, so a flood of
@@ -334,11 +374,9 @@ class TunnelSession:
         self._peer_max_id = 0  # the highest stream id the peer opened
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_bytes = 0
-        self._outbox_ready = asyncio.Event()
-        self._outbox_room = asyncio.Event()
-        self._outbox_room.set()
-        self._flushed = asyncio.Event()  # nothing queued and nothing being written
-        self._flushed.set()
+        self._outbox_ready = Flag()
+        self._outbox_room = Flag(True)
+        self._flushed = Flag(True)  # nothing queued and nothing being written
         self._tasks: set[asyncio.Task[None]] = set()
         self.alive = True
         # False until start() and while the writer task is inside a write; direct writes from
@@ -349,7 +387,7 @@ class TunnelSession:
         self.rtt_s: float | None = None
         self.bytes_in = 0
         self.bytes_out = 0
-        self.closed = asyncio.Event()
+        self.closed = Flag()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
