@@ -112,7 +112,7 @@ async def serve_tunnel(
         "maxFrame": state.settings.max_frame,
         "maxStreams": state.settings.max_streams,
     })
-    session.start()
+    session.start(keepalive=False)  # the relay-wide keepalive loop pings it (app.py)
     log.info("tunnel.connected", host_id=host_id, peer=tunnel.peer, sub=subject)
     reason = "closed"
     try:

@@ -382,6 +382,8 @@ class TunnelSession:
         # False until start() and while the writer task is inside a write; direct writes from
         # send() are only safe when it is idle with nothing queued.
         self._writer_idle = False
+        self._next_ping: float | None = None
+        self._silence_reported = False
         self.last_inbound = clock()
         self.last_pong = clock()
         self.rtt_s: float | None = None
@@ -390,10 +392,13 @@ class TunnelSession:
         self.closed = Flag()
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, *, keepalive: bool = True) -> None:
+        """Start writing; ``keepalive=False`` when the owner calls :meth:`keepalive_tick`
+        itself (the relay runs one loop for all its tunnels rather than a task each)."""
         self._writer_idle = True
         self._spawn(self._writer(), f"tunnel-writer:{self.name}")
-        self._spawn(self._keepalive(), f"tunnel-keepalive:{self.name}")
+        if keepalive:
+            self._spawn(self._keepalive(), f"tunnel-keepalive:{self.name}")
 
     def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
@@ -619,24 +624,36 @@ class TunnelSession:
     def silent_for(self) -> float:
         return self._clock() - self.last_inbound
 
-    async def _keepalive(self) -> None:
-        """Ping on every interval; declare the peer dead after ``keepalive_misses`` silent ones."""
+    @property
+    def keepalive_check_s(self) -> float:
+        """How often :meth:`keepalive_tick` should run for timely pings and verdicts."""
         interval = self.settings.ping_interval_s
-        check = min(interval, max(0.05, interval / 4))
-        next_ping = self._clock()
-        while self.alive:
-            now = self._clock()
-            if now >= next_ping:
-                stamp = int(time.monotonic() * 1e9).to_bytes(8, "big")
-                self.send_nowait(frames.encode_ping(FrameType.PING, os.urandom(8) + stamp))
-                next_ping = now + interval
-            if self.silent_for() > self.settings.silence_limit_s:
-                log.info("tunnel.keepalive_missed", tunnel=self.name,
-                         silent_s=round(self.silent_for(), 1))
-                if self._on_silence is not None:
-                    self._on_silence()
-                return
-            await asyncio.sleep(check)
+        return min(interval, max(0.05, interval / 4))
+
+    def keepalive_tick(self) -> bool:
+        """Ping when due; declare the peer dead after ``keepalive_misses`` silent intervals.
+
+        Returns False once the session is over or the peer was declared dead.
+        """
+        if not self.alive or self._silence_reported:
+            return False
+        now = self._clock()
+        if self._next_ping is None or now >= self._next_ping:
+            stamp = int(time.monotonic() * 1e9).to_bytes(8, "big")
+            self.send_nowait(frames.encode_ping(FrameType.PING, os.urandom(8) + stamp))
+            self._next_ping = now + self.settings.ping_interval_s
+        if self.silent_for() > self.settings.silence_limit_s:
+            self._silence_reported = True
+            log.info("tunnel.keepalive_missed", tunnel=self.name,
+                     silent_s=round(self.silent_for(), 1))
+            if self._on_silence is not None:
+                self._on_silence()
+            return False
+        return True
+
+    async def _keepalive(self) -> None:
+        while self.keepalive_tick():
+            await asyncio.sleep(self.keepalive_check_s)
 
     def describe(self) -> dict[str, Any]:
         return {
