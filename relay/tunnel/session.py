@@ -652,7 +652,9 @@ class TunnelSession:
         return True
 
     async def _keepalive(self) -> None:
-        while self.keepalive_tick():
+        while True:
+            if not self.keepalive_tick():
+                return
             await asyncio.sleep(self.keepalive_check_s)
 
     def describe(self) -> dict[str, Any]:
