@@ -180,8 +180,7 @@ async def _keepalive_loop(state: RelayState) -> None:
     while True:
         for tunnel in state.registry:
             tunnel.session.keepalive_tick()
-        await asyncio.sleep(min(state.settings.ping_interval_s,
-                                max(0.05, state.settings.ping_interval_s / 4)))
+        await asyncio.sleep(state.settings.keepalive_check_s)
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:

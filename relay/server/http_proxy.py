@@ -98,9 +98,8 @@ async def _await_head(channel: Channel, exchange: Exchange, upload: asyncio.Task
         done, _ = await asyncio.wait({channel.head}, timeout=limit_s / 4 if upload else limit_s)
         if done:
             return channel.head.result()
-        idle_since = exchange.upload_progress if upload and not upload.done() else exchange.started
-        if upload is not None and upload.done():
-            idle_since = max(exchange.upload_progress, exchange.started)
+        # upload_progress starts at the request's arrival and moves with every chunk sent.
+        idle_since = exchange.upload_progress if upload is not None else exchange.started
         if time.monotonic() - idle_since >= limit_s:
             raise HostTimeout()
 

@@ -62,6 +62,11 @@ class SessionSettings:
     def silence_limit_s(self) -> float:
         return self.ping_interval_s * self.keepalive_misses
 
+    @property
+    def keepalive_check_s(self) -> float:
+        """How often keepalive ticks run: often enough for timely pings and verdicts."""
+        return min(self.ping_interval_s, max(0.05, self.ping_interval_s / 4))
+
 
 class Chunk(NamedTuple):
     data: bytes
@@ -624,11 +629,6 @@ class TunnelSession:
     def silent_for(self) -> float:
         return self._clock() - self.last_inbound
 
-    @property
-    def keepalive_check_s(self) -> float:
-        """How often :meth:`keepalive_tick` should run for timely pings and verdicts."""
-        interval = self.settings.ping_interval_s
-        return min(interval, max(0.05, interval / 4))
 
     def keepalive_tick(self) -> bool:
         """Ping when due; declare the peer dead after ``keepalive_misses`` silent intervals.
@@ -655,7 +655,7 @@ class TunnelSession:
         while True:
             if not self.keepalive_tick():
                 return
-            await asyncio.sleep(self.keepalive_check_s)
+            await asyncio.sleep(self.settings.keepalive_check_s)
 
     def describe(self) -> dict[str, Any]:
         return {
