@@ -131,7 +131,7 @@ async def handle_hosts(request: web.Request) -> web.StreamResponse:
             return await forward_ws(state, state.signer, request, routed.owner_url,
                                     routed.host_id, route.path, query, routed.subject)
         return await proxy_ws(state, request, routed.tunnel.session, route.path, query,
-                              routed.host_id)
+                              routed.host_id, routed.client_chain)
     if state.draining:
         raise Draining()
     check_header_size(request, state.config.server.max_header_bytes)

@@ -45,12 +45,16 @@ class Exchange:
 
 def host_request_head(
     request: web.Request, path: str, query: str, trust_forwarded: bool,
-    client_chain: str | None = None,
+    client_chain: str | None = None, *, websocket: bool = False,
 ) -> dict[str, object]:
-    """What the host sees of the request; ``client_chain`` is a forwarding relay's signed claim."""
+    """What the host sees of the request; ``client_chain`` is a forwarding relay's signed claim.
+
+    Shared by HTTP exchanges and WebSocket channels, so both report the client the same way.
+    """
     peer = request.transport.get_extra_info("peername") if request.transport else None
     client_ip = peer[0] if peer else ""
-    prior, scheme, host = "", request.scheme, request.host
+    prior, host = "", request.host
+    scheme = ("wss" if request.secure else "ws") if websocket else request.scheme
     if client_chain is not None:
         # Forwarded by a peer relay: the client is the one it vouched for, and it passed on
         # the scheme and host the client used.
@@ -63,7 +67,7 @@ def host_request_head(
         host = request.headers.get("X-Forwarded-Host", host)
     headers = request_headers_for_host(
         list(request.headers.items()), client_ip=client_ip, scheme=scheme, host=host,
-        prior_forwarded_for=prior,
+        prior_forwarded_for=prior, websocket=websocket,
     )
     return {"method": request.method, "path": path, "query": query, "headers": headers}
 

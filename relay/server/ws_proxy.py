@@ -9,7 +9,7 @@ import structlog
 from aiohttp import web
 
 from relay.errors import CloseCode, RelayError, TunnelClosed
-from relay.protocol.headers import request_headers_for_host
+from relay.server.http_proxy import host_request_head
 from relay.server.state import RelayState
 from relay.server.tunnels import CLOSE_TIMEOUT_S, close_refused
 from relay.tunnel.bridge import bridge
@@ -38,25 +38,24 @@ async def refuse_ws(
     return await close_refused(ws, error)
 
 
-def ws_open_head(request: web.Request, path: str, query: str) -> dict[str, object]:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    headers = request_headers_for_host(
-        list(request.headers.items()), client_ip=peer[0] if peer else "",
-        scheme="wss" if request.secure else "ws", host=request.host, websocket=True,
-    )
-    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
-               if p.strip()]
-    return {"method": "GET", "path": path, "query": query, "headers": headers,
-            "protocols": offered}
+def ws_open_head(request: web.Request, path: str, query: str, trust_forwarded: bool,
+                 client_chain: str | None) -> dict[str, object]:
+    head = host_request_head(request, path, query, trust_forwarded, client_chain,
+                             websocket=True)
+    head["protocols"] = [p.strip() for p in
+                         request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    return head
 
 
 async def proxy_ws(
     state: RelayState, request: web.Request, session: TunnelSession, path: str, query: str,
-    host_id: str,
+    host_id: str, client_chain: str | None = None,
 ) -> web.StreamResponse:
     metrics = state.metrics
+    open_head = ws_open_head(request, path, query, state.config.server.trust_forwarded,
+                             client_chain)
     try:
-        channel = session.open_channel(ChannelKind.WS, ws_open_head(request, path, query))
+        channel = session.open_channel(ChannelKind.WS, open_head)
     except ChannelClosed:
         return await refuse_ws(state, request, TunnelClosed())
     except RelayError as error:
