@@ -151,11 +151,11 @@ class RunningAgent:
 async def start_agent(
     relay_url: str, host_id: str, upstream: str, *, token: str | None = None,
     tokens: TokenSource | None = None, backoff: Backoff | None = None, wait: bool = True,
-    **options: Any,
+    on_state: Callable[[Agent], None] | None = None, **options: Any,
 ) -> RunningAgent:
     source = tokens or TokenSource(token=token)
     agent = Agent(AgentOptions(relay_url=relay_url, host_id=host_id, upstream=upstream, **options),
-                  source, backoff=backoff or Backoff(base=0.05, cap=0.5))
+                  source, backoff=backoff or Backoff(base=0.05, cap=0.5), on_state=on_state)
     stop = asyncio.Event()
     task = asyncio.ensure_future(agent.run(stop))
     task.set_name(f"test-agent:{host_id}")

@@ -27,6 +27,7 @@ from relay.auth.tokens import Identity
 from relay.config import AccessConfig, Config
 from relay.errors import AccessUnavailable, ConfigError, ErrorCode, Forbidden
 from relay.metrics import Metrics
+from tests.clock import FakeClock
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -35,17 +36,6 @@ BOB = Identity(sub="bob", orgs=frozenset({"acme"}), email=None, expires_at=0)
 HOST = parse_host_id("acme:laptop")
 HOST2 = parse_host_id("acme:desktop")
 TOKEN = "header.alice-token-1.sig"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Upstream:
@@ -93,7 +83,7 @@ async def upstream(aiohttp_server: ServerFactory) -> tuple[Upstream, TestServer]
 def make_policy(
     session: aiohttp.ClientSession,
     server: TestServer,
-    clock: Clock,
+    clock: FakeClock,
     metrics: Metrics | None = None,
     *,
     timeout_s: float = 2.0,
@@ -123,7 +113,7 @@ async def test_host_in_another_org_is_denied_without_an_upstream_call(
 ) -> None:
     state, server = upstream
     metrics = Metrics()
-    policy = make_policy(session, server, Clock(), metrics)
+    policy = make_policy(session, server, FakeClock(5000.0), metrics)
     with pytest.raises(Forbidden) as info:
         await policy.check(ALICE, parse_host_id("globex:laptop"), TOKEN)
     assert info.value.code == ErrorCode.NOT_IN_ORG
@@ -147,7 +137,7 @@ async def test_upstream_allow_is_cached_and_carries_the_callers_token(
 ) -> None:
     state, server = upstream
     metrics = Metrics()
-    policy = make_policy(session, server, Clock(), metrics)
+    policy = make_policy(session, server, FakeClock(5000.0), metrics)
     assert await policy.check(ALICE, HOST, TOKEN) == "upstream"
     assert await policy.check(ALICE, HOST, TOKEN) == "cache"
     assert state.calls == [(f"Bearer {TOKEN}", {"hostId": "acme:laptop"})]
@@ -161,7 +151,7 @@ async def test_cache_is_keyed_by_subject_not_token(
     session: aiohttp.ClientSession, upstream: tuple[Upstream, TestServer]
 ) -> None:
     state, server = upstream
-    policy = make_policy(session, server, Clock())
+    policy = make_policy(session, server, FakeClock(5000.0))
     assert await policy.check(ALICE, HOST, "token-issued-at-9am") == "upstream"
     assert await policy.check(ALICE, HOST, "token-refreshed-at-10am") == "cache"
     assert len(state.calls) == 1
@@ -176,7 +166,7 @@ async def test_concurrent_misses_share_one_upstream_call(
 ) -> None:
     state, server = upstream
     state.gate = asyncio.Event()
-    policy = make_policy(session, server, Clock())
+    policy = make_policy(session, server, FakeClock(5000.0))
     checks = [asyncio.create_task(policy.check(ALICE, HOST, f"t{i}")) for i in range(30)]
     await asyncio.wait_for(state.called.wait(), 5)  # the call arrived; the gate holds it
     await asyncio.sleep(0.02)
@@ -192,7 +182,7 @@ async def test_cancelled_waiter_does_not_cancel_the_shared_call(
 ) -> None:
     state, server = upstream
     state.gate = asyncio.Event()
-    policy = make_policy(session, server, Clock())
+    policy = make_policy(session, server, FakeClock(5000.0))
     leaver = asyncio.create_task(policy.check(ALICE, HOST, TOKEN))
     stayer = asyncio.create_task(policy.check(ALICE, HOST, TOKEN))
     await asyncio.wait_for(state.called.wait(), 5)
@@ -211,7 +201,7 @@ async def test_denial_is_cached_for_deny_ttl_only(
 ) -> None:
     state, server = upstream
     state.allowed["acme:laptop"] = False
-    clock = Clock()
+    clock = FakeClock(5000.0)
     metrics = Metrics()
     policy = make_policy(session, server, clock, metrics, allow_ttl_s=900, deny_ttl_s=30)
     for _ in range(3):
@@ -235,7 +225,7 @@ async def test_allow_expires_after_allow_ttl_and_update_ttls_applies(
     session: aiohttp.ClientSession, upstream: tuple[Upstream, TestServer]
 ) -> None:
     state, server = upstream
-    clock = Clock()
+    clock = FakeClock(5000.0)
     policy = make_policy(session, server, clock, allow_ttl_s=900, deny_ttl_s=30)
     await policy.check(ALICE, HOST, TOKEN)
     clock.advance(899)
@@ -261,7 +251,7 @@ async def test_upstream_failure_is_unavailable_not_cached_and_not_hammered(
         state.body = b'{"allowed": "yes"}'
     else:
         state.body = json.dumps({"allowed": True, "pad": "x" * 100_000}).encode()
-    clock = Clock()
+    clock = FakeClock(5000.0)
     metrics = Metrics()
     policy = make_policy(session, server, clock, metrics, backoff_s=2.0)
     with capture_logs() as logs, pytest.raises(AccessUnavailable) as info:
@@ -292,7 +282,7 @@ async def test_stopped_upstream_is_unavailable_then_recovers(
     app.router.add_post("/checkAccess", state.handle)
     server = await aiohttp_server(app)
     port = server.port
-    clock = Clock()
+    clock = FakeClock(5000.0)
     policy = make_policy(session, server, clock)
     await server.close()
     with pytest.raises(AccessUnavailable):
@@ -315,7 +305,7 @@ async def test_slow_upstream_times_out_as_unavailable(
 ) -> None:
     state, server = upstream
     state.delay = 3
-    policy = make_policy(session, server, Clock(), timeout_s=0.2)
+    policy = make_policy(session, server, FakeClock(5000.0), timeout_s=0.2)
     started = time.monotonic()
     with capture_logs() as logs, pytest.raises(AccessUnavailable):
         await policy.check(ALICE, HOST, TOKEN)
@@ -331,7 +321,7 @@ async def test_after_backoff_only_one_probe_reaches_a_still_sick_upstream(
 ) -> None:
     state, server = upstream
     state.status = 500
-    clock = Clock()
+    clock = FakeClock(5000.0)
     policy = make_policy(session, server, clock)
     with pytest.raises(AccessUnavailable):
         await policy.check(ALICE, HOST, TOKEN)
@@ -349,7 +339,7 @@ async def test_caller_specific_4xx_backs_off_that_key_only(
 ) -> None:
     state, server = upstream
     state.status = 404
-    clock = Clock()
+    clock = FakeClock(5000.0)
     policy = make_policy(session, server, clock)
     for _ in range(5):
         with pytest.raises(AccessUnavailable):
@@ -369,7 +359,7 @@ async def test_revoke_by_subject_and_by_host(
 ) -> None:
     state, server = upstream
     state.allowed["acme:desktop"] = False
-    policy = make_policy(session, server, Clock())
+    policy = make_policy(session, server, FakeClock(5000.0))
     await policy.check(ALICE, HOST, TOKEN)
     with pytest.raises(Forbidden):
         await policy.check(ALICE, HOST2, TOKEN)
@@ -395,7 +385,7 @@ async def test_answer_requested_before_a_revoke_is_not_cached(
 ) -> None:
     state, server = upstream
     state.gate = asyncio.Event()
-    policy = make_policy(session, server, Clock())
+    policy = make_policy(session, server, FakeClock(5000.0))
     pending = asyncio.create_task(policy.check(ALICE, HOST, TOKEN))
     await asyncio.wait_for(state.called.wait(), 5)
     policy.revoke(sub="alice")
@@ -410,7 +400,7 @@ async def test_close_cancels_calls_in_flight(
 ) -> None:
     state, server = upstream
     state.gate = asyncio.Event()
-    policy = make_policy(session, server, Clock())
+    policy = make_policy(session, server, FakeClock(5000.0))
     pending = asyncio.create_task(policy.check(ALICE, HOST, TOKEN))
     await asyncio.wait_for(state.called.wait(), 5)
     await policy.close()
@@ -497,7 +487,7 @@ async def test_build_access_policy_for_each_backend(
             deny_ttl_s=30,
         )
     )
-    clock = Clock()
+    clock = FakeClock(5000.0)
     remote = build_access_policy(config, session, Metrics(), clock)
     state.allowed["acme:laptop"] = False
     with pytest.raises(Forbidden):
@@ -514,7 +504,7 @@ async def test_denials_are_logged_without_tokens(
 ) -> None:
     state, server = upstream
     state.allowed["acme:laptop"] = False
-    policy = make_policy(session, server, Clock())
+    policy = make_policy(session, server, FakeClock(5000.0))
     with capture_logs() as logs:
         for host in (HOST, parse_host_id("globex:m")):
             with pytest.raises(Forbidden):
@@ -541,7 +531,7 @@ async def test_redirect_from_upstream_is_not_followed_with_the_token(
     app.router.add_post("/checkAccess", redirect)
     app.router.add_post("/elsewhere", elsewhere)
     server = await aiohttp_server(app)
-    policy = make_policy(session, server, Clock())
+    policy = make_policy(session, server, FakeClock(5000.0))
     with pytest.raises(AccessUnavailable):
         await policy.check(ALICE, HOST, TOKEN)
     assert leaked == []

@@ -34,6 +34,7 @@ from tests.harness import (
     RunningRelay,
     eventually,
     free_port,
+    start_agent,
     start_host,
     start_relay,
     write_config,
@@ -60,15 +61,8 @@ class Recorder:
 async def run_agent(relay_url: str, upstream: str, tokens: TokenSource, *,
                     backoff: Backoff | None = None, recorder: Recorder | None = None,
                     wait: bool = True) -> RunningAgent:
-    agent = Agent(AgentOptions(relay_url=relay_url, host_id=HOST, upstream=upstream), tokens,
-                  backoff=backoff or Backoff(base=0.05, cap=0.5), on_state=recorder)
-    stop = asyncio.Event()
-    task = asyncio.ensure_future(agent.run(stop))
-    task.set_name(f"test-agent:{HOST}")
-    running = RunningAgent(agent, task, stop)
-    if wait:
-        await running.wait_connected()
-    return running
+    return await start_agent(relay_url, HOST, upstream, tokens=tokens, backoff=backoff,
+                             wait=wait, on_state=recorder)
 
 
 @pytest.fixture
@@ -607,7 +601,7 @@ async def test_stopping_agent_does_not_wait_for_a_hanging_connect() -> None:
 
 def test_first_4503_refusal_reconnects_at_once_and_repeats_back_off() -> None:
     from relay.agent.backoff import Backoff
-    from relay.agent.client import Agent, AgentOptions, Outcome
+    from relay.agent.client import Agent, Outcome
     from relay.agent.tokens import TokenSource
     from relay.errors import CloseCode
 

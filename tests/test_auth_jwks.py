@@ -21,19 +21,9 @@ from relay.auth.tokens import TokenVerifier, build_verifier
 from relay.config import AuthConfig, Config
 from relay.errors import AccessUnavailable, ConfigError, Unauthorized
 from relay.metrics import Metrics
+from tests.clock import FakeClock
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Jwks:
@@ -101,7 +91,7 @@ async def jwks(aiohttp_server: ServerFactory) -> tuple[Jwks, str]:
 def source(
     session: aiohttp.ClientSession,
     url: str,
-    clock: Clock,
+    clock: FakeClock,
     metrics: Metrics | None = None,
     **kwargs: Any,
 ) -> JwksKeySource:
@@ -121,7 +111,7 @@ async def test_many_verifications_need_one_fetch(
     state, url = jwks
     state.keys = [jwk(rsa_a, "a")]
     metrics = Metrics()
-    keys = source(session, url, Clock(), metrics)
+    keys = source(session, url, FakeClock(1000.0), metrics)
     verifier = TokenVerifier(keys, metrics=metrics)
     # The first requests arrive together before any key is loaded: they share one fetch.
     first = await asyncio.gather(
@@ -143,7 +133,7 @@ async def test_unknown_kid_triggers_exactly_one_refresh_and_finds_a_new_key(
 ) -> None:
     state, url = jwks
     state.keys = [jwk(rsa_a, "a")]
-    clock = Clock()
+    clock = FakeClock(1000.0)
     keys = source(session, url, clock)
     verifier = TokenVerifier(keys)
     await keys.start()
@@ -167,7 +157,7 @@ async def test_flood_of_unknown_kids_causes_at_most_one_fetch(
     state, url = jwks
     state.keys = [jwk(rsa_a, "a")]
     state.delay = 0.05  # keep the refresh in flight while the flood arrives
-    clock = Clock()
+    clock = FakeClock(1000.0)
     keys = source(session, url, clock)
     verifier = TokenVerifier(keys)
     await keys.start()
@@ -195,7 +185,7 @@ async def test_rotation_drops_removed_keys_and_their_cached_tokens(
 ) -> None:
     state, url = jwks
     state.keys = [jwk(rsa_a, "a")]
-    clock = Clock()
+    clock = FakeClock(1000.0)
     keys = source(session, url, clock)
     verifier = TokenVerifier(keys)
     old = token(rsa_a, "a")
@@ -214,7 +204,7 @@ async def test_stale_keys_refresh_in_the_background_and_failures_keep_old_keys(
 ) -> None:
     state, url = jwks
     state.keys = [jwk(rsa_a, "a")]
-    clock = Clock()
+    clock = FakeClock(1000.0)
     metrics = Metrics()
     keys = source(session, url, clock, metrics, cache_s=60)
     verifier = TokenVerifier(keys, cache_size=0)
@@ -235,7 +225,7 @@ async def test_jwks_down_at_start_is_unavailable_then_recovers(
 ) -> None:
     state, url = jwks
     state.status = 503
-    clock = Clock()
+    clock = FakeClock(1000.0)
     keys = source(session, url, clock)
     verifier = TokenVerifier(keys)
     await keys.start()  # never raises
@@ -258,7 +248,7 @@ async def test_fetch_times_out(
     state.keys = [jwk(rsa_a, "a")]
     state.delay = 5
     metrics = Metrics()
-    keys = source(session, url, Clock(), metrics, timeout_s=0.2)
+    keys = source(session, url, FakeClock(1000.0), metrics, timeout_s=0.2)
     started = time.monotonic()
     await keys.start()
     assert time.monotonic() - started < 2
@@ -285,7 +275,7 @@ async def test_bad_jwks_documents_are_fetch_errors(
     state, url = jwks
     state.body = body
     metrics = Metrics()
-    keys = source(session, url, Clock(), metrics)
+    keys = source(session, url, FakeClock(1000.0), metrics)
     await keys.start()
     assert not keys.loaded
     assert refreshes(metrics, "error") == 1
@@ -301,7 +291,7 @@ async def test_symmetric_and_encryption_keys_are_ignored(
         jwk(rsa_a, "enc", use="enc"),
         jwk(rsa_a, "a"),
     ]
-    keys = source(session, url, Clock())
+    keys = source(session, url, FakeClock(1000.0))
     await keys.start()
     assert keys.kids == frozenset({"a"})
     assert isinstance(await keys.key_for("a", "RS256"), rsa.RSAPublicKey)
@@ -313,7 +303,7 @@ async def test_a_jwk_pinned_to_an_algorithm_serves_only_that_algorithm(
 ) -> None:
     state, url = jwks
     state.keys = [jwk(rsa_a, "a", alg="RS256")]
-    keys = source(session, url, Clock())
+    keys = source(session, url, FakeClock(1000.0))
     verifier = TokenVerifier(keys, algorithms=["RS256", "PS256"])
     assert (await verifier.verify(token(rsa_a, "a", alg="RS256"))).sub == "alice"
     with capture_logs() as logs, pytest.raises(Unauthorized):
@@ -327,7 +317,7 @@ async def test_ec_token_naming_an_rsa_kid_is_refused(
 ) -> None:
     state, url = jwks
     state.keys = [jwk(rsa_a, "a")]
-    keys = source(session, url, Clock())
+    keys = source(session, url, FakeClock(1000.0))
     verifier = TokenVerifier(keys)
     forged = token(ec.generate_private_key(ec.SECP256R1()), "a", alg="ES256")
     with pytest.raises(Unauthorized):
@@ -343,13 +333,13 @@ async def test_token_without_kid_needs_exactly_one_candidate_key(
 ) -> None:
     state, url = jwks
     state.keys = [jwk(rsa_a, None)]
-    keys = source(session, url, Clock())
+    keys = source(session, url, FakeClock(1000.0))
     verifier = TokenVerifier(keys)
     assert (await verifier.verify(token(rsa_a, None))).sub == "alice"
     await keys.close()
 
     state.keys = [jwk(rsa_a, "a"), jwk(rsa_b, "b")]
-    keys = source(session, url, Clock())
+    keys = source(session, url, FakeClock(1000.0))
     with pytest.raises(Unauthorized):
         await TokenVerifier(keys).verify(token(rsa_a, None))
     await keys.close()
@@ -360,7 +350,7 @@ async def test_number_of_keys_is_bounded(
 ) -> None:
     state, url = jwks
     state.keys = [jwk(rsa_a, f"k{i}") for i in range(MAX_JWKS_KEYS * 3)]
-    keys = source(session, url, Clock())
+    keys = source(session, url, FakeClock(1000.0))
     await keys.start()
     assert len(keys.kids) == MAX_JWKS_KEYS
     with pytest.raises(UnknownKey):
@@ -374,7 +364,7 @@ async def test_cancelled_caller_does_not_cancel_the_shared_fetch(
     state, url = jwks
     state.keys = [jwk(rsa_a, "a")]
     state.delay = 0.1
-    keys = source(session, url, Clock())
+    keys = source(session, url, FakeClock(1000.0))
     impatient = asyncio.create_task(keys.key_for("a", "RS256"))
     patient = asyncio.create_task(keys.key_for("a", "RS256"))
     await asyncio.sleep(0.02)
@@ -391,7 +381,7 @@ async def test_close_cancels_a_fetch_in_flight(
     state, url = jwks
     state.keys = [jwk(rsa_a, "a")]
     state.delay = 5
-    keys = source(session, url, Clock())
+    keys = source(session, url, FakeClock(1000.0))
     waiter = asyncio.create_task(keys.key_for("a", "RS256"))
     await asyncio.sleep(0.05)
     started = time.monotonic()
@@ -426,7 +416,7 @@ async def test_reload_fetches_now_and_reports_failure(
 ) -> None:
     state, url = jwks
     state.keys = [jwk(rsa_a, "a")]
-    keys = source(session, url, Clock())
+    keys = source(session, url, FakeClock(1000.0))
     verifier = TokenVerifier(keys)
     await verifier.start()
     state.keys = [jwk(rsa_b, "b")]

@@ -29,6 +29,7 @@ from relay.auth.tokens import (
 from relay.config import AuthConfig, Config
 from relay.errors import ConfigError, Unauthorized
 from relay.metrics import Metrics
+from tests.clock import FakeClock
 
 ISS = "https://issuer.test/"
 AUD = "relay-api"
@@ -106,19 +107,6 @@ class CountingKeys:
 
     async def close(self) -> None:
         return None
-
-
-class WallClock:
-    """Starts at real time (PyJWT checks exp against it too) and moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def make_verifier(key: rsa.RSAPrivateKey, **kwargs: Any) -> TokenVerifier:
@@ -393,7 +381,7 @@ async def test_verified_token_is_cached_one_signature_check(rsa_key: rsa.RSAPriv
 
 
 async def test_cached_token_is_never_used_past_exp(rsa_key: rsa.RSAPrivateKey) -> None:
-    clock = WallClock()
+    clock = FakeClock(time.time())
     keys = CountingKeys(StaticKeySource.from_key(rsa_key.public_key()))
     metrics = Metrics()
     verifier = TokenVerifier(

@@ -5,20 +5,13 @@ from __future__ import annotations
 import pytest
 
 from relay.server.peers import H_HOPS, H_SIGNATURE, H_SUBJECT, PeerRejected, PeerSigner
+from tests.clock import FakeClock
 
 SECRET = "a-long-enough-shared-secret"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_signed_request_verifies_once_with_its_claims() -> None:
-    clock = Clock()
+    clock = FakeClock(1_000_000.0)
     sender, receiver = PeerSigner(SECRET, "a", clock=clock), PeerSigner(SECRET, "b", clock=clock)
     headers = sender.sign("GET", "/hosts/acme:pc/x?y=1", "acme:pc", "alice", "203.0.113.5")
     claims = receiver.verify("GET", "/hosts/acme:pc/x?y=1", "acme:pc", headers)
@@ -29,7 +22,7 @@ def test_signed_request_verifies_once_with_its_claims() -> None:
 
 @pytest.mark.parametrize("change", ["method", "target", "host", "subject", "hops", "signature"])
 def test_any_altered_field_fails_verification(change: str) -> None:
-    clock = Clock()
+    clock = FakeClock(1_000_000.0)
     sender, receiver = PeerSigner(SECRET, "a", clock=clock), PeerSigner(SECRET, "b", clock=clock)
     headers = sender.sign("POST", "/hosts/acme:pc/x", "acme:pc", "alice", "203.0.113.5")
     method, target, host = "POST", "/hosts/acme:pc/x", "acme:pc"
@@ -56,7 +49,7 @@ def test_foreign_secret_is_refused() -> None:
 
 
 def test_stale_and_future_timestamps_are_refused() -> None:
-    clock = Clock()
+    clock = FakeClock(1_000_000.0)
     sender = PeerSigner(SECRET, "a", clock=clock)
     receiver = PeerSigner(SECRET, "b", clock=clock, max_skew_s=30)
     old = sender.sign("GET", "/hosts/a:b/", "a:b", "", "")
@@ -74,7 +67,7 @@ def test_missing_headers_are_refused_not_crashing() -> None:
 
 
 def test_replay_cache_is_bounded_and_forgets_only_expired_nonces() -> None:
-    clock = Clock()
+    clock = FakeClock(1_000_000.0)
     sender = PeerSigner(SECRET, "a", clock=clock)
     receiver = PeerSigner(SECRET, "b", clock=clock, max_skew_s=10, max_nonces=50)
     for _ in range(200):

@@ -20,17 +20,10 @@ from relay.tunnel.session import (
     SessionSettings,
     TunnelSession,
 )
+from tests.clock import FakeClock
 from tests.harness import eventually
 
 SMALL = SessionSettings(window=4096, max_frame=1024, max_streams=8, max_ws_message=64 * 1024)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
