@@ -27,6 +27,7 @@ from relay.protocol.headers import (
 from relay.server.peers import PeerSigner
 from relay.server.state import RelayState
 from relay.server.tunnels import CLOSE_TIMEOUT_S
+from relay.tunnel.session import cancel_and_wait
 
 log = structlog.get_logger("relay.forward")
 
@@ -129,13 +130,12 @@ async def forward_ws(state: RelayState, signer: PeerSigner, request: web.Request
                      owner_url: str, host_id: str, path: str, query: str,
                      subject: str) -> web.StreamResponse:
     """Bridge the client's WebSocket to the owner relay's WebSocket for the same channel."""
-    from relay.server.ws_proxy import client_ws, refuse_ws
+    from relay.server.ws_proxy import client_ws, offered_protocols, refuse_ws
 
     assert state.client is not None
     target, headers = _signed_request(state, signer, request, host_id, path, query, subject,
                                       websocket=True)
-    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
-               if p.strip()]
+    offered = offered_protocols(request)
     state.metrics.forwarded_requests_total.labels(kind="ws").inc()
     ws_url = owner_url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + target
     try:
@@ -187,8 +187,4 @@ async def _pump_sockets(client: web.WebSocketResponse, owner: Any) -> None:
             await asyncio.wait_for(other_socket.close(code=code, message=reason.encode()[:120]),
                                    CLOSE_TIMEOUT_S)
     finally:
-        for task in (to_owner, to_client):
-            task.cancel()
-        for task in (to_owner, to_client):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait([to_owner, to_client])

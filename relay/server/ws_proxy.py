@@ -42,9 +42,14 @@ def ws_open_head(request: web.Request, path: str, query: str, trust_forwarded: b
                  client_chain: str | None) -> dict[str, object]:
     head = host_request_head(request, path, query, trust_forwarded, client_chain,
                              websocket=True)
-    head["protocols"] = [p.strip() for p in
-                         request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    head["protocols"] = offered_protocols(request)
     return head
+
+
+def offered_protocols(request: web.Request) -> list[str]:
+    """The subprotocols the client offered, for the next hop to choose from."""
+    raw = request.headers.get("Sec-WebSocket-Protocol", "")
+    return [p.strip() for p in raw.split(",") if p.strip()]
 
 
 async def proxy_ws(

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import WSMsgType
 
 from relay.errors import CloseCode, ProtocolViolation, sendable_close_code
-from relay.tunnel.session import Channel, ChannelClosed
+from relay.tunnel.session import Channel, ChannelClosed, cancel_and_wait
 
 CLOSE_TIMEOUT_S = 2.0
 
@@ -96,8 +96,4 @@ async def bridge(
         # Let the other direction finish its close handshake (bounded), then stop it.
         await asyncio.wait({up, down}, timeout=CLOSE_TIMEOUT_S)
     finally:
-        for task in (up, down):
-            task.cancel()
-        for task in (up, down):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait([up, down])

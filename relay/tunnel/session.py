@@ -422,11 +422,7 @@ class TunnelSession:
         """Fail every channel and stop every task this session owns."""
         self.fail_all(code, reason)
         current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
+        await cancel_and_wait([t for t in self._tasks if t is not current])
 
     def fail_all(self, code: int, reason: str) -> None:
         self.alive = False
@@ -666,12 +662,15 @@ class TunnelSession:
         }
 
 
-async def cancel_and_wait(
-    tasks: list[asyncio.Task[Any]], timeout: float = 5.0
-) -> None:
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]], timeout: float = 5.0) -> None:
+    """Cancel ``tasks`` and wait (bounded) until they end; their errors count as seen."""
     for task in tasks:
         task.cancel()
     live = [t for t in tasks if not t.done()]
     if live:
-        with contextlib.suppress(Exception):
-            await asyncio.wait(live, timeout=timeout)
+        await asyncio.wait(live, timeout=timeout)
+    for task in tasks:
+        # A pump that failed before the cancel is expected here; retrieve its error so asyncio
+        # does not report it as never retrieved.
+        if task.done() and not task.cancelled():
+            task.exception()
