@@ -216,17 +216,23 @@ async def test_drain_lets_the_inflight_request_finish_and_the_agent_comes_back(
         assert time.monotonic() - ready < 3.0
 
 
+async def start_slow_request(run: Running) -> asyncio.Future[aiohttp.ClientResponse]:
+    """A request the host answers in 30 s, started and seen open at the agent."""
+    session = run.agent.agent.session
+    assert session is not None
+    slow = asyncio.ensure_future(run.client.get(run.hosts_url("/slow?delay=30"),
+                                                headers=run.auth))
+    await eventually(lambda: len(session.channels) == 1)
+    return slow
+
+
 async def test_request_outliving_the_grace_is_cut_and_the_process_still_exits(
     tmp_path: Path,
 ) -> None:
     grace_s = 1.0
     async with running(tmp_path, grace_s=grace_s) as run:
         proc = run.procs[0]
-        session = run.agent.agent.session
-        assert session is not None
-        slow = asyncio.ensure_future(run.client.get(run.hosts_url("/slow?delay=30"),
-                                                    headers=run.auth))
-        await eventually(lambda: len(session.channels) == 1)
+        slow = await start_slow_request(run)
         proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
 
@@ -253,11 +259,7 @@ async def test_second_signal_cuts_the_grace_short(tmp_path: Path) -> None:
     """Ctrl-C twice: the operator does not wait out a long grace; agents still get 4503."""
     async with running(tmp_path, grace_s=60) as run:
         proc = run.procs[0]
-        session = run.agent.agent.session
-        assert session is not None
-        slow = asyncio.ensure_future(run.client.get(run.hosts_url("/slow?delay=30"),
-                                                    headers=run.auth))
-        await eventually(lambda: len(session.channels) == 1)
+        slow = await start_slow_request(run)
         proc.send_signal(signal.SIGINT)
         await wait_http(f"{run.url}/readyz", timeout=1.0, status=503)
         proc.send_signal(signal.SIGINT)
