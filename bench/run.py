@@ -128,14 +128,18 @@ def toml_value(value: Any) -> str:
 
 def write_config(path: Path, state_dir: Path, port: int,
                  extra: dict[str, dict[str, Any]] | None = None) -> Path:
-    """A dev-mode relay config: loopback, free port, warning logs, shared dev issuer key."""
+    """A dev-mode relay config: loopback, free port, shipped log defaults, shared dev key.
+
+    Logging stays as users get it (info level, one access line per request, JSON): a relay
+    measured with its logs turned down would flatter every row.
+    """
     sections: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": port, "drain_grace_s": 1.0},
         "auth": {"mode": "dev", "dev_state_dir": str(state_dir)},
         "access": {"backend": "org"},
         "tunnel": {"ping_interval_s": 10.0, "request_timeout_s": 30.0},
         "directory": {"backend": "local"},
-        "log": {"level": "warning", "format": "json"},
+        "log": {"level": "info", "format": "json", "access_log": True},
     }
     for section, values in (extra or {}).items():
         sections.setdefault(section, {}).update(values)
@@ -229,7 +233,7 @@ class Bench:
         popen = self.procs.start(name, [
             PYTHON, "-m", "relay", "agent", "--relay", relay.ws, "--host-id", host_id,
             "--upstream", f"http://127.0.0.1:{self.host_port}", "--token-file",
-            str(self.token_file), "--log-level", "warning",
+            str(self.token_file),
         ])
         url = relay.host_url(host_id, "/small")
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -310,8 +314,35 @@ class Bench:
                         "0", relay.errors == 0, ratio=False))
         self.cpu_rows("W1", "request", meters, {"direct": direct.requests,
                                                 "relay": relay.requests})
+        self.w1_access_log(binary, relay, meters["relay"])
         if "W1" in self.profile_targets:
             self.profile_w1(binary, urls["relay"])
+
+    def w1_access_log(self, binary: str, on: wrk.WrkResult, meter_on: CpuMeter) -> None:
+        """What the default access log costs: W1 once more on a relay with it turned off."""
+        d = self.durations
+        quiet = self.start_relay("relay-nolog", {"log": {"access_log": False}})
+        agent = self.start_agent("agent-nolog", quiet, HOST_ID)
+        try:
+            url = quiet.host_url(HOST_ID, "/small")
+            wrk.run(binary, url, token=self.token, seconds=d.w1_warmup_s)
+            with CpuMeter({"relay": quiet.pid, "agent": agent.pid,
+                           "host": self.host_pid}) as meter_off:
+                off = wrk.run(binary, url, token=self.token, seconds=d.w1_s)
+        finally:
+            self.procs.stop(agent, 2)
+            self.procs.stop(quiet.popen)
+        on_us = meter_on.used["relay"] / on.requests * 1e6 if on.requests else None
+        off_us = meter_off.used["relay"] / off.requests * 1e6 if off.requests else None
+        print(f"  W1 access log off {off.requests_per_s:10,.0f} req/s  relay CPU "
+              f"{off_us or 0:.0f} µs/req (on: {on_us or 0:.0f})", flush=True)
+        cost = 100 * (on_us / off_us - 1) if on_us and off_us else None
+        rows = self.report.rows
+        rows.append(Row("W1", "req/s, access log off | on (default)", off.requests_per_s,
+                        on.requests_per_s))
+        rows.append(Row("W1", "relay CPU per request, log off | on", off_us, on_us, "µs"))
+        rows.append(Row("W1", "access log share of relay CPU per request", None, cost, "%",
+                        "≤ 15 %", cost is not None and cost <= 15, ratio=False))
 
     def cpu_meter(self) -> CpuMeter:
         """CPU of the relay, the agent and the host (and reaped load generators) in a block."""

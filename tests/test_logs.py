@@ -61,3 +61,31 @@ def test_redaction_catches_tokens_in_free_text() -> None:
         redacted = redact_text(text)
         assert jwt_like not in redacted and "opaque-secret-value" not in redacted
         assert "[redacted]" in redacted
+
+
+def test_access_line_matches_the_structured_events_and_is_redacted() -> None:
+    import io
+
+    import structlog
+
+    from relay.logs import access_log, setup_logging
+
+    jwt_like = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLWJ5dGVz"
+    stream = io.StringIO()
+    setup_logging("info", "json", stream=stream)
+    try:
+        fields = {"host_id": "acme:x", "method": "GET", "path": f"/dl/{jwt_like}",
+                  "status": 200, "bytes_in": 0, "bytes_out": 1024, "duration_ms": 1.5}
+        structlog.get_logger("relay.http").info("http.access", **fields)
+        access_log("relay.http").info("http.access", **fields)
+        setup_logging("warning", "json", stream=stream)
+        access_log("relay.http").info("http.access", **fields)  # below the level: unwritten
+        assert not access_log("relay.http").enabled()
+    finally:
+        setup_logging("warning", "json")
+    slow, fast = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert fast.keys() == slow.keys()
+    assert {k: v for k, v in fast.items() if k != "timestamp"} == {
+        k: v for k, v in slow.items() if k != "timestamp"}
+    assert jwt_like not in stream.getvalue()
+    assert fast["timestamp"].endswith("Z") and fast["timestamp"][:10] == slow["timestamp"][:10]
