@@ -220,11 +220,14 @@ class Bench:
                       30)
         return relay
 
-    def mint_token(self, config: Path) -> str:
-        """``relay token``: every bench relay shares this dev issuer key, so one token serves."""
+    def mint_token(self, config: Path, *serve: str) -> str:
+        """``relay token``: every bench relay shares this dev issuer key, so one token serves.
+
+        ``serve``: the host ids (or ``<org>:*``) the token may register tunnels for (agents).
+        """
         done = subprocess.run(
             [PYTHON, "-m", "relay", "token", "--config", str(config), "--sub", "bench",
-             "--org", ORG, "--ttl", "7200"],
+             "--org", ORG, "--ttl", "7200", *(arg for s in serve for arg in ("--agent-host", s))],
             cwd=REPO, env=self.env, capture_output=True, text=True, timeout=60, check=False,
         )
         if done.returncode != 0 or not done.stdout.strip():
@@ -819,7 +822,8 @@ class Bench:
         print(f"bench: work dir {self.tmp}", flush=True)
         config = write_config(self.tmp / "token.toml", self.state_dir, free_port())
         self.token = self.mint_token(config)
-        self.token_file.write_text(self.token)
+        # Agents serve HOST_ID and the W5 hosts: one token that may serve the whole org.
+        self.token_file.write_text(self.mint_token(config, f"{ORG}:*"))
         self.token_file.chmod(0o600)
         if chosen & {"W0", "W1", "W2", "W3"}:
             self.setup()

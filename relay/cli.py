@@ -51,9 +51,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(
             f"relay (dev mode) on http://{config.server.host}:{config.server.port}\n"
             f"  mint a token:     relay token{cfg} --sub me --org acme\n"
+            f"  an agent's token: relay token{cfg} --sub me --org acme "
+            f"--agent-host acme:laptop\n"
             f"  connect an agent: relay agent --relay ws://{config.server.host}:"
             f"{config.server.port} --host-id acme:laptop --upstream http://127.0.0.1:3000 "
-            f"--token <token>\n"
+            f"--token <agent token>\n"
             f"  call the host:    curl -H 'Authorization: Bearer <token>' "
             f"http://{config.server.host}:{config.server.port}/hosts/acme:laptop/",
             file=sys.stderr, flush=True,
@@ -70,7 +72,13 @@ def cmd_token(args: argparse.Namespace) -> int:
                           'relay token needs the dev issuer (mode = "dev")')
     from relay.auth.devissuer import mint_token
 
-    print(mint_token(config, args.sub, list(args.org), ttl_s=args.ttl, email=args.email))
+    try:
+        token = mint_token(config, args.sub, list(args.org), ttl_s=args.ttl, email=args.email,
+                           agent_hosts=list(args.agent_host or ()))
+    except ValueError as exc:
+        print(f"relay: token: {exc}", file=sys.stderr)
+        return 2
+    print(token)
     return 0
 
 
@@ -107,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--org", action="append", required=True, help="organisation (repeatable)")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     token.add_argument("--email", default=None)
+    token.add_argument("--agent-host", action="append", metavar="HOST_ID",
+                       help="a host id (<org>:<machine>) or <org>:* this token may serve as an "
+                            "agent (repeatable; agents need it to register a tunnel)")
     token.set_defaults(func=cmd_token)
 
     check = sub.add_parser("check-config", help="validate and print the effective config")

@@ -43,6 +43,7 @@ class AuthConfig:
     audience: str = ""
     org_claim: str = "organizationIds"
     email_claim: str = "email"
+    agent_claim: str = "relayHosts"  # host ids (or <org>:*) a token may serve as an agent
     algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
     leeway_s: int = 30
     dev_state_dir: str = "state"  # dev issuer key folder, relative to the config file
@@ -309,6 +310,8 @@ def validate(config: Config) -> None:
             )
     if not auth.org_claim:
         raise ConfigError(src, "auth.org_claim", "must not be empty")
+    if not auth.agent_claim:
+        raise ConfigError(src, "auth.agent_claim", "must not be empty")
     if auth.leeway_s < 0 or auth.leeway_s > 300:
         raise ConfigError(src, "auth.leeway_s", "must be between 0 and 300")
     if auth.token_cache_size < 0:

@@ -88,17 +88,21 @@ def main() -> int:
         procs.append(subprocess.Popen([sys.executable, "-m", "relay.devhost", "--port",
                                        str(host_port)], env=env))
         asyncio.run(_wait_ok(f"{relay}/healthz"))
-        token = subprocess.run(
-            [sys.executable, "-m", "relay", "token", "--config", config, "--sub", "demo-user",
-             "--org", "acme"], env=env, check=True, capture_output=True, text=True,
-        ).stdout.strip()
+        mint = [sys.executable, "-m", "relay", "token", "--config", config, "--sub", "demo-user",
+                "--org", "acme"]
+        token = subprocess.run(mint, env=env, check=True, capture_output=True,
+                               text=True).stdout.strip()
         print(f"minted a dev token: relay token --config config.toml --sub demo-user --org acme"
               f" -> {token[:12]}…")
+        # Serving a host takes more than reaching it: the agent's token names the host.
+        agent_token = subprocess.run([*mint, "--agent-host", host_id], env=env, check=True,
+                                     capture_output=True, text=True).stdout.strip()
+        print(f"minted an agent token: ... --agent-host {host_id} -> {agent_token[:12]}…")
         _step(f"relay agent --host-id {host_id}")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "relay", "agent", "--relay", f"ws://127.0.0.1:{port}",
              "--host-id", host_id, "--upstream", f"http://127.0.0.1:{host_port}",
-             "--token", token, "--log-level", "warning"], env=env))
+             "--token", agent_token, "--log-level", "warning"], env=env))
         asyncio.run(_wait_ok(f"{relay}/hosts/{host_id}/", {"Authorization": f"Bearer {token}"}))
         asyncio.run(_show(relay, token, host_id))
         _step("done")

@@ -35,6 +35,14 @@ REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 
+def agent_token(config: Config, host_id: str, sub: str = "alice", *,
+                orgs: tuple[str, ...] | None = None, ttl_s: int = 600, **extra: Any) -> str:
+    """The one place tests mint a token an agent may register ``host_id`` with."""
+    org = host_id.partition(":")[0]
+    return mint_token(config, sub, list(orgs or (org,)), ttl_s=ttl_s, agent_hosts=[host_id],
+                      **extra)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -91,7 +99,12 @@ class RunningRelay:
 
     def token(self, sub: str = "alice", orgs: tuple[str, ...] = ("acme",), ttl_s: int = 600,
               **extra: Any) -> str:
+        """A user's token: it may call the org's hosts, not serve them."""
         return mint_token(self.config, sub, list(orgs), ttl_s=ttl_s, **extra)
+
+    def agent_token(self, host_id: str = "acme:laptop", sub: str = "alice", **kwargs: Any) -> str:
+        """An agent's token: ``token()`` plus the agent claim for ``host_id``."""
+        return agent_token(self.config, host_id, sub, **kwargs)
 
     async def stop(self) -> None:
         await self.runner.cleanup()
@@ -178,6 +191,9 @@ class Stack:
     def token(self, **kwargs: Any) -> str:
         return self.relay.token(**kwargs)
 
+    def agent_token(self, host_id: str = "acme:laptop", **kwargs: Any) -> str:
+        return self.relay.agent_token(host_id, **kwargs)
+
     def url(self, path: str) -> str:
         return f"{self.relay.url}/hosts/{self.host_id}{path}"
 
@@ -191,7 +207,7 @@ async def stack(tmp_path: Path, sections: dict[str, dict[str, Any]] | None = Non
     config = load_config(write_config(tmp_path, sections), env={})
     relay = await start_relay(config)
     host = await start_host(host_app)
-    agent = await start_agent(relay.ws_url, "acme:laptop", host.url, token=relay.token())
+    agent = await start_agent(relay.ws_url, "acme:laptop", host.url, token=relay.agent_token())
     client = aiohttp.ClientSession(auto_decompress=False)
     try:
         yield Stack(relay, host, agent, client)

@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from relay.auth.access import (
     AccessPolicy,
+    AccessRole,
     OrgMembershipBackend,
     StaticGrantsBackend,
     UpstreamAccessBackend,
@@ -36,6 +37,7 @@ BOB = Identity(sub="bob", orgs=frozenset({"acme"}), email=None, expires_at=0)
 HOST = parse_host_id("acme:laptop")
 HOST2 = parse_host_id("acme:desktop")
 TOKEN = "header.alice-token-1.sig"
+CLIENT, AGENT = AccessRole.CLIENT, AccessRole.AGENT
 
 
 class Upstream:
@@ -115,7 +117,7 @@ async def test_host_in_another_org_is_denied_without_an_upstream_call(
     metrics = Metrics()
     policy = make_policy(session, server, FakeClock(5000.0), metrics)
     with pytest.raises(Forbidden) as info:
-        await policy.check(ALICE, parse_host_id("globex:laptop"), TOKEN)
+        await policy.check(ALICE, parse_host_id("globex:laptop"), TOKEN, role=CLIENT)
     assert info.value.code == ErrorCode.NOT_IN_ORG
     assert info.value.status == 403
     assert state.calls == []
@@ -125,9 +127,9 @@ async def test_host_in_another_org_is_denied_without_an_upstream_call(
 async def test_org_backend_allows_members_locally() -> None:
     metrics = Metrics()
     policy = AccessPolicy(OrgMembershipBackend(), metrics=metrics)
-    assert await policy.check(ALICE, HOST, TOKEN) == "local"
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "local"
     with pytest.raises(Forbidden) as info:
-        await policy.check(ALICE, parse_host_id("other:laptop"), TOKEN)
+        await policy.check(ALICE, parse_host_id("other:laptop"), TOKEN, role=CLIENT)
     assert info.value.code == ErrorCode.NOT_IN_ORG
     assert decisions(metrics, "allowed", "local") == 1
 
@@ -138,9 +140,9 @@ async def test_upstream_allow_is_cached_and_carries_the_callers_token(
     state, server = upstream
     metrics = Metrics()
     policy = make_policy(session, server, FakeClock(5000.0), metrics)
-    assert await policy.check(ALICE, HOST, TOKEN) == "upstream"
-    assert await policy.check(ALICE, HOST, TOKEN) == "cache"
-    assert state.calls == [(f"Bearer {TOKEN}", {"hostId": "acme:laptop"})]
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "upstream"
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "cache"
+    assert state.calls == [(f"Bearer {TOKEN}", {"hostId": "acme:laptop", "role": "client"})]
     assert decisions(metrics, "allowed", "upstream") == 1
     assert decisions(metrics, "allowed", "cache") == 1
     hist = metrics.registry.get_sample_value("relay_access_upstream_duration_seconds_count")
@@ -152,12 +154,12 @@ async def test_cache_is_keyed_by_subject_not_token(
 ) -> None:
     state, server = upstream
     policy = make_policy(session, server, FakeClock(5000.0))
-    assert await policy.check(ALICE, HOST, "token-issued-at-9am") == "upstream"
-    assert await policy.check(ALICE, HOST, "token-refreshed-at-10am") == "cache"
+    assert await policy.check(ALICE, HOST, "token-issued-at-9am", role=CLIENT) == "upstream"
+    assert await policy.check(ALICE, HOST, "token-refreshed-at-10am", role=CLIENT) == "cache"
     assert len(state.calls) == 1
     # Another subject, or another host, is another key.
-    assert await policy.check(BOB, HOST, "bob-token") == "upstream"
-    assert await policy.check(ALICE, HOST2, "token-refreshed-at-10am") == "upstream"
+    assert await policy.check(BOB, HOST, "bob-token", role=CLIENT) == "upstream"
+    assert await policy.check(ALICE, HOST2, "token-refreshed-at-10am", role=CLIENT) == "upstream"
     assert len(state.calls) == 3
 
 
@@ -167,7 +169,8 @@ async def test_concurrent_misses_share_one_upstream_call(
     state, server = upstream
     state.gate = asyncio.Event()
     policy = make_policy(session, server, FakeClock(5000.0))
-    checks = [asyncio.create_task(policy.check(ALICE, HOST, f"t{i}")) for i in range(30)]
+    checks = [asyncio.create_task(policy.check(ALICE, HOST, f"t{i}", role=CLIENT))
+              for i in range(30)]
     await asyncio.wait_for(state.called.wait(), 5)  # the call arrived; the gate holds it
     await asyncio.sleep(0.02)
     state.gate.set()
@@ -183,8 +186,8 @@ async def test_cancelled_waiter_does_not_cancel_the_shared_call(
     state, server = upstream
     state.gate = asyncio.Event()
     policy = make_policy(session, server, FakeClock(5000.0))
-    leaver = asyncio.create_task(policy.check(ALICE, HOST, TOKEN))
-    stayer = asyncio.create_task(policy.check(ALICE, HOST, TOKEN))
+    leaver = asyncio.create_task(policy.check(ALICE, HOST, TOKEN, role=CLIENT))
+    stayer = asyncio.create_task(policy.check(ALICE, HOST, TOKEN, role=CLIENT))
     await asyncio.wait_for(state.called.wait(), 5)
     leaver.cancel()
     await asyncio.sleep(0.01)
@@ -193,7 +196,7 @@ async def test_cancelled_waiter_does_not_cancel_the_shared_call(
     assert leaver.cancelled()
     assert len(state.calls) == 1
     assert policy._inflight == {}
-    assert await policy.check(ALICE, HOST, TOKEN) == "cache"
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "cache"
 
 
 async def test_denial_is_cached_for_deny_ttl_only(
@@ -206,7 +209,7 @@ async def test_denial_is_cached_for_deny_ttl_only(
     policy = make_policy(session, server, clock, metrics, allow_ttl_s=900, deny_ttl_s=30)
     for _ in range(3):
         with pytest.raises(Forbidden) as info:
-            await policy.check(ALICE, HOST, TOKEN)
+            await policy.check(ALICE, HOST, TOKEN, role=CLIENT)
         assert info.value.code == ErrorCode.NOT_REGISTERED
     assert len(state.calls) == 1
     assert decisions(metrics, "denied", "cache") == 2
@@ -214,10 +217,10 @@ async def test_denial_is_cached_for_deny_ttl_only(
     state.allowed["acme:laptop"] = True
     clock.advance(29)
     with pytest.raises(Forbidden):
-        await policy.check(ALICE, HOST, TOKEN)
+        await policy.check(ALICE, HOST, TOKEN, role=CLIENT)
     # ...and after it, the upstream is asked again.
     clock.advance(1.5)
-    assert await policy.check(ALICE, HOST, TOKEN) == "upstream"
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "upstream"
     assert len(state.calls) == 2
 
 
@@ -227,14 +230,14 @@ async def test_allow_expires_after_allow_ttl_and_update_ttls_applies(
     state, server = upstream
     clock = FakeClock(5000.0)
     policy = make_policy(session, server, clock, allow_ttl_s=900, deny_ttl_s=30)
-    await policy.check(ALICE, HOST, TOKEN)
+    await policy.check(ALICE, HOST, TOKEN, role=CLIENT)
     clock.advance(899)
-    assert await policy.check(ALICE, HOST, TOKEN) == "cache"
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "cache"
     clock.advance(2)
-    assert await policy.check(ALICE, HOST, TOKEN) == "upstream"
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "upstream"
     clock.advance(120)
     policy.update_ttls(allow_ttl_s=60, deny_ttl_s=5)  # reload shortens the TTL
-    assert await policy.check(ALICE, HOST, TOKEN) == "upstream"
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "upstream"
     assert len(state.calls) == 3
 
 
@@ -255,21 +258,21 @@ async def test_upstream_failure_is_unavailable_not_cached_and_not_hammered(
     metrics = Metrics()
     policy = make_policy(session, server, clock, metrics, backoff_s=2.0)
     with capture_logs() as logs, pytest.raises(AccessUnavailable) as info:
-        await policy.check(ALICE, HOST, TOKEN)
+        await policy.check(ALICE, HOST, TOKEN, role=CLIENT)
     assert info.value.status == 503
     assert "access.upstream_error" in [e["event"] for e in logs]
     assert TOKEN not in repr(logs)
     # During the backoff window nobody reaches the upstream, whatever the key.
     for identity, host in [(ALICE, HOST), (BOB, HOST), (ALICE, HOST2)] * 10:
         with pytest.raises(AccessUnavailable):
-            await policy.check(identity, host, TOKEN)
+            await policy.check(identity, host, TOKEN, role=CLIENT)
     assert len(state.calls) == 1
     assert decisions(metrics, "unavailable", "upstream") == 31
     # The upstream recovers; shortly after, access works, and no denial was cached.
     state.status, state.body = 200, None
     clock.advance(2.1)
-    assert await policy.check(ALICE, HOST, TOKEN) == "upstream"
-    assert await policy.check(BOB, HOST, TOKEN) == "upstream"
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "upstream"
+    assert await policy.check(BOB, HOST, TOKEN, role=CLIENT) == "upstream"
     assert len(state.calls) == 3
     assert policy.healthy
 
@@ -286,17 +289,17 @@ async def test_stopped_upstream_is_unavailable_then_recovers(
     policy = make_policy(session, server, clock)
     await server.close()
     with pytest.raises(AccessUnavailable):
-        await policy.check(ALICE, HOST, TOKEN)
+        await policy.check(ALICE, HOST, TOKEN, role=CLIENT)
     assert not policy.healthy
     # Back on the same port.
     app2 = web.Application()
     app2.router.add_post("/checkAccess", state.handle)
     await aiohttp_server(app2, port=port)
     with pytest.raises(AccessUnavailable):
-        await policy.check(ALICE, HOST, TOKEN)  # still inside the backoff window
+        await policy.check(ALICE, HOST, TOKEN, role=CLIENT)  # still inside the backoff window
     assert state.calls == []
     clock.advance(2.1)
-    assert await policy.check(ALICE, HOST, TOKEN) == "upstream"
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "upstream"
     assert len(state.calls) == 1
 
 
@@ -308,11 +311,11 @@ async def test_slow_upstream_times_out_as_unavailable(
     policy = make_policy(session, server, FakeClock(5000.0), timeout_s=0.2)
     started = time.monotonic()
     with capture_logs() as logs, pytest.raises(AccessUnavailable):
-        await policy.check(ALICE, HOST, TOKEN)
+        await policy.check(ALICE, HOST, TOKEN, role=CLIENT)
     assert time.monotonic() - started < 1.5
     assert [e["error"] for e in logs if e["event"] == "access.upstream_error"] == ["timeout"]
     with pytest.raises(AccessUnavailable):
-        await policy.check(BOB, HOST, TOKEN)
+        await policy.check(BOB, HOST, TOKEN, role=CLIENT)
     assert len(state.calls) == 1
 
 
@@ -324,11 +327,11 @@ async def test_after_backoff_only_one_probe_reaches_a_still_sick_upstream(
     clock = FakeClock(5000.0)
     policy = make_policy(session, server, clock)
     with pytest.raises(AccessUnavailable):
-        await policy.check(ALICE, HOST, TOKEN)
+        await policy.check(ALICE, HOST, TOKEN, role=CLIENT)
     clock.advance(2.1)
     subjects = [Identity(f"user{i}", frozenset({"acme"}), None, 0) for i in range(20)]
     results = await asyncio.gather(
-        *(policy.check(s, HOST, TOKEN) for s in subjects), return_exceptions=True
+        *(policy.check(s, HOST, TOKEN, role=CLIENT) for s in subjects), return_exceptions=True
     )
     assert all(isinstance(r, AccessUnavailable) for r in results)
     assert len(state.calls) == 2
@@ -343,14 +346,14 @@ async def test_caller_specific_4xx_backs_off_that_key_only(
     policy = make_policy(session, server, clock)
     for _ in range(5):
         with pytest.raises(AccessUnavailable):
-            await policy.check(ALICE, HOST, TOKEN)
+            await policy.check(ALICE, HOST, TOKEN, role=CLIENT)
     assert len(state.calls) == 1
     # Other callers are unaffected: one odd client cannot take access down for everyone.
     state.status = 200
-    assert await policy.check(BOB, HOST, TOKEN) == "upstream"
+    assert await policy.check(BOB, HOST, TOKEN, role=CLIENT) == "upstream"
     assert policy.healthy
     clock.advance(2.1)
-    assert await policy.check(ALICE, HOST, TOKEN) == "upstream"
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "upstream"
     assert len(state.calls) == 3
 
 
@@ -360,22 +363,22 @@ async def test_revoke_by_subject_and_by_host(
     state, server = upstream
     state.allowed["acme:desktop"] = False
     policy = make_policy(session, server, FakeClock(5000.0))
-    await policy.check(ALICE, HOST, TOKEN)
+    await policy.check(ALICE, HOST, TOKEN, role=CLIENT)
     with pytest.raises(Forbidden):
-        await policy.check(ALICE, HOST2, TOKEN)
-    await policy.check(BOB, HOST, TOKEN)
+        await policy.check(ALICE, HOST2, TOKEN, role=CLIENT)
+    await policy.check(BOB, HOST, TOKEN, role=CLIENT)
     assert len(state.calls) == 3
     assert policy.revoke(sub="alice") == 2  # one allow + one deny entry
-    assert await policy.check(BOB, HOST, TOKEN) == "cache"
-    assert await policy.check(ALICE, HOST, TOKEN) == "upstream"
+    assert await policy.check(BOB, HOST, TOKEN, role=CLIENT) == "cache"
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "upstream"
     assert len(state.calls) == 4
     assert policy.revoke(host="acme:laptop") == 2  # alice's and bob's
-    assert await policy.check(BOB, HOST, TOKEN) == "upstream"
+    assert await policy.check(BOB, HOST, TOKEN, role=CLIENT) == "upstream"
     assert policy.revoke(sub="nobody") == 0
     assert policy.revoke(sub="bob", host="acme:laptop") == 1
-    assert await policy.check(ALICE, HOST, TOKEN) == "upstream"
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "upstream"
     with pytest.raises(Forbidden):
-        await policy.check(BOB, HOST2, TOKEN)
+        await policy.check(BOB, HOST2, TOKEN, role=CLIENT)
     assert policy.revoke() == 2  # no filter: everything
     assert policy.cache_sizes() == (0, 0)
 
@@ -386,12 +389,12 @@ async def test_answer_requested_before_a_revoke_is_not_cached(
     state, server = upstream
     state.gate = asyncio.Event()
     policy = make_policy(session, server, FakeClock(5000.0))
-    pending = asyncio.create_task(policy.check(ALICE, HOST, TOKEN))
+    pending = asyncio.create_task(policy.check(ALICE, HOST, TOKEN, role=CLIENT))
     await asyncio.wait_for(state.called.wait(), 5)
     policy.revoke(sub="alice")
     state.gate.set()
     assert await pending == "upstream"
-    assert await policy.check(ALICE, HOST, TOKEN) == "upstream"
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "upstream"
     assert len(state.calls) == 2
 
 
@@ -401,7 +404,7 @@ async def test_close_cancels_calls_in_flight(
     state, server = upstream
     state.gate = asyncio.Event()
     policy = make_policy(session, server, FakeClock(5000.0))
-    pending = asyncio.create_task(policy.check(ALICE, HOST, TOKEN))
+    pending = asyncio.create_task(policy.check(ALICE, HOST, TOKEN, role=CLIENT))
     await asyncio.wait_for(state.called.wait(), 5)
     await policy.close()
     with pytest.raises(asyncio.CancelledError):
@@ -425,22 +428,25 @@ def test_static_grants_json_and_toml(tmp_path: Path) -> None:
     )
     for name in ("grants.json", "grants.toml"):
         backend = StaticGrantsBackend.from_file(tmp_path / name)
-        assert backend.allows(ALICE, HOST)
-        assert not backend.allows(ALICE, HOST2)
-        assert backend.allows(ALICE, parse_host_id("globex:anything"))
-        assert not backend.allows(BOB, HOST)
+        assert backend.allows(ALICE, HOST, CLIENT) is True
+        assert backend.allows(ALICE, HOST2, CLIENT) is False
+        assert backend.allows(ALICE, parse_host_id("globex:anything"), CLIENT) is True
+        assert backend.allows(BOB, HOST, CLIENT) is False
+        # Grants written before roles existed are client grants: serving needs its own.
+        assert isinstance(backend.allows(ALICE, HOST, AGENT), str)
 
 
 async def test_static_policy_keeps_the_org_short_circuit(tmp_path: Path) -> None:
     backend = StaticGrantsBackend({"alice": ["globex:*", "acme:laptop"]})
     metrics = Metrics()
     policy = AccessPolicy(backend, metrics=metrics)
-    assert await policy.check(ALICE, HOST, TOKEN) == "local"
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "local"
     with pytest.raises(Forbidden) as info:
-        await policy.check(ALICE, HOST2, TOKEN)
+        await policy.check(ALICE, HOST2, TOKEN, role=CLIENT)
     assert info.value.code == ErrorCode.NOT_REGISTERED
     with pytest.raises(Forbidden) as info:
-        await policy.check(ALICE, parse_host_id("globex:m"), TOKEN)  # granted, but not in org
+        # granted, but not in org
+        await policy.check(ALICE, parse_host_id("globex:m"), TOKEN, role=CLIENT)
     assert info.value.code == ErrorCode.NOT_IN_ORG
     assert decisions(metrics, "denied", "local") == 2
 
@@ -478,7 +484,7 @@ async def test_build_access_policy_for_each_backend(
             base_dir=str(tmp_path),
         )
     )
-    assert await static.check(ALICE, HOST, TOKEN) == "local"
+    assert await static.check(ALICE, HOST, TOKEN, role=CLIENT) == "local"
 
     config = Config(
         access=AccessConfig(
@@ -491,9 +497,9 @@ async def test_build_access_policy_for_each_backend(
     remote = build_access_policy(config, session, Metrics(), clock)
     state.allowed["acme:laptop"] = False
     with pytest.raises(Forbidden):
-        await remote.check(ALICE, HOST, TOKEN)
+        await remote.check(ALICE, HOST, TOKEN, role=CLIENT)
     with pytest.raises(Forbidden):
-        await remote.check(ALICE, HOST, TOKEN)
+        await remote.check(ALICE, HOST, TOKEN, role=CLIENT)
     assert len(state.calls) == 1
     with pytest.raises(ValueError):
         build_access_policy(config, None)
@@ -508,7 +514,7 @@ async def test_denials_are_logged_without_tokens(
     with capture_logs() as logs:
         for host in (HOST, parse_host_id("globex:m")):
             with pytest.raises(Forbidden):
-                await policy.check(ALICE, host, TOKEN)
+                await policy.check(ALICE, host, TOKEN, role=CLIENT)
     denied = [e for e in logs if e["event"] == "access.denied"]
     assert [e["reason"] for e in denied] == ["not_registered", "not_in_org"]
     assert TOKEN not in repr(logs)
@@ -533,5 +539,5 @@ async def test_redirect_from_upstream_is_not_followed_with_the_token(
     server = await aiohttp_server(app)
     policy = make_policy(session, server, FakeClock(5000.0))
     with pytest.raises(AccessUnavailable):
-        await policy.check(ALICE, HOST, TOKEN)
+        await policy.check(ALICE, HOST, TOKEN, role=CLIENT)
     assert leaked == []

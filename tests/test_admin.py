@@ -98,7 +98,8 @@ async def setup(tmp_path: Path, secret: str = SECRET) -> AsyncIterator[Setup]:
     relay = await start_relay(config)
     host = await start_host()
     # The agent's own tunnel is an access check too (sub "agent").
-    agent = await start_agent(relay.ws_url, HOST_ID, host.url, token=relay.token(sub="agent"))
+    agent = await start_agent(relay.ws_url, HOST_ID, host.url,
+                              token=relay.agent_token(HOST_ID, sub="agent"))
     client = aiohttp.ClientSession()
     try:
         yield Setup(relay, host, agent, upstream, client)

@@ -171,7 +171,8 @@ async def test_agent_reconnects_after_the_relay_restarts_on_the_same_port(
     config: Config, host: RunningHost
 ) -> None:
     relay = await start_relay(config)
-    async with agent_running(relay.ws_url, host.url, TokenSource(token=relay.token())) as agent:
+    tokens = TokenSource(token=relay.agent_token(HOST))
+    async with agent_running(relay.ws_url, host.url, tokens) as agent:
         assert relay.state.registry.get(HOST) is not None
         await relay.stop()
         await eventually(lambda: not agent.agent.connected)
@@ -194,7 +195,7 @@ async def test_drain_resets_backoff_and_the_agent_comes_back_at_once(
     relay = await start_relay(config)
     recorder = Recorder()
     backoff = Backoff(base=0.05, cap=20)
-    async with agent_running(relay.ws_url, host.url, TokenSource(token=relay.token()),
+    async with agent_running(relay.ws_url, host.url, TokenSource(token=relay.agent_token(HOST)),
                              backoff=backoff, recorder=recorder) as agent:
         backoff.attempt = 30  # a long history of failures: the next plain delay is 10-20 s
         await drain(relay.state, 0.1)
@@ -232,7 +233,7 @@ async def test_drained_agent_lets_requests_in_flight_finish_before_leaving(
 ) -> None:
     recorder = Recorder()
     async with relay_on(config) as relay, agent_running(
-        relay.ws_url, host.url, TokenSource(token=relay.token()), recorder=recorder,
+        relay.ws_url, host.url, TokenSource(token=relay.agent_token(HOST)), recorder=recorder,
     ) as agent, aiohttp.ClientSession() as client:
         session = agent.agent.session
         assert session is not None
@@ -268,10 +269,10 @@ async def test_replaced_agent_backs_off_slowly_instead_of_fighting(
     config: Config, host: RunningHost
 ) -> None:
     async with relay_on(config) as relay, agent_running(
-        relay.ws_url, host.url, TokenSource(token=relay.token()),
+        relay.ws_url, host.url, TokenSource(token=relay.agent_token(HOST)),
         backoff=Backoff(base=0.05, cap=20, rng=lambda: 0.0),
     ) as agent, aiohttp.ClientSession() as client:
-        newer = await RawTunnel.connect(client, relay, HOST, relay.token(sub="newer"))
+        newer = await RawTunnel.connect(client, relay, HOST, relay.agent_token(HOST, sub="newer"))
         try:
             await eventually(lambda: agent.agent.next_attempt_at is not None)
             assert agent.agent.last_outcome is not None
@@ -293,11 +294,11 @@ async def test_token_file_is_read_again_on_every_connect(
 ) -> None:
     token_file = tmp_path / "token"
     relay = await start_relay(config)
-    token_file.write_text(relay.token(sub="alice") + "\n")
+    token_file.write_text(relay.agent_token(HOST, sub="alice") + "\n")
     async with agent_running(relay.ws_url, host.url, TokenSource(file=str(token_file))) as agent:
         assert subject(relay) == "alice"
         await relay.stop()
-        token_file.write_text(relay.token(sub="bob"))
+        token_file.write_text(relay.agent_token(HOST, sub="bob"))
         async with relay_on(config) as again:
             await agent.wait_connected(timeout=3)
             await eventually(lambda: again.state.registry.get(HOST) is not None)
@@ -328,7 +329,8 @@ async def test_token_command_runs_on_every_connect(
     tmp_path: Path, config: Config, host: RunningHost
 ) -> None:
     relay = await start_relay(config)
-    command, calls = token_command(tmp_path, [relay.token(sub="alice"), relay.token(sub="bob")])
+    command, calls = token_command(tmp_path, [relay.agent_token(HOST, sub="alice"),
+                                                relay.agent_token(HOST, sub="bob")])
     async with agent_running(relay.ws_url, host.url, TokenSource(command=command)) as agent:
         assert subject(relay) == "alice"
         await relay.stop()
@@ -343,8 +345,8 @@ async def test_expired_token_gets_4401_then_a_fresh_one_connects(
     tmp_path: Path, config: Config, host: RunningHost
 ) -> None:
     async with relay_on(config) as relay:
-        expired = relay.token(ttl_s=1, now=time.time() - 3600)
-        command, calls = token_command(tmp_path, [expired, relay.token(sub="fresh")])
+        expired = relay.agent_token(HOST, ttl_s=1, now=time.time() - 3600)
+        command, calls = token_command(tmp_path, [expired, relay.agent_token(HOST, sub="fresh")])
         recorder = Recorder()
         async with agent_running(relay.ws_url, host.url, TokenSource(command=command),
                                  recorder=recorder, wait=False) as agent:
@@ -363,7 +365,7 @@ async def test_unreadable_token_file_is_retried_not_fatal(tmp_path: Path, config
         await eventually(lambda: agent.agent.attempts >= 2)
         assert agent.agent.last_outcome is not None
         assert agent.agent.last_outcome.reason == "token_unavailable"
-        token_file.write_text(relay.token())
+        token_file.write_text(relay.agent_token(HOST))
         await agent.wait_connected(timeout=3)
 
 
@@ -474,7 +476,7 @@ async def test_paths_through_the_relay_stay_on_the_local_origin(
     host = await start_host(catch_all_host())
     try:
         async with relay_on(config) as relay, agent_running(
-            relay.ws_url, host.url, TokenSource(token=relay.token())
+            relay.ws_url, host.url, TokenSource(token=relay.agent_token(HOST))
         ), aiohttp.ClientSession() as client:
             authority = f"127.0.0.1:{evil_host.port}"
             for path in [f"//{authority}/x", f"/http://{authority}/x", f"/@{authority}/x"]:

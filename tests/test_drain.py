@@ -30,6 +30,7 @@ from relay.errors import CloseCode
 from tests.harness import (
     RunningAgent,
     RunningHost,
+    agent_token,
     eventually,
     spawn_relay_process,
     start_agent,
@@ -117,7 +118,8 @@ async def running(tmp_path: Path, grace_s: float) -> AsyncIterator[Running]:
         await run.spawn(tmp_path / "relay-1.log")
         # Production-like backoff shape (base 0.2 s), capped low so the test stays short.
         run.agent = await start_agent(f"ws://127.0.0.1:{run.port}", HOST_ID, host.url,
-                                      token=token, backoff=Backoff(base=0.2, cap=1.0))
+                                      token=agent_token(config, HOST_ID),
+                                      backoff=Backoff(base=0.2, cap=1.0))
         agent = run.agent.agent
         original = agent._delay_after
 

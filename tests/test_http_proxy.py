@@ -384,7 +384,8 @@ async def test_agent_killed_before_head_gives_502_tunnel_closed(tmp_path: Path) 
 
 
 async def relay_still_serves_other_hosts(s: Stack) -> None:
-    other = await start_agent(s.relay.ws_url, "acme:desk", s.host.url, token=s.token())
+    other = await start_agent(s.relay.ws_url, "acme:desk", s.host.url,
+                              token=s.agent_token("acme:desk"))
     try:
         url = f"{s.relay.url}/hosts/acme:desk/small?size=5"
         async with s.client.get(url, headers=s.auth()) as resp:

@@ -26,6 +26,7 @@ from relay.config import load_config
 from relay.server.lifecycle import RELOADABLE, Lifecycle
 from tests.harness import (
     RunningRelay,
+    agent_token,
     eventually,
     free_port,
     spawn_relay_process,
@@ -157,7 +158,8 @@ async def test_reloaded_drain_grace_is_the_one_sigterm_uses(tmp_path: Path) -> N
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_http(f"{url}/readyz", timeout=START_TIMEOUT_S)
-        agent = await start_agent(f"ws://127.0.0.1:{port}", "acme:laptop", host.url, token=token)
+        agent = await start_agent(f"ws://127.0.0.1:{port}", "acme:laptop", host.url,
+                                  token=agent_token(config, "acme:laptop"))
         write_config(tmp_path, base_sections(
             port, server={"drain_grace_s": 0.5}, tunnel={"request_timeout_s": 60}))
         proc.send_signal(signal.SIGHUP)

@@ -39,7 +39,7 @@ async def test_revocation_on_one_relay_takes_effect_on_every_relay(tmp_path: Pat
             }), env={})
             relays.append(await start_relay(config))
         a, b = relays
-        agent = await start_agent(a.ws_url, "acme:laptop", host_service.url, token=a.token())
+        agent = await start_agent(a.ws_url, "acme:laptop", host_service.url, token=a.agent_token())
         try:
             token = a.token(sub="zoe")
             headers = {"Authorization": f"Bearer {token}"}

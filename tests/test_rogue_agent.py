@@ -264,7 +264,7 @@ async def test_rogue_agent_is_closed_with_1002_and_others_keep_working(
 ) -> None:
     state = full_stack.relay.state
     rogue = await RawTunnel.connect(full_stack.client, full_stack.relay, ROGUE_HOST,
-                                    full_stack.token())
+                                    full_stack.agent_token(ROGUE_HOST))
     try:
         assert state.registry.get(ROGUE_HOST) is not None
         await GARBAGE[garbage](rogue, full_stack)
@@ -285,7 +285,7 @@ async def test_rogue_agent_is_closed_with_1002_and_others_keep_working(
 async def test_rogue_agent_request_in_flight_fails_with_502(full_stack: Stack) -> None:
     """A client whose exchange was on the rogue tunnel gets a clean 502, not a hang."""
     rogue = await RawTunnel.connect(full_stack.client, full_stack.relay, ROGUE_HOST,
-                                    full_stack.token())
+                                    full_stack.agent_token(ROGUE_HOST))
     try:
         request = asyncio.ensure_future(full_stack.client.get(
             f"{full_stack.relay.url}/hosts/{ROGUE_HOST}/x", headers=full_stack.auth(),
@@ -303,7 +303,7 @@ async def test_rogue_agent_request_in_flight_fails_with_502(full_stack: Stack) -
 async def test_well_behaved_raw_tunnel_is_served(full_stack: Stack) -> None:
     """The control for the garbage above: the same raw client, playing by the rules, works."""
     rogue = await RawTunnel.connect(full_stack.client, full_stack.relay, ROGUE_HOST,
-                                    full_stack.token())
+                                    full_stack.agent_token(ROGUE_HOST))
     try:
         request = asyncio.ensure_future(full_stack.client.get(
             f"{full_stack.relay.url}/hosts/{ROGUE_HOST}/hello?x=1", headers=full_stack.auth(),

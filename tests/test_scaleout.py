@@ -23,6 +23,7 @@ from relay.server.peers import PeerSigner
 from tests.harness import (
     RunningAgent,
     RunningHost,
+    agent_token,
     spawn_relay_process,
     start_agent,
     start_host,
@@ -73,6 +74,7 @@ class Fleet:
     host: RunningHost
     token: str
     client: aiohttp.ClientSession
+    agent_token: str  # may serve every acme host
 
     def relay(self, name: str) -> RelayProc:
         return next(r for r in self.relays if r.name == name)
@@ -130,7 +132,8 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
         try:
             for relay in relays:
                 await _ready(relay)
-            yield Fleet(redis, relays, host, token, client)
+            yield Fleet(redis, relays, host, token, client,
+                        agent_token(load_config(relays[0].config_path, env={}), "acme:*"))
         finally:
             await client.close()
             for relay in relays:
@@ -140,7 +143,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
 
 async def _agent_on(fleet: Fleet, relay_port: int) -> RunningAgent:
     return await start_agent(f"ws://127.0.0.1:{relay_port}", HOST, fleet.host.url,
-                             token=fleet.token)
+                             token=fleet.agent_token)
 
 
 async def _wait_routable(fleet: Fleet, relays: list[RelayProc], timeout: float = 10) -> None:
@@ -271,7 +274,7 @@ async def test_redis_restart_heals_without_touching_local_traffic(fleet: Fleet) 
         assert status == 200
         # New registrations are refused with a code that makes agents retry.
         async with fleet.client.ws_connect(
-            f"ws://127.0.0.1:{b.port}/tunnel?hostId=acme:other&v=1&token={fleet.token}"
+            f"ws://127.0.0.1:{b.port}/tunnel?hostId=acme:other&v=1&token={fleet.agent_token}"
         ) as ws:
             await ws.receive(timeout=10)
             assert ws.close_code == 1013
@@ -380,7 +383,7 @@ async def test_nginx_example_balances_a_fleet_and_every_entry_reaches_the_host(
         await wait_listening(proc, port, work)
         # The agent, like every client, only knows the balancer's address.
         agent = await start_agent(f"ws://127.0.0.1:{port}", HOST, fleet.host.url,
-                                  token=fleet.token)
+                                  token=fleet.agent_token)
         try:
             base = f"http://127.0.0.1:{port}/hosts/{HOST}"
             for _ in range(12):  # least_conn spreads these over the three relays

@@ -111,7 +111,7 @@ async def test_tunnel_with_a_bad_request_is_closed_4400(
 async def test_tunnel_offering_several_versions_gets_the_common_one(
     client: aiohttp.ClientSession, relay: RunningRelay
 ) -> None:
-    tunnel = await RawTunnel.connect(client, relay, HOST, relay.token(),
+    tunnel = await RawTunnel.connect(client, relay, HOST, relay.agent_token(HOST),
                                      query=f"hostId={HOST}&v=99,1")
     assert tunnel.hello["version"] == 1
     await tunnel.close()
@@ -131,7 +131,7 @@ async def test_tunnel_token_in_the_query_is_accepted(
     client: aiohttp.ClientSession, relay: RunningRelay
 ) -> None:
     url = URL(f"{relay.ws_url}/tunnel").with_query({"hostId": HOST, "v": "1",
-                                                    "token": relay.token()})
+                                                    "token": relay.agent_token(HOST)})
     async with client.ws_connect(url) as ws:
         msg = await ws.receive(timeout=5)
         assert frames.decode(msg.data, 1 << 20).type is FrameType.HELLO
@@ -142,8 +142,8 @@ async def test_tunnel_token_in_the_query_is_accepted(
 async def test_second_tunnel_replaces_the_first_which_gets_4409(
     client: aiohttp.ClientSession, relay: RunningRelay
 ) -> None:
-    first = await RawTunnel.connect(client, relay, HOST, relay.token())
-    second = await RawTunnel.connect(client, relay, HOST, relay.token(sub="bob"))
+    first = await RawTunnel.connect(client, relay, HOST, relay.agent_token(HOST))
+    second = await RawTunnel.connect(client, relay, HOST, relay.agent_token(HOST, sub="bob"))
     try:
         code, _ = await first.expect_close()
         assert code == CloseCode.REPLACED
@@ -157,7 +157,8 @@ async def test_second_tunnel_replaces_the_first_which_gets_4409(
 async def test_rapid_reconnects_leave_only_the_newest(
     client: aiohttp.ClientSession, relay: RunningRelay
 ) -> None:
-    tunnels = [await RawTunnel.connect(client, relay, HOST, relay.token(sub=f"agent{i}"))
+    tunnels = [await RawTunnel.connect(client, relay, HOST,
+                                       relay.agent_token(HOST, sub=f"agent{i}"))
                for i in range(4)]
     try:
         for old in tunnels[:-1]:
@@ -179,8 +180,8 @@ async def test_rapid_reconnects_leave_only_the_newest(
 async def test_replaced_tunnel_close_does_not_remove_new_one(
     client: aiohttp.ClientSession, relay: RunningRelay
 ) -> None:
-    first = await RawTunnel.connect(client, relay, HOST, relay.token())
-    second = await RawTunnel.connect(client, relay, HOST, relay.token())
+    first = await RawTunnel.connect(client, relay, HOST, relay.agent_token(HOST))
+    second = await RawTunnel.connect(client, relay, HOST, relay.agent_token(HOST))
     try:
         assert (await first.expect_close())[0] == CloseCode.REPLACED
         await first.close()
@@ -209,10 +210,10 @@ async def test_replaced_tunnel_that_never_answers_its_close_is_still_dropped(
     client: aiohttp.ClientSession, relay: RunningRelay
 ) -> None:
     """A dead-but-undetected old socket must not hold the new one back."""
-    first = await RawTunnel.connect(client, relay, HOST, relay.token(), heartbeat_s=None)
+    first = await RawTunnel.connect(client, relay, HOST, relay.agent_token(HOST), heartbeat_s=None)
     # The first "agent" is wedged: it never reads, so it never answers the close frame.
     started = time.monotonic()
-    second = await RawTunnel.connect(client, relay, HOST, relay.token())
+    second = await RawTunnel.connect(client, relay, HOST, relay.agent_token(HOST))
     try:
         assert time.monotonic() - started < 1.0
         await eventually(lambda: sample(relay, "relay_tunnel_disconnects_total",
@@ -230,7 +231,7 @@ async def test_two_agents_for_one_host_the_newest_serves(full_stack: Stack) -> N
     """A real agent replaced by a hand-driven one: requests go to the newest tunnel."""
     full_stack.agent.agent.backoff.cap = 30  # its slow retry must not come back mid-test
     raw = await RawTunnel.connect(full_stack.client, full_stack.relay, full_stack.host_id,
-                                  full_stack.token())
+                                  full_stack.agent_token(full_stack.host_id))
     try:
         agent = full_stack.agent.agent
         await eventually(lambda: agent.last_outcome is not None)
@@ -260,7 +261,7 @@ async def test_silent_tunnel_is_closed_4408_and_unregistered(
     client: aiohttp.ClientSession, fast_ping_relay: RunningRelay
 ) -> None:
     relay = fast_ping_relay
-    tunnel = await RawTunnel.connect(client, relay, HOST, relay.token(), heartbeat_s=None)
+    tunnel = await RawTunnel.connect(client, relay, HOST, relay.agent_token(HOST), heartbeat_s=None)
     assert tunnel.hello["pingIntervalS"] == 0.2 and tunnel.hello["keepaliveMisses"] == 3
     started = time.monotonic()
     try:
@@ -282,7 +283,7 @@ async def test_tunnel_answering_pings_stays_registered(
     client: aiohttp.ClientSession, fast_ping_relay: RunningRelay
 ) -> None:
     relay = fast_ping_relay
-    tunnel = await RawTunnel.connect(client, relay, HOST, relay.token(), heartbeat_s=None)
+    tunnel = await RawTunnel.connect(client, relay, HOST, relay.agent_token(HOST), heartbeat_s=None)
     try:
         # recv() answers every PING; nothing else arrives, so it times out after 1.5 s.
         with pytest.raises(TimeoutError):
@@ -298,10 +299,13 @@ async def test_tunnels_connected_gauge_follows_registrations(
     client: aiohttp.ClientSession, relay: RunningRelay
 ) -> None:
     assert await scrape_gauge(client, relay) == 0
-    laptop = await RawTunnel.connect(client, relay, "acme:laptop", relay.token())
-    desktop = await RawTunnel.connect(client, relay, "acme:desktop", relay.token())
+    laptop = await RawTunnel.connect(client, relay, "acme:laptop",
+                                     relay.agent_token("acme:laptop"))
+    desktop = await RawTunnel.connect(client, relay, "acme:desktop",
+                                      relay.agent_token("acme:desktop"))
     assert await scrape_gauge(client, relay) == 2
-    replacement = await RawTunnel.connect(client, relay, "acme:laptop", relay.token())
+    replacement = await RawTunnel.connect(client, relay, "acme:laptop",
+                                          relay.agent_token("acme:laptop"))
     await laptop.expect_close()
     await laptop.close()
     await eventually(lambda: sample(relay, "relay_tunnel_disconnects_total",
@@ -330,7 +334,7 @@ async def test_refused_tunnels_are_counted_by_code(
 async def test_drain_tells_every_tunnel_in_band_then_closes_4503(
     client: aiohttp.ClientSession, relay: RunningRelay
 ) -> None:
-    tunnel = await RawTunnel.connect(client, relay, HOST, relay.token())
+    tunnel = await RawTunnel.connect(client, relay, HOST, relay.agent_token(HOST))
     try:
         draining = asyncio.ensure_future(drain(relay.state, 0.1))
         notice = await tunnel.expect(FrameType.DRAIN)

@@ -338,7 +338,7 @@ async def test_agent_that_never_answers_open_fails_the_client_within_open_timeou
     tmp_path: Path,
 ) -> None:
     async with stack(tmp_path, sections={"tunnel": {"open_timeout_s": 0.5}}) as s:
-        mute = await RawTunnel.connect(s.client, s.relay, "acme:mute", s.token())
+        mute = await RawTunnel.connect(s.client, s.relay, "acme:mute", s.agent_token("acme:mute"))
         try:
             started = time.monotonic()
             url = f"{s.relay.url}/hosts/acme:mute/ws"
@@ -377,7 +377,8 @@ async def test_agent_gives_up_a_host_upgrade_the_relay_already_gave_up_on(
     mute_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     try:
         async with stack(tmp_path, sections={"tunnel": {"open_timeout_s": 0.5}}) as s:
-            agent = await start_agent(s.relay.ws_url, "acme:mute", mute_url, token=s.token())
+            agent = await start_agent(s.relay.ws_url, "acme:mute", mute_url,
+                                      token=s.agent_token("acme:mute"))
             try:
                 url = f"{s.relay.url}/hosts/acme:mute/ws"
                 code, _ = await _refusal(s, url, s.auth())
@@ -393,7 +394,8 @@ async def test_agent_gives_up_a_host_upgrade_the_relay_already_gave_up_on(
 async def test_tunnel_dropped_under_an_open_channel_gives_the_client_4410(
     ws_stack: Stack,
 ) -> None:
-    raw = await RawTunnel.connect(ws_stack.client, ws_stack.relay, "acme:raw", ws_stack.token())
+    raw = await RawTunnel.connect(ws_stack.client, ws_stack.relay, "acme:raw",
+                                  ws_stack.agent_token("acme:raw"))
     url = f"{ws_stack.relay.url}/hosts/acme:raw/ws"
     opening = asyncio.ensure_future(ws_stack.client.ws_connect(url, headers=ws_stack.auth()))
     opened = await raw.expect(FrameType.OPEN)

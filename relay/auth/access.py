@@ -1,20 +1,24 @@
-"""Access decisions: may this verified identity reach this host?
+"""Access decisions: may this verified identity reach -- or serve -- this host?
 
-Order (SPEC "Identity and access"), for every tunnel and every proxied request:
+Every decision has an :class:`AccessRole`: ``client`` (a ``/hosts`` request or channel) or
+``agent`` (a ``/tunnel`` registration: the right to *answer* for the host, which is worth more
+than the right to call it). Order, for every tunnel and every proxied request:
 
 1. **Org short-circuit** -- the host's organisation must be among the token's organisations,
    else ``403 not_in_org`` at once, with no upstream call.
 2. **Backend**:
 
-   * ``org``: membership suffices (source ``local``);
-   * ``static``: a grants file read at start (source ``local``), see
-     :class:`StaticGrantsBackend` for the format;
+   * ``org``: membership suffices for a client; an agent also needs the token's agent claim
+     (``auth.agent_claim``) to cover the host id (source ``local``);
+   * ``static``: a grants file read at start, each grant naming its roles (source ``local``),
+     see :class:`StaticGrantsBackend` for the format;
    * ``upstream``: ``POST access.upstream_url`` with the caller's bearer token and
-     ``{"hostId": "..."}``; ``200 {"allowed": true|false}`` decides. Answers are cached by
-     ``(sub, hostId)`` -- never by token, which rotates hourly while the grant does not --
-     allowed for ``allow_ttl_s``, denied for ``deny_ttl_s``, in bounded LRUs. Concurrent misses
-     for one key share one call. Failures are ``503 access_unavailable``, never cached as a
-     denial, and a short fail-fast window keeps a sick upstream from being hammered.
+     ``{"hostId": "...", "role": "client"|"agent"}``; ``200 {"allowed": true|false}`` decides.
+     Answers are cached by ``(sub, hostId, role)`` -- never by token, which rotates hourly
+     while the grant does not -- allowed for ``allow_ttl_s``, denied for ``deny_ttl_s``, in
+     bounded LRUs. Concurrent misses for one key share one call. Failures are
+     ``503 access_unavailable``, never cached as a denial, and a short fail-fast window keeps a
+     sick upstream from being hammered.
 
 Clock, HTTP session and metrics are passed in. Nothing here logs a token.
 """
@@ -26,21 +30,23 @@ import json
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 import structlog
 
-from relay.auth.hostid import HostId, is_valid_host_part, parse_host_id
+from relay.auth.hostid import HostId, HostPatterns, parse_host_pattern
 from relay.auth.tokens import Identity
 from relay.auth.ttlcache import TTLCache
 from relay.config import Config
-from relay.errors import AccessUnavailable, ConfigError, ErrorCode, Forbidden, InvalidHost
+from relay.errors import AccessUnavailable, ConfigError, ErrorCode, Forbidden
 from relay.metrics import Metrics
 
 __all__ = [
     "AccessPolicy",
+    "AccessRole",
     "LocalBackend",
     "OrgMembershipBackend",
     "StaticGrantsBackend",
@@ -58,20 +64,56 @@ MAX_UPSTREAM_BODY = 65536
 # 4xx answers (other than these) are about the caller's request, not the upstream's health.
 _UPSTREAM_SICK_4XX = frozenset({408, 429})
 
-CacheKey = tuple[str, str]  # (identity.sub, str(host))
+
+
+MAX_CLOSE_REASON = 120  # a WebSocket close reason is at most 123 bytes
+
+
+def may_not_serve(host: HostId, why: str, advice: str) -> str:
+    """The refusal an agent sees in its 4403 close reason: what is missing and what to do."""
+    message = f"token may not serve {host} ({why}); {advice}"
+    if len(message) > MAX_CLOSE_REASON:  # long host ids: keep the advice, drop the id
+        message = f"token may not serve this host ({why}); {advice}"
+    return message[:MAX_CLOSE_REASON]
+
+
+class AccessRole(StrEnum):
+    """What the caller wants to do with the host."""
+
+    CLIENT = "client"  # call it: a /hosts request or WebSocket channel
+    AGENT = "agent"  # serve it: register the /tunnel that answers for it
+
+
+CacheKey = tuple[str, str, AccessRole]  # (identity.sub, str(host), role)
 
 
 class LocalBackend(Protocol):
-    """A backend that decides without I/O (after the org short-circuit has passed)."""
+    """A backend that decides without I/O (after the org short-circuit has passed).
 
-    def allows(self, identity: Identity, host: HostId) -> bool: ...
+    ``allows`` returns True, or the reason to give the caller (a short, safe message).
+    """
+
+    def allows(self, identity: Identity, host: HostId, role: AccessRole) -> bool | str: ...
 
 
 class OrgMembershipBackend:
-    """``access.backend = "org"``: membership in the host's organisation is enough."""
+    """``access.backend = "org"``: membership in the host's organisation lets a client in.
 
-    def allows(self, identity: Identity, host: HostId) -> bool:
-        return host.org in identity.orgs
+    Serving is more: an org member without the agent claim for a host must not be able to
+    register a tunnel for it, or any colleague could replace the real agent and answer every
+    user's requests with their own service.
+    """
+
+    def __init__(self, agent_claim: str = "relayHosts") -> None:
+        self._agent_claim = agent_claim
+
+    def allows(self, identity: Identity, host: HostId, role: AccessRole) -> bool | str:
+        if host.org not in identity.orgs:
+            return False
+        if role is AccessRole.AGENT and not identity.may_serve(host):
+            why = f"no {self._agent_claim} claim for it"
+            return may_not_serve(host, why, "mint an agent token")
+        return True
 
 
 class StaticGrantsBackend:
@@ -81,7 +123,8 @@ class StaticGrantsBackend:
 
         {"grants": [
             {"sub": "auth0|alice", "hosts": ["acme:laptop-1", "acme:*"]},
-            {"sub": "auth0|bob", "hosts": ["acme:build-7"]}
+            {"sub": "auth0|alice", "hosts": ["acme:laptop-1"], "roles": ["agent"]},
+            {"sub": "auth0|bob", "hosts": ["acme:build-7"], "roles": ["client", "agent"]}
         ]}
 
     TOML (chosen by the ``.toml`` suffix)::
@@ -89,33 +132,46 @@ class StaticGrantsBackend:
         [[grants]]
         sub = "auth0|alice"
         hosts = ["acme:laptop-1", "acme:*"]
+        roles = ["client"]
 
-    A host entry is an exact host id or ``<org>:*`` for every machine of that org. Grants add
-    to, never replace, the org short-circuit: ``acme:*`` still requires ``acme`` in the token.
-    The same ``sub`` may appear in several grants; they add up.
+    A host entry is an exact host id or ``<org>:*`` for every machine of that org. ``roles``
+    lists what the grant allows: ``client`` (call the hosts) and/or ``agent`` (register their
+    tunnels). A grant without ``roles`` -- every grant written before roles existed -- is
+    ``["client"]`` only: serving a host must be granted explicitly. Grants add to, never
+    replace, the org short-circuit: ``acme:*`` still requires ``acme`` in the token. The same
+    ``sub`` may appear in several grants; they add up.
     """
 
-    def __init__(self, grants: Mapping[str, Iterable[str]], source: str = "<memory>") -> None:
-        self._exact: dict[str, frozenset[str]] = {}
-        self._orgs: dict[str, frozenset[str]] = {}
-        for sub, hosts in grants.items():
-            exact: set[str] = set()
-            orgs: set[str] = set()
+    DEFAULT_ROLES = (AccessRole.CLIENT,)
+
+    def __init__(
+        self,
+        grants: Mapping[str, Iterable[str]] | Iterable[tuple[str, Iterable[str], Iterable[str]]],
+        source: str = "<memory>",
+    ) -> None:
+        """``grants``: ``(sub, hosts, roles)`` triples, or ``{sub: hosts}`` (client role)."""
+        key = "access.static_grants_file"
+        triples: Iterable[tuple[str, Iterable[str], Iterable[str]]]
+        if isinstance(grants, Mapping):
+            triples = [(sub, hosts, self.DEFAULT_ROLES) for sub, hosts in grants.items()]
+        else:
+            triples = grants
+        self._grants: dict[tuple[str, AccessRole], HostPatterns] = {}
+        for sub, hosts, roles in triples:
             for pattern in hosts:
-                org, sep, machine = pattern.partition(":")
-                if sep and machine == "*" and is_valid_host_part(org):
-                    orgs.add(org)
-                    continue
-                try:
-                    exact.add(str(parse_host_id(pattern)))
-                except InvalidHost:
+                if parse_host_pattern(pattern) is None:
                     raise ConfigError(
-                        source,
-                        "access.static_grants_file",
-                        f"grant for {sub!r}: {pattern!r} is not a host id or <org>:*",
+                        source, key, f"grant for {sub!r}: {pattern!r} is not a host id or <org>:*"
+                    )
+            patterns = HostPatterns.parse(hosts)
+            for role_name in roles:
+                try:
+                    role = AccessRole(role_name)
+                except ValueError:
+                    raise ConfigError(
+                        source, key, f"grant for {sub!r}: role {role_name!r} is not client or agent"
                     ) from None
-            self._exact[sub] = frozenset(exact)
-            self._orgs[sub] = frozenset(orgs)
+                self._grants[(sub, role)] = self._grants.get((sub, role), HostPatterns()) | patterns
 
     @classmethod
     def from_file(cls, path: Path) -> StaticGrantsBackend:
@@ -134,21 +190,32 @@ class StaticGrantsBackend:
         entries = doc.get("grants") if isinstance(doc, dict) else None
         if not isinstance(entries, list):
             raise ConfigError(source, key, 'must contain a "grants" list')
-        grants: dict[str, list[str]] = {}
+        grants: list[tuple[str, list[str], list[str]]] = []
         for index, entry in enumerate(entries):
-            sub = entry.get("sub") if isinstance(entry, dict) else None
-            hosts = entry.get("hosts") if isinstance(entry, dict) else None
+            if not isinstance(entry, dict):
+                raise ConfigError(source, key, f"grants[{index}]: must be a table/object")
+            sub, hosts = entry.get("sub"), entry.get("hosts")
+            roles = entry.get("roles", [str(r) for r in cls.DEFAULT_ROLES])
             if not isinstance(sub, str) or not sub:
                 raise ConfigError(source, key, f"grants[{index}]: sub must be a non-empty string")
             if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
                 raise ConfigError(source, key, f"grants[{index}]: hosts must be a list of strings")
-            grants.setdefault(sub, []).extend(hosts)
+            if (not isinstance(roles, list) or not roles
+                    or not all(isinstance(r, str) for r in roles)):
+                raise ConfigError(
+                    source, key,
+                    f'grants[{index}]: roles must be a non-empty list of "client" / "agent"',
+                )
+            grants.append((sub, hosts, roles))
         return cls(grants, source)
 
-    def allows(self, identity: Identity, host: HostId) -> bool:
-        return str(host) in self._exact.get(identity.sub, ()) or host.org in self._orgs.get(
-            identity.sub, ()
-        )
+    def allows(self, identity: Identity, host: HostId, role: AccessRole) -> bool | str:
+        patterns = self._grants.get((identity.sub, role))
+        if patterns is not None and patterns.covers(host):
+            return True
+        if role is AccessRole.AGENT:
+            return may_not_serve(host, "no agent grant for it", "ask for an agent grant")
+        return False
 
 
 class UpstreamAccessBackend:
@@ -226,6 +293,7 @@ class UpstreamAccessBackend:
         return allowed
 
     async def _call(self, key: CacheKey, host: HostId, token: str) -> bool:
+        role = key[2]
         started = time.perf_counter()
         status = 0
         body: bytes | None = b""
@@ -233,7 +301,7 @@ class UpstreamAccessBackend:
             async with asyncio.timeout(self._timeout_s):
                 async with self._session.post(
                     self._url,
-                    json={"hostId": str(host)},
+                    json={"hostId": str(host), "role": str(role)},
                     headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
                     timeout=aiohttp.ClientTimeout(total=self._timeout_s),
                     # A redirect would carry the caller's token to wherever it points.
@@ -243,10 +311,10 @@ class UpstreamAccessBackend:
                     if 200 <= status < 300:
                         body = await _read_bounded(resp, MAX_UPSTREAM_BODY)
         except TimeoutError:
-            self._failed("timeout", host, status or None)
+            self._failed("timeout", host, role, status or None)
             raise _UpstreamSick() from None
         except (aiohttp.ClientError, OSError) as exc:
-            self._failed(type(exc).__name__, host, status or None)
+            self._failed(type(exc).__name__, host, role, status or None)
             raise _UpstreamSick() from None
         finally:
             if self._metrics is not None:
@@ -254,18 +322,19 @@ class UpstreamAccessBackend:
                     time.perf_counter() - started
                 )
         if not 200 <= status < 300:
-            self._failed("status", host, status)
+            self._failed("status", host, role, status)
             if 400 <= status < 500 and status not in _UPSTREAM_SICK_4XX:
                 raise _CallerRefused()
             raise _UpstreamSick()
         allowed = _parse_allowed(body)
         if allowed is None:
-            self._failed("malformed_answer", host, status)
+            self._failed("malformed_answer", host, role, status)
             raise _UpstreamSick()
         return allowed
 
-    def _failed(self, error: str, host: HostId, status: int | None) -> None:
-        log.warning("access.upstream_error", error=error, status=status, host=str(host))
+    def _failed(self, error: str, host: HostId, role: AccessRole, status: int | None) -> None:
+        log.warning("access.upstream_error", error=error, status=status, host=str(host),
+                    role=str(role))
 
 
 class _UpstreamSick(Exception):
@@ -331,28 +400,36 @@ class AccessPolicy:
         backend = self._backend
         return backend.healthy if isinstance(backend, UpstreamAccessBackend) else True
 
-    async def check(self, identity: Identity, host: HostId, token: str) -> str:
+    async def check(
+        self, identity: Identity, host: HostId, token: str, *, role: AccessRole
+    ) -> str:
         """Return where the decision came from (``local``, ``cache``, ``upstream``) or raise
         :class:`Forbidden` (``not_in_org`` / ``not_registered``) or :class:`AccessUnavailable`.
+
+        ``role`` has no default on purpose: a tunnel checked as a client would be the hijack.
         """
         if host.org not in identity.orgs:
-            self._denied("not_in_org", identity, host, "local")
+            self._denied("not_in_org", identity, host, role, "local")
             raise Forbidden(MSG_NOT_IN_ORG, code=ErrorCode.NOT_IN_ORG)
 
         backend = self._backend
         if not isinstance(backend, UpstreamAccessBackend):
-            if backend.allows(identity, host):
+            verdict = backend.allows(identity, host, role)
+            if verdict is True:
                 self._record("allowed", "local")
                 return "local"
-            self._denied("not_registered", identity, host, "local")
+            if isinstance(verdict, str):
+                self._denied("may_not_serve", identity, host, role, "local")
+                raise Forbidden(verdict, code=ErrorCode.NOT_REGISTERED)
+            self._denied("not_registered", identity, host, role, "local")
             raise Forbidden(MSG_NOT_REGISTERED, code=ErrorCode.NOT_REGISTERED)
 
-        key: CacheKey = (identity.sub, str(host))
+        key: CacheKey = (identity.sub, str(host), role)
         if self._allow.get(key):
             self._record("allowed", "cache")
             return "cache"
         if self._deny.get(key):
-            self._denied("not_registered", identity, host, "cache", level="debug")
+            self._denied("not_registered", identity, host, role, "cache", level="debug")
             raise Forbidden(MSG_NOT_REGISTERED, code=ErrorCode.NOT_REGISTERED)
 
         try:
@@ -363,7 +440,7 @@ class AccessPolicy:
         if allowed:
             self._record("allowed", "upstream")
             return "upstream"
-        self._denied("not_registered", identity, host, "upstream")
+        self._denied("not_registered", identity, host, role, "upstream")
         raise Forbidden(MSG_NOT_REGISTERED, code=ErrorCode.NOT_REGISTERED)
 
     async def _shared_call(
@@ -373,7 +450,7 @@ class AccessPolicy:
         if task is None:
             task = asyncio.get_running_loop().create_task(
                 self._call_and_cache(backend, key, host, token, self._revocations),
-                name=f"relay-access-check:{key[1]}",
+                name=f"relay-access-check:{key[1]}:{key[2]}",
             )
             self._inflight[key] = task
             task.add_done_callback(lambda t: self._call_done(key, t))
@@ -407,7 +484,8 @@ class AccessPolicy:
         return allowed
 
     def revoke(self, sub: str | None = None, host: str | None = None) -> int:
-        """Forget cached decisions matching ``sub`` and/or ``host`` (both None: all).
+        """Forget cached decisions matching ``sub`` and/or ``host`` (both None: all), for
+        both roles.
 
         Returns how many cache entries were dropped. Calls in flight for matching keys are
         detached, and their answers will not be cached.
@@ -445,11 +523,18 @@ class AccessPolicy:
             self._metrics.access_decisions_total.labels(outcome=outcome, source=source).inc()
 
     def _denied(
-        self, reason: str, identity: Identity, host: HostId, source: str, level: str = "info"
+        self,
+        reason: str,
+        identity: Identity,
+        host: HostId,
+        role: AccessRole,
+        source: str,
+        level: str = "info",
     ) -> None:
         self._record("denied", source)
         getattr(log, level)(
-            "access.denied", reason=reason, sub=identity.sub, host=str(host), source=source
+            "access.denied", reason=reason, sub=identity.sub, host=str(host), role=str(role),
+            source=source,
         )
 
 
@@ -467,7 +552,7 @@ def build_access_policy(
     access = config.access
     backend: LocalBackend | UpstreamAccessBackend
     if access.backend == "org":
-        backend = OrgMembershipBackend()
+        backend = OrgMembershipBackend(config.auth.agent_claim)
     elif access.backend == "static":
         backend = StaticGrantsBackend.from_file(config.resolve_path(access.static_grants_file))
     elif access.backend == "upstream":

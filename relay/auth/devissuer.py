@@ -30,6 +30,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from relay.auth.hostid import HostId, parse_host_pattern
 from relay.auth.keys import PublicKey, UnknownKey
 from relay.config import Config
 from relay.errors import ConfigError
@@ -186,15 +187,18 @@ def mint_token(
     email: str | None = None,
     extra: Mapping[str, Any] | None = None,
     *,
+    agent_hosts: Iterable[str] = (),
     key: Ed25519PrivateKey | None = None,
     now: float | None = None,
 ) -> str:
     """A token signed by the dev issuer of ``config`` (its key is created if missing).
 
     Claims: ``sub``, ``iat``/``nbf``/``exp``, ``iss``/``aud`` (configured or dev defaults), the
-    organisations under ``auth.org_claim`` and, when given, the email under
-    ``auth.email_claim``. ``extra`` claims are added last and may override any of these (tests
-    and tools use that to build deliberately wrong tokens). ``key`` and ``now`` skip the key
+    organisations under ``auth.org_claim``, when given, the email under ``auth.email_claim``
+    and the host ids the token may serve as an agent (``agent_hosts``: host ids or
+    ``<org>:*``, each in one of ``orgs``) under ``auth.agent_claim``. ``extra`` claims are
+    added last and may override any of these (tests and tools use that to build deliberately
+    wrong tokens). ``key`` and ``now`` skip the key
     file read and the clock read.
     """
     if not isinstance(sub, str) or not sub:
@@ -206,6 +210,18 @@ def mint_token(
         raise ValueError("orgs must be non-empty strings")
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")
+    if isinstance(agent_hosts, str):
+        raise ValueError("agent_hosts must be a list of host ids, not one string")
+    serve = list(agent_hosts)
+    for entry in serve:
+        pattern = parse_host_pattern(entry)
+        if pattern is None:
+            raise ValueError(f"agent host {entry!r} is not a host id (<org>:<machine>) or <org>:*")
+        org = pattern.org if isinstance(pattern, HostId) else pattern
+        if org not in org_list:
+            raise ValueError(
+                f"agent host {entry!r} is outside the token's organisations (no --org {org})"
+            )
     if key is None:
         key = load_or_create_dev_key(config.dev_state_path)
     issued = int(time.time() if now is None else now)
@@ -222,6 +238,8 @@ def mint_token(
     claims["aud"] = audience
     if email is not None:
         claims[config.auth.email_claim] = email
+    if serve:
+        claims[config.auth.agent_claim] = serve
     if extra:
         claims.update(extra)
     return jwt.encode(

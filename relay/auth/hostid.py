@@ -21,11 +21,19 @@ Unicode or full-width colons), no second ``:``.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from relay.errors import InvalidHost
 
-__all__ = ["MAX_HOST_ID_LENGTH", "HostId", "is_valid_host_part", "parse_host_id"]
+__all__ = [
+    "MAX_HOST_ID_LENGTH",
+    "HostId",
+    "HostPatterns",
+    "is_valid_host_part",
+    "parse_host_id",
+    "parse_host_pattern",
+]
 
 MAX_HOST_ID_LENGTH = 256
 
@@ -73,3 +81,51 @@ def parse_host_id(raw: str) -> HostId:
         raise InvalidHost()
     # A second ':' lands in `machine` and fails the part charset there.
     return HostId(org, machine)
+
+
+def parse_host_pattern(raw: object) -> HostId | str | None:
+    """A host id (:class:`HostId`), an ``<org>:*`` wildcard (the org, a ``str``) or None.
+
+    Used for grants and for the agent claim; it never raises, whatever ``raw`` is.
+    """
+    if not isinstance(raw, str) or len(raw) > MAX_HOST_ID_LENGTH:
+        return None
+    org, sep, machine = raw.partition(":")
+    if sep and machine == "*":
+        return org if is_valid_host_part(org) else None
+    try:
+        return parse_host_id(raw)
+    except InvalidHost:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class HostPatterns:
+    """Exact host ids and whole organisations (``<org>:*``): what a grant or claim covers."""
+
+    exact: frozenset[str] = frozenset()
+    orgs: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, entries: Iterable[object], limit: int | None = None) -> HostPatterns:
+        """The valid patterns among ``entries`` (at most ``limit`` looked at); others ignored."""
+        exact: set[str] = set()
+        orgs: set[str] = set()
+        for index, entry in enumerate(entries):
+            if limit is not None and index >= limit:
+                break
+            pattern = parse_host_pattern(entry)
+            if isinstance(pattern, HostId):
+                exact.add(str(pattern))
+            elif pattern is not None:
+                orgs.add(pattern)
+        return cls(frozenset(exact), frozenset(orgs))
+
+    def covers(self, host: HostId) -> bool:
+        return host.org in self.orgs or str(host) in self.exact
+
+    def __or__(self, other: HostPatterns) -> HostPatterns:
+        return HostPatterns(self.exact | other.exact, self.orgs | other.orgs)
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.orgs)

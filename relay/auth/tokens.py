@@ -15,6 +15,11 @@ What a token must pass, in order:
 5. ``exp``/``nbf`` again against the injected clock, a non-empty string ``sub`` and a list of
    strings under ``auth.org_claim``.
 
+The agent claim (``auth.agent_claim``, default ``relayHosts``) lists the host ids the token may
+*serve* (register a tunnel for): exact ids or ``<org>:*``. It is optional and parsed leniently:
+at most :data:`MAX_AGENT_HOSTS` entries are looked at, malformed ones are ignored, and a claim of
+any other shape means "none" -- a hostile claim can only take rights away, never raise.
+
 Verified tokens are cached (bounded LRU keyed by the token's SHA-256, never used past ``exp``
 or before ``nbf``, dropped when key material changes), so a browser that sends the same token
 with every request pays for one signature check.
@@ -37,6 +42,7 @@ import jwt
 import structlog
 
 from relay.auth.devissuer import DevKeySource, effective_audience, effective_issuer
+from relay.auth.hostid import HostId, HostPatterns
 from relay.auth.keys import (
     ASYMMETRIC_ALGORITHMS,
     JwksKeySource,
@@ -64,6 +70,7 @@ log = structlog.get_logger("relay.auth")
 # Real JWTs are 1-2 KiB. The cap keeps hashing/parsing of hostile input cheap.
 MAX_TOKEN_LENGTH = 16384
 MAX_SUB_LENGTH = 512
+MAX_AGENT_HOSTS = 256
 
 MSG_INVALID = "invalid bearer token; get a fresh token and retry"
 MSG_MISSING = "missing bearer token"
@@ -80,6 +87,11 @@ class Identity:
     # Kept out of repr() so a logged Identity does not leak an email address.
     email: str | None = field(repr=False)
     expires_at: float
+    # The host ids this token may serve as an agent (the agent claim); empty for most users.
+    agent_hosts: HostPatterns = field(default_factory=HostPatterns)
+
+    def may_serve(self, host: HostId) -> bool:
+        return self.agent_hosts.covers(host)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +136,7 @@ class TokenVerifier:
         audience: str = "",
         org_claim: str = "organizationIds",
         email_claim: str = "email",
+        agent_claim: str = "relayHosts",
         leeway_s: float = 30,
         cache_size: int = 10000,
         metrics: Metrics | None = None,
@@ -142,6 +155,7 @@ class TokenVerifier:
         self._audience = audience
         self._org_claim = org_claim
         self._email_claim = email_claim
+        self._agent_claim = agent_claim
         self._leeway = float(leeway_s)
         self._metrics = metrics
         self._clock = clock
@@ -306,6 +320,7 @@ class TokenVerifier:
             orgs=frozenset(orgs),
             email=email if isinstance(email, str) else None,
             expires_at=exp,
+            agent_hosts=_agent_hosts(claims.get(self._agent_claim)),
         )
         return identity, nbf - self._leeway
 
@@ -326,6 +341,15 @@ def _short(value: object, limit: int = 64) -> str | None:
         return None
     text = value if isinstance(value, str) else type(value).__name__
     return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+
+
+def _agent_hosts(claim: object) -> HostPatterns:
+    """The agent claim as patterns: a list (or one string) of host ids and ``<org>:*``."""
+    if isinstance(claim, str):
+        return HostPatterns.parse([claim])
+    if isinstance(claim, list):
+        return HostPatterns.parse(claim, limit=MAX_AGENT_HOSTS)
+    return HostPatterns()
 
 
 def _number(value: object) -> float | None:
@@ -383,6 +407,7 @@ def build_verifier(
         audience=effective_audience(config),
         org_claim=auth.org_claim,
         email_claim=auth.email_claim,
+        agent_claim=auth.agent_claim,
         leeway_s=auth.leeway_s,
         cache_size=auth.token_cache_size,
         metrics=metrics,

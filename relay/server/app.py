@@ -12,7 +12,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from relay.auth.access import build_access_policy
+from relay.auth.access import AccessRole, build_access_policy
 from relay.auth.hostid import parse_host_id
 from relay.auth.tokens import build_verifier
 from relay.config import Config
@@ -101,7 +101,8 @@ async def _route(state: RelayState, request: web.Request, route: HostRoute,
         if tunnel is None:
             raise HostOffline("the host's tunnel is not on the relay the directory named; retry")
         return Routed(str(host), claims.subject, tunnel=tunnel, client_chain=claims.client_ip)
-    auth = await authorize(state, request, route.host_raw, allow_query_token=allow_query_token)
+    auth = await authorize(state, request, route.host_raw, allow_query_token=allow_query_token,
+                           role=AccessRole.CLIENT)
     host_id = str(auth.host)
     tunnel = state.registry.get(host_id)
     if tunnel is not None:

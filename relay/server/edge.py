@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
-from relay.auth.access import AccessPolicy
+from relay.auth.access import AccessPolicy, AccessRole
 from relay.auth.hostid import HostId, parse_host_id
 from relay.auth.tokens import Identity, TokenVerifier, extract_token
 from relay.errors import (
@@ -66,9 +66,15 @@ class Authorized:
 
 
 async def authorize(
-    state: RelayState, request: web.Request, host_raw: str, *, allow_query_token: bool
+    state: RelayState,
+    request: web.Request,
+    host_raw: str,
+    *,
+    allow_query_token: bool,
+    role: AccessRole,
 ) -> Authorized:
-    """Token, host id, org short-circuit, access decision — or the RelayError that refuses."""
+    """Token, host id, org short-circuit, access decision for ``role`` — or the RelayError
+    that refuses."""
     verifier: TokenVerifier | None = state.verifier
     access: AccessPolicy | None = state.access
     assert verifier is not None and access is not None
@@ -79,7 +85,7 @@ async def authorize(
     if not host_raw:
         raise InvalidHost("missing host id")
     host = parse_host_id(host_raw)
-    source = await access.check(identity, host, token)
+    source = await access.check(identity, host, token, role=role)
     return Authorized(identity, host, token, source)
 
 

@@ -8,6 +8,7 @@ import contextlib
 import structlog
 from aiohttp import WSMsgType, web
 
+from relay.auth.access import AccessRole
 from relay.errors import (
     BadRequest,
     CloseCode,
@@ -59,7 +60,8 @@ async def handle_tunnel(request: web.Request) -> web.StreamResponse:
         version = negotiate_version(request.query.get("v"))
         if version is None:
             raise BadRequest(f"unsupported protocol version; this relay speaks {PROTOCOL_VERSION}")
-        auth = await authorize(state, request, host_raw, allow_query_token=True)
+        auth = await authorize(state, request, host_raw, allow_query_token=True,
+                               role=AccessRole.AGENT)
         assert state.directory is not None
         epoch = await state.directory.register(str(auth.host))
     except RelayError as error:
