@@ -98,6 +98,10 @@ async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
     return None
 
 
+def _printable(text: str, limit: int = 123) -> str:
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+
+
 def _relay_max_frame(hello: dict[str, Any], default: int) -> int:
     """The relay decides the largest DATA frame; the agent must not send bigger ones."""
     value = hello.get("maxFrame")
@@ -115,6 +119,7 @@ class Outcome:
     hello: bool = False
     drained: bool = False
     abandoned: bool = False
+    close_reason: str = ""  # what the relay's close frame said (e.g. why a 4403)
 
 
 class Agent:
@@ -158,7 +163,8 @@ class Agent:
         if self.connected and self.session is not None:
             return f"connected to {self.url.host}; {len(self.session.channels)} streams"
         last = self.last_outcome
-        why = f" (last close {last.code} {last.reason})" if last and last.code else ""
+        why = (f" (last close {last.code} {last.close_reason or last.reason})"
+               if last and last.code else "")
         return f"reconnecting{why}"
 
     def _changed(self) -> None:
@@ -292,7 +298,7 @@ class Agent:
         session = TunnelSession(ws.send_bytes, settings, role=Role.AGENT,
                                 name=self.options.host_id, on_open=self._on_open,
                                 on_drain=on_drain, on_silence=on_silence, on_hello=on_hello)
-        reader = asyncio.ensure_future(self._read(ws, session))
+        reader = asyncio.ensure_future(self._read(ws, session, outcome))
         reader.set_name(f"agent-reader:{self.options.host_id}")
         stopper = asyncio.ensure_future(stop.wait())
         try:
@@ -363,16 +369,25 @@ class Agent:
 
     def _closed_outcome(self, ws: aiohttp.ClientWebSocketResponse, outcome: Outcome) -> Outcome:
         outcome.code = ws.close_code
-        log.info("agent.disconnected", code=outcome.code, abandoned=outcome.abandoned,
-                 drained=outcome.drained)
+        log.info("agent.disconnected", code=outcome.code, close_reason=outcome.close_reason,
+                 abandoned=outcome.abandoned, drained=outcome.drained)
         return outcome
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse, session: TunnelSession) -> None:
+    async def _read(
+        self, ws: aiohttp.ClientWebSocketResponse, session: TunnelSession, outcome: Outcome
+    ) -> None:
         try:
-            async for msg in ws:
+            while True:
+                msg = await ws.receive()
                 if msg.type is aiohttp.WSMsgType.BINARY:
                     session.feed(msg.data)
-                elif msg.type is aiohttp.WSMsgType.ERROR:
+                elif msg.type is aiohttp.WSMsgType.CLOSE:
+                    # The reason says what to do (e.g. "mint an agent token"): keep it for the
+                    # log and the status line, bounded and printable (it comes off the wire).
+                    outcome.close_reason = _printable(str(msg.extra or ""))
+                    break
+                elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
+                                  aiohttp.WSMsgType.ERROR):
                     break
         except ProtocolViolation as exc:
             log.warning("agent.protocol_violation", error=exc.message)
