@@ -33,6 +33,11 @@ STREAMS: web.AppKey[Streams] = web.AppKey("devhost_streams", Streams)
 async def _stream_body(request: web.Request, response: web.StreamResponse, size: int,
                        interval: float = 0.0) -> None:
     """Write ``size`` pattern bytes (pausing ``interval`` between chunks), counted in STREAMS."""
+    if request.method == "HEAD":
+        # A HEAD answer has a head only: aiohttp would put write()'s bytes on the wire anyway,
+        # where a client's pooled connection reads them as the next response.
+        await response.write_eof()
+        return
     streams = request.app[STREAMS]
     streams.active += 1
     try:
@@ -175,7 +180,7 @@ async def sse(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
-    for i in range(count):
+    for i in range(0 if request.method == "HEAD" else count):
         await response.write(f"id: {i}\ndata: {{\"n\": {i}}}\n\n".encode())
         await asyncio.sleep(interval)
     await response.write_eof()
