@@ -383,6 +383,26 @@ async def test_revoke_by_subject_and_by_host(
     assert policy.cache_sizes() == (0, 0)
 
 
+async def test_decisions_are_cached_per_role_and_revoked_for_both(
+    session: aiohttp.ClientSession, upstream: tuple[Upstream, TestServer]
+) -> None:
+    state, server = upstream
+    policy = make_policy(session, server, FakeClock(5000.0))
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "upstream"
+    # Allowed to call is not allowed to serve: the agent role is asked separately ...
+    assert await policy.check(ALICE, HOST, TOKEN, role=AGENT) == "upstream"
+    assert [payload for _, payload in state.calls] == [
+        {"hostId": "acme:laptop", "role": "client"}, {"hostId": "acme:laptop", "role": "agent"}]
+    # ... and each role's answer is cached on its own.
+    assert await policy.check(ALICE, HOST, TOKEN, role=CLIENT) == "cache"
+    assert await policy.check(ALICE, HOST, TOKEN, role=AGENT) == "cache"
+    assert policy.cache_sizes() == (2, 0)
+    assert policy.revoke(host="acme:laptop") == 2  # both roles
+    assert policy.cache_sizes() == (0, 0)
+    assert await policy.check(ALICE, HOST, TOKEN, role=AGENT) == "upstream"
+    assert len(state.calls) == 3
+
+
 async def test_answer_requested_before_a_revoke_is_not_cached(
     session: aiohttp.ClientSession, upstream: tuple[Upstream, TestServer]
 ) -> None:
