@@ -20,7 +20,7 @@ from yarl import URL
 
 from relay.agent.backoff import Backoff
 from relay.agent.tokens import TokenSource, TokenUnavailable
-from relay.agent.upstream import LocalOrigin, host_client
+from relay.agent.upstream import LocalOrigin
 from relay.errors import CloseCode, ProtocolViolation
 from relay.protocol.frames import HEADER_SIZE, PROTOCOL_VERSION
 from relay.tunnel.session import Channel, Role, SessionSettings, TunnelSession
@@ -174,12 +174,17 @@ class Agent:
 
     # -- the loop ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        # Pooled connections to the host, and unpooled ones for the one retry a request gets
-        # when a pooled connection turns out dead or dirty (see relay.agent.upstream).
-        fresh = host_client(self.options.max_streams, pooled=False)
-        async with host_client(self.options.max_streams, pooled=True) as client, fresh:
+        # WebSocket channels to the host go through aiohttp; plain HTTP exchanges through the
+        # origin's own pooled HTTP/1.1 client (relay.agent.http1), which LocalOrigin owns.
+        connector = aiohttp.TCPConnector(limit=self.options.max_streams, keepalive_timeout=30)
+        # No cookie jar: the agent serves many users through one client, and a Set-Cookie
+        # from the host must never ride along on another user's request.
+        async with aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10),
+        ) as client:
             self._client = client
-            self._origin = LocalOrigin(self.options.upstream, client, fresh=fresh,
+            self._origin = LocalOrigin(self.options.upstream, client,
                                        max_ws_message=self.options.max_ws_message)
             tunnel_client = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S)
@@ -200,6 +205,7 @@ class Agent:
                         await asyncio.wait_for(stop.wait(), delay)
             finally:
                 await tunnel_client.close()
+                await self._origin.close()
 
     def _delay_after(self, outcome: Outcome) -> float:
         code = outcome.code

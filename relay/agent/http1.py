@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import httptools
+import structlog
 
 __all__ = [
     "ConnectFailed",
@@ -39,6 +40,8 @@ READ_HIGH_WATER = 256 * 1024
 READ_LOW_WATER = 64 * 1024
 MAX_HEAD_BYTES = 64 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+log = structlog.get_logger("relay.agent")
 
 
 class OriginError(Exception):
@@ -496,6 +499,7 @@ class OriginPool:
         except ExchangeFailed as exc:
             if not (replayable and exc.before_head and exc.reused):
                 raise
+            log.info("agent.upstream_retry", error=type(exc).__name__, method=method)
         conn = await self._connect()
         return await self._exchange(conn, method, head, body, framing)
 

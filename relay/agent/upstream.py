@@ -1,98 +1,34 @@
 """Serve tunnel streams against the agent's one local origin, streaming both ways.
 
-Pooled connections to the host service are reused (keep-alive), and a pooled connection can
-turn out dead (the host closed it while it sat idle: the classic keep-alive race) or dirty (a
-host that writes a body after a HEAD, 204 or 304 answer leaves bytes that would be read as the
-next response). aiohttp already drops a connection that failed (a parse error, a reset) or
-that still holds unread bytes when it is released, and closes an idle one on which bytes
-arrive. What is left is the request that meets such a connection first: it fails before any
-response byte. :func:`retry_allowed` decides when that request is sent again, **once**, on a
-fresh connection that is not pooled: only when the failed connection was a reused one, the
-failure is one a dead or dirty connection causes (:func:`is_stale_connection_error`), nothing
-of the answer reached the relay yet, and the request is idempotent with no body (its body, if
-any, was streamed from the tunnel and cannot be replayed). Everything else fails as before
-with ``502 host_unavailable``.
+Plain HTTP exchanges go through :class:`relay.agent.http1.OriginPool`: keep-alive connections
+to the origin, and a connection that misbehaves (bytes after a HEAD/204/304 answer or while
+idle, a parse error, a reset) is never reused. A request that meets a dead or dirty pooled
+connection before any byte of an answer is sent again, once, on a fresh connection -- only
+``GET``/``HEAD``/``OPTIONS``/``TRACE`` and ``PUT``/``DELETE`` without a body (a body was
+streamed from the tunnel and cannot be replayed). Nothing is sent to the relay until the
+host's head is in, so a retried request is invisible to the client. WebSocket channels use
+aiohttp's client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator, Awaitable
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import structlog
 from yarl import URL
 
+from relay.agent.http1 import OriginError, OriginPool
 from relay.errors import CloseCode
-from relay.protocol.headers import WS_HANDSHAKE, Headers, strip_hop_by_hop
+from relay.protocol.headers import WS_HANDSHAKE, strip_hop_by_hop
 from relay.tunnel.bridge import bridge
 from relay.tunnel.session import Channel, ChannelClosed, ChannelKind
 
 log = structlog.get_logger("relay.agent")
-
-# RFC 9110 idempotent methods a relay may replay; only ever without a request body.
-RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-
-
-def retry_allowed(method: str, has_body: bool) -> bool:
-    """May a request that met a dead or dirty pooled connection be sent again?"""
-    return not has_body and method.upper() in RETRYABLE_METHODS
-
-
-def is_stale_connection_error(exc: BaseException) -> bool:
-    """True for failures a dead or dirty reused connection causes before the answer's head.
-
-    A refused connect (the host is down) and a timeout (the host is slow) are not: a fresh
-    connection would fail the same way, or take as long again.
-    """
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ServerTimeoutError):
-        return False
-    return isinstance(exc, (
-        aiohttp.ServerDisconnectedError,  # closed under us: the keep-alive race
-        aiohttp.ClientConnectionResetError,  # reset, or writing to a closing transport
-        aiohttp.ClientOSError,  # other socket errors on an established connection
-        aiohttp.ClientResponseError,  # the head did not parse: leftover bytes in front of it
-    ))
-
-
-class _Attempt:
-    """What one request to the host got as far as (filled in by aiohttp's tracing)."""
-
-    __slots__ = ("head_sent", "reused")
-
-    def __init__(self) -> None:
-        self.reused = False
-        self.head_sent = False
-
-
-async def _on_reuse(_session: aiohttp.ClientSession, ctx: SimpleNamespace, _params: Any) -> None:
-    attempt = ctx.trace_request_ctx
-    if isinstance(attempt, _Attempt):
-        attempt.reused = True
-
-
-def host_client(limit: int, *, pooled: bool) -> aiohttp.ClientSession:
-    """A session to the host service: ``pooled`` (keep-alive) or one connection per request.
-
-    No cookie jar: the agent serves many users through one client, and a Set-Cookie from the
-    host must never ride along on another user's request. aiohttp's own silent retry is off
-    (it cannot be switched off by a public option, aio-libs/aiohttp#10790): it would resend on
-    whatever pooled connection comes next, maybe just as stale, and on top of ours.
-    """
-    tracing = aiohttp.TraceConfig()
-    tracing.on_connection_reuseconn.append(_on_reuse)
-    connector = (aiohttp.TCPConnector(limit=limit, keepalive_timeout=30) if pooled
-                 else aiohttp.TCPConnector(limit=limit, force_close=True))
-    client = aiohttp.ClientSession(
-        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10),
-        trace_configs=[tracing] if pooled else None,
-    )
-    client._retry_connection = False
-    return client
 
 
 def _error_head(status: int, code: str, message: str) -> tuple[dict[str, Any], bytes]:
@@ -126,16 +62,24 @@ class LocalOrigin:
     """The agent's view of its host service: one origin, never anything else."""
 
     def __init__(self, origin: str, client: aiohttp.ClientSession, *, max_ws_message: int,
-                 fresh: aiohttp.ClientSession | None = None) -> None:
-        """``client`` pools connections; ``fresh`` (default: ``client``) opens a new one per
-        request, for the one retry after a pooled connection failed."""
+                 pool: OriginPool | None = None) -> None:
+        """``client`` carries WebSocket channels; ``pool`` (made here by default, and then
+        closed by :meth:`close`) carries plain HTTP exchanges."""
         url = URL(origin)
-        if url.scheme not in {"http", "https"} or not url.host:
+        if url.scheme not in {"http", "https"} or not url.host or url.port is None:
             raise ValueError(f"upstream must be an http(s) origin, got {origin!r}")
         self.origin = url.origin()
         self.client = client
-        self.fresh = fresh or client
         self.max_ws_message = max_ws_message
+        self._owns_pool = pool is None
+        self.pool = pool or OriginPool(
+            url.host, url.port,
+            ssl_context=ssl.create_default_context() if url.scheme == "https" else None,
+        )
+
+    async def close(self) -> None:
+        if self._owns_pool:
+            await self.pool.close()
 
     def url_for(self, head: dict[str, Any], *, websocket: bool = False) -> URL:
         path = str(head.get("path") or "/")
@@ -178,7 +122,9 @@ class LocalOrigin:
 
     async def _serve_http(self, channel: Channel, head: dict[str, Any]) -> None:
         method = str(head.get("method") or "GET")
-        headers = strip_hop_by_hop((str(n), str(v)) for n, v in head.get("headers") or [])
+        # Host is the pool's (the one origin); the relay sends none, a foreign relay might.
+        headers = strip_hop_by_hop(((str(n), str(v)) for n, v in head.get("headers") or []),
+                                   extra=frozenset({"host"}))
         # The OPEN's FIN says "no body". Not the stream's current state: a small body and its
         # FIN may already have arrived by the time this task runs.
         has_body = not channel.fin_on_open
@@ -187,72 +133,43 @@ class LocalOrigin:
         except ValueError:
             await self._send_error(channel, 400, "bad_request", "invalid path")
             return
-        attempt = _Attempt()
+        head_sent = False
         try:
-            await self._exchange(self.client, channel, method, url, headers, has_body, attempt)
-            return
+            response = await self.pool.request(
+                method, url.raw_path_qs, list(headers),
+                self._request_body(channel) if has_body else None,
+            )
+            async with response:
+                channel.send_head({
+                    "status": response.status,
+                    "reason": response.reason,
+                    "headers": [[k, v] for k, v in response.headers],
+                })
+                head_sent = True
+                while True:
+                    data = await response.read()
+                    if not data:
+                        await channel.finish()
+                        break
+                    if response.at_eof:
+                        # The last bytes carry the FIN: a small response is one DATA frame.
+                        await channel.write(data, fin=True)
+                        break
+                    await channel.write(data)
         except ChannelClosed:
             raise
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (OriginError, TimeoutError) as exc:
             if channel.closed:
                 return  # the relay ended the stream (e.g. while its body was being sent)
-            if not (attempt.reused and not attempt.head_sent and is_stale_connection_error(exc)
-                    and retry_allowed(method, has_body)):
-                await self._failed(channel, head, exc, attempt)
+            log.info("agent.upstream_failed", error=type(exc).__name__, path=head.get("path"),
+                     after_head=head_sent)
+            if head_sent:
+                # Mid-body: a second HEAD would break the whole tunnel; abort this stream so
+                # the relay cuts the client's connection instead of ending the body cleanly.
+                channel.close(int(CloseCode.INTERNAL_ERROR), "host failed mid-response")
                 return
-            log.info("agent.upstream_retry", error=type(exc).__name__, method=method,
-                     path=head.get("path"))
-        attempt = _Attempt()
-        try:
-            await self._exchange(self.fresh, channel, method, url, headers, has_body, attempt)
-        except ChannelClosed:
-            raise
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            if not channel.closed:
-                await self._failed(channel, head, exc, attempt)
-
-    async def _exchange(
-        self, client: aiohttp.ClientSession, channel: Channel, method: str, url: URL,
-        headers: Headers, has_body: bool, attempt: _Attempt,
-    ) -> None:
-        """One request to the host, its answer streamed to the relay; raises on failure."""
-        async with client.request(
-            method, url, headers=headers,
-            data=self._request_body(channel) if has_body else None,
-            allow_redirects=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-            trace_request_ctx=attempt,
-        ) as response:
-            channel.send_head({
-                "status": response.status,
-                "reason": response.reason,
-                "headers": [[k.decode("latin-1"), v.decode("latin-1")]
-                            for k, v in response.raw_headers],
-            })
-            attempt.head_sent = True
-            content = response.content
-            while True:
-                data = await content.readany()
-                if not data:
-                    await channel.finish()
-                    break
-                if content.at_eof():
-                    # The last bytes carry the FIN: a small response is one DATA frame.
-                    await channel.write(data, fin=True)
-                    break
-                await channel.write(data)
-
-    async def _failed(self, channel: Channel, head: dict[str, Any], exc: BaseException,
-                      attempt: _Attempt) -> None:
-        log.info("agent.upstream_failed", error=type(exc).__name__, path=head.get("path"),
-                 after_head=attempt.head_sent)
-        if attempt.head_sent:
-            # Mid-body: a second HEAD would break the whole tunnel; abort this stream so
-            # the relay cuts the client's connection instead of ending the body cleanly.
-            channel.close(int(CloseCode.INTERNAL_ERROR), "host failed mid-response")
-            return
-        await self._send_error(channel, 502, "host_unavailable",
-                               "the host service did not answer")
+            await self._send_error(channel, 502, "host_unavailable",
+                                   "the host service did not answer")
 
     async def _send_error(self, channel: Channel, status: int, code: str, message: str) -> None:
         head, body = _error_head(status, code, message)
