@@ -194,6 +194,7 @@ class Bench:
         self.procs = Procs(self.tmp, env, REPO)
         self.report = Report()
         self.token = ""
+        self.agent_token = ""  # may serve every host of ORG (agents, W4's idle tunnels)
         self.host_port = 0
         self.host_pid = 0
         self.relay: Relay | None = None
@@ -274,8 +275,10 @@ class Bench:
               flush=True)
 
     def loadgen(self, name: str, cmd: str, *args: str) -> Worker:
+        # Idle tunnels register hosts: they need the token that may serve them.
+        token = self.agent_token if cmd == "tunnels" else self.token
         return self.procs.worker(name, [PYTHON, "-m", "bench.loadgen", cmd, *args],
-                                 env={"RELAY_BENCH_TOKEN": self.token})
+                                 env={"RELAY_BENCH_TOKEN": token})
 
     # -- workloads ----------------------------------------------------------------------------
     def direct_url(self, path: str, scheme: str = "http") -> str:
@@ -823,7 +826,8 @@ class Bench:
         config = write_config(self.tmp / "token.toml", self.state_dir, free_port())
         self.token = self.mint_token(config)
         # Agents serve HOST_ID and the W5 hosts: one token that may serve the whole org.
-        self.token_file.write_text(self.mint_token(config, f"{ORG}:*"))
+        self.agent_token = self.mint_token(config, f"{ORG}:*")
+        self.token_file.write_text(self.agent_token)
         self.token_file.chmod(0o600)
         if chosen & {"W0", "W1", "W2", "W3"}:
             self.setup()
