@@ -456,6 +456,35 @@ def test_static_grants_json_and_toml(tmp_path: Path) -> None:
         assert isinstance(backend.allows(ALICE, HOST, AGENT), str)
 
 
+def test_static_grants_name_roles_in_json_and_toml(tmp_path: Path) -> None:
+    (tmp_path / "roles.json").write_text(json.dumps({"grants": [
+        {"sub": "alice", "hosts": ["acme:laptop"], "roles": ["client", "agent"]},
+        {"sub": "alice", "hosts": ["acme:*"], "roles": ["client"]},
+        {"sub": "bob", "hosts": ["acme:laptop"], "roles": ["agent"]},
+    ]}))
+    (tmp_path / "roles.toml").write_text(
+        '[[grants]]\nsub = "alice"\nhosts = ["acme:laptop"]\nroles = ["client", "agent"]\n'
+        '[[grants]]\nsub = "alice"\nhosts = ["acme:*"]\nroles = ["client"]\n'
+        '[[grants]]\nsub = "bob"\nhosts = ["acme:laptop"]\nroles = ["agent"]\n'
+    )
+    for name in ("roles.json", "roles.toml"):
+        backend = StaticGrantsBackend.from_file(tmp_path / name)
+        assert backend.allows(ALICE, HOST, AGENT) is True
+        assert backend.allows(ALICE, HOST2, CLIENT) is True
+        assert isinstance(backend.allows(ALICE, HOST2, AGENT), str)  # acme:* is client only
+        assert backend.allows(BOB, HOST, AGENT) is True
+        assert backend.allows(BOB, HOST, CLIENT) is False  # serving does not imply calling
+
+
+@pytest.mark.parametrize("roles", ['[]', '["owner"]', '"agent"', '[1]'])
+def test_bad_roles_in_grants_are_config_errors(tmp_path: Path, roles: str) -> None:
+    path = tmp_path / "grants.json"
+    path.write_text(f'{{"grants": [{{"sub": "a", "hosts": ["acme:x"], "roles": {roles}}}]}}')
+    with pytest.raises(ConfigError) as info:
+        StaticGrantsBackend.from_file(path)
+    assert info.value.key == "access.static_grants_file"
+
+
 async def test_static_policy_keeps_the_org_short_circuit(tmp_path: Path) -> None:
     backend = StaticGrantsBackend({"alice": ["globex:*", "acme:laptop"]})
     metrics = Metrics()
