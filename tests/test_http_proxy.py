@@ -515,4 +515,5 @@ async def test_agent_forwards_a_small_body_that_arrived_with_the_open(tmp_path: 
             assert body == b"hello"
         finally:
             await session.close()
+            await origin.close()
             await host.stop()
