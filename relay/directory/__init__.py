@@ -15,10 +15,11 @@ from relay.directory.base import (
     RevocationCallback,
 )
 from relay.directory.local import LocalDirectory
-from relay.directory.redis import HeartbeatResult, RedisDirectory
+from relay.directory.redis import AuditResult, HeartbeatResult, RedisDirectory, SweepResult
 from relay.metrics import Metrics
 
 __all__ = [
+    "AuditResult",
     "Directory",
     "DirectoryUnavailable",
     "HeartbeatResult",
@@ -27,6 +28,7 @@ __all__ = [
     "Owner",
     "RedisDirectory",
     "RevocationCallback",
+    "SweepResult",
     "build_directory",
 ]
 

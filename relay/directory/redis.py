@@ -1,38 +1,65 @@
-"""Redis-backed directory shared by every relay: tunnel ownership, heartbeats, revocations.
+"""Redis-backed directory shared by every relay: tunnel ownership, leases, revocations.
 
 Data model (``P`` is the key prefix, ``"relay:"`` by default)::
 
-    P host:<hostId>        hash {instance, url, epoch}        PEXPIRE entry_ttl_s
-                           who holds the host's tunnel; the epoch is unique per registration
-    P instance:<id>        set of hostIds                     PEXPIRE entry_ttl_s
-                           this relay's index: what the start-up clear and the sweep walk
+    P lease:<instance>     string: this run's lease token          PEXPIRE entry_ttl_s
+                           the relay's liveness: one key per relay, renewed by its heartbeat
+    P host:<hostId>        hash {instance, url, epoch, lease}       no TTL
+                           who holds the host's tunnel; epoch is unique per registration,
+                           lease is the owner's lease token when it registered
+    P instance:<instance>  set of hostIds                           no TTL
+                           the relay's index: what start-up clear, release and sweep walk
+    P lost:<instance>      list host, epoch, host, epoch, ...       PEXPIRE entry_ttl_s
+                           registrations other relays took over, drained by the heartbeat
+    P instances            set of instance ids                      no TTL
+                           every relay with a lease or an index: the sweep's work list
     P revocations          pub/sub channel, JSON {sub, host, origin, session}
 
-Every write that must be atomic is one Lua script (:data:`REGISTER`, :data:`UNREGISTER`,
-:data:`HEARTBEAT`, :data:`CLEAR_INSTANCE`, :data:`SWEEP`):
+Why: liveness is one lease per relay instead of one TTL per tunnel, so a heartbeat is one
+script call of a fixed handful of commands, whatever the number of tunnels (the older layout
+refreshed every entry's TTL on every heartbeat: Redis work grew with the tunnel count).
 
-- REGISTER writes the entry, adds it to the index and sets both TTLs. In ``force`` mode (a new
-  tunnel) the last write wins over any other relay. In ``reclaim`` mode (rewriting what this
-  relay still holds after Redis lost it) it only writes when the key is absent or still carries
-  the same epoch, so a relay coming back never steals a host that reconnected elsewhere.
+An entry is *alive* while its owner's lease key holds the token written in the entry. A
+crashed relay stops renewing its lease, so within entry_ttl_s every one of its entries reads as
+offline everywhere at once. A relay restarted with the same instance id starts a new lease
+token, so entries of the previous run can never come back to life (and its start-up clear
+deletes them anyway). Leases are Redis-side TTLs: relay clocks and their skew play no part.
+
+Every write is one Lua script (relay/directory/scripts.py):
+
+- REGISTER writes the entry and the index. ``force`` (a new tunnel): last write wins; when it
+  replaces a live registration of another relay it tells that relay through its lost list and
+  drops the host from its index. ``reclaim`` (rewriting what this relay holds after Redis lost
+  it) only writes where the entry is absent, dead or still carries the same epoch, so a relay
+  coming back never steals a host that reconnected elsewhere. It recreates our lease if it had
+  lapsed, and says so: the relay then resyncs.
 - UNREGISTER is compare-and-delete on the epoch.
-- HEARTBEAT extends the TTL only of entries whose epoch still matches, never recreates one, and
-  reports the others as *missing* (expired or deleted: re-register) or *taken* (someone else's
-  registration: ownership lost).
-- CLEAR_INSTANCE deletes, in one round trip, every entry still owned by this instance id and the
-  index: run at start-up (a restarted relay's leftovers) and on close.
-- SWEEP drops index members whose entry expired or belongs to someone else.
+- HEARTBEAT renews the lease, drains the lost list (→ ``on_lost``) and returns the index size.
+  A lease found missing (it lapsed, or Redis restarted empty) or an index size that disagrees
+  with what the relay holds (a failover lost writes) triggers a *resync*: AUDIT what the relay
+  holds, REGISTER ``reclaim`` what is missing, ``on_lost`` what is taken, PRUNE index members
+  the relay no longer holds. That is O(tunnels), but only after something was lost.
+- LOOKUP reads the entry and checks its owner's lease in one round trip; a dead entry reads as
+  None and is deleted on the spot (lazy sweep).
+- CLEAR_INSTANCE deletes, in one round trip, every entry still owned by this instance id, its
+  index and lost list, and writes (start-up) or drops (release on close) the lease.
+- SWEEP, every ``entry_ttl_s`` or so (every heartbeat while work remains), deletes at most
+  ``sweep_batch`` entries of relays whose lease is gone, and forgets a relay once its index is
+  empty: a dead relay's entries do not linger even if nobody looks them up.
 
-A crashed relay stops heartbeating, so its entries and its index expire within entry_ttl_s.
-CLEAR_INSTANCE and SWEEP build entry keys inside the script (from the index members), which is
-fine on a single Redis (or Sentinel) but not on Redis Cluster.
+Scripts build other relays' keys from what they read (an entry's owner, the instance set),
+which is fine on a single Redis (or Sentinel) but not on Redis Cluster.
+
+Entries without a ``lease`` field come from relays of the older layout (a rolling upgrade):
+they carry their own TTL and are read as alive while they exist.
 
 Failure handling: every Redis call is bounded (connect timeout plus ``asyncio.timeout``). A
 failed operation marks the directory unhealthy (``/readyz`` → 503) and wakes the health loop,
-which pings until Redis answers, then clears start-up leftovers if that never happened, rewrites
-every registration this relay holds (``reclaim``), applies the compare-and-deletes that could not
-be sent during the outage, and marks the directory healthy again. While unhealthy, ``register``
-and ``lookup`` fail fast with :class:`DirectoryUnavailable`; local tunnels keep serving.
+which pings until Redis answers, then clears start-up leftovers if that never happened, renews
+the lease, resyncs every registration this relay holds, applies the compare-and-deletes that
+could not be sent during the outage, and marks the directory healthy again. While unhealthy,
+``register`` and ``lookup`` fail fast with :class:`DirectoryUnavailable`; local tunnels keep
+serving.
 """
 
 from __future__ import annotations
@@ -55,10 +82,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from relay.config import DirectoryConfig
+from relay.directory import scripts
 from relay.directory.base import Directory, DirectoryUnavailable, Owner, new_epoch
 from relay.metrics import Metrics
 
-__all__ = ["HeartbeatResult", "RedisDirectory"]
+__all__ = ["AuditResult", "HeartbeatResult", "RedisDirectory", "SweepResult"]
 
 log = structlog.get_logger("relay.directory")
 
@@ -66,112 +94,48 @@ T = TypeVar("T")
 
 # Hosts per script call: keeps each script short enough not to stall Redis for other clients.
 BATCH = 500
-# Compare-and-deletes remembered during an outage; entries expire anyway, so dropping the
-# oldest past this bound only lengthens a stale window, it never loses correctness.
+# Compare-and-deletes remembered during an outage. Past this bound the oldest are dropped; the
+# next index-size check notices the leftovers and prunes them.
 MAX_PENDING_DELETES = 10_000
 # A revocation's fields are host ids and subjects; anything longer is not one of ours.
 MAX_REVOCATION_FIELD = 1024
-
-# KEYS[1] = index, KEYS[2..n+1] = entries; ARGV = instance, url, ttl_ms, mode, epochs.., hosts..
-# Returns one 1 (written) or 0 (left alone: another registration holds it) per host.
-REGISTER = """
-local n = #KEYS - 1
-local instance, url, ttl, mode = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local results = {}
-for i = 1, n do
-  local key, epoch, host = KEYS[i + 1], ARGV[4 + i], ARGV[4 + n + i]
-  local write = true
-  if mode == 'reclaim' then
-    local stored = redis.call('HGET', key, 'epoch')
-    write = (not stored) or stored == epoch
-  end
-  if write then
-    redis.call('DEL', key)
-    redis.call('HSET', key, 'instance', instance, 'url', url, 'epoch', epoch)
-    redis.call('PEXPIRE', key, ttl)
-    redis.call('SADD', KEYS[1], host)
-    results[i] = 1
-  else
-    results[i] = 0
-  end
-end
-redis.call('PEXPIRE', KEYS[1], ttl)
-return results
-"""
-
-# KEYS[1] = index, KEYS[2..n+1] = entries; ARGV = epochs.., hosts..
-# Deletes each entry only if it still carries the given epoch. Returns 1/0 per host.
-UNREGISTER = """
-local n = #KEYS - 1
-local results = {}
-for i = 1, n do
-  local key, epoch, host = KEYS[i + 1], ARGV[i], ARGV[n + i]
-  if redis.call('HGET', key, 'epoch') == epoch then
-    redis.call('DEL', key)
-    redis.call('SREM', KEYS[1], host)
-    results[i] = 1
-  else
-    results[i] = 0
-  end
-end
-return results
-"""
-
-# KEYS[1] = index, KEYS[2..n+1] = entries; ARGV = ttl_ms, epochs.., hosts..
-# Returns {missing hosts, taken hosts}. PEXPIRE never creates a key, so nothing is resurrected.
-HEARTBEAT = """
-local n = #KEYS - 1
-local ttl = tonumber(ARGV[1])
-local missing, taken = {}, {}
-for i = 1, n do
-  local key, epoch, host = KEYS[i + 1], ARGV[1 + i], ARGV[1 + n + i]
-  local stored = redis.call('HGET', key, 'epoch')
-  if stored == epoch then
-    redis.call('PEXPIRE', key, ttl)
-  elseif stored then
-    taken[#taken + 1] = host
-  else
-    missing[#missing + 1] = host
-  end
-end
-redis.call('PEXPIRE', KEYS[1], ttl)
-return {missing, taken}
-"""
-
-# KEYS[1] = index; ARGV = instance, entry key prefix. Returns how many entries were deleted.
-CLEAR_INSTANCE = """
-local deleted = 0
-for _, host in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local key = ARGV[2] .. host
-  if redis.call('HGET', key, 'instance') == ARGV[1] then
-    redis.call('DEL', key)
-    deleted = deleted + 1
-  end
-end
-redis.call('DEL', KEYS[1])
-return deleted
-"""
-
-# KEYS[1] = index; ARGV = instance, entry key prefix. Returns how many members were removed.
-SWEEP = """
-local removed = 0
-for _, host in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if redis.call('HGET', ARGV[2] .. host, 'instance') ~= ARGV[1] then
-    redis.call('SREM', KEYS[1], host)
-    removed = removed + 1
-  end
-end
-return removed
-"""
+# Lost-list drains per heartbeat: a mass takeover is worked off over a few heartbeats at most.
+MAX_LOST_DRAINS = 20
 
 
 @dataclass(frozen=True, slots=True)
 class HeartbeatResult:
-    """What one heartbeat found for the registrations it was given."""
+    """What one heartbeat found."""
 
-    refreshed: int  # entries whose TTL was extended
-    missing: tuple[str, ...]  # expired or deleted: nobody holds them in Redis
-    taken: tuple[str, ...]  # now carry another registration's epoch
+    lease: str  # "renewed" (was live), "recreated" (had lapsed or was lost), "conflict"
+    entries: int  # how many hosts our index in Redis names
+    lost: tuple[tuple[str, str], ...]  # (host, epoch) other relays took over
+    more_lost: int  # takeovers still queued beyond this batch
+
+
+@dataclass(frozen=True, slots=True)
+class AuditResult:
+    """How the registrations given to :meth:`RedisDirectory.audit` stand in Redis."""
+
+    present: int  # still carry their epoch
+    missing: tuple[str, ...]  # gone from Redis
+    taken: tuple[str, ...]  # carry another registration's epoch
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """What one REGISTER call did."""
+
+    results: list[int]  # 1 written / 0 left alone, per host
+    lease_was_live: bool  # False: the call had to recreate our lease
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    """One bounded sweep over relays whose lease is gone."""
+
+    removed: int  # dead entries deleted
+    more: bool  # dead entries remain (the next heartbeat sweeps again)
 
 
 def _batches(items: list[tuple[str, str]]) -> Iterable[list[tuple[str, str]]]:
@@ -204,6 +168,7 @@ class RedisDirectory(Directory):
         register_budget_s: float = 2.5,
         max_connections: int = 64,
         close_timeout_s: float = 2.0,
+        sweep_batch: int = BATCH,
     ) -> None:
         super().__init__(config.instance_id, config.advertise_url)
         if not config.instance_id:
@@ -213,6 +178,9 @@ class RedisDirectory(Directory):
         self._prefix = key_prefix
         self._host_prefix = f"{key_prefix}host:"
         self._index_key = f"{key_prefix}instance:{config.instance_id}"
+        self._lease_key = f"{key_prefix}lease:{config.instance_id}"
+        self._lost_key = f"{key_prefix}lost:{config.instance_id}"
+        self._instances_key = f"{key_prefix}instances"
         self._channel = f"{key_prefix}revocations"
         self._ttl_ms = max(1, int(config.entry_ttl_s * 1000))
         self._op_timeout = op_timeout_s
@@ -221,12 +189,16 @@ class RedisDirectory(Directory):
         self._register_budget = register_budget_s
         self._max_connections = max_connections
         self._close_timeout = close_timeout_s
+        self._sweep_batch = max(1, sweep_batch)
         # Probe quickly after a failure, but never more often than every 0.1 s.
         self._probe_interval = min(1.0, max(0.1, config.heartbeat_s / 2))
         self._resubscribe_max_s = min(2.0, config.heartbeat_s * 2)
         self._sweep_every = max(1, round(config.entry_ttl_s / config.heartbeat_s))
         # Lets the subscriber skip the echo of our own revocations (delivered directly).
         self._session = uuid.uuid4().hex
+        # This run's lease token: entries of an earlier run of the same instance id carry
+        # another one, so they read as dead even before the start-up clear removes them.
+        self._lease = uuid.uuid4().hex
 
         self._client: Redis | None = None
         self._pubsub_client: Redis | None = None
@@ -244,6 +216,15 @@ class RedisDirectory(Directory):
         self._subscribed = False
         self._last_error: str | None = None
         self._unhealthy_since: float | None = None
+        # Set when a register had to recreate our lease: what we hold may have been swept.
+        self._resync_needed = False
+        # Writes in flight and a counter of writes started: the index-size check compares
+        # only across a heartbeat that no register/unregister overlapped.
+        self._writes_inflight = 0
+        self._writes_started = 0
+        self._registering: set[str] = set()
+        self._sweep_more = False
+        self._beats = 0  # heartbeats completed (for status pages and tests)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -262,11 +243,14 @@ class RedisDirectory(Directory):
         self._scripts = {
             name: self._client.register_script(source)
             for name, source in (
-                ("register", REGISTER),
-                ("unregister", UNREGISTER),
-                ("heartbeat", HEARTBEAT),
-                ("clear", CLEAR_INSTANCE),
-                ("sweep", SWEEP),
+                ("register", scripts.REGISTER),
+                ("unregister", scripts.UNREGISTER),
+                ("heartbeat", scripts.HEARTBEAT),
+                ("lookup", scripts.LOOKUP),
+                ("clear", scripts.CLEAR_INSTANCE),
+                ("sweep", scripts.SWEEP),
+                ("audit", scripts.AUDIT),
+                ("prune", scripts.PRUNE),
             )
         }
         try:
@@ -312,9 +296,10 @@ class RedisDirectory(Directory):
     async def close(self, *, release: bool = True) -> None:
         """Stop background work and disconnect.
 
-        With ``release`` (the default) the entries this instance still owns are deleted in one
-        round trip, so other relays stop forwarding here at once instead of after entry_ttl_s.
-        ``release=False`` leaves them to expire, exactly as a crash would.
+        With ``release`` (the default) the entries this instance still owns and its lease are
+        deleted in one round trip, so other relays stop forwarding here at once instead of after
+        entry_ttl_s. ``release=False`` leaves them for the lease to expire, exactly as a crash
+        would.
         """
         if self._closed:
             return
@@ -329,7 +314,7 @@ class RedisDirectory(Directory):
                 log.warning("directory.close_timeout", tasks=[t.get_name() for t in still_running])
         if release and was_healthy and self._client is not None:
             try:
-                released = await self._call("release", self._run_clear())
+                released = await self._call("release", self._run_clear(lease=""))
                 log.info("directory.released", instance=self.instance_id, entries=released)
             except DirectoryUnavailable as exc:
                 log.warning("directory.release_failed", error=_describe_error(exc))
@@ -352,28 +337,37 @@ class RedisDirectory(Directory):
         deadline = loop.time() + self._register_budget
         epoch = new_epoch()  # the same epoch on every attempt keeps retries idempotent
         last_error: DirectoryUnavailable | None = None
-        for attempt in range(self._register_attempts):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                await self._call(
-                    "register",
-                    self._run_register("force", [(host_id, epoch)]),
-                    deadline_s=min(self._op_timeout, remaining),
-                )
-            except asyncio.CancelledError:
-                # The caller gave up (agent gone); the write may have landed all the same.
-                self._defer_delete(host_id, epoch)
-                raise
-            except DirectoryUnavailable as exc:
-                last_error = exc
-                delay = self._register_backoff * (2**attempt)
-                if attempt + 1 < self._register_attempts:
-                    await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
-                continue
-            self._held[host_id] = epoch
-            return epoch
+        self._begin_write()
+        self._registering.add(host_id)
+        try:
+            for attempt in range(self._register_attempts):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    written = await self._call(
+                        "register",
+                        self._run_register("force", [(host_id, epoch)]),
+                        deadline_s=min(self._op_timeout, remaining),
+                    )
+                except asyncio.CancelledError:
+                    # The caller gave up (agent gone); the write may have landed all the same.
+                    self._defer_delete(host_id, epoch)
+                    raise
+                except DirectoryUnavailable as exc:
+                    last_error = exc
+                    delay = self._register_backoff * (2**attempt)
+                    if attempt + 1 < self._register_attempts:
+                        await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+                    continue
+                if not written.lease_was_live and self._ever_healthy:
+                    # Our lease had lapsed: entries we hold may have been swept meanwhile.
+                    self._resync_needed = True
+                self._held[host_id] = epoch
+                return epoch
+        finally:
+            self._registering.discard(host_id)
+            self._writes_inflight -= 1
         # A timed-out attempt may still have been written: make sure it does not linger.
         self._defer_delete(host_id, epoch)
         self._mark_unhealthy("register", last_error or DirectoryUnavailable())
@@ -387,6 +381,7 @@ class RedisDirectory(Directory):
             self._defer_delete(host_id, epoch)
             log.info("directory.unregister_deferred", host=host_id)
             return False
+        self._begin_write()
         try:
             results = await self._call("unregister", self._run_unregister([(host_id, epoch)]))
         except DirectoryUnavailable as exc:
@@ -394,25 +389,28 @@ class RedisDirectory(Directory):
             self._mark_unhealthy("unregister", exc)
             log.warning("directory.unregister_failed", host=host_id, error=_describe_error(exc))
             return False
+        finally:
+            self._writes_inflight -= 1
         return bool(results and int(results[0]))
 
     async def lookup(self, host_id: str) -> Owner | None:
         if not self._healthy or self._client is None:
             raise DirectoryUnavailable()
         try:
-            data: dict[Any, Any] = await self._call(
-                "lookup", self._client.hgetall(self._host_prefix + host_id)
+            data: list[Any] | None = await self._call(
+                "lookup",
+                self._scripts["lookup"]([self._host_prefix + host_id], [self._prefix, host_id]),
             )
         except DirectoryUnavailable as exc:
             self._mark_unhealthy("lookup", exc)
             raise
         if not data:
             return None
-        try:
-            return Owner(data["instance"], data["url"], data["epoch"])
-        except KeyError:
-            log.warning("directory.entry_malformed", host=host_id, fields=sorted(data))
+        instance, url, epoch = [*data, None, None, None][:3]
+        if not (instance and url and epoch):
+            log.warning("directory.entry_malformed", host=host_id)
             return None
+        return Owner(instance, url, epoch)
 
     def registrations(self) -> dict[str, str]:
         """A copy of this relay's live registrations: host_id -> epoch."""
@@ -420,29 +418,49 @@ class RedisDirectory(Directory):
 
     # ------------------------------------------------------------------ maintenance ops
 
-    async def heartbeat(self, entries: Mapping[str, str] | None = None) -> HeartbeatResult:
-        """Extend the TTL of ``entries`` (default: every registration held) where the epoch
-        still matches. Reports the rest; does not act on them (the heartbeat loop does).
-        Raises :class:`DirectoryUnavailable`."""
+    async def heartbeat(self) -> HeartbeatResult:
+        """Renew this relay's lease and collect what other relays took over. A fixed number of
+        Redis commands, whatever the number of tunnels; it never writes an entry. Does not act
+        on what it finds (the heartbeat loop does). Raises :class:`DirectoryUnavailable`."""
+        keys = [self._lease_key, self._lost_key, self._index_key, self._instances_key]
+        args = [self._lease, self._ttl_ms, BATCH, self.instance_id]
+        status, entries, queued, flat = await self._call(
+            "heartbeat", self._scripts["heartbeat"](keys, args)
+        )
+        lost = tuple(zip(flat[0::2], flat[1::2], strict=True))
+        return HeartbeatResult(str(status), int(entries), lost, int(queued))
+
+    async def audit(self, entries: Mapping[str, str] | None = None) -> AuditResult:
+        """Read-only: which of ``entries`` (default: every registration held) still carry their
+        epoch in Redis, which are gone and which were taken. O(entries), in batches: the
+        heartbeat loop runs it only after something was lost. Raises DirectoryUnavailable."""
         pairs = list((self._held if entries is None else entries).items())
-        refreshed, missing, taken = 0, [], []
+        present, missing, taken = 0, [], []
         for batch in _batches(pairs):
-            got_missing, got_taken = await self._call("heartbeat", self._run_heartbeat(batch))
+            keys = [self._host_prefix + host for host, _ in batch]
+            args = [epoch for _, epoch in batch] + [host for host, _ in batch]
+            got_missing, got_taken = await self._call(
+                "audit", self._scripts["audit"](keys, args)
+            )
             missing.extend(got_missing)
             taken.extend(got_taken)
-            refreshed += len(batch) - len(got_missing) - len(got_taken)
-        return HeartbeatResult(refreshed, tuple(missing), tuple(taken))
+            present += len(batch) - len(got_missing) - len(got_taken)
+        return AuditResult(present, tuple(missing), tuple(taken))
 
     async def clear_instance(self) -> int:
-        """Delete, in one round trip, every entry this instance id still owns, and its index.
-        Returns how many entries were deleted. Raises :class:`DirectoryUnavailable`."""
-        return int(await self._call("clear", self._run_clear()))
+        """Delete, in one round trip, every entry this instance id still owns (from any run),
+        its index and lost list, and write this run's lease. Returns how many entries were
+        deleted. Raises :class:`DirectoryUnavailable`."""
+        return int(await self._call("clear", self._run_clear(lease=self._lease)))
 
-    async def sweep(self) -> int:
-        """Drop index members whose entry expired or was taken by another relay. Returns how
-        many were removed. Raises :class:`DirectoryUnavailable`."""
-        args = [self.instance_id, self._host_prefix]
-        return int(await self._call("sweep", self._scripts["sweep"]([self._index_key], args)))
+    async def sweep(self) -> SweepResult:
+        """Delete at most ``sweep_batch`` entries of relays whose lease is gone (one round
+        trip); forget relays whose index is empty. Raises :class:`DirectoryUnavailable`."""
+        args = [self._prefix, self.instance_id, self._sweep_batch]
+        removed, more = await self._call(
+            "sweep", self._scripts["sweep"]([self._instances_key], args)
+        )
+        return SweepResult(int(removed), bool(int(more)))
 
     # ------------------------------------------------------------------ revocations
 
@@ -497,6 +515,7 @@ class RedisDirectory(Directory):
             "key_prefix": self._prefix,
             "heartbeat_s": self._config.heartbeat_s,
             "entry_ttl_s": self._config.entry_ttl_s,
+            "heartbeats": self._beats,
         }
 
     # ------------------------------------------------------------------ internals: calls
@@ -517,24 +536,27 @@ class RedisDirectory(Directory):
     def _entry_keys(self, pairs: list[tuple[str, str]]) -> list[str]:
         return [self._index_key, *(self._host_prefix + host for host, _ in pairs)]
 
-    async def _run_register(self, mode: str, pairs: list[tuple[str, str]]) -> list[int]:
-        args = [self.instance_id, self.advertise_url, self._ttl_ms, mode]
+    async def _run_register(self, mode: str, pairs: list[tuple[str, str]]) -> _Written:
+        keys = [self._index_key, self._lease_key, self._instances_key]
+        keys += [self._host_prefix + host for host, _ in pairs]
+        args = [self.instance_id, self.advertise_url, self._lease, self._ttl_ms, mode, self._prefix]
         args += [epoch for _, epoch in pairs] + [host for host, _ in pairs]
-        return await self._scripts["register"](self._entry_keys(pairs), args)
+        results = [int(r) for r in await self._scripts["register"](keys, args)]
+        return _Written(results[:-1], bool(results[-1]))
 
     async def _run_unregister(self, pairs: list[tuple[str, str]]) -> list[int]:
         args = [epoch for _, epoch in pairs] + [host for host, _ in pairs]
         return await self._scripts["unregister"](self._entry_keys(pairs), args)
 
-    async def _run_heartbeat(self, pairs: list[tuple[str, str]]) -> list[list[str]]:
-        args: list[Any] = [self._ttl_ms]
-        args += [epoch for _, epoch in pairs] + [host for host, _ in pairs]
-        return await self._scripts["heartbeat"](self._entry_keys(pairs), args)
-
-    async def _run_clear(self) -> int:
+    async def _run_clear(self, *, lease: str) -> int:
+        keys = [self._index_key, self._lease_key, self._lost_key, self._instances_key]
         return await self._scripts["clear"](
-            [self._index_key], [self.instance_id, self._host_prefix]
+            keys, [self.instance_id, self._prefix, lease, self._ttl_ms]
         )
+
+    def _begin_write(self) -> None:
+        self._writes_inflight += 1
+        self._writes_started += 1
 
     # ------------------------------------------------------------------ internals: health
 
@@ -565,10 +587,10 @@ class RedisDirectory(Directory):
         """Rewrite registrations we hold that Redis lost, without taking any from others."""
         pairs = list(entries.items())
         for batch in _batches(pairs):
-            results = await self._call(op, self._run_register("reclaim", batch))
+            written_flags = (await self._call(op, self._run_register("reclaim", batch))).results
             written: list[tuple[str, str]] = []
-            for (host, epoch), result in zip(batch, results, strict=True):
-                if int(result):
+            for (host, epoch), result in zip(batch, written_flags, strict=True):
+                if result:
                     written.append((host, epoch))
                 else:
                     self._lose(host, epoch, reason="taken_while_reclaiming")
@@ -580,6 +602,36 @@ class RedisDirectory(Directory):
             if written:
                 log.info("directory.entry_reclaimed", hosts=len(written) - len(stale), op=op)
 
+    async def _resync(self, op: str) -> None:
+        """Make Redis agree with what we hold after something was lost (a lapsed lease, an
+        emptied Redis, a failover): O(tunnels), in batches, and only then."""
+        snapshot = dict(self._held)
+        result = await self.audit(snapshot)
+        for host in result.taken:
+            self._lose(host, snapshot[host], reason="taken")
+        missing = {h: snapshot[h] for h in result.missing if self._held.get(h) == snapshot[h]}
+        if missing:
+            log.warning("directory.entry_missing", hosts=len(missing), op=op)
+            await self._reclaim(missing, op=op)
+        await self._prune_index(op)
+
+    async def _prune_index(self, op: str) -> None:
+        """Drop index members (and our entries) for hosts we no longer hold: left behind when
+        deferred deletes overflowed, or when a failover brought back an unregistered entry."""
+        assert self._client is not None
+        members = await self._call(op, self._client.smembers(self._index_key))
+        extra = [str(h) for h in members if h not in self._held and h not in self._registering]
+        pruned = 0
+        for start in range(0, len(extra), BATCH):
+            batch = extra[start : start + BATCH]
+            keys = [self._index_key, *(self._host_prefix + h for h in batch)]
+            # A host registered again since the snapshot keeps the epoch it has now; one
+            # registered while this runs may be pruned, and the next index check restores it.
+            args = [self.instance_id, *(self._held.get(h, "") for h in batch), *batch]
+            pruned += int(await self._call(op, self._scripts["prune"](keys, args)))
+        if pruned:
+            log.info("directory.index_pruned", entries=pruned, op=op)
+
     async def _flush_pending_deletes(self) -> None:
         pairs = list(self._pending_deletes)
         for batch in _batches(pairs):
@@ -588,25 +640,28 @@ class RedisDirectory(Directory):
                 self._pending_deletes.pop(pair, None)
 
     async def _recover(self) -> None:
-        """Bring the directory to healthy: ping, clear leftovers once, rewrite what we hold,
-        apply deferred deletes. Raises DirectoryUnavailable, leaving it unhealthy."""
+        """Bring the directory to healthy: ping, clear leftovers once, renew the lease, resync
+        what we hold, apply deferred deletes. Raises DirectoryUnavailable, leaving it
+        unhealthy."""
         assert self._client is not None
         await self._call("ping", self._client.ping())
+        just_cleared = False
         if not self._cleared:
-            cleared = await self.clear_instance()
-            self._cleared = True
+            cleared = await self.clear_instance()  # also writes this run's lease
+            self._cleared = just_cleared = True
             log.info("directory.startup_cleared", instance=self.instance_id, entries=cleared)
-        held = dict(self._held)
-        if held:
-            await self._reclaim(held, op="reclaim")
         await self._flush_pending_deletes()
+        held = len(self._held)
+        if self._held or not just_cleared:
+            # After an outage anything may have happened: resync whatever we hold (once).
+            await self._renew(op="reclaim", resync=bool(self._held))
         # No await between here and the flag: nothing can slip in between.
         self._healthy = True
         self._last_error = None
         if self._ever_healthy:
             since = self._unhealthy_since
             log.info(
-                "directory.redis_recovered", instance=self.instance_id, reregistered=len(held),
+                "directory.redis_recovered", instance=self.instance_id, reregistered=held,
                 down_s=None if since is None else round(time.time() - since, 3),
             )
         else:
@@ -614,22 +669,38 @@ class RedisDirectory(Directory):
         self._ever_healthy = True
         self._unhealthy_since = None
 
+    async def _renew(self, op: str, resync: bool = False) -> None:
+        """One heartbeat: renew the lease, hand takeovers to ``on_lost``, resync when the lease
+        had lapsed or the index disagrees with what we hold (or when ``resync`` says so)."""
+        writes_before = self._writes_started
+        quiet = self._writes_inflight == 0
+        result = await self.heartbeat()
+        for _ in range(MAX_LOST_DRAINS):
+            for host, epoch in result.lost:
+                self._lose(host, epoch, reason="taken")
+            if not result.more_lost:
+                break
+            result = await self.heartbeat()
+        quiet = quiet and self._writes_inflight == 0 and self._writes_started == writes_before
+        if result.lease != "renewed":
+            level = log.error if result.lease == "conflict" else log.warning
+            # A conflict means two running relays share an instance id: a misconfiguration
+            # they will fight over until one is renamed.
+            level("directory.lease_" + result.lease, instance=self.instance_id, op=op,
+                  held=len(self._held))
+        if self._resync_needed or result.lease != "renewed":
+            resync = True
+        elif quiet and result.entries != len(self._held):
+            log.warning("directory.index_mismatch", redis=result.entries, held=len(self._held))
+            resync = True
+        if resync:
+            self._resync_needed = False
+            await self._resync(op)
+
     async def _beat(self) -> None:
         if self._pending_deletes:
             await self._flush_pending_deletes()
-        if not self._held:
-            # Nothing to refresh, but /readyz must still learn when Redis goes away.
-            assert self._client is not None
-            await self._call("ping", self._client.ping())
-            return
-        snapshot = dict(self._held)
-        result = await self.heartbeat(snapshot)
-        for host in result.taken:
-            self._lose(host, snapshot[host], reason="taken")
-        missing = {h: snapshot[h] for h in result.missing if self._held.get(h) == snapshot[h]}
-        if missing:
-            log.warning("directory.entry_missing", hosts=len(missing))
-            await self._reclaim(missing, op="heartbeat")
+        await self._renew(op="heartbeat")
 
     async def _heartbeat_loop(self) -> None:
         beats = 0
@@ -643,10 +714,12 @@ class RedisDirectory(Directory):
                         continue
                     await self._beat()
                     beats += 1
-                    if beats % self._sweep_every == 0:
-                        removed = await self.sweep()
-                        if removed:
-                            log.info("directory.swept", removed=removed)
+                    self._beats = beats
+                    if self._sweep_more or beats % self._sweep_every == 0:
+                        swept = await self.sweep()
+                        self._sweep_more = swept.more
+                        if swept.removed:
+                            log.info("directory.swept", removed=swept.removed, more=swept.more)
             except DirectoryUnavailable as exc:
                 self._mark_unhealthy("heartbeat", exc)
             except Exception:
