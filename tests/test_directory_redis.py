@@ -103,8 +103,15 @@ async def test_register_then_lookup_returns_this_relay(
     epoch = await a.register("org:m1")
 
     assert await a.lookup("org:m1") == Owner("relay-a", url_of("relay-a"), epoch)
-    assert 0 < await raw.pttl(f"{PREFIX}host:org:m1") <= TTL_S * 1000
+    # Liveness is the relay's lease, with the TTL; the entry names the lease and has none.
+    assert 0 < await raw.pttl(f"{PREFIX}lease:relay-a") <= TTL_S * 1000
+    assert await raw.pttl(f"{PREFIX}host:org:m1") == -1
+    lease = await raw.get(f"{PREFIX}lease:relay-a")
+    assert await entry(raw, "org:m1") == {
+        "instance": "relay-a", "url": url_of("relay-a"), "epoch": epoch, "lease": lease,
+    }
     assert await raw.smembers(f"{PREFIX}instance:relay-a") == {"org:m1"}
+    assert await raw.smembers(f"{PREFIX}instances") == {"relay-a"}
     assert a.registrations() == {"org:m1": epoch}
 
 
@@ -159,15 +166,21 @@ async def test_replaced_local_registration_survives_old_unregister(
 
 async def test_heartbeat_keeps_entries_alive_past_ttl(make_directory: MakeDirectory) -> None:
     a = await make_directory("relay-a")
+    b = await make_directory("relay-b")
     epoch = await a.register("org:m1")
+    beats = a.describe()["heartbeats"]
 
-    await asyncio.sleep(TTL_S * 1.7)
+    # Several lease lifetimes: only the lease renewals keep the entry alive.
+    await wait_until(
+        lambda: a.describe()["heartbeats"] >= beats + 2 * TTL_S / HEARTBEAT_S, 4 * TTL_S,
+        "two lease lifetimes of heartbeats",
+    )
 
-    owner = await a.lookup("org:m1")
+    owner = await b.lookup("org:m1")
     assert owner is not None and owner.epoch == epoch
 
 
-async def test_heartbeat_cannot_resurrect_a_deleted_entry(
+async def test_heartbeat_and_audit_cannot_resurrect_a_deleted_entry(
     make_directory: MakeDirectory, raw: aioredis.Redis
 ) -> None:
     a = await make_directory("relay-a", heartbeat_s=5, entry_ttl_s=20)  # no background beats
@@ -178,13 +191,18 @@ async def test_heartbeat_cannot_resurrect_a_deleted_entry(
     await raw.delete(f"{PREFIX}host:org:gone")
     await b.register("org:taken")
 
-    result = await a.heartbeat({"org:gone": gone, "org:taken": taken, "org:kept": kept})
+    beat = await a.heartbeat()
+    result = await a.audit({"org:gone": gone, "org:taken": taken, "org:kept": kept})
 
+    assert beat.lease == "renewed"
+    assert beat.lost == (("org:taken", taken),)  # relay-b told us through our lost list
+    assert beat.entries == 2  # relay-b's registration dropped org:taken from our index
     assert result.missing == ("org:gone",)
     assert result.taken == ("org:taken",)
-    assert result.refreshed == 1
+    assert result.present == 1
     assert not await raw.exists(f"{PREFIX}host:org:gone")
     assert (await entry(raw, "org:taken"))["instance"] == "relay-b"
+    assert (await entry(raw, "org:kept"))["epoch"] == kept
 
 
 async def test_relay_reregisters_an_entry_that_vanished_while_it_holds_the_tunnel(
@@ -192,8 +210,12 @@ async def test_relay_reregisters_an_entry_that_vanished_while_it_holds_the_tunne
 ) -> None:
     a = await make_directory("relay-a")
     epoch = await a.register("org:m1")
+    await a.register("org:m2")
 
+    # The entry and its index membership vanish together, as when a Redis failover loses the
+    # last writes: the heartbeat's index size no longer matches what the relay holds.
     await raw.delete(f"{PREFIX}host:org:m1")
+    await raw.srem(f"{PREFIX}instance:relay-a", "org:m1")
 
     await wait_until(
         lambda: raw.exists(f"{PREFIX}host:org:m1"), 3 * HEARTBEAT_S, "entry re-registered"
@@ -232,12 +254,24 @@ async def test_crashed_relay_entries_expire_within_ttl(
     await a.close(release=False)  # heartbeats stop, nothing is deleted: a crash
     assert await b.lookup("org:m1") is not None
 
+    async def offline() -> bool:
+        return await b.lookup("org:m1") is None
+
+    await wait_until(offline, TTL_S + 0.3, "the crashed relay's hosts read offline")
+    assert await b.lookup("org:m2") is None
+    assert not await raw.exists(f"{PREFIX}lease:relay-a")
+
     async def all_gone() -> bool:
         keys = [f"{PREFIX}host:org:m1", f"{PREFIX}host:org:m2", f"{PREFIX}instance:relay-a"]
         return await raw.exists(*keys) == 0
 
-    await wait_until(all_gone, TTL_S + 0.3, "the crashed relay's entries and index expire")
-    assert await b.lookup("org:m1") is None
+    # The lookups deleted what they read (and emptied the index); relay-b's next sweep, due
+    # within a lease lifetime, forgets the dead relay.
+    await wait_until(all_gone, 0.1, "the crashed relay's entries and index are gone")
+    async def forgotten() -> bool:
+        return await raw.smembers(f"{PREFIX}instances") == {"relay-b"}
+
+    await wait_until(forgotten, TTL_S + HEARTBEAT_S, "relay-b's sweep forgets relay-a")
 
 
 async def test_graceful_close_releases_entries_at_once(
@@ -252,7 +286,8 @@ async def test_graceful_close_releases_entries_at_once(
 
     assert await b.lookup("org:m1") is None
     assert await b.lookup("org:m2") is not None
-    assert not await raw.exists(f"{PREFIX}instance:relay-a")
+    assert not await raw.exists(f"{PREFIX}instance:relay-a", f"{PREFIX}lease:relay-a")
+    assert await raw.smembers(f"{PREFIX}instances") == {"relay-b"}
 
 
 async def test_startup_clear_removes_own_leftovers_in_one_script_call(
@@ -290,20 +325,32 @@ async def test_clear_instance_reports_what_it_deleted(
     assert await raw.exists(f"{PREFIX}host:org:m1", f"{PREFIX}host:org:m2") == 0
 
 
-async def test_sweep_drops_index_members_whose_entry_is_gone_or_taken(
+async def test_index_drops_members_whose_entry_is_gone_or_taken(
     make_directory: MakeDirectory, raw: aioredis.Redis
 ) -> None:
-    a = await make_directory("relay-a", heartbeat_s=5, entry_ttl_s=20)
-    b = await make_directory("relay-b", heartbeat_s=5, entry_ttl_s=20)
-    await a.register("org:m1")
+    a = await make_directory("relay-a")
+    b = await make_directory("relay-b")
+    kept = await a.register("org:m1")
     await a.register("org:m2")
-    await raw.sadd(f"{PREFIX}instance:relay-a", "org:expired")
-    await b.register("org:m2")
 
-    assert await a.sweep() == 2
-
+    await b.register("org:m2")  # the taker drops the host from relay-a's index at once
     assert await raw.smembers(f"{PREFIX}instance:relay-a") == {"org:m1"}
-    assert await a.sweep() == 0
+
+    # A member relay-a does not hold (a compare-and-delete lost in an outage): the next
+    # heartbeat sees the index size disagree and prunes it, and the entry it names.
+    await raw.hset(
+        f"{PREFIX}host:org:leftover",
+        mapping={"instance": "relay-a", "url": url_of("relay-a"), "epoch": "old"},
+    )
+    await raw.sadd(f"{PREFIX}instance:relay-a", "org:leftover", "org:expired")
+
+    async def pruned() -> bool:
+        return await raw.scard(f"{PREFIX}instance:relay-a") == 1
+
+    await wait_until(pruned, 3 * HEARTBEAT_S, "index pruned")
+    assert await raw.smembers(f"{PREFIX}instance:relay-a") == {"org:m1"}
+    assert not await raw.exists(f"{PREFIX}host:org:leftover")
+    assert (await entry(raw, "org:m1"))["epoch"] == kept
 
 
 # ---------------------------------------------------------------- Redis trouble
@@ -406,7 +453,8 @@ async def test_relay_cut_off_from_redis_does_not_steal_back_a_host_that_moved(
         await raw.acl_setuser("relay-a", enabled=False)
         await raw.client_kill_filter(user="relay-a")
         await wait_until(lambda: not a.healthy, 3 * HEARTBEAT_S, "relay-a is cut off")
-        await raw.delete(f"{PREFIX}host:org:m1")  # its entry expired meanwhile ...
+        # Its lease lapsed meanwhile and a lookup swept its entry ...
+        await raw.delete(f"{PREFIX}lease:relay-a", f"{PREFIX}host:org:m1")
         new = await b.register("org:m1")  # ... and the agent reconnected to relay-b
 
         await raw.acl_setuser("relay-a", enabled=True)
