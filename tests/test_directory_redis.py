@@ -1,11 +1,22 @@
-"""RedisDirectory against a real redis-server: ownership, epochs, TTLs, outages, revocations."""
+"""RedisDirectory against a real redis-server: ownership, epochs, leases, outages, revocations.
+
+The lease tests at the end check what the layout is for: Redis cost per heartbeat independent
+of the tunnel count, a crashed relay (a real child process killed with SIGKILL) read offline
+within entry_ttl_s, bounded lazy sweeping, restarts with the same instance id, and a flushed
+Redis refilled.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
@@ -25,7 +36,7 @@ TTL_S = 1.2
 class MakeDirectory(Protocol):
     def __call__(
         self, instance_id: str = ..., *, start: bool = ..., metrics: Metrics | None = ...,
-        heartbeat_s: float = ..., entry_ttl_s: float = ...,
+        heartbeat_s: float = ..., entry_ttl_s: float = ..., sweep_batch: int = ...,
     ) -> Awaitable[RedisDirectory]: ...
 
 
@@ -69,14 +80,16 @@ async def make_directory(redis_server: RedisServer) -> AsyncIterator[MakeDirecto
 
     async def make(
         instance_id: str = "relay-a", *, start: bool = True, metrics: Metrics | None = None,
-        heartbeat_s: float = HEARTBEAT_S, entry_ttl_s: float = TTL_S,
+        heartbeat_s: float = HEARTBEAT_S, entry_ttl_s: float = TTL_S, sweep_batch: int = 500,
     ) -> RedisDirectory:
         config = DirectoryConfig(
             backend="redis", redis_url=redis_server.url, instance_id=instance_id,
             advertise_url=url_of(instance_id), peer_secret="s" * 16,
             heartbeat_s=heartbeat_s, entry_ttl_s=entry_ttl_s,
         )
-        directory = RedisDirectory(config, metrics, key_prefix=PREFIX, op_timeout_s=0.5)
+        directory = RedisDirectory(
+            config, metrics, key_prefix=PREFIX, op_timeout_s=0.5, sweep_batch=sweep_batch
+        )
         created.append(directory)
         if start:
             await directory.start()
@@ -593,3 +606,288 @@ async def test_describe_never_shows_the_redis_url(redis_server: RedisServer) -> 
 
     assert "hunter2" not in json.dumps(status)
     assert status["instance_id"] == "relay-a" and status["healthy"] is False
+
+
+# ---------------------------------------------------------------- the lease layout
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A relay's directory in its own process: registers `count` hosts, prints their epochs and
+# its lease token, then heartbeats until it is killed.
+CHILD = """
+import asyncio, json, sys
+sys.path.insert(0, sys.argv[1])
+from relay.config import DirectoryConfig
+from relay.directory import RedisDirectory
+
+async def main():
+    url, instance, prefix = sys.argv[2:5]
+    heartbeat_s, ttl_s, count = float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7])
+    config = DirectoryConfig(
+        backend="redis", redis_url=url, instance_id=instance, peer_secret="s" * 16,
+        advertise_url=f"http://{instance}.internal:8080", heartbeat_s=heartbeat_s,
+        entry_ttl_s=ttl_s,
+    )
+    directory = RedisDirectory(config, key_prefix=prefix, op_timeout_s=0.5)
+    await directory.start()
+    epochs = {}
+    for i in range(count):
+        epochs[f"org:c{i}"] = await directory.register(f"org:c{i}")
+    print("READY " + json.dumps(epochs), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@dataclass
+class ChildRelay:
+    proc: asyncio.subprocess.Process
+    epochs: dict[str, str]
+
+    async def kill(self) -> None:
+        """SIGKILL: no close, no release, the heartbeats just stop."""
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+        async with asyncio.timeout(5):
+            await self.proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def child_relay(
+    server: RedisServer, instance: str, count: int, *, ttl_s: float = TTL_S
+) -> AsyncIterator[ChildRelay]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, str(REPO), server.url, instance, PREFIX,
+        str(HEARTBEAT_S), str(ttl_s), str(count),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    child = ChildRelay(proc, {})
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(20):
+            while True:
+                line = await proc.stdout.readline()
+                if not line:
+                    pytest.fail(f"the child relay exited early ({await proc.wait()})")
+                if line.startswith(b"READY "):
+                    child.epochs = json.loads(line[6:])
+                    break
+        yield child
+    finally:
+        await child.kill()
+
+
+def directory_commands(stats: dict[str, Any]) -> int:
+    """Commands the directory sent (scripts and what they ran), not the test's own INFO or
+    CONFIG, nor the revocation subscriber's keepalive PINGs."""
+    ignored = ("cmdstat_info", "cmdstat_ping", "cmdstat_config|resetstat")
+    return sum(int(v["calls"]) for k, v in stats.items() if k not in ignored)
+
+
+async def commands_per_beat(directory: RedisDirectory, raw: aioredis.Redis, beats: int) -> float:
+    """Redis commands over ``beats`` whole heartbeat periods (sweeps included), per beat."""
+
+    def done() -> int:
+        return int(directory.describe()["heartbeats"])
+
+    start = done()
+    await wait_until(lambda: done() > start, 3 * HEARTBEAT_S, "a heartbeat")
+    # Just after a beat: the next one is a heartbeat interval away, so the window is clean.
+    await raw.config_resetstat()
+    first = done()
+    await wait_until(lambda: done() >= first + beats, (beats + 3) * HEARTBEAT_S, "heartbeats")
+    stats = await raw.info("commandstats")
+    assert done() == first + beats, "the window must hold exactly the beats counted"
+    return directory_commands(stats) / beats
+
+
+async def register_many(directory: RedisDirectory, count: int, start: int = 0) -> None:
+    for base in range(start, start + count, 200):
+        hosts = [f"org:h{i}" for i in range(base, min(base + 200, start + count))]
+        await asyncio.gather(*(directory.register(h) for h in hosts))
+
+
+# ---------------------------------------------------------------- cost
+
+
+async def test_heartbeat_cost_does_not_grow_with_the_number_of_tunnels(
+    make_directory: MakeDirectory, raw: aioredis.Redis
+) -> None:
+    sweep_every = round(TTL_S / HEARTBEAT_S)
+    a = await make_directory("relay-a")
+    # Another live relay, so relay-a's sweep has a lease to check; its own heartbeats are
+    # slow enough to stay out of the counted windows.
+    await make_directory("relay-b", heartbeat_s=60, entry_ttl_s=240)
+    await register_many(a, 20)
+    # Warm-up: the first run of each script costs a SCRIPT LOAD once.
+    await commands_per_beat(a, raw, beats=sweep_every)
+
+    small = await commands_per_beat(a, raw, beats=sweep_every)
+    await register_many(a, 1_980, start=20)
+    assert len(a.registrations()) == 2_000
+    big = await commands_per_beat(a, raw, beats=sweep_every)
+
+    # The same fixed handful of commands per beat for 20 and for 2,000 tunnels (one TTL
+    # refresh per tunnel per beat would be ≥ 2,000).
+    assert big == small
+    assert small <= 8
+
+
+# ---------------------------------------------------------------- crashes and sweeping
+
+
+async def test_killed_relay_reads_offline_within_ttl_and_is_swept_in_bounded_batches(
+    make_directory: MakeDirectory, raw: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    # relay-b's own loop stays out of the way (long intervals): the test drives its sweep.
+    b = await make_directory("relay-b", heartbeat_s=5, entry_ttl_s=20, sweep_batch=10)
+    async with child_relay(redis_server, "relay-dead", 45) as child:
+        assert (await b.sweep()).removed == 0  # alive: nothing to sweep
+        owner = await b.lookup("org:c0")
+        assert owner is not None and owner.epoch == child.epochs["org:c0"]
+
+        await child.kill()
+        killed = time.monotonic()
+
+        async def offline() -> bool:
+            return await b.lookup("org:c0") is None
+
+        await wait_until(offline, TTL_S + 0.5, "the killed relay's host reads offline")
+        assert time.monotonic() - killed <= TTL_S + 0.5
+        assert not await raw.exists(f"{PREFIX}host:org:c0")  # the lookup deleted it
+
+    assert await raw.scard(f"{PREFIX}instance:relay-dead") == 44
+    removed = []
+    while True:
+        swept = await b.sweep()
+        removed.append(swept.removed)
+        if not swept.more:
+            break
+        assert len(removed) < 10, "the sweep must finish"
+    assert removed == [10, 10, 10, 10, 4]  # bounded batches, one round trip each
+    assert await raw.keys(f"{PREFIX}host:*") == []
+    assert not await raw.exists(f"{PREFIX}instance:relay-dead")
+    assert await raw.smembers(f"{PREFIX}instances") == {"relay-b"}
+
+
+async def test_background_sweep_clears_a_dead_relay_nobody_looks_up(
+    make_directory: MakeDirectory, raw: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    await make_directory("relay-b", sweep_batch=8)  # its heartbeat loop does the sweeping
+    async with child_relay(redis_server, "relay-dead", 30) as child:
+        await child.kill()
+
+    async def swept() -> bool:
+        return await raw.exists(f"{PREFIX}instance:relay-dead") == 0
+
+    # Lease expiry, then four batches of eight at one per heartbeat once work is found.
+    await wait_until(swept, TTL_S + TTL_S + 6 * HEARTBEAT_S, "relay-b sweeps the dead relay")
+    assert await raw.keys(f"{PREFIX}host:*") == []
+
+
+async def test_restart_with_the_same_instance_id_does_not_resurrect_old_entries(
+    make_directory: MakeDirectory, raw: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    b = await make_directory("relay-b")
+    async with child_relay(redis_server, "relay-a", 3, ttl_s=20) as child:
+        old_lease = await raw.get(f"{PREFIX}lease:relay-a")
+        await child.kill()
+    assert old_lease is not None
+
+    # Back at once with the same id, long before the old lease would expire.
+    a = await make_directory("relay-a")
+    for host in child.epochs:
+        assert await b.lookup(host) is None
+    assert await raw.get(f"{PREFIX}lease:relay-a") not in (None, old_lease)
+
+    # An entry of the previous run that the start-up clear missed (its write landed late):
+    # it names the old lease token, so it is dead although relay-a's lease is live.
+    await raw.hset(
+        f"{PREFIX}host:org:late",
+        mapping={"instance": "relay-a", "url": url_of("relay-a"), "epoch": "e", "lease": old_lease},
+    )
+    assert await b.lookup("org:late") is None
+    assert not await raw.exists(f"{PREFIX}host:org:late")
+    epoch = await a.register("org:c0")  # the new run's registrations are alive
+    owner = await b.lookup("org:c0")
+    assert owner is not None and owner.epoch == epoch
+
+
+# ---------------------------------------------------------------- Redis losing data
+
+
+async def test_flushed_redis_gets_every_held_entry_back(
+    make_directory: MakeDirectory, raw: aioredis.Redis
+) -> None:
+    a = await make_directory("relay-a")
+    b = await make_directory("relay-b")
+    epochs = {h: await a.register(h) for h in ("org:m1", "org:m2", "org:m3")}
+    other = await b.register("org:m4")
+
+    await raw.flushall()  # no disconnect: only the vanished lease tells the relays
+
+    async def back() -> bool:
+        owners = [await b.lookup(h) for h in (*epochs, "org:m4")]
+        return all(o is not None for o in owners)
+
+    await wait_until(back, 3 * HEARTBEAT_S, "every entry is reclaimed")
+    for host, epoch in epochs.items():
+        assert await b.lookup(host) == (await a.lookup(host))
+        assert (await entry(raw, host))["epoch"] == epoch  # same epoch: unregister still works
+    assert (await entry(raw, "org:m4"))["epoch"] == other
+    assert await a.unregister("org:m1", epochs["org:m1"]) is True
+
+
+async def test_lapsed_lease_noticed_by_a_register_still_resyncs(
+    make_directory: MakeDirectory, raw: aioredis.Redis
+) -> None:
+    a = await make_directory("relay-a")
+    b = await make_directory("relay-b")
+    epoch = await a.register("org:m1")
+
+    # relay-a stalled past its lease; relay-b's lookup swept its entry meanwhile ...
+    await raw.delete(f"{PREFIX}lease:relay-a")
+    assert await b.lookup("org:m1") is None
+    # ... and a new tunnel's registration, landing first, writes the lease back.
+    await a.register("org:m2")
+
+    async def back() -> bool:
+        return await b.lookup("org:m1") is not None
+
+    await wait_until(back, 3 * HEARTBEAT_S, "the swept entry is reclaimed")
+    assert (await entry(raw, "org:m1"))["epoch"] == epoch
+
+
+async def test_mass_takeover_is_reported_in_full(
+    make_directory: MakeDirectory, raw: aioredis.Redis
+) -> None:
+    a = await make_directory("relay-a")
+    b = await make_directory("relay-b")
+    lost: list[str] = []
+    a.on_lost(lambda host, epoch: lost.append(host))
+    await register_many(a, 1_200)  # more than one lost-list batch (500)
+
+    await register_many(b, 1_200)
+
+    await wait_until(lambda: len(lost) == 1_200, 4 * HEARTBEAT_S, "every takeover reported")
+    assert a.registrations() == {}
+    assert not await raw.exists(f"{PREFIX}instance:relay-a", f"{PREFIX}lost:relay-a")
+
+
+async def test_entry_of_the_older_layout_reads_alive_until_its_own_ttl(
+    make_directory: MakeDirectory, raw: aioredis.Redis
+) -> None:
+    # A relay of the per-entry-TTL layout, during a rolling upgrade: no lease field.
+    b = await make_directory("relay-b")
+    key = f"{PREFIX}host:org:legacy"
+    await raw.hset(key, mapping={"instance": "relay-old", "url": url_of("relay-old"), "epoch": "e"})
+    await raw.pexpire(key, 300)
+
+    owner = await b.lookup("org:legacy")
+    assert owner is not None and owner.instance_id == "relay-old"
+
+    async def expired() -> bool:
+        return await b.lookup("org:legacy") is None
+
+    await wait_until(expired, 2.0, "the legacy entry expires on its own TTL")

@@ -714,12 +714,12 @@ class RedisDirectory(Directory):
                         continue
                     await self._beat()
                     beats += 1
-                    self._beats = beats
                     if self._sweep_more or beats % self._sweep_every == 0:
                         swept = await self.sweep()
                         self._sweep_more = swept.more
                         if swept.removed:
                             log.info("directory.swept", removed=swept.removed, more=swept.more)
+                    self._beats = beats  # after the sweep: a completed beat did all its work
             except DirectoryUnavailable as exc:
                 self._mark_unhealthy("heartbeat", exc)
             except Exception:
