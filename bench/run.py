@@ -12,6 +12,9 @@ Workloads (each measured straight to the host service and through relay + agent)
 - W5 owner vs non-owner relay (scale-out, directory.backend = "redis"): a request entering
   through the relay that holds the tunnel beside one entering through another relay. Skipped,
   with a note, while relay-to-relay forwarding is not available (detected by trying).
+- W7 directory cost: one relay's Redis directory with 200 then 20,000 registered hosts: Redis
+  commands per second (and Redis time) over whole heartbeat windows, which must not grow with
+  the tunnel count; then a crash, and how long until another relay reads its hosts offline.
 
 Prints one table (workload | metric | direct | via relay | ratio | target | met?). Every child
 process is ended on exit, error or Ctrl-C; every wait is bounded. See bench/README.md and
@@ -21,6 +24,7 @@ bench/profile.md (``--profile`` records py-spy profiles of the relay and the age
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import contextlib
 import functools
@@ -66,9 +70,9 @@ MB = 1_000_000
 # Overrides that would point the bench's own relays elsewhere; everything else RELAY_* passes.
 STRIPPED_ENV = ("RELAY_CONFIG", "RELAY_SERVER_HOST", "RELAY_SERVER_PORT", "RELAY_AUTH_",
                 "RELAY_DIRECTORY_", "RELAY_ACCESS_", "RELAY_ADMIN_")
-ALL_WORKLOADS = ("W0", "W1", "W2", "W3", "W4", "W5")
+ALL_WORKLOADS = ("W0", "W1", "W2", "W3", "W4", "W5", "W7")
 W4_PING_INTERVAL_S = 10.0
-RUN_ORDER = ("W0", "W1", "W2", "W3", "W5", "W4")  # W4 last: it leaves its sockets in TIME_WAIT
+RUN_ORDER = ("W0", "W1", "W2", "W3", "W5", "W7", "W4")  # W4 last: it leaves its sockets in TIME_WAIT
 
 
 @dataclass
@@ -812,6 +816,50 @@ class Bench:
             for popen in reversed(started):
                 self.procs.stop(popen)
 
+    def w7(self) -> None:
+        """The Redis directory's cost per relay at 200 and 20,000 tunnels (in this process)."""
+        redis_server = shutil.which("redis-server")
+        if redis_server is None:
+            self.report.failures.append("W7: redis-server is not installed")
+            return
+        from bench import directory  # imports the relay package: only when W7 runs
+
+        redis_port = free_port()
+        redis = self.procs.start("redis-w7", [
+            redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(self.tmp)])
+        try:
+            wait_for(lambda: _redis_ping(redis_port), 10, "redis-server")
+            small, large = self.args.w7_hosts
+            result = asyncio.run(directory.measure(f"redis://127.0.0.1:{redis_port}/0",
+                                                   small, large))
+        finally:
+            self.procs.stop(redis)
+        few, many = result.windows
+        for w in result.windows:
+            print(f"  W7 {w.hosts:6,d} hosts: {w.per_second:7.1f} Redis commands/s "
+                  f"({w.per_beat:.1f} per heartbeat), Redis busy {w.busy_us_per_second:.0f} µs/s",
+                  flush=True)
+        print(f"  W7 crashed relay's hosts offline after {result.offline_after_s:.2f} s "
+              f"(entry_ttl_s = {result.entry_ttl_s:g})", flush=True)
+        self.report.raw["W7"] = result.as_dict()
+        rows = self.report.rows
+        flat = many.per_second <= few.per_second * 1.05
+        note = (f"direct = {few.hosts:,} tunnels, via relay = {many.hosts:,}; heartbeat_s = "
+                f"{result.heartbeat_s:g} (the default 5 s divides the rate by "
+                f"{5 / result.heartbeat_s:g}). The per-tunnel TTL layout ran 2 commands per "
+                f"tunnel per heartbeat: {2 * many.hosts / result.heartbeat_s:,.0f}/s here")
+        rows.append(Row("W7", "Redis commands/s per relay", few.per_second, many.per_second, "",
+                        "independent of the tunnel count", flat, note))
+        rows.append(Row("W7", "Redis busy µs/s per relay", few.busy_us_per_second,
+                        many.busy_us_per_second, "µs"))
+        rows.append(Row("W7", f"crashed relay offline after (@ {many.hosts:,})", None,
+                        result.offline_after_s, "s", f"≤ entry_ttl_s ({result.entry_ttl_s:g} s)",
+                        result.offline_after_s <= result.entry_ttl_s + result.heartbeat_s / 2,
+                        ratio=False))
+        rows.append(Row("W7", "registrations/s (one relay)", None, result.register_per_s, "",
+                        ratio=False))
+
     def _w5_unavailable(self, why: str) -> None:
         message = f"W5 skipped: {why}"
         print(f"  {message}", flush=True)
@@ -959,6 +1007,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "of the relay's memory per idle tunnel)")
     # 20,000 is the target; one process here may hold at most 20,000 descriptors (hard limit).
     parser.add_argument("--tunnels", default="1000,19000", help="W4 stages (total tunnels)")
+    parser.add_argument("--w7-hosts", default="200,20000",
+                        help="W7: the two directory sizes compared (hosts on one relay)")
     parser.add_argument("--w5", choices=("auto", "on", "off"), default="auto",
                         help="W5: auto = try and skip with a note when forwarding is missing; "
                              "on = a missing W5 fails the run; off = do not try")
@@ -971,6 +1021,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from "
                      f"{', '.join(ALL_WORKLOADS)}")
     args.selected = only or list(ALL_WORKLOADS)
+    try:
+        small, large = (int(n) for n in args.w7_hosts.split(","))
+    except ValueError:
+        parser.error("--w7-hosts takes two counts, e.g. 200,20000")
+    if not 0 < small < large:
+        parser.error("--w7-hosts: the second count must be larger than the first")
+    args.w7_hosts = (small, large)
     if args.profile:
         profiled = {w.strip().upper() for w in args.profile.split(",")}
         if not profiled <= {"W1", "W3", "W4"}:
