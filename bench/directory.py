@@ -25,6 +25,13 @@ from relay.directory import RedisDirectory
 # The directory's own traffic: not the bench's INFO/CONFIG, nor the revocation subscriber's
 # keepalive PINGs (one per heartbeat, the same at any tunnel count).
 IGNORED = ("cmdstat_info", "cmdstat_ping", "cmdstat_config|resetstat")
+# Every directory operation is one script call; its usec already includes the commands it ran
+# (which commandstats lists again on their own), so Redis time is counted from these alone.
+TIMED = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_script|load")
+
+
+def _redis_usec(stats: dict[str, Any]) -> float:
+    return sum(float(v["usec"]) for k, v in stats.items() if k in TIMED)
 
 
 @dataclass
@@ -55,11 +62,16 @@ class Result:
     entry_ttl_s: float
     offline_after_s: float
     register_per_s: float
+    bytes_per_entry: float
+    lookups_per_s: float
+    redis_us_per_lookup: float
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "heartbeat_s": self.heartbeat_s, "entry_ttl_s": self.entry_ttl_s,
             "offline_after_s": self.offline_after_s, "register_per_s": self.register_per_s,
+            "bytes_per_entry": self.bytes_per_entry, "lookups_per_s": self.lookups_per_s,
+            "redis_us_per_lookup": self.redis_us_per_lookup,
             "windows": [
                 {**vars(w), "per_second": w.per_second, "per_beat": w.per_beat}
                 for w in self.windows
@@ -108,8 +120,35 @@ async def _window(directory: RedisDirectory, raw: aioredis.Redis, beats: int,
     return Window(
         hosts=len(directory.registrations()), beats=beats, seconds=elapsed,
         commands=sum(int(v["calls"]) for v in mine.values()),
-        redis_usec=sum(float(v["usec"]) for v in mine.values()),
+        redis_usec=_redis_usec(stats),
     )
+
+
+async def _lookups(other: RedisDirectory, raw: aioredis.Redis, hosts: int,
+                   seconds: float = 2.0, workers: int = 32) -> tuple[float, float]:
+    """Lookups/s one relay gets from Redis (``workers`` at once), and Redis µs per lookup."""
+    await raw.config_resetstat()
+    count = 0
+    stop = time.monotonic() + seconds
+
+    async def worker(offset: int) -> None:
+        nonlocal count
+        i = offset
+        while time.monotonic() < stop:
+            if await other.lookup(f"bench:h{i % hosts}") is None:
+                raise RuntimeError("W7: a registered host read offline")
+            count += 1
+            i += workers
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker(n) for n in range(workers)))
+    elapsed = time.monotonic() - started
+    stats = await raw.info("commandstats")
+    return count / elapsed, _redis_usec(stats) / max(1, count)
+
+
+async def _used_memory(raw: aioredis.Redis) -> int:
+    return int((await raw.info("memory"))["used_memory"])
 
 
 async def measure(url: str, small: int, large: int, *, heartbeat_s: float = 1.0,
@@ -125,6 +164,7 @@ async def measure(url: str, small: int, large: int, *, heartbeat_s: float = 1.0,
     try:
         await relay.start()
         await other.start()
+        memory_before = await _used_memory(raw)
         await _register(relay, 0, small)
         await _window(relay, raw, sweep_every, heartbeat_s)  # warm-up: SCRIPT LOADs, once
         windows = [await _window(relay, raw, beats, heartbeat_s)]
@@ -132,6 +172,8 @@ async def measure(url: str, small: int, large: int, *, heartbeat_s: float = 1.0,
         await _register(relay, small, large)
         register_per_s = (large - small) / (time.monotonic() - started)
         windows.append(await _window(relay, raw, beats, heartbeat_s))
+        bytes_per_entry = (await _used_memory(raw) - memory_before) / large
+        lookups_per_s, us_per_lookup = await _lookups(other, raw, large)
 
         # A crash: heartbeats stop and nothing is released; the lease runs out.
         await relay.close(release=False)
@@ -142,7 +184,8 @@ async def measure(url: str, small: int, large: int, *, heartbeat_s: float = 1.0,
                 raise RuntimeError("W7: the crashed relay's hosts never read offline")
             await asyncio.sleep(0.02)
         offline_after = time.monotonic() - crashed
-        return Result(windows, heartbeat_s, entry_ttl_s, offline_after, register_per_s)
+        return Result(windows, heartbeat_s, entry_ttl_s, offline_after, register_per_s,
+                      bytes_per_entry, lookups_per_s, us_per_lookup)
     finally:
         await relay.close(release=False)
         await other.close()

@@ -859,6 +859,11 @@ class Bench:
                         ratio=False))
         rows.append(Row("W7", "registrations/s (one relay)", None, result.register_per_s, "",
                         ratio=False))
+        rows.append(Row("W7", "lookups/s (one relay, 32 at once)", None, result.lookups_per_s,
+                        "", ratio=False, note=f"Redis time per lookup "
+                        f"{result.redis_us_per_lookup:.1f} µs (one script call)"))
+        rows.append(Row("W7", "Redis memory per registered tunnel", None,
+                        result.bytes_per_entry, "B", ratio=False))
 
     def _w5_unavailable(self, why: str) -> None:
         message = f"W5 skipped: {why}"

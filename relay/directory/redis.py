@@ -43,9 +43,10 @@ Every write is one Lua script (relay/directory/scripts.py):
   None and is deleted on the spot (lazy sweep).
 - CLEAR_INSTANCE deletes, in one round trip, every entry still owned by this instance id, its
   index and lost list, and writes (start-up) or drops (release on close) the lease.
-- SWEEP, every ``entry_ttl_s`` or so (every heartbeat while work remains), deletes at most
-  ``sweep_batch`` entries of relays whose lease is gone, and forgets a relay once its index is
-  empty: a dead relay's entries do not linger even if nobody looks them up.
+- SWEEP, every ``entry_ttl_s`` or so (every heartbeat while work remains), looks at a random
+  sample of at most 32 known relays and deletes at most ``sweep_batch`` entries of those whose
+  lease is gone, and forgets a relay once its index is empty: a dead relay's entries do not
+  linger even if nobody looks them up.
 
 Scripts build other relays' keys from what they read (an entry's owner, the instance set),
 which is fine on a single Redis (or Sentinel) but not on Redis Cluster.
@@ -99,6 +100,8 @@ BATCH = 500
 MAX_PENDING_DELETES = 10_000
 # A revocation's fields are host ids and subjects; anything longer is not one of ours.
 MAX_REVOCATION_FIELD = 1024
+# Instances one sweep looks at (a random sample of the instance set).
+SWEEP_SAMPLE = 32
 # Lost-list drains per heartbeat: a mass takeover is worked off over a few heartbeats at most.
 MAX_LOST_DRAINS = 20
 
@@ -456,7 +459,7 @@ class RedisDirectory(Directory):
     async def sweep(self) -> SweepResult:
         """Delete at most ``sweep_batch`` entries of relays whose lease is gone (one round
         trip); forget relays whose index is empty. Raises :class:`DirectoryUnavailable`."""
-        args = [self._prefix, self.instance_id, self._sweep_batch]
+        args = [self._prefix, self.instance_id, self._sweep_batch, SWEEP_SAMPLE]
         removed, more = await self._call(
             "sweep", self._scripts["sweep"]([self._instances_key], args)
         )

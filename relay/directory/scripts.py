@@ -148,14 +148,16 @@ end
 return deleted
 """
 
-# KEYS[1] = instance set; ARGV = P, own instance, batch
-# For every other instance whose lease is gone, pops up to `batch` members (in total, over all
-# dead instances) from its index and deletes those entries it still owns; forgets an instance
-# once its index is empty. Returns {entries deleted, 1 if dead entries remain else 0}.
+# KEYS[1] = instance set; ARGV = P, own instance, batch, sample
+# Looks at up to `sample` random instances (every relay sweeps, so a dead one is found soon;
+# a bounded sample keeps the fleet's sweeping O(relays), not O(relays²)). For each whose lease
+# is gone, pops up to `batch` members (in total) from its index and deletes those entries it
+# still owns; forgets an instance once its index is empty.
+# Returns {entries deleted, 1 if dead entries remain among those looked at, else 0}.
 SWEEP = """
 local p, me, budget = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local removed, more = 0, 0
-for _, inst in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+for _, inst in ipairs(redis.call('SRANDMEMBER', KEYS[1], tonumber(ARGV[4]))) do
   if inst ~= me and redis.call('EXISTS', p .. 'lease:' .. inst) == 0 then
     local index = p .. 'instance:' .. inst
     if budget > 0 then
