@@ -691,15 +691,21 @@ async def commands_per_beat(directory: RedisDirectory, raw: aioredis.Redis, beat
     def done() -> int:
         return int(directory.describe()["heartbeats"])
 
-    start = done()
-    await wait_until(lambda: done() > start, 3 * HEARTBEAT_S, "a heartbeat")
-    # Just after a beat: the next one is a heartbeat interval away, so the window is clean.
-    await raw.config_resetstat()
-    first = done()
-    await wait_until(lambda: done() >= first + beats, (beats + 3) * HEARTBEAT_S, "heartbeats")
-    stats = await raw.info("commandstats")
-    assert done() == first + beats, "the window must hold exactly the beats counted"
-    return directory_commands(stats) / beats
+    def reached(count: int) -> Callable[[], bool]:
+        return lambda: done() >= count
+
+    for _ in range(3):  # a loaded machine may let a beat slip past a window's edge: retry
+        await wait_until(reached(done() + 1), 5 * HEARTBEAT_S, "a heartbeat")
+        # Just after a beat: the next one is a heartbeat interval away, so the window is clean.
+        first = done()
+        await raw.config_resetstat()
+        if done() != first:
+            continue
+        await wait_until(reached(first + beats), (beats + 5) * HEARTBEAT_S, "the beats")
+        stats = await raw.info("commandstats")
+        if done() == first + beats:
+            return directory_commands(stats) / beats
+    pytest.fail("could not count a window of exactly the beats counted")
 
 
 async def register_many(directory: RedisDirectory, count: int, start: int = 0) -> None:
@@ -782,7 +788,7 @@ async def test_background_sweep_clears_a_dead_relay_nobody_looks_up(
         return await raw.exists(f"{PREFIX}instance:relay-dead") == 0
 
     # Lease expiry, then four batches of eight at one per heartbeat once work is found.
-    await wait_until(swept, TTL_S + TTL_S + 6 * HEARTBEAT_S, "relay-b sweeps the dead relay")
+    await wait_until(swept, 3 * TTL_S + 6 * HEARTBEAT_S, "relay-b sweeps the dead relay")
     assert await raw.keys(f"{PREFIX}host:*") == []
 
 
@@ -870,7 +876,7 @@ async def test_mass_takeover_is_reported_in_full(
 
     await register_many(b, 1_200)
 
-    await wait_until(lambda: len(lost) == 1_200, 4 * HEARTBEAT_S, "every takeover reported")
+    await wait_until(lambda: len(lost) == 1_200, 10 * HEARTBEAT_S, "every takeover reported")
     assert a.registrations() == {}
     assert not await raw.exists(f"{PREFIX}instance:relay-a", f"{PREFIX}lost:relay-a")
 
