@@ -72,7 +72,7 @@ STRIPPED_ENV = ("RELAY_CONFIG", "RELAY_SERVER_HOST", "RELAY_SERVER_PORT", "RELAY
                 "RELAY_DIRECTORY_", "RELAY_ACCESS_", "RELAY_ADMIN_")
 ALL_WORKLOADS = ("W0", "W1", "W2", "W3", "W4", "W5", "W7")
 W4_PING_INTERVAL_S = 10.0
-RUN_ORDER = ("W0", "W1", "W2", "W3", "W5", "W7", "W4")  # W4 last: it leaves its sockets in TIME_WAIT
+RUN_ORDER = ("W0", "W1", "W2", "W3", "W5", "W7", "W4")  # W4 last: its sockets linger in TIME_WAIT
 
 
 @dataclass
