@@ -23,7 +23,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from relay.config import DirectoryConfig
-from relay.directory import DirectoryUnavailable, Owner, RedisDirectory
+from relay.directory import DirectoryUnavailable, HeartbeatResult, Owner, RedisDirectory
+from relay.directory.redis import resync_reason
 from relay.errors import CloseCode
 from relay.metrics import Metrics
 from tests.redis_server import RedisServer
@@ -609,6 +610,27 @@ async def test_describe_never_shows_the_redis_url(redis_server: RedisServer) -> 
 
 
 # ---------------------------------------------------------------- the lease layout
+
+
+@pytest.mark.parametrize(
+    ("lease", "entries", "held", "quiet", "recreated", "expected"),
+    [
+        ("renewed", 3, 3, True, False, None),  # the steady state: nothing to check
+        ("renewed", 2, 3, False, False, None),  # a write overlapped: sizes not comparable
+        ("renewed", 2, 3, True, False, "index_mismatch"),
+        ("renewed", 4, 3, True, False, "index_mismatch"),
+        ("renewed", 3, 3, True, True, "lease_recreated"),
+        ("recreated", 0, 3, True, False, "lease_recreated"),
+        ("recreated", 3, 3, False, False, "lease_recreated"),
+        ("conflict", 3, 3, True, False, "lease_conflict"),
+    ],
+)
+def test_when_a_heartbeat_resyncs(
+    lease: str, entries: int, held: int, quiet: bool, recreated: bool, expected: str | None
+) -> None:
+    beat = HeartbeatResult(lease, entries, (), 0)
+    assert resync_reason(beat, held, quiet=quiet, lease_recreated=recreated) == expected
+
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -87,7 +87,7 @@ from relay.directory import scripts
 from relay.directory.base import Directory, DirectoryUnavailable, Owner, new_epoch
 from relay.metrics import Metrics
 
-__all__ = ["AuditResult", "HeartbeatResult", "RedisDirectory", "SweepResult"]
+__all__ = ["AuditResult", "HeartbeatResult", "RedisDirectory", "SweepResult", "resync_reason"]
 
 log = structlog.get_logger("relay.directory")
 
@@ -139,6 +139,24 @@ class SweepResult:
 
     removed: int  # dead entries deleted
     more: bool  # dead entries remain (the next heartbeat sweeps again)
+
+
+def resync_reason(
+    beat: HeartbeatResult, held: int, *, quiet: bool, lease_recreated: bool
+) -> str | None:
+    """Why what this relay holds must be checked against Redis after ``beat``, or None.
+
+    ``held`` is how many registrations the relay holds; ``quiet`` says no register/unregister
+    overlapped the heartbeat (only then can the index size be compared with ``held``);
+    ``lease_recreated`` says a registration found our lease gone and wrote it back.
+    """
+    if beat.lease != "renewed":
+        return f"lease_{beat.lease}"  # lapsed, lost with Redis' data, or taken by a twin
+    if lease_recreated:
+        return "lease_recreated"  # a register renewed it first; entries may have been swept
+    if quiet and beat.entries != held:
+        return "index_mismatch"  # a failover lost writes, or deletes were dropped
+    return None
 
 
 def _batches(items: list[tuple[str, str]]) -> Iterable[list[tuple[str, str]]]:
@@ -691,12 +709,11 @@ class RedisDirectory(Directory):
             # they will fight over until one is renamed.
             level("directory.lease_" + result.lease, instance=self.instance_id, op=op,
                   held=len(self._held))
-        if self._resync_needed or result.lease != "renewed":
-            resync = True
-        elif quiet and result.entries != len(self._held):
+        reason = resync_reason(result, len(self._held), quiet=quiet,
+                               lease_recreated=self._resync_needed)
+        if reason == "index_mismatch":
             log.warning("directory.index_mismatch", redis=result.entries, held=len(self._held))
-            resync = True
-        if resync:
+        if reason is not None or resync:
             self._resync_needed = False
             await self._resync(op)
 
