@@ -21,7 +21,9 @@ from urllib.parse import urlsplit
 from relay.errors import ConfigError
 
 ENV_PREFIX = "RELAY_"
-SECRET_KEYS = frozenset({"directory.peer_secret", "admin.secret", "directory.redis_url"})
+SECRET_KEYS = frozenset({
+    "directory.peer_secret", "admin.secret", "directory.redis_url", "auth.session_secret",
+})
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,8 @@ class AuthConfig:
     jwks_cache_s: int = 3600
     jwks_refresh_min_interval_s: float = 30.0  # unknown-kid refreshes at most this often
     token_cache_size: int = 10000
+    # Signs browser session cookies; empty = derived or generated (see relay.auth.session).
+    session_secret: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +99,12 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CorsConfig:
+    allow_origins: tuple[str, ...] = ()  # exact origins, e.g. "https://app.example.com"
+    max_age_s: int = 600  # how long a browser may cache a preflight answer
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
     format: str = "json"
@@ -110,6 +120,7 @@ class Config:
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    cors: CorsConfig = field(default_factory=CorsConfig)
     # Where the config came from: relative paths resolve against its folder.
     source: str = "<defaults>"
     base_dir: str = "."
@@ -131,6 +142,7 @@ SECTIONS: dict[str, type] = {
     "directory": DirectoryConfig,
     "admin": AdminConfig,
     "log": LogConfig,
+    "cors": CorsConfig,
 }
 
 
@@ -314,6 +326,8 @@ def validate(config: Config) -> None:
         raise ConfigError(src, "auth.agent_claim", "must not be empty")
     if auth.leeway_s < 0 or auth.leeway_s > 300:
         raise ConfigError(src, "auth.leeway_s", "must be between 0 and 300")
+    if auth.session_secret and len(auth.session_secret) < 16:
+        raise ConfigError(src, "auth.session_secret", "must be at least 16 characters")
     if auth.token_cache_size < 0:
         raise ConfigError(src, "auth.token_cache_size", "must not be negative")
 
@@ -383,12 +397,44 @@ def validate(config: Config) -> None:
             src, "directory.entry_ttl_s", "must be more than twice directory.heartbeat_s"
         )
 
+    _check_cors(src, config.cors)
+
     if log.level.lower() not in {"debug", "info", "warning", "error", "critical"}:
         raise ConfigError(
             src, "log.level", f"must be debug, info, warning or error, got {log.level!r}"
         )
     if log.format not in {"json", "console"}:
         raise ConfigError(src, "log.format", f"must be json or console, got {log.format!r}")
+
+
+def _check_cors(src: str, cors: CorsConfig) -> None:
+    for origin in cors.allow_origins:
+        problem = origin_problem(origin)
+        if problem:
+            raise ConfigError(src, "cors.allow_origins", f"{origin!r}: {problem}")
+    if not 0 <= cors.max_age_s <= 86400:
+        raise ConfigError(src, "cors.max_age_s", "must be between 0 and 86400")
+
+
+def origin_problem(origin: str) -> str:
+    """Why ``origin`` is not an exact ``scheme://host[:port]`` origin, or "" when it is."""
+    if origin == "*":
+        # Grants carry Access-Control-Allow-Credentials, which browsers refuse beside "*".
+        return "'*' is not allowed (credentialed CORS needs exact origins)"
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return "not a valid origin"
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        return "must be http(s)://host[:port]"
+    if parts.path or parts.query or parts.fragment or "?" in origin or "#" in origin:
+        return "must be scheme://host[:port] with no path (not even a trailing '/')"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry user info"
+    if port is not None and not 0 < port <= 65535:
+        return "port out of range"
+    return ""
 
 
 def masked(config: Config) -> dict[str, dict[str, Any]]:

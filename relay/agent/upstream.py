@@ -25,6 +25,7 @@ from yarl import URL
 from relay.agent.http1 import OriginError, OriginPool
 from relay.errors import CloseCode
 from relay.protocol.headers import WS_HANDSHAKE, strip_hop_by_hop
+from relay.protocol.hostpaths import localize_response_headers
 from relay.tunnel.bridge import bridge
 from relay.tunnel.session import Channel, ChannelClosed, ChannelKind
 
@@ -143,7 +144,10 @@ class LocalOrigin:
                 channel.send_head({
                     "status": response.status,
                     "reason": response.reason,
-                    "headers": [[k, v] for k, v in response.headers],
+                    # Redirects to the host's own origin become root-relative, so the relay
+                    # can keep them under the host's prefix (it does not know this origin).
+                    "headers": localize_response_headers(
+                        [[k, v] for k, v in response.headers], str(self.origin)),
                 })
                 head_sent = True
                 while True:

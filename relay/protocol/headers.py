@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import parse_qsl, unquote_plus, urlencode
 
+from relay.protocol.hostpaths import SESSION_COOKIE, rewrite_for_client
+
 # RFC 9110 §7.6.1 connection-specific fields, plus the ones proxies conventionally drop.
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -57,26 +59,58 @@ def request_headers_for_host(
     host: str,
     websocket: bool = False,
     prior_forwarded_for: str = "",
+    prefix: str = "",
 ) -> Headers:
-    """What the host service sees of a client's request headers."""
+    """What the host service sees of a client's request headers.
+
+    ``prefix`` (``/hosts/<id>``) goes to the host as ``X-Forwarded-Prefix``, so a host that
+    builds absolute links can put them under its path on the relay.
+    """
     extra = CLIENT_CREDENTIALS | (WS_HANDSHAKE if websocket else frozenset()) | {"host"}
     out = [
-        (n, v) for n, v in strip_hop_by_hop(headers, extra=extra)
+        (n, v) for n, v in strip_session_cookie(strip_hop_by_hop(headers, extra=extra))
         if not n.lower().startswith(RELAY_INTERNAL_PREFIX)
-        and n.lower() not in {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
-                              "forwarded"}
+        and n.lower() not in _FORWARDED
     ]
     # A chain from a trusted reverse proxy is extended; otherwise the client cannot forge one.
     chain = [p for p in (prior_forwarded_for, client_ip) if p]
     out.append(("X-Forwarded-For", ", ".join(chain)))
     out.append(("X-Forwarded-Proto", scheme))
     out.append(("X-Forwarded-Host", host))
+    out.append(("X-Forwarded-Prefix", prefix))
     return [(n, v) for n, v in out if v]
 
 
-def response_headers_for_client(headers: Iterable[tuple[str, str]]) -> Headers:
-    """What the client sees of the host's response headers (framing is the relay's own)."""
-    return strip_hop_by_hop(headers, extra=frozenset({"content-length"}))
+_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+                        "x-forwarded-prefix", "forwarded"})
+
+
+def strip_session_cookie(headers: Iterable[tuple[str, str]]) -> Headers:
+    """The relay's session cookie taken out of ``Cookie`` headers (it carries the user's token
+    and is the relay's, never the host's); a header left empty is dropped."""
+    out: Headers = []
+    for name, value in headers:
+        if SESSION_COOKIE in value and name.lower() == "cookie":
+            kept = "; ".join(
+                pair.strip() for pair in value.split(";")
+                if pair.strip() and pair.partition("=")[0].strip() != SESSION_COOKIE
+            )
+            if not kept:
+                continue
+            value = kept
+        out.append((name, value))
+    return out
+
+
+def response_headers_for_client(
+    headers: Iterable[tuple[str, str]], prefix: str = "", public_origin: str = ""
+) -> Headers:
+    """What the client sees of the host's response headers (framing is the relay's own).
+
+    With ``prefix``, the host's cookies and redirects are kept under it (relay.protocol.hostpaths).
+    """
+    out = strip_hop_by_hop(headers, extra=frozenset({"content-length"}))
+    return rewrite_for_client(out, prefix, public_origin) if prefix else out
 
 
 def strip_token_param(query: str) -> str:

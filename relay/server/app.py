@@ -14,6 +14,12 @@ from aiohttp import web
 
 from relay.auth.access import AccessRole, build_access_policy
 from relay.auth.hostid import parse_host_id
+from relay.auth.session import (
+    SessionCookies,
+    is_navigation,
+    load_session_key,
+    set_cookie_header,
+)
 from relay.auth.tokens import build_verifier
 from relay.config import Config
 from relay.directory import build_directory
@@ -27,12 +33,15 @@ from relay.errors import (
 from relay.metrics import CONTENT_TYPE_LATEST, Metrics
 from relay.protocol.headers import strip_token_param
 from relay.server.admin import add_admin_routes
+from relay.server.cors import CorsPolicy
 from relay.server.edge import (
     HOSTS_PREFIX,
+    Authorized,
     HostRoute,
     authorize,
     check_header_size,
     error_response,
+    is_secure,
     parse_host_route,
 )
 from relay.server.forward import forward_http, forward_ws
@@ -44,6 +53,9 @@ from relay.server.tunnels import handle_tunnel
 from relay.server.ws_proxy import proxy_ws, refuse_ws
 
 log = structlog.get_logger("relay.server")
+
+CORS: web.AppKey[CorsPolicy] = web.AppKey("relay_cors", CorsPolicy)
+_PREFLIGHT = "relay.cors_preflight"  # request key: the relay answered this preflight itself
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -86,47 +98,110 @@ def is_websocket_upgrade(request: web.Request) -> bool:
     )
 
 
-async def _route(state: RelayState, request: web.Request, route: HostRoute,
-                 allow_query_token: bool) -> Routed:
-    """Who is asking and where the host's tunnel is: here, on another relay, or nowhere."""
+def _peer_routed(state: RelayState, request: web.Request, route: HostRoute) -> Routed:
+    """A request a relay forwarded after checking the client itself.
+
+    The signature must be ours, fresh and single-use, and such a request is never forwarded
+    again (the loop guard).
+    """
     signer = state.signer
-    if request.headers.get(H_SIGNATURE) is not None:
-        # A relay forwarded this after checking the client itself; it must be ours, fresh and
-        # single-use, and it is never forwarded again (the loop guard).
-        if signer is None:
-            raise PeerRejected("relay-to-relay forwarding is not enabled on this relay")
-        claims = signer.verify(request.method, request.raw_path, route.host_raw, request.headers)
-        host = parse_host_id(route.host_raw)
-        tunnel = state.registry.get(str(host))
-        if tunnel is None:
-            raise HostOffline("the host's tunnel is not on the relay the directory named; retry")
-        return Routed(str(host), claims.subject, tunnel=tunnel, client_chain=claims.client_ip)
-    auth = await authorize(state, request, route.host_raw, allow_query_token=allow_query_token,
-                           role=AccessRole.CLIENT)
+    if signer is None:
+        raise PeerRejected("relay-to-relay forwarding is not enabled on this relay")
+    claims = signer.verify(request.method, request.raw_path, route.host_raw, request.headers)
+    host = parse_host_id(route.host_raw)
+    tunnel = state.registry.get(str(host))
+    if tunnel is None:
+        raise HostOffline("the host's tunnel is not on the relay the directory named; retry")
+    return Routed(str(host), claims.subject, tunnel=tunnel, client_chain=claims.client_ip)
+
+
+async def _locate(state: RelayState, auth: Authorized) -> Routed:
+    """Where the host's tunnel is: here, on another relay, or nowhere (503)."""
     host_id = str(auth.host)
     tunnel = state.registry.get(host_id)
     if tunnel is not None:
         return Routed(host_id, auth.identity.sub, tunnel=tunnel)
-    if signer is not None and state.directory is not None:
+    if state.signer is not None and state.directory is not None:
         owner = await state.directory.lookup(host_id)
         if owner is not None and owner.instance_id != state.directory.instance_id:
             return Routed(host_id, auth.identity.sub, owner_url=owner.url)
     raise HostOffline()
 
 
+def _forward_query(route: HostRoute, auth: Authorized | None) -> str:
+    # ``token`` is removed only when it was the credential; next to a bearer header (or on a
+    # peer-forwarded request, already cleaned by the entry relay) it is the host's parameter.
+    if auth is not None and auth.credential == "query":
+        return strip_token_param(route.query)
+    return route.query
+
+
+def _bare_host_redirect(route: HostRoute) -> web.Response:
+    """``/hosts/<id>`` → 308 ``/hosts/<id>/``: relative links on the host's root page resolve
+    under the host only with the slash. No credential needed: it reveals nothing."""
+    host = parse_host_id(route.host_raw)
+    location = f"{HOSTS_PREFIX}{host}/" + (f"?{route.query}" if route.query else "")
+    return web.Response(status=308, headers={"Location": location})
+
+
+def _session_redirect(state: RelayState, request: web.Request, route: HostRoute,
+                      auth: Authorized) -> web.Response | None:
+    """A navigation that came with ``?token=``: 303 to the URL without it, with a session.
+
+    None (proxy as usual) when no cookie can be made, e.g. a token too large for a browser.
+    """
+    sessions = state.sessions
+    if sessions is None:
+        return None
+    host_id = str(auth.host)
+    value = sessions.seal(host_id, auth.token, auth.identity.expires_at)
+    max_age = sessions.max_age(auth.identity.expires_at)
+    if value is None or max_age <= 0:
+        log.info("http.session_skipped", host_id=host_id, reason="token cannot be a cookie")
+        return None
+    query = strip_token_param(route.query)
+    location = f"{HOSTS_PREFIX}{host_id}{route.path}" + (f"?{query}" if query else "")
+    secure = is_secure(request, state.config.server.trust_forwarded)
+    log.info("http.session_started", host_id=host_id, max_age_s=max_age)
+    return web.Response(status=303, headers={
+        "Location": location,
+        "Set-Cookie": set_cookie_header(host_id, value, max_age, secure=secure),
+        "Cache-Control": "no-store",
+    })
+
+
 async def handle_hosts(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     route = parse_host_route(request)
-    query = strip_token_param(route.query)
-    if is_websocket_upgrade(request):
+    cors = request.app.get(CORS)
+    if cors is not None and request.method == "OPTIONS":
+        # A preflight carries no credentials: the relay answers it, or nobody could.
+        grant = cors.preflight(request.headers.get("Origin"),
+                               request.headers.get("Access-Control-Request-Method"),
+                               request.headers.get("Access-Control-Request-Headers"))
+        if grant is not None:
+            request[_PREFLIGHT] = True
+            return web.Response(status=204, headers=grant)
+    websocket = is_websocket_upgrade(request)
+    if route.bare and request.method in {"GET", "HEAD"} and not websocket:
+        return _bare_host_redirect(route)
+    peer = request.headers.get(H_SIGNATURE) is not None
+    if websocket:
+        auth: Authorized | None = None
         try:
             if state.draining:
                 raise Draining()
             check_header_size(request, state.config.server.max_header_bytes)
-            routed = await _route(state, request, route, allow_query_token=True)
+            if peer:
+                routed = _peer_routed(state, request, route)
+            else:
+                auth = await authorize(state, request, route.host_raw, allow_query_token=True,
+                                       role=AccessRole.CLIENT, allow_session=True)
+                routed = await _locate(state, auth)
         except RelayError as error:
             log.info("ws.refused", code=str(error.code), host_id=route.host_raw[:300])
             return await refuse_ws(state, request, error)
+        query = _forward_query(route, auth)
         if routed.tunnel is None:
             assert state.signer is not None and routed.owner_url
             return await forward_ws(state, state.signer, request, routed.owner_url,
@@ -136,7 +211,20 @@ async def handle_hosts(request: web.Request) -> web.StreamResponse:
     if state.draining:
         raise Draining()
     check_header_size(request, state.config.server.max_header_bytes)
-    routed = await _route(state, request, route, allow_query_token=False)
+    auth = None
+    if peer:
+        routed = _peer_routed(state, request, route)
+    else:
+        # Browsers cannot put a header on an EventSource or a download link: ?token= on reads.
+        auth = await authorize(state, request, route.host_raw,
+                               allow_query_token=request.method in {"GET", "HEAD"},
+                               role=AccessRole.CLIENT, allow_session=True)
+        if auth.credential == "query" and is_navigation(request.method, request.headers):
+            redirect = _session_redirect(state, request, route, auth)
+            if redirect is not None:
+                return redirect
+        routed = await _locate(state, auth)
+    query = _forward_query(route, auth)
     state.request_started()
     try:
         if routed.tunnel is None:
@@ -147,6 +235,15 @@ async def handle_hosts(request: web.Request) -> web.StreamResponse:
                                 routed.host_id, routed.client_chain)
     finally:
         state.request_finished()
+
+
+async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer under /hosts/ (proxied, the relay's own errors, redirects) gets the grant."""
+    cors = request.app.get(CORS)
+    if (cors is None or response.status == 101 or request.get(_PREFLIGHT)
+            or not request.path.startswith(HOSTS_PREFIX)):
+        return
+    cors.decorate(response.headers, request.headers.get("Origin"))
 
 
 async def handle_healthz(request: web.Request) -> web.Response:
@@ -197,6 +294,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         cookie_jar=aiohttp.DummyCookieJar(),
     )
     try:
+        state.sessions = SessionCookies(load_session_key(config))
         state.verifier = build_verifier(config, state.client, state.metrics)
         state.access = build_access_policy(config, state.client, state.metrics)
         state.directory = build_directory(config, state.metrics)
@@ -259,6 +357,11 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
         "max_line_size": parser_limit,
     })
     app[STATE] = state
+    if config.cors.allow_origins:
+        app[CORS] = CorsPolicy(config.cors.allow_origins, config.cors.max_age_s)
+        # A prepare hook, not a middleware: streamed answers are sent before a middleware
+        # would see them. Without CORS configured it is not installed (and costs nothing).
+        app.on_response_prepare.append(_cors_headers)
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from relay.auth.access import AccessPolicy, AccessRole
 from relay.auth.hostid import HostId, parse_host_id
+from relay.auth.session import clear_cookie_header, cookie_usable, session_values
 from relay.auth.tokens import Identity, TokenVerifier, extract_token
 from relay.errors import (
     BadRequest,
@@ -26,20 +27,41 @@ log = structlog.get_logger("relay.edge")
 HOSTS_PREFIX = "/hosts/"
 
 
+class SessionRejected(Unauthorized):
+    """A ``relay_session`` cookie that no longer opens its host: 401, and the cookie cleared."""
+
+    default_message = "your session for this host has ended; open it again with a fresh token"
+
+    def __init__(self, clear_cookie: str) -> None:
+        super().__init__()
+        self.clear_cookie = clear_cookie
+
+
 def error_response(error: RelayError) -> web.Response:
     response = web.json_response(error.to_json(), status=error.status)
     if error.status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="relay"'
     if error.retry_after_s is not None:
         response.headers["Retry-After"] = str(error.retry_after_s)
+    if isinstance(error, SessionRejected):
+        response.headers["Set-Cookie"] = error.clear_cookie
     return response
+
+
+def is_secure(request: web.Request, trust_forwarded: bool) -> bool:
+    """Did the client reach us over HTTPS (here, or at a trusted reverse proxy in front)?"""
+    if request.secure:
+        return True
+    return trust_forwarded and request.headers.get("X-Forwarded-Proto", "").lower() in {
+        "https", "wss"}
 
 
 @dataclass(frozen=True, slots=True)
 class HostRoute:
     host_raw: str
     path: str  # raw (still percent-encoded), always starting with "/"
-    query: str  # raw, without the client's token parameter
+    query: str  # raw, as sent (the token parameter is removed later, if it was the credential)
+    bare: bool = False  # "/hosts/<id>" with nothing after the host id, not even "/"
 
 
 def parse_host_route(request: web.Request) -> HostRoute:
@@ -48,7 +70,8 @@ def parse_host_route(request: web.Request) -> HostRoute:
     path_part, _, query = raw.partition("?")
     rest = path_part[len(HOSTS_PREFIX):]
     host_raw, slash, tail = rest.partition("/")
-    return HostRoute(host_raw=host_raw, path="/" + tail if slash else "/", query=query)
+    return HostRoute(host_raw=host_raw, path="/" + tail if slash else "/", query=query,
+                     bare=not slash)
 
 
 def check_header_size(request: web.Request, limit: int) -> None:
@@ -63,6 +86,35 @@ class Authorized:
     host: HostId
     token: str
     source: str
+    credential: str = "header"  # where the token came from: "header" | "query" | "cookie"
+
+
+def _credential(state: RelayState, request: web.Request, host_raw: str, *,
+                allow_query_token: bool, allow_session: bool) -> tuple[str | None, str]:
+    """The request's token and where it came from: Authorization > ?token= > session cookie.
+
+    A credential that is present but bad is never passed over for a weaker one: it fails.
+    """
+    token = extract_token(request.headers, {}, allow_query=False)
+    if token:
+        return token, "header"
+    if allow_query_token:
+        token = extract_token({}, request.query, allow_query=True)
+        if token:
+            return token, "query"
+    sessions = state.sessions
+    if not allow_session or sessions is None or "Cookie" not in request.headers:
+        return None, ""
+    values = session_values(request.headers.getall("Cookie"))
+    if not values or not cookie_usable(request.method, request.headers):
+        return None, ""
+    host = parse_host_id(host_raw)
+    for value in values:
+        token = sessions.open(str(host), value)
+        if token:
+            return token, "cookie"
+    raise SessionRejected(clear_cookie_header(
+        str(host), secure=is_secure(request, state.config.server.trust_forwarded)))
 
 
 async def authorize(
@@ -72,21 +124,30 @@ async def authorize(
     *,
     allow_query_token: bool,
     role: AccessRole,
+    allow_session: bool = False,
 ) -> Authorized:
     """Token, host id, org short-circuit, access decision for ``role`` — or the RelayError
     that refuses."""
     verifier: TokenVerifier | None = state.verifier
     access: AccessPolicy | None = state.access
     assert verifier is not None and access is not None
-    token = extract_token(request.headers, request.query, allow_query=allow_query_token)
+    token, credential = _credential(state, request, host_raw, allow_query_token=allow_query_token,
+                                    allow_session=allow_session)
     if not token:
         raise Unauthorized("missing bearer token")
-    identity = await verifier.verify(token)
+    try:
+        identity = await verifier.verify(token)
+    except Unauthorized:
+        if credential != "cookie":
+            raise
+        # The token inside the cookie expired or its key was rotated: end the session.
+        secure = is_secure(request, state.config.server.trust_forwarded)
+        raise SessionRejected(clear_cookie_header(host_raw, secure=secure)) from None
     if not host_raw:
         raise InvalidHost("missing host id")
     host = parse_host_id(host_raw)
     source = await access.check(identity, host, token, role=role)
-    return Authorized(identity, host, token, source)
+    return Authorized(identity, host, token, source, credential)
 
 
 def require_param(request: web.Request, name: str) -> str:

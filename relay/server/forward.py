@@ -23,6 +23,7 @@ from relay.protocol.headers import (
     RELAY_INTERNAL_PREFIX,
     WS_HANDSHAKE,
     strip_hop_by_hop,
+    strip_session_cookie,
 )
 from relay.server.peers import PeerSigner
 from relay.server.state import RelayState
@@ -49,7 +50,9 @@ def _outbound_headers(request: web.Request, *, websocket: bool,
                       trust_forwarded: bool) -> list[tuple[str, str]]:
     handshake = WS_HANDSHAKE if websocket else frozenset()
     extra = CLIENT_CREDENTIALS | {"host"} | _FORWARDED | handshake
-    headers = [(n, v) for n, v in strip_hop_by_hop(request.headers.items(), extra=extra)
+    # The session cookie is a credential like Authorization: this relay used it already.
+    headers = [(n, v) for n, v in strip_session_cookie(
+                   strip_hop_by_hop(request.headers.items(), extra=extra))
                if not n.lower().startswith(RELAY_INTERNAL_PREFIX)]
     scheme, host = request.scheme, request.host
     if trust_forwarded:
@@ -108,7 +111,8 @@ async def forward_http(state: RelayState, signer: PeerSigner, request: web.Reque
             await response.prepare(request)
             try:
                 async for data in upstream.content.iter_any():
-                    await response.write(data)
+                    if request.method != "HEAD":  # never a body on a HEAD answer
+                        await response.write(data)
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
                 # The owner cut the body short: cut ours too rather than end it cleanly.
                 if request.transport is not None:

@@ -22,6 +22,7 @@ from relay.errors import (
 )
 from relay.logs import access_log
 from relay.protocol.headers import request_headers_for_host, response_headers_for_client
+from relay.protocol.hostpaths import host_prefix
 from relay.server.state import RelayState
 from relay.tunnel.session import Channel, ChannelClosed, ChannelKind, TunnelSession
 
@@ -41,14 +42,11 @@ class Exchange:
     body_too_large: bool = False
 
 
-def host_request_head(
-    request: web.Request, path: str, query: str, trust_forwarded: bool,
-    client_chain: str | None = None, *, websocket: bool = False,
-) -> dict[str, object]:
-    """What the host sees of the request; ``client_chain`` is a forwarding relay's signed claim.
-
-    Shared by HTTP exchanges and WebSocket channels, so both report the client the same way.
-    """
+def client_view(
+    request: web.Request, trust_forwarded: bool, client_chain: str | None, *,
+    websocket: bool = False,
+) -> tuple[str, str, str, str]:
+    """``(client ip, prior X-Forwarded-For, scheme, host)`` as the client used the relay."""
     peer = request.transport.get_extra_info("peername") if request.transport else None
     client_ip = peer[0] if peer else ""
     prior, host = "", request.host
@@ -63,9 +61,23 @@ def host_request_head(
         prior = request.headers.get("X-Forwarded-For", "")
         scheme = request.headers.get("X-Forwarded-Proto", scheme)
         host = request.headers.get("X-Forwarded-Host", host)
+    return client_ip, prior, scheme, host
+
+
+def host_request_head(
+    request: web.Request, path: str, query: str, trust_forwarded: bool,
+    client_chain: str | None = None, *, websocket: bool = False, host_id: str = "",
+) -> dict[str, object]:
+    """What the host sees of the request; ``client_chain`` is a forwarding relay's signed claim.
+
+    Shared by HTTP exchanges and WebSocket channels, so both report the client the same way.
+    """
+    client_ip, prior, scheme, host = client_view(request, trust_forwarded, client_chain,
+                                                 websocket=websocket)
     headers = request_headers_for_host(
         list(request.headers.items()), client_ip=client_ip, scheme=scheme, host=host,
         prior_forwarded_for=prior, websocket=websocket,
+        prefix=host_prefix(host_id) if host_id else "",
     )
     return {"method": request.method, "path": path, "query": query, "headers": headers}
 
@@ -117,7 +129,8 @@ async def proxy_http(
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge()
     has_body = request_has_body(request)
-    head = host_request_head(request, path, query, config.server.trust_forwarded, client_chain)
+    head = host_request_head(request, path, query, config.server.trust_forwarded, client_chain,
+                             host_id=host_id)
     try:
         channel = session.open_channel(ChannelKind.HTTP, head, fin=not has_body)
     except ChannelClosed:
@@ -153,7 +166,11 @@ async def proxy_http(
         for name, value in raw_headers:  # type: ignore[attr-defined]
             if name.lower() == "content-length":
                 length = value
-        for name, value in response_headers_for_client(raw_headers):  # type: ignore[arg-type]
+        _, _, scheme, public_host = client_view(request, config.server.trust_forwarded,
+                                                client_chain)
+        for name, value in response_headers_for_client(
+            raw_headers, host_prefix(host_id), f"{scheme}://{public_host}",  # type: ignore[arg-type]
+        ):
             response.headers.add(name, value)
         whole = channel.take_whole_body()
         # aiohttp's Response would invent a Content-Type the host did not send; stream then.
@@ -171,6 +188,9 @@ async def proxy_http(
         if length is not None and length.isdigit():
             response.content_length = int(length)
         await response.prepare(request)
+        # aiohttp writes whatever it is given, even to a HEAD: a body there would be read as
+        # the next response on a keep-alive connection. Drain what a host sends, write none.
+        body_allowed = request.method != "HEAD"
         while True:
             try:
                 chunk = await channel.read()
@@ -182,8 +202,9 @@ async def proxy_http(
                 return response
             if chunk is None:
                 break
-            await response.write(chunk.data)
-            exchange.bytes_down += len(chunk.data)
+            if body_allowed:
+                await response.write(chunk.data)
+                exchange.bytes_down += len(chunk.data)
             channel.consumed(len(chunk.data))
         await response.write_eof()
         return response

@@ -28,7 +28,7 @@ RELOADABLE = frozenset({
     "server.drain_grace_s",
     "tunnel.request_timeout_s", "tunnel.open_timeout_s",
 })
-SECTIONS = ("server", "auth", "access", "tunnel", "directory", "admin", "log")
+SECTIONS = ("server", "auth", "access", "tunnel", "directory", "admin", "log", "cors")
 # Filled in with generated defaults when the file leaves them empty; compare what the file says.
 _GENERATED = frozenset({"directory.instance_id"})
 

@@ -16,6 +16,7 @@ from relay.tunnel.session import SessionSettings
 
 if TYPE_CHECKING:
     from relay.auth.access import AccessPolicy
+    from relay.auth.session import SessionCookies
     from relay.auth.tokens import TokenVerifier
     from relay.directory.base import Directory
     from relay.server.peers import PeerSigner
@@ -49,6 +50,7 @@ class RelayState:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     notifier: Any = None
     signer: PeerSigner | None = None  # set when relays forward to each other
+    sessions: SessionCookies | None = None  # browser navigation sessions (relay.auth.session)
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)

@@ -39,9 +39,9 @@ async def refuse_ws(
 
 
 def ws_open_head(request: web.Request, path: str, query: str, trust_forwarded: bool,
-                 client_chain: str | None) -> dict[str, object]:
+                 client_chain: str | None, host_id: str = "") -> dict[str, object]:
     head = host_request_head(request, path, query, trust_forwarded, client_chain,
-                             websocket=True)
+                             websocket=True, host_id=host_id)
     head["protocols"] = offered_protocols(request)
     return head
 
@@ -58,7 +58,7 @@ async def proxy_ws(
 ) -> web.StreamResponse:
     metrics = state.metrics
     open_head = ws_open_head(request, path, query, state.config.server.trust_forwarded,
-                             client_chain)
+                             client_chain, host_id)
     try:
         channel = session.open_channel(ChannelKind.WS, open_head)
     except ChannelClosed:
