@@ -55,7 +55,8 @@ from relay.server.ws_proxy import proxy_ws, refuse_ws
 log = structlog.get_logger("relay.server")
 
 CORS: web.AppKey[CorsPolicy] = web.AppKey("relay_cors", CorsPolicy)
-_PREFLIGHT = "relay.cors_preflight"  # request key: the relay answered this preflight itself
+# Set on a request whose preflight the relay answered itself (the hook leaves it alone).
+_PREFLIGHT: web.RequestKey[bool] = web.RequestKey("relay_cors_preflight", bool)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
