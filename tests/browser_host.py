@@ -100,6 +100,10 @@ async def sse(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
+    if request.method == "HEAD":
+        # aiohttp would write these bytes even on a HEAD; a well-behaved host must not.
+        await response.write_eof()
+        return response
     for n in range(3):
         await response.write(f"data: event {n}\n\n".encode())
         await asyncio.sleep(0.01)
@@ -118,6 +122,11 @@ async def ws_echo(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def slow(request: web.Request) -> web.Response:
+    await asyncio.sleep(2)
+    return web.Response(text="late")
+
+
 async def head_body(request: web.Request) -> web.Response:
     return web.Response(body=b"0123456789", content_type="application/octet-stream")
 
@@ -132,6 +141,7 @@ def build_browser_host(name: str) -> web.Application:
     app.router.add_get("/sse", sse)
     app.router.add_get("/ws", ws_echo)
     app.router.add_get("/bytes", head_body)
+    app.router.add_get("/slow", slow)
     app.router.add_post("/submit", submit)
     app.router.add_get("/redirect/{kind}", redirect)
     app.router.add_get("/{name}", named)

@@ -146,7 +146,6 @@ async def _devtools_port(profile: Path, proc: asyncio.subprocess.Process) -> int
 @contextlib.asynccontextmanager
 async def chromium_page(profile: Path) -> AsyncIterator[Page]:
     """A fresh browser profile in ``profile`` and its one page; killed however the test ends."""
-    profile.mkdir(parents=True, exist_ok=True)
     proc = await asyncio.create_subprocess_exec(
         CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from tests.browser_host import BrowserStack, browser_stack
+from tests.browser_host import browser_stack
 from tests.chromium import Page, chromium  # noqa: F401  (the fixture)
 from tests.harness import RunningHost, free_port, start_host
 
@@ -88,7 +88,10 @@ async def test_cross_origin_app_fetches_reads_errors_streams_events_and_talks_we
                 got.push(e.data);
                 if (got.length === 3) {{ es.close(); resolve(got); }}
             }};
-            es.onerror = () => {{ es.close(); reject(new Error("sse failed after " + got.length)); }};
+            es.onerror = () => {{
+                es.close();
+                reject(new Error("sse failed after " + got.length));
+            }};
         }})""")
         assert events == ["event 0", "event 1", "event 2"]
         sse_queries = [p for m, p in s.seen("laptop") if p == "/sse"]
