@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # Test-only system tools from Debian's packages: redis-server (scale-out tests start their own),
-# nginx (the reverse-proxy example is tested live), systemd-analyze (unit files are verified).
-SYSDEPS := redis-server:redis-server nginx:nginx systemd-analyze:systemd openssl:openssl
+# nginx (the reverse-proxy example is tested live), systemd-analyze (unit files are verified),
+# chromium (browser use is tested in a real headless Chromium).
+SYSDEPS := redis-server:redis-server nginx:nginx systemd-analyze:systemd openssl:openssl \
+	chromium:chromium
 sysdeps:
 	@missing=""; for pair in $(SYSDEPS); do \
 		cmd=$${pair%%:*}; pkg=$${pair##*:}; \

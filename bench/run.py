@@ -3,7 +3,9 @@
 Workloads (each measured straight to the host service and through relay + agent):
 
 - W0 one connection, sequential GETs: the latency the relay adds (relayed p50 - direct p50);
-- W1 small requests: GET 1 KiB, 32 connections (wrk): req/s, p50, p99;
+- W1 small requests: GET 1 KiB, 32 connections (wrk): req/s, p50, p99; then the same through
+  a relay with ``cors.allow_origins`` set and an allowed ``Origin`` on every request (CORS on),
+  beside the default relay (CORS off), so the header work shows up if it costs anything;
 - W2 large downloads: 16 MiB, 4 at once: MB/s and the relay's and agent's peak RSS growth;
   then one slow reader (~1.5 MB/s through a small receive buffer): relay RSS must stay flat;
 - W3 WebSocket echo: 16 channels, 1 KiB binary ping-pong, clients in 2 processes: round trips/s,
@@ -65,6 +67,7 @@ RESULTS = REPO / "bench" / "results"
 PYTHON = sys.executable
 HOST_ID = "acme:bench"
 ORG = "acme"
+BENCH_ORIGIN = "https://app.bench.example"  # the allowed Origin of the W1 CORS-on run
 MiB = 1024 * 1024
 MB = 1_000_000
 # Overrides that would point the bench's own relays elsewhere; everything else RELAY_* passes.
@@ -129,6 +132,8 @@ def toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -361,6 +366,7 @@ class Bench:
         self.cpu_rows("W1", "request", meters, {"direct": direct.requests,
                                                 "relay": relay.requests})
         self.w1_access_log(binary, relay, meters["relay"])
+        self.w1_cors(binary, relay, meters["relay"])
         if "W1" in self.profile_targets:
             self.profile_w1(binary, urls["relay"])
 
@@ -389,6 +395,37 @@ class Bench:
         rows.append(Row("W1", "relay CPU per request, log off | on", off_us, on_us, "µs"))
         rows.append(Row("W1", "access log share of relay CPU per request", None, cost, "%",
                         "≤ 15 %", cost is not None and cost <= 15, ratio=False))
+
+    def w1_cors(self, binary: str, cors_off: wrk.WrkResult, meter_off: CpuMeter) -> None:
+        """W1 again through a relay with CORS configured, every request from an allowed Origin.
+
+        Its own relay and agent (the main relay keeps the default config), stopped afterwards.
+        """
+        d = self.durations
+        relay = self.start_relay("relay-cors", {"cors": {"allow_origins": [BENCH_ORIGIN]}})
+        agent = self.start_agent("agent-cors", relay, HOST_ID)
+        try:
+            url = relay.host_url(HOST_ID, "/small")
+            wrk.run(binary, url, token=self.token, seconds=d.w1_warmup_s, origin=BENCH_ORIGIN)
+            with CpuMeter({"relay": relay.pid, "agent": agent.pid,
+                           "host": self.host_pid}) as meter_on:
+                on = wrk.run(binary, url, token=self.token, seconds=d.w1_s, origin=BENCH_ORIGIN)
+        finally:
+            self.procs.stop(agent, 2)
+            self.procs.stop(relay.popen)
+        off_us = meter_off.used["relay"] / cors_off.requests * 1e6 if cors_off.requests else None
+        on_us = meter_on.used["relay"] / on.requests * 1e6 if on.requests else None
+        print(f"  W1 cors   {on.requests_per_s:10,.0f} req/s  p50 {ms(on.p50_ms)}  "
+              f"p99 {ms(on.p99_ms)}  errors {on.errors}", flush=True)
+        self.report.raw["W1-cors"] = asdict(on)
+        rows = self.report.rows
+        note = "direct column: the relay with CORS off (the W1 rows above)"
+        rows.append(Row("W1", "req/s CORS on vs off", cors_off.requests_per_s,
+                        on.requests_per_s, "", "≈ 1.00x", note=note))
+        rows.append(Row("W1", "p99 latency CORS on vs off", cors_off.p99_ms, on.p99_ms, "ms"))
+        rows.append(Row("W1", "relay CPU per request, CORS on vs off", off_us, on_us, "µs"))
+        rows.append(Row("W1", "errors CORS on", None, on.errors, "", "0", on.errors == 0,
+                        ratio=False))
 
     def cpu_meter(self) -> CpuMeter:
         """CPU of the relay, the agent and the host (and reaped load generators) in a block."""

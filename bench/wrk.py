@@ -96,11 +96,13 @@ def ensure_wrk(timeout: float = 300.0) -> tuple[str | None, str]:
 
 
 def run(wrk: str, url: str, *, token: str, seconds: float, connections: int = 32,
-        threads: int = 2, timeout_s: float = 5.0) -> WrkResult:
-    """``wrk -t -c -d --latency -s auth.lua URL``; the token travels in the environment."""
+        threads: int = 2, timeout_s: float = 5.0, origin: str = "") -> WrkResult:
+    """``wrk -t -c -d --latency -s auth.lua URL``; the token (and an ``Origin`` to send, if
+    any) travel in the environment."""
     argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
             f"--timeout={timeout_s:g}s", "--latency", "-s", str(AUTH_LUA), url]
-    done = subprocess.run(argv, env={**os.environ, "RELAY_BENCH_TOKEN": token},
+    env = {**os.environ, "RELAY_BENCH_TOKEN": token, "RELAY_BENCH_ORIGIN": origin}
+    done = subprocess.run(argv, env=env,
                           capture_output=True, text=True, timeout=seconds + 60, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip()[:300]}")

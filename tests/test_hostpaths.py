@@ -164,6 +164,14 @@ def test_rewrite_for_client_touches_only_cookies_and_redirects() -> None:
         ("set-cookie", f"b=2; Path={P}/")]
 
 
+def test_a_host_cannot_reach_beyond_its_path_with_service_workers_or_clear_site_data() -> None:
+    headers = [("Service-Worker-Allowed", "/"), ("Clear-Site-Data", '"cookies", "storage"'),
+               ("service-worker-allowed", "/app/"), ("Service-Worker-Allowed", "/../")]
+    assert rewrite_for_client(headers, P, RELAY) == [
+        ("Service-Worker-Allowed", P + "/"), ("service-worker-allowed", P + "/app/"),
+        ("Service-Worker-Allowed", P + "/")]
+
+
 def test_origin_key_fills_default_ports() -> None:
     assert origin_key("https://A.example") == ("https", "a.example", 443)
     assert origin_key("http://a.example:80") == ("http", "a.example", 80)

@@ -174,11 +174,20 @@ def localize_response_headers(headers: list[list[str]], local_origin: str) -> li
 def rewrite_for_client(
     headers: Iterable[tuple[str, str]], prefix: str, public_origin: str
 ) -> list[tuple[str, str]]:
-    """Set-Cookie and Location of a host's response kept under its prefix (relay side)."""
+    """A host's response headers kept under its prefix (relay side).
+
+    ``Set-Cookie`` and ``Location`` as above; ``Service-Worker-Allowed`` too (a host could
+    otherwise register a service worker controlling the whole origin, other hosts included);
+    ``Clear-Site-Data`` is dropped (it would wipe every host's cookies and storage at once).
+    """
     out: list[tuple[str, str]] = []
     for name, value in headers:
         lower = name.lower()
-        if lower == "set-cookie":
+        if lower == "clear-site-data":
+            continue
+        if lower == "service-worker-allowed":
+            value = rewrite_cookie_path(value.strip(), prefix)
+        elif lower == "set-cookie":
             rewritten = rewrite_set_cookie(value, prefix)
             if rewritten is None:
                 continue
