@@ -313,6 +313,13 @@ async def test_header_token_never_reaches_the_host(ws_stack: Stack) -> None:
         seen = json.loads(await ws.receive_str(timeout=5))
     assert token not in json.dumps(seen)
     assert "authorization" not in {name.lower() for name, _ in seen["headers"]}
+    assert ["X-Forwarded-Prefix", "/hosts/acme:laptop"] in seen["headers"]
+
+
+async def test_with_a_header_token_the_token_parameter_is_the_hosts(ws_stack: Stack) -> None:
+    async with await connect(ws_stack, "/ws-inspect?token=host-own&x=1") as ws:
+        seen = json.loads(await ws.receive_str(timeout=5))
+    assert seen["query"] == "token=host-own&x=1"
 
 
 # -- channels the host never opens -------------------------------------------------------------
