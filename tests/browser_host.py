@@ -181,7 +181,7 @@ async def browser_stack(tmp_path: Path, app_origin: str,
         desk = await start_host(build_browser_host("desk"))
         desk.runner.app[ORIGIN].append(desk.url)
         desk_agent = await start_agent(base.relay.ws_url, "acme:desk", desk.url,
-                                       token=base.relay.token())
+                                       token=base.relay.agent_token("acme:desk"))
         try:
             yield BrowserStack(base, desk, desk_agent, app_origin)
         finally:

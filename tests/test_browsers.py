@@ -436,7 +436,7 @@ async def test_a_body_an_agent_sends_for_a_head_never_reaches_the_client(
     full_stack: Stack,
 ) -> None:
     s = full_stack
-    tunnel = await RawTunnel.connect(s.client, s.relay, "acme:rogue", s.token())
+    tunnel = await RawTunnel.connect(s.client, s.relay, "acme:rogue", s.agent_token("acme:rogue"))
     reader, writer = await asyncio.open_connection("127.0.0.1", s.relay.config.server.port)
     try:
         auth = f"Authorization: Bearer {s.token()}\r\n"

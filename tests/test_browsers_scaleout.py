@@ -37,7 +37,8 @@ async def test_a_session_started_on_one_relay_works_through_another(tmp_path: Pa
         entry = await _relay(tmp_path, "entry", redis.url)
         host = await start_host(build_browser_host("laptop"))
         host.runner.app[ORIGIN].append(host.url)
-        agent = await start_agent(owner.ws_url, "acme:laptop", host.url, token=owner.token())
+        agent = await start_agent(owner.ws_url, "acme:laptop", host.url,
+                                  token=owner.agent_token("acme:laptop"))
         client = aiohttp.ClientSession()
         try:
             base = f"{entry.url}/hosts/acme:laptop"
