@@ -8,6 +8,7 @@ file, the key and the problem, so start-up stops with one line instead of runnin
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import tomllib
@@ -21,6 +22,10 @@ from urllib.parse import urlsplit
 from relay.errors import ConfigError
 
 ENV_PREFIX = "RELAY_"
+# RELAY_* variables that look like ``RELAY_<SECTION>_<KEY>`` but are not config keys: the config
+# file's path and ``relay status``'s default URL. Every other name under a known section's prefix
+# must be a key, so a typo (RELAY_SERVER_PROT) stops start-up like the same typo in the file.
+NON_KEY_VARIABLES = frozenset({"RELAY_CONFIG", "RELAY_ADMIN_URL"})
 SECRET_KEYS = frozenset({
     "directory.peer_secret", "admin.secret", "directory.redis_url", "auth.session_secret",
 })
@@ -196,12 +201,33 @@ def _build_section(
     defaults = cls()
     for name in known:
         default = getattr(defaults, name)
-        env_name = f"{ENV_PREFIX}{section.upper()}_{name.upper()}"
-        if env_name in env:
-            values[name] = _coerce(env_name, f"{section}.{name}", env[env_name], default, True)
+        variable = env_name(section, name)
+        if variable in env:
+            values[name] = _coerce(variable, f"{section}.{name}", env[variable], default, True)
         elif name in raw:
             values[name] = _coerce(source, f"{section}.{name}", raw[name], default, False)
     return cls(**values)
+
+
+def env_name(section: str, key: str) -> str:
+    """The environment variable that overrides ``section.key``."""
+    return f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
+
+
+def check_environment(env: Mapping[str, str]) -> None:
+    """Refuse ``RELAY_<SECTION>_<KEY>`` names that name no key of a known section."""
+    known = {env_name(section, f.name) for section, cls in SECTIONS.items() for f in fields(cls)}
+    prefixes = {f"{ENV_PREFIX}{section.upper()}_": section for section in SECTIONS}
+    for name in sorted(env):
+        if name in known or name in NON_KEY_VARIABLES:
+            continue
+        section = next((s for p, s in prefixes.items() if name.startswith(p)), None)
+        if section is None:
+            continue  # not ours to judge (RELAY_URL in the agent's unit, a tool's own variable)
+        key = name[len(ENV_PREFIX) + len(section) + 1:].lower()
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(name, f"{section}.{key}", f"unknown key{hint}")
 
 
 def load_config(
@@ -209,6 +235,7 @@ def load_config(
 ) -> Config:
     """Read ``path`` (or only defaults when None), apply ``RELAY_*`` overrides, validate."""
     env = os.environ if env is None else env
+    check_environment(env)
     raw: dict[str, Any] = {}
     source = "<defaults>"
     base_dir = Path.cwd()

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gzip
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 
 from aiohttp import WSMsgType, web
@@ -255,13 +257,22 @@ def build_app() -> web.Application:
     return app
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m relay.devhost", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3000)
-    args = parser.parse_args()
-    web.run_app(build_app(), host=args.host, port=args.port, access_log=None, print=None)
+    args = parser.parse_args(argv)
+    try:
+        web.run_app(build_app(), host=args.host, port=args.port, access_log=None, print=None)
+    except OSError as exc:
+        # Almost always "address already in use": one line, not aiohttp's traceback.
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            why = "address already in use (another devhost?); pick another --port"
+        print(f"devhost: cannot listen on {args.host}:{args.port}: {why}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

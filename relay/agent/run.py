@@ -12,6 +12,7 @@ import structlog
 from relay.agent.backoff import Backoff
 from relay.agent.client import Agent, AgentOptions
 from relay.agent.tokens import TokenSource
+from relay.agent.upstream import parse_origin
 from relay.auth.hostid import parse_host_id
 from relay.errors import InvalidHost
 
@@ -28,6 +29,7 @@ async def run_agent(args: argparse.Namespace) -> int:
     options = AgentOptions(relay_url=args.relay, host_id=args.host_id, upstream=args.upstream,
                            backoff_cap_s=args.backoff_cap)
     try:
+        parse_origin(args.upstream)  # checked now: the agent only builds its client later
         agent = Agent(options, tokens, backoff=Backoff(cap=args.backoff_cap))
     except ValueError as exc:
         log.error("agent.bad_option", error=str(exc))

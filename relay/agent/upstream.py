@@ -59,6 +59,20 @@ async def _connect_while_open(
     return task.result()
 
 
+def parse_origin(origin: str) -> URL:
+    """The http(s) origin ``origin`` names, or ValueError saying what to write instead."""
+    try:
+        url = URL(origin)
+    except ValueError:
+        url = URL()
+    if url.scheme not in {"http", "https"} or not url.host or url.port is None:
+        hint = "e.g. http://127.0.0.1:3000"
+        if "://" not in origin and origin:
+            hint = f"did you mean http://{origin}?"
+        raise ValueError(f"--upstream must be an http(s) origin, got {origin!r}; {hint}")
+    return url.origin()
+
+
 class LocalOrigin:
     """The agent's view of its host service: one origin, never anything else."""
 
@@ -66,10 +80,9 @@ class LocalOrigin:
                  pool: OriginPool | None = None) -> None:
         """``client`` carries WebSocket channels; ``pool`` (made here by default, and then
         closed by :meth:`close`) carries plain HTTP exchanges."""
-        url = URL(origin)
-        if url.scheme not in {"http", "https"} or not url.host or url.port is None:
-            raise ValueError(f"upstream must be an http(s) origin, got {origin!r}")
-        self.origin = url.origin()
+        url = parse_origin(origin)
+        assert url.host is not None and url.port is not None  # parse_origin checked both
+        self.origin = url
         self.client = client
         self.max_ws_message = max_ws_message
         self._owns_pool = pool is None

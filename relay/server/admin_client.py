@@ -11,6 +11,8 @@ from typing import Any
 
 import aiohttp
 
+from relay.connect_errors import connect_error_cause
+
 
 def _human_bytes(size: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -59,7 +61,12 @@ async def print_status(args: argparse.Namespace) -> int:
             text = await resp.text(errors="replace")
             status = resp.status
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        print(f"relay status: cannot reach {url}: {type(exc).__name__}", file=sys.stderr)
+        print(f"relay status: cannot reach {url}: {connect_error_cause(exc)}", file=sys.stderr)
+        return 1
+    if status == 404:
+        # An unconfigured relay hides its admin API entirely (404 for every /admin route).
+        print(f"relay status: {url} answered 404: the relay's admin API is off "
+              "(admin.secret is not set in its config), or this is not a relay", file=sys.stderr)
         return 1
     if status != 200:
         print(f"relay status: {url} answered {status}: {_one_line(text)}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 
 import structlog
 from aiohttp import web
@@ -18,7 +19,10 @@ log = structlog.get_logger("relay.server")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-async def serve(config: Config, *, config_path: str | None = None) -> int:
+async def serve(config: Config, *, config_path: str | None = None,
+                banner: str | None = None) -> int:
+    """Run until a stop signal. ``banner`` goes to stderr once the port is bound, not before:
+    a relay that cannot listen must not first tell the user how to use it."""
     app = build_app(config)
     state = app[STATE]
     loop = asyncio.get_running_loop()
@@ -60,6 +64,8 @@ async def serve(config: Config, *, config_path: str | None = None) -> int:
         log.info("relay.listening", url=f"http://{config.server.host}:{config.server.port}",
                  auth_mode=config.auth.mode, access_backend=config.access.backend,
                  directory=config.directory.backend, instance_id=config.directory.instance_id)
+        if banner:
+            print(banner, file=sys.stderr, flush=True)
         lifecycle.started()
         await stop.wait()
         lifecycle.stopping()
