@@ -19,8 +19,9 @@ import structlog
 from yarl import URL
 
 from relay.agent.backoff import Backoff
-from relay.agent.tokens import TokenSource, TokenUnavailable
+from relay.agent.tokens import TokenSource, TokenUnavailable, expiry_hint
 from relay.agent.upstream import LocalOrigin
+from relay.connect_errors import connect_error_cause
 from relay.errors import CloseCode, ProtocolViolation
 from relay.protocol.frames import HEADER_SIZE, PROTOCOL_VERSION
 from relay.tunnel.session import Channel, Role, SessionSettings, TunnelSession
@@ -197,8 +198,10 @@ class Agent:
                     if stop.is_set():
                         break
                     delay = self._delay_after(outcome)
+                    # The relay's own words ("token expired; get a fresh token and retry")
+                    # say more than "closed".
                     log.info("agent.reconnecting", delay_s=round(delay, 2), code=outcome.code,
-                             reason=outcome.reason)
+                             reason=outcome.close_reason or outcome.reason)
                     self.next_attempt_at = time.monotonic() + delay
                     self._changed()
                     with contextlib.suppress(TimeoutError):
@@ -258,12 +261,19 @@ class Agent:
                 CONNECT_TIMEOUT_S,
             ), stop)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            log.info("agent.connect_failed", relay=str(self.url.origin()), error=type(exc).__name__)
+            log.info("agent.connect_failed", relay=str(self.url.origin()),
+                     address=f"{self.url.host}:{self.url.port}", error=type(exc).__name__,
+                     cause=connect_error_cause(exc))
             return Outcome(None, "connect_failed")
         if ws is None:
             return Outcome(None, "stopped")
         try:
-            return await self._serve(ws, stop)
+            outcome = await self._serve(ws, stop)
+            if outcome.code == CloseCode.UNAUTHORIZED:
+                hint = expiry_hint(token, self.tokens.describe())
+                if hint is not None:
+                    log.warning("agent.token_expired", **hint)
+            return outcome
         finally:
             self.connected = False
             self.connected_event.clear()

@@ -5,14 +5,49 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shlex
+import time
 from pathlib import Path
 
+import jwt
 import structlog
 
 log = structlog.get_logger("relay.agent")
 
 COMMAND_TIMEOUT_S = 30.0
 MAX_TOKEN_BYTES = 16384
+
+
+def unverified_expiry(token: str) -> int | None:
+    """The token's ``exp`` claim, read without checking the signature (the agent has no key).
+
+    Only for explaining a 4401 to the operator; never for deciding anything.
+    """
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False, "verify_exp": False})
+    except jwt.PyJWTError:
+        return None
+    exp = claims.get("exp")
+    return exp if isinstance(exp, int) and not isinstance(exp, bool) else None
+
+
+def expiry_hint(token: str, source: str, now: float | None = None) -> dict[str, object] | None:
+    """Log fields explaining a 4401 when the token has expired, else None."""
+    exp = unverified_expiry(token)
+    now = time.time() if now is None else now
+    if exp is None or exp > now:
+        return None
+    if source == "flag":
+        how = ("a --token never changes: use --token-file (rewritten by whatever renews it) or "
+               "--token-command (run on every connect), or mint a longer-lived token "
+               "(relay token --ttl SECONDS)")
+    else:
+        how = (f"the token from the {source.split(' ')[0]} is stale: renew it there, or mint a "
+               "longer-lived one (relay token --ttl SECONDS)")
+    return {
+        "exp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(exp)),
+        "expired_s_ago": int(now - exp),
+        "hint": how,
+    }
 
 
 class TokenUnavailable(Exception):
