@@ -8,10 +8,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "STANDARD_PREFIXES", "Metrics"]
+
+# ``<counter>_created`` series would double every counter (and every labelled child) for a
+# timestamp nobody charts; prometheus_client decides this process-wide, at collection time.
+disable_created_metrics()
+
+# Families from prometheus_client's standard collectors: memory, CPU, file descriptors (process_*)
+# and the interpreter's version (python_info).
+STANDARD_PREFIXES = ("process_", "python_")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
 
@@ -20,6 +37,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # Memory and descriptors are what an operator of a long-lived relay watches; these are
+        # read from /proc at scrape time (on Linux; elsewhere ProcessCollector reports nothing).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.tunnels_connected = Gauge(
             "relay_tunnels_connected", "Agent tunnels currently registered on this relay",
             registry=r,
@@ -56,8 +77,8 @@ class Metrics:
             "relay_ws_channels_total", "Proxied WebSocket channels, by outcome", ["outcome"],
             registry=r,
         )
-        self.bytes_proxied_total = Counter(
-            "relay_bytes_proxied_total",
+        self.proxied_bytes_total = Counter(
+            "relay_proxied_bytes_total",
             "Body and message bytes proxied, by direction (to_host, to_client)", ["direction"],
             registry=r,
         )
@@ -96,8 +117,8 @@ class Metrics:
         # CPU under small-request load.
         self.http_streams = self.streams_active.labels(kind="http")
         self.ws_streams = self.streams_active.labels(kind="ws")
-        self.bytes_to_host = self.bytes_proxied_total.labels(direction="to_host")
-        self.bytes_to_client = self.bytes_proxied_total.labels(direction="to_client")
+        self.bytes_to_host = self.proxied_bytes_total.labels(direction="to_host")
+        self.bytes_to_client = self.proxied_bytes_total.labels(direction="to_client")
         self._by_status: dict[int, Any] = {}
 
     def requests_with_status(self, status: int) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-from relay.metrics import Metrics
+from relay.metrics import STANDARD_PREFIXES, Metrics
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "relay-dashboard.json"
 DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
@@ -47,16 +47,25 @@ def families() -> dict[str, Family]:
             # prometheus_client strips a counter's _total from its family name; put it back.
             name = f"{metric._name}_total" if kind == "counter" else metric._name
             found[name] = Family(name, kind, frozenset(metric._labelnames))
-    registered = {
-        f"{fam.name}_total" if fam.type == "counter" else fam.name
-        for fam in metrics.registry.collect()
-    }
+    registered = set()
+    for fam in metrics.registry.collect():
+        name = f"{fam.name}_total" if fam.type == "counter" else fam.name
+        if name.startswith(STANDARD_PREFIXES):
+            # prometheus_client's process/platform collectors: real names, not ours to chart all.
+            STANDARD[name] = Family(name, fam.type, frozenset(
+                label for sample in fam.samples for label in sample.labels))
+        else:
+            registered.add(name)
     assert registered == set(found)
     return found
 
 
+STANDARD: dict[str, Family] = {}
+
+
 FAMILIES = families()
-SAMPLE_TO_FAMILY = {sample: fam for fam in FAMILIES.values() for sample in fam.samples}
+SAMPLE_TO_FAMILY = {sample: fam for fam in (*FAMILIES.values(), *STANDARD.values())
+                    for sample in fam.samples}
 
 
 def load() -> dict[str, Any]:
@@ -81,8 +90,11 @@ def expressions(dashboard: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
+METRIC_NAME = r"(?:relay|process|python)_[a-z0-9_]+"
+
+
 def metric_names(expr: str) -> list[str]:
-    return re.findall(r"\b(relay_[a-z0-9_]+)\b", expr)
+    return re.findall(rf"\b({METRIC_NAME})\b", expr)
 
 
 def test_dashboard_is_a_grafana_dashboard() -> None:
@@ -119,6 +131,15 @@ def test_panels_fit_the_grid_without_overlapping() -> None:
             assert apart, f"{title_a!r} overlaps {title_b!r}"
 
 
+def test_process_metrics_are_served_and_charted() -> None:
+    # Linux: ProcessCollector reads /proc/self; these are what the process row charts.
+    for name in ("process_resident_memory_bytes", "process_open_fds", "process_max_fds"):
+        assert name in STANDARD, sorted(STANDARD)
+    assert "python_info" in STANDARD
+    charted = {name for expr, _ in expressions(load()) for name in metric_names(expr)}
+    assert {"process_resident_memory_bytes", "process_open_fds"} <= charted
+
+
 def test_every_metric_family_is_charted() -> None:
     charted = {name for expr, _ in expressions(load()) for name in metric_names(expr)}
     missing = []
@@ -133,7 +154,7 @@ def test_every_metric_family_is_charted() -> None:
 @pytest.mark.parametrize("expr", sorted({e for e, _ in expressions(load())}))
 def test_expression_matches_the_metric_types_and_labels(expr: str) -> None:
     names = metric_names(expr)
-    assert names, f"no relay metric in {expr!r}"
+    assert names, f"no metric the relay serves in {expr!r}"
     labels = set(SCRAPE_LABELS)
     for name in names:
         assert name in SAMPLE_TO_FAMILY, f"{name} is not a metric relay/metrics.py defines"
@@ -154,7 +175,7 @@ def test_expression_matches_the_metric_types_and_labels(expr: str) -> None:
     for label in re.findall(r"[{,]\s*([a-z_]+)=~?\"", expr):
         assert label in labels, f"{expr!r} selects on {label!r}, which no metric here has"
     # Scope every query to the relays picked in the dashboard's variables.
-    for selector in re.findall(r"relay_[a-z0-9_]+(\{[^}]*\})?", expr):
+    for selector in re.findall(rf"{METRIC_NAME}(\{{[^}}]*\}})?", expr):
         assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, expr
 
 
