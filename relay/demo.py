@@ -1,16 +1,19 @@
 """``make demo``: start a relay, a sample host service and an agent; show traffic going through.
 
 Everything runs as real processes on loopback, from the embedded default config (on a free
-port, so it does not collide with ``make run``), and is stopped at the end.
+port, so it does not collide with ``make run``), and is stopped at the end. On a terminal the
+demo waits for Enter before stopping, so the page it shows can be opened in a browser.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,8 +28,19 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def use_colour(stream: object = None, env: dict[str, str] | None = None) -> bool:
+    """Bold headings only on a terminal, and never when NO_COLOR is set (no-color.org)."""
+    stream = sys.stdout if stream is None else stream
+    env = dict(os.environ) if env is None else env
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and not env.get("NO_COLOR")
+
+
 def _step(text: str) -> None:
-    print(f"\n\033[1m==> {text}\033[0m", flush=True)
+    if use_colour():
+        print(f"\n\033[1m==> {text}\033[0m", flush=True)
+    else:
+        print(f"\n==> {text}", flush=True)
 
 
 async def _wait_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 15) -> None:
@@ -64,6 +78,18 @@ async def _show(relay: str, token: str, host_id: str) -> None:
             await ws.send_str("close:4000")
             await ws.receive(timeout=5)
             print("  host closed the channel with code", ws.close_code)
+        _step("A browser page through the relay (a link, a redirect, a cookie, an ETag)")
+        page_url = f"{relay}/hosts/{host_id}/page?token={token}"
+        async with client.get(f"{relay}/hosts/{host_id}/page", headers=auth) as resp:
+            text = await resp.text()
+            title = text.split("<title>", 1)[-1].split("</title>", 1)[0]
+            print(f"  GET /page -> {resp.status} {resp.content_type}: {title!r}")
+        async with client.get(f"{relay}/hosts/{host_id}/etag", headers=auth) as resp:
+            etag = resp.headers.get("ETag", "")
+        async with client.get(f"{relay}/hosts/{host_id}/etag",
+                              headers={**auth, "If-None-Match": etag}) as resp:
+            print(f"  GET /etag with If-None-Match -> {resp.status}")
+        print(f"  open in a browser: {page_url}")
         _step("Refusals explain themselves")
         async with client.get(f"{relay}/hosts/{host_id}/") as resp:
             print(resp.status, await resp.text())
@@ -80,6 +106,7 @@ def main() -> int:
     env = {**os.environ, "RELAY_SERVER_PORT": str(port), "RELAY_LOG_LEVEL": "warning"}
     config = str(REPO / "config.toml")
     procs: list[subprocess.Popen[bytes]] = []
+    workdir = tempfile.TemporaryDirectory(prefix="relay-demo-")
     try:
         _step(f"relay serve on {relay} (embedded default config)")
         procs.append(subprocess.Popen([sys.executable, "-m", "relay", "serve", "--config", config],
@@ -94,17 +121,25 @@ def main() -> int:
                                text=True).stdout.strip()
         print(f"minted a dev token: relay token --config config.toml --sub demo-user --org acme"
               f" -> {token[:12]}…")
-        # Serving a host takes more than reaching it: the agent's token names the host.
+        # Serving a host takes more than reaching it: the agent's token names the host. The
+        # agent reads it from a 0600 file: on its command line, ps would show it.
         agent_token = subprocess.run([*mint, "--agent-host", host_id], env=env, check=True,
                                      capture_output=True, text=True).stdout.strip()
-        print(f"minted an agent token: ... --agent-host {host_id} -> {agent_token[:12]}…")
-        _step(f"relay agent --host-id {host_id}")
+        token_file = Path(workdir.name) / "agent-token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(agent_token + "\n")
+        print(f"minted an agent token: ... --agent-host {host_id} > {token_file}")
+        _step(f"relay agent --host-id {host_id} --token-file {token_file}")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "relay", "agent", "--relay", f"ws://127.0.0.1:{port}",
              "--host-id", host_id, "--upstream", f"http://127.0.0.1:{host_port}",
-             "--token", agent_token, "--log-level", "warning"], env=env))
+             "--token-file", str(token_file), "--log-level", "warning"], env=env))
         asyncio.run(_wait_ok(f"{relay}/hosts/{host_id}/", {"Authorization": f"Bearer {token}"}))
         asyncio.run(_show(relay, token, host_id))
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            _step("the relay, the agent and the host service keep running: press Enter to stop")
+            with contextlib.suppress(EOFError, KeyboardInterrupt):
+                input()
         _step("done")
         return 0
     finally:
@@ -115,6 +150,8 @@ def main() -> int:
                 proc.wait(timeout=25)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait(timeout=5)
+        workdir.cleanup()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A sample host service for demos and tests: echo, downloads, SSE, WebSocket, slow answers.
+"""A sample host service for demos and tests: echo, downloads, SSE, WebSocket, slow answers,
+and a small browser site (a page with links and a form, redirects, a cookie, an ETag).
 
 Run it with ``python -m relay.devhost --port 3000``. It stands in for the desktop's local
 service behind an agent; nothing in the relay or the agent depends on it.
@@ -11,6 +12,7 @@ import asyncio
 import errno
 import gzip
 import hashlib
+import html
 import json
 import sys
 from dataclasses import dataclass
@@ -230,6 +232,80 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+# -- a small browser site: what a proxy in front of a web app has to keep working -------------
+
+PAGE = """<!doctype html>
+<html>
+<head><meta charset="utf-8"><title>devhost page</title></head>
+<body>
+<h1>Hello from the host service</h1>
+<p>This page is served by the desktop's local host service, through the relay.</p>
+<ul>
+  <li><a id="relative" href="etag">a relative link (etag)</a></li>
+  <li><a id="root-relative" href="/cookie">a root-relative link (/cookie)</a></li>
+  <li><a id="redirect" href="redirect/root">a redirect to /page</a></li>
+</ul>
+<form id="form" method="post" action="/form">
+  <label>name <input name="name" value="visitor"></label>
+  <button type="submit">send</button>
+</form>
+</body>
+</html>
+"""
+
+ETAG_BODY = b"a representation that does not change\n"
+ETAG = '"' + hashlib.sha256(ETAG_BODY).hexdigest()[:16] + '"'
+
+
+def own_origin(request: web.Request) -> str:
+    """This service's own origin, from the socket it answered on (not from the Host header)."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    host, port = (sockname[0], sockname[1]) if sockname else ("127.0.0.1", 3000)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+async def page(request: web.Request) -> web.Response:
+    """An HTML page with a relative link, a root-relative link and a form (root-relative)."""
+    return web.Response(text=PAGE, content_type="text/html")
+
+
+async def form(request: web.Request) -> web.Response:
+    fields = await request.post()
+    items = "".join(f"<li>{html.escape(k)} = {html.escape(str(v))}</li>"
+                    for k, v in fields.items())
+    return web.Response(text=f"<!doctype html><title>form received</title><ul>{items}</ul>\n",
+                        content_type="text/html")
+
+
+async def redirect_root(request: web.Request) -> web.Response:
+    """302 to a root-relative location, as most web apps answer."""
+    raise web.HTTPFound("/page")
+
+
+async def redirect_absolute(request: web.Request) -> web.Response:
+    """302 to an absolute URL on this service's own origin (what a proxy must not leak)."""
+    raise web.HTTPFound(f"{own_origin(request)}/page")
+
+
+async def cookie(request: web.Request) -> web.Response:
+    """Set a cookie and show which cookies came with the request."""
+    visits = int(request.cookies.get("devhost_visits", "0") or 0) + 1
+    response = web.json_response({"cookies": dict(request.cookies), "visits": visits})
+    response.set_cookie("devhost_visits", str(visits), path="/", httponly=True, samesite="Lax")
+    return response
+
+
+async def etag(request: web.Request) -> web.Response:
+    """A cacheable body: ``If-None-Match`` with the current ETag answers 304 and no body."""
+    headers = {"ETag": ETAG, "Cache-Control": "no-cache"}
+    wanted = {tag.strip() for tag in request.headers.get("If-None-Match", "").split(",")}
+    if ETAG in wanted or "*" in wanted:
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=ETAG_BODY, headers=headers, content_type="text/plain")
+
+
 async def hello(request: web.Request) -> web.Response:
     return web.Response(text=json.dumps({"hello": "from the host service"}),
                         content_type="application/json")
@@ -254,6 +330,12 @@ def build_app() -> web.Application:
     app.router.add_route("*", "/status/{code:\\d+}", status)
     app.router.add_get("/slow", slow)
     app.router.add_get("/ws", websocket)
+    app.router.add_get("/page", page)
+    app.router.add_post("/form", form)
+    app.router.add_get("/redirect/root", redirect_root)
+    app.router.add_get("/redirect/absolute", redirect_absolute)
+    app.router.add_get("/cookie", cookie)
+    app.router.add_get("/etag", etag)
     return app
 
 
