@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from relay.agent.backoff import Backoff
-from relay.agent.tokens import TokenSource, expiry_hint, unverified_expiry
+from relay.agent.tokens import expiry_hint, unverified_expiry
 from relay.config import load_config
 from tests.harness import (
     LogCapture,
