@@ -78,6 +78,7 @@ class ErrorCode(StrEnum):
     HOST_TIMEOUT = "host_timeout"
     DIRECTORY_UNAVAILABLE = "directory_unavailable"
     NOT_FOUND = "not_found"
+    HOST_UNAVAILABLE = "host_unavailable"  # sent by the agent: its host service did not answer
     INTERNAL = "internal"
 
 

@@ -23,7 +23,7 @@ import structlog
 from yarl import URL
 
 from relay.agent.http1 import OriginError, OriginPool
-from relay.errors import CloseCode
+from relay.errors import CloseCode, ErrorCode
 from relay.protocol.headers import WS_HANDSHAKE, strip_hop_by_hop
 from relay.protocol.hostpaths import localize_response_headers
 from relay.tunnel.bridge import bridge
@@ -185,7 +185,7 @@ class LocalOrigin:
                 # the relay cuts the client's connection instead of ending the body cleanly.
                 channel.close(int(CloseCode.INTERNAL_ERROR), "host failed mid-response")
                 return
-            await self._send_error(channel, 502, "host_unavailable",
+            await self._send_error(channel, 502, str(ErrorCode.HOST_UNAVAILABLE),
                                    "the host service did not answer")
 
     async def _send_error(self, channel: Channel, status: int, code: str, message: str) -> None:
