@@ -79,22 +79,32 @@ def test_the_recipe_block_runs_as_written_and_cleans_up(tmp_path: Path) -> None:
     try:
         wait_listening(relay_port, relay)
         assert not (tmp_path / "state" / "token").exists()  # fresh state folder
-        result = subprocess.run(
-            ["bash", "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-            env={**env, "RELAY": f"http://127.0.0.1:{relay_port}", "HOST_PORT": str(host_port)},
-            check=False,
-        )
+        # Output to files, not pipes: a background job the recipe forgot to stop would hold a
+        # pipe open and turn a clear failure into a timeout.
+        with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+            returncode = subprocess.run(
+                ["bash", "-c", block], cwd=tmp_path, stdout=out, stderr=err, timeout=60,
+                env={**env, "RELAY": f"http://127.0.0.1:{relay_port}",
+                     "HOST_PORT": str(host_port)},
+                check=False,
+            ).returncode
+        stdout, stderr = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+        assert returncode == 0, (stdout, stderr)
+        assert stdout.strip().endswith('{"hello": "from the host service"}'), stdout
+        assert "Traceback" not in stderr
     finally:
         relay.send_signal(signal.SIGTERM)
         relay.wait(timeout=30)
-    assert result.returncode == 0, (result.stdout, result.stderr)
-    assert result.stdout.strip().endswith('{"hello": "from the host service"}'), result.stdout
-    assert "Traceback" not in result.stderr
     token = tmp_path / "state" / "token"
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
     # The clean-up ran: the host service no longer listens, and nothing the recipe started
     # (agent, devhost) is still running in the folder.
+    folder = tmp_path.resolve()
     deadline = time.monotonic() + 10
-    while not refused(host_port) or processes_in(tmp_path.resolve()):
-        assert time.monotonic() < deadline, f"left running: {processes_in(tmp_path.resolve())}"
-        time.sleep(0.1)
+    try:
+        while not refused(host_port) or processes_in(folder):
+            assert time.monotonic() < deadline, f"left running: {processes_in(folder)}"
+            time.sleep(0.1)
+    finally:
+        for pid in processes_in(folder):  # only what this test's recipe started
+            os.kill(pid, signal.SIGKILL)
