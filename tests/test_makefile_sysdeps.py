@@ -62,7 +62,7 @@ def test_installed_services_are_stopped_without_systemd(tmp_path: Path) -> None:
 def test_services_installed_before_are_left_alone(tmp_path: Path) -> None:
     # nginx "is there" (sh stands in for its binary); only systemd-analyze's package is missing.
     calls = run_sysdeps(tmp_path, "sh:nginx no-such-analyze:systemd", True)
-    assert [c for c in calls if c.startswith("apt-get install")][0].split()[-1] == "systemd"
+    assert next(c for c in calls if c.startswith("apt-get install")).split()[-1] == "systemd"
     assert not [c for c in calls if "nginx" in c]
 
 

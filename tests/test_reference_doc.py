@@ -7,7 +7,7 @@ import dataclasses
 import tomllib
 from typing import Any
 
-import relay.directory.base  # noqa: F401  (defines DirectoryUnavailable)
+import relay.directory.base
 import relay.server.admin  # noqa: F401  (defines NotFound)
 from relay.config import SECTIONS, env_name
 from relay.errors import CloseCode, ErrorCode, RelayError
