@@ -99,11 +99,13 @@ def dev_banner(config: Config, path: str) -> str:
     base = f"{config.server.host}:{config.server.port}"
     return (
         f"relay (dev mode) listening on http://{base}\n"
-        f"  mint a token:     {relay} token --config {path} --sub me --org acme > token\n"
+        f"  mint a token:     (umask 077; {relay} token --config {path} --sub me --org acme "
+        f"> token)\n"
         f"  connect an agent: {relay} agent --relay ws://{base} --host-id acme:laptop "
         f"--upstream http://127.0.0.1:3000 --token-file token\n"
         f"  call the host:    curl -H \"Authorization: Bearer $(cat token)\" "
-        f"http://{base}/hosts/acme:laptop/"
+        f"http://{base}/hosts/acme:laptop/\n"
+        f"  (README.md, \"In a second terminal\": all of it in one block to paste)"
     )
 
 
@@ -141,7 +143,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config, path = _load(args)
-    print(json.dumps({"file": path or "<defaults>", **masked(config)}, indent=2))
+    print(json.dumps({"file": path, **masked(config)}, indent=2))
     return 0
 
 

@@ -107,8 +107,9 @@ def test_serve_prints_the_banner_once_listening_with_commands_that_run(tmp_path:
     banner = next(i for i, line in enumerate(lines) if "listening on http://" in line)
     assert listening < banner  # bound first, then the banner
     mint = next(line for line in lines if "mint a token" in line).split(":", 1)[1].strip()
-    assert mint.startswith(f"{relay_script} token --config {path}")
-    command = mint.split(" > ")[0]  # the banner writes it to a file; run it to see it work
+    assert mint.startswith(f"(umask 077; {relay_script} token --config {path}")
+    # The banner writes it to a file; run the command itself to see it work.
+    command = mint.removeprefix("(umask 077; ").split(" > ")[0]
     result = subprocess.run(shlex.split(command), cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
