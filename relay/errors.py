@@ -27,7 +27,7 @@ from enum import IntEnum, StrEnum
 
 
 class CloseCode(IntEnum):
-    """WebSocket close codes the relay sends (SPEC: WebSocket close codes)."""
+    """WebSocket close codes the relay sends (docs/reference.md: what each asks of the peer)."""
 
     NORMAL = 1000
     GOING_AWAY = 1001

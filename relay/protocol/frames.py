@@ -30,7 +30,7 @@ _U32 = struct.Struct("!I")
 _CLOSE = struct.Struct("!H")
 MAX_STREAM_ID = 0xFFFFFFFF
 MAX_WINDOW = 0x7FFFFFFF
-MAX_CONTROL_PAYLOAD = 256 * 1024  # OPEN/HEAD carry headers; SPEC bounds headers far below this
+MAX_CONTROL_PAYLOAD = 256 * 1024  # OPEN/HEAD carry headers, bounded far below this on ingress
 MAX_CLOSE_REASON = 123  # what fits in a WebSocket close frame
 # Flow-control credit a DATA frame on a WebSocket channel costs beyond its payload (an empty
 # FIN-only frame is free), so many tiny messages are bounded by the window like bytes are.

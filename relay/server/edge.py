@@ -1,6 +1,6 @@
 """The edge of every proxied request and tunnel: errors, route parsing, identity and access.
 
-The order is SPEC's: token, host id, org short-circuit, cached decision, upstream check.
+The order is fixed: token, host id, org short-circuit, cached decision, upstream check.
 """
 
 from __future__ import annotations
