@@ -62,6 +62,9 @@ def test_agent_upstream_without_a_scheme_is_one_line() -> None:
                        "--upstream", "127.0.0.1:3000", "--token", "t")
     line = assert_one_line(result, 2, "did you mean http://127.0.0.1:3000?")
     assert json.loads(line)["event"] == "agent.bad_option"
+    result = relay_cli("agent", "--relay", "127.0.0.1:8080", "--host-id", "acme:laptop",
+                       "--upstream", "http://127.0.0.1:3000", "--token", "t")
+    assert json.loads(assert_one_line(result, 2, "ws(s)://"))["event"] == "agent.bad_option"
 
 
 def test_devhost_on_a_taken_port_is_one_line() -> None:
