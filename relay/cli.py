@@ -29,7 +29,8 @@ host service through /hosts/<org>:<machine>/<path>.
 EPILOG = """\
 first steps:
   relay serve --config config.toml          run the relay (dev mode: it issues its own tokens)
-  relay token --sub me --org acme > token   mint a token from the dev issuer
+  relay token --sub me --org acme --agent-host acme:laptop > token
+                                            mint a token that may call and serve acme:laptop
   relay agent --relay ws://127.0.0.1:8080 --host-id acme:laptop \\
       --upstream http://127.0.0.1:3000 --token-file token
   relay <command> --help                    the options of one command
@@ -100,7 +101,7 @@ def dev_banner(config: Config, path: str) -> str:
     return (
         f"relay (dev mode) listening on http://{base}\n"
         f"  mint a token:     (umask 077; {relay} token --config {path} --sub me --org acme "
-        f"> token)\n"
+        f"--agent-host acme:laptop > token)\n"
         f"  connect an agent: {relay} agent --relay ws://{base} --host-id acme:laptop "
         f"--upstream http://127.0.0.1:3000 --token-file token\n"
         f"  call the host:    curl -H \"Authorization: Bearer $(cat token)\" "

@@ -54,7 +54,9 @@ def table_under(text: str, heading: str) -> list[dict[str, str]]:
         if line.startswith("#"):
             break
         if line.startswith("|"):
-            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+            # A ``\|`` inside a cell is a literal pipe, not a column boundary.
+            cells = re.split(r"(?<!\\)\|", line.strip().strip("|"))
+            rows.append([cell.strip().replace("\\|", "|") for cell in cells])
         elif rows:
             break
     assert len(rows) > 2, f"no table under {heading!r}"
