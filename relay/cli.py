@@ -221,11 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="list a relay's tunnels (admin API)",
         description="List the tunnels of a running relay through its admin API "
                     "(needs admin.secret set in the relay's config).")
-    status.add_argument("--url", default=os.environ.get("RELAY_ADMIN_URL", "http://127.0.0.1:8080"),
-                        help="the relay's own address (default: $RELAY_ADMIN_URL or "
+    status.add_argument("--url", default=os.environ.get("RELAY_ADMIN_URL"),
+                        help="the relay's admin address (default: $RELAY_ADMIN_URL, else "
+                             "admin.listen or the server address of --config, else "
                              "http://127.0.0.1:8080)")
+    status.add_argument("--config", default=None,
+                        help="read the admin address and secret from this relay config")
     status.add_argument("--secret", default=None,
-                        help="admin secret (default: $RELAY_ADMIN_SECRET)")
+                        help="admin secret (default: $RELAY_ADMIN_SECRET, else admin.secret "
+                             "of --config)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(func=cmd_status)
     return parser

@@ -39,6 +39,8 @@ class ServerConfig:
     max_header_bytes: int = 16384  # 431 above this
     drain_grace_s: float = 20.0  # in-flight HTTP exchanges get this long on SIGTERM
     trust_forwarded: bool = False  # honour X-Forwarded-* from a reverse proxy in front
+    header_timeout_s: float = 10.0  # a request head must arrive whole within this
+    keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +103,10 @@ class DirectoryConfig:
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     secret: str = ""
+    listen: str = ""  # "host:port" of a separate admin listener; empty = the public port
+    max_failures: int = 10  # wrong secrets from one peer within failure_window_s ...
+    failure_window_s: float = 60.0
+    lockout_s: float = 60.0  # ... answer 429 for this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +308,38 @@ def _check_url(source: str, key: str, value: str, schemes: set[str]) -> None:
         raise ConfigError(source, key, f"must be a {wanted} URL, got {value!r}")
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> (host, port); ValueError when malformed."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError("must be host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if not 0 < port <= 65535:
+        raise ValueError("port must be between 1 and 65535")
+    return host, port
+
+
+def _validate_admin(config: Config) -> None:
+    src, admin = config.source, config.admin
+    if admin.listen:
+        try:
+            host, port = parse_listen(admin.listen)
+        except ValueError as exc:
+            raise ConfigError(src, "admin.listen", f"{exc}, got {admin.listen!r}") from None
+        if config.auth.mode == "dev" and not _is_loopback(host):
+            raise ConfigError(src, "admin.listen",
+                              f"dev auth mode only listens on loopback, got {host!r}")
+        if port == config.server.port:
+            raise ConfigError(src, "admin.listen", "must not be the public port (server.port)")
+    if admin.max_failures < 1:
+        raise ConfigError(src, "admin.max_failures", "must be at least 1")
+    for key in ("failure_window_s", "lockout_s"):
+        if getattr(admin, key) <= 0:
+            raise ConfigError(src, f"admin.{key}", "must be positive")
+
+
 def validate(config: Config) -> None:
     src = config.source
     server, auth, access, tunnel = config.server, config.auth, config.access, config.tunnel
@@ -316,6 +354,10 @@ def validate(config: Config) -> None:
         raise ConfigError(src, "server.max_header_bytes", "must be at least 1024")
     if server.drain_grace_s < 0:
         raise ConfigError(src, "server.drain_grace_s", "must not be negative")
+    for key in ("header_timeout_s", "keepalive_timeout_s"):
+        if getattr(server, key) <= 0:
+            raise ConfigError(src, f"server.{key}", "must be positive")
+    _validate_admin(config)
 
     if auth.mode not in {"dev", "jwks", "public_key"}:
         raise ConfigError(src, "auth.mode", f"must be dev, jwks or public_key, got {auth.mode!r}")

@@ -9,7 +9,10 @@ error code, and the WebSocket close code to use when the refusal happens on a so
     │   └── InvalidHost       400 4400  invalid_host
     ├── Unauthorized          401 4401  unauthorized
     ├── Forbidden             403 4403  not_in_org / not_registered
+    ├── RequestTimeout        408       request_timeout    (the request head came too slowly)
     ├── PayloadTooLarge       413 1009  payload_too_large
+    ├── UriTooLong            414       uri_too_long
+    ├── TooManyRequests       429 1013  rate_limited       (admin failures from one peer)
     ├── HeadersTooLarge       431 4400  headers_too_large
     ├── TunnelClosed          502 4410  tunnel_closed
     ├── HostOffline           503 4404  host_offline
@@ -68,7 +71,10 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"
     NOT_IN_ORG = "not_in_org"
     NOT_REGISTERED = "not_registered"
+    REQUEST_TIMEOUT = "request_timeout"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    URI_TOO_LONG = "uri_too_long"
+    RATE_LIMITED = "rate_limited"
     HEADERS_TOO_LARGE = "headers_too_large"
     TUNNEL_CLOSED = "tunnel_closed"
     HOST_OFFLINE = "host_offline"
@@ -132,6 +138,25 @@ class Forbidden(RelayError):
 class PayloadTooLarge(RelayError):
     status, code, close_code = 413, ErrorCode.PAYLOAD_TOO_LARGE, CloseCode.MESSAGE_TOO_BIG
     default_message = "request body exceeds the configured limit"
+
+
+class RequestTimeout(RelayError):
+    status, code, close_code = 408, ErrorCode.REQUEST_TIMEOUT, CloseCode.BAD_REQUEST
+    default_message = "the request head was not received in time"
+
+
+class UriTooLong(RelayError):
+    status, code, close_code = 414, ErrorCode.URI_TOO_LONG, CloseCode.BAD_REQUEST
+    default_message = "request line exceeds the limit"
+
+
+class TooManyRequests(RelayError):
+    status, code, close_code = 429, ErrorCode.RATE_LIMITED, CloseCode.TRY_AGAIN_LATER
+    default_message = "too many failed attempts; retry later"
+
+    def __init__(self, message: str | None = None, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class HeadersTooLarge(RelayError):

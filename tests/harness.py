@@ -29,6 +29,7 @@ from relay.auth.devissuer import mint_token
 from relay.config import Config, load_config
 from relay.devhost import build_app as build_host_app
 from relay.server.app import build_app
+from relay.server.listen import Listeners
 from relay.server.state import STATE, RelayState
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,7 +83,7 @@ def write_config(directory: Path, sections: dict[str, dict[str, Any]] | None = N
 @dataclass
 class RunningRelay:
     config: Config
-    runner: web.AppRunner
+    listeners: Listeners
     app: web.Application
 
     @property
@@ -97,6 +98,11 @@ class RunningRelay:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.config.server.port}"
 
+    @property
+    def admin_url(self) -> str:
+        """The admin listener (``admin.listen``) when set, else the public port."""
+        return f"http://{self.config.admin.listen}" if self.config.admin.listen else self.url
+
     def token(self, sub: str = "alice", orgs: tuple[str, ...] = ("acme",), ttl_s: int = 600,
               **extra: Any) -> str:
         """A user's token: it may call the org's hosts, not serve them."""
@@ -107,17 +113,20 @@ class RunningRelay:
         return agent_token(self.config, host_id, sub, **kwargs)
 
     async def stop(self) -> None:
-        await self.runner.cleanup()
+        await self.listeners.cleanup()
 
 
 async def start_relay(config: Config) -> RunningRelay:
+    """The relay as ``relay serve`` runs it (same connection edge and listeners), in-process."""
     app = build_app(config)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
-                           shutdown_timeout=2.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", config.server.port, reuse_address=True)
-    await site.start()
-    return RunningRelay(config, runner, app)
+    listeners = Listeners.create(app, config, shutdown_timeout=2.0)
+    try:
+        await listeners.setup()
+        await listeners.start(config)
+    except BaseException:
+        await listeners.cleanup()
+        raise
+    return RunningRelay(config, listeners, app)
 
 
 @dataclass

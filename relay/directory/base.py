@@ -100,6 +100,13 @@ class Directory(abc.ABC):
     def healthy(self) -> bool:
         """True while the backend answers; ``/readyz`` reports 503 when False."""
 
+    async def check_ready(self) -> bool:
+        """``healthy``, confirmed by a cheap bounded check when the last one is stale.
+
+        ``/readyz`` calls this; the default has nothing to confirm.
+        """
+        return self.healthy
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Connect, clear what a previous run of this instance left behind, start background

@@ -98,6 +98,8 @@ BATCH = 500
 # Compare-and-deletes remembered during an outage. Past this bound the oldest are dropped; the
 # next index-size check notices the leftovers and prunes them.
 MAX_PENDING_DELETES = 10_000
+# /readyz confirms a healthy directory with a PING when the last success is older than this.
+READY_MAX_AGE_S = 1.0
 # A revocation's fields are host ids and subjects; anything longer is not one of ours.
 MAX_REVOCATION_FIELD = 1024
 # Instances one sweep looks at (a random sample of the instance set).
@@ -246,12 +248,38 @@ class RedisDirectory(Directory):
         self._registering: set[str] = set()
         self._sweep_more = False
         self._beats = 0  # heartbeats completed (for status pages and tests)
+        self._last_ok = 0.0  # monotonic time of the last Redis call that succeeded
+        self._ready_probe: asyncio.Task[None] | None = None  # /readyz's single-flight PING
 
     # ------------------------------------------------------------------ lifecycle
 
     @property
     def healthy(self) -> bool:
         return self._healthy
+
+    async def check_ready(self, max_age_s: float = READY_MAX_AGE_S) -> bool:
+        """Without this, a dead Redis showed in /readyz only at the next heartbeat (up to
+        heartbeat_s late). When the last success is older than ``max_age_s``, one PING (shared
+        by concurrent callers, bounded by the op timeout) confirms it."""
+        if not self._healthy or self._closed or self._client is None:
+            return False
+        if time.monotonic() - self._last_ok <= max_age_s:
+            return True
+        if self._ready_probe is None or self._ready_probe.done():
+            self._ready_probe = asyncio.create_task(
+                self._probe_ready(), name=f"relay-directory-ready:{self.instance_id}"
+            )
+        # shield: a client hanging up on /readyz must not cancel the probe other callers share.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._ready_probe)
+        return self._healthy
+
+    async def _probe_ready(self) -> None:
+        assert self._client is not None
+        try:
+            await self._call("ping", self._client.ping())
+        except DirectoryUnavailable as exc:
+            self._mark_unhealthy("ready_check", exc)
 
     async def start(self) -> None:
         if self._started:
@@ -327,6 +355,9 @@ class RedisDirectory(Directory):
         self._closed = True
         was_healthy, self._healthy = self._healthy, False
         tasks, self._tasks = self._tasks, []
+        if self._ready_probe is not None:
+            tasks.append(self._ready_probe)
+            self._ready_probe = None
         for task in tasks:
             task.cancel()
         if tasks:
@@ -548,7 +579,9 @@ class RedisDirectory(Directory):
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
             # arrives as the operation completes, and close() relies on cancellation.
             async with asyncio.timeout(limit):
-                return await awaitable
+                result = await awaitable
+            self._last_ok = time.monotonic()
+            return result
         except (RedisError, OSError) as exc:  # OSError covers TimeoutError
             if self._metrics is not None:
                 self._metrics.directory_errors_total.labels(op=op).inc()

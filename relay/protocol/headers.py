@@ -27,6 +27,20 @@ WS_HANDSHAKE = frozenset({
 })
 # Relay-to-relay forwarding headers: a client must never be able to inject them.
 RELAY_INTERNAL_PREFIX = "x-relay-"
+# Who the client is and what URL it asked for, as proxies in front report it. A host that
+# trusts them (for logs, rate limits, redirects, access rules) could be lied to by any client,
+# so they reach the host only from a trusted reverse proxy (server.trust_forwarded); the relay
+# then sets its own X-Forwarded-For/-Proto/-Host after dropping the client's.
+CLIENT_IDENTITY = frozenset({
+    "forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "cf-connecting-ip",
+    "x-cluster-client-ip", "fastly-client-ip", "x-original-url", "x-rewrite-url",
+    "x-original-host", "x-host", "x-original-forwarded-for",
+})
+CLIENT_IDENTITY_PREFIX = "x-forwarded-"
+# Always replaced by the relay's own values, trusted proxy or not. Forwarded is dropped rather
+# than left disagreeing with the X-Forwarded-For chain the relay extends.
+RELAY_SET = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+                       "x-forwarded-prefix", "forwarded"})
 
 Headers = list[tuple[str, str]]
 
@@ -51,6 +65,12 @@ def strip_hop_by_hop(
     ]
 
 
+def is_client_identity(name: str) -> bool:
+    """A client-supplied identity or original-URL header (see :data:`CLIENT_IDENTITY`)."""
+    lower = name.lower()
+    return lower in CLIENT_IDENTITY or lower.startswith(CLIENT_IDENTITY_PREFIX)
+
+
 def request_headers_for_host(
     headers: list[tuple[str, str]],
     *,
@@ -60,17 +80,22 @@ def request_headers_for_host(
     websocket: bool = False,
     prior_forwarded_for: str = "",
     prefix: str = "",
+    keep_client_identity: bool = False,
 ) -> Headers:
     """What the host service sees of a client's request headers.
 
     ``prefix`` (``/hosts/<id>``) goes to the host as ``X-Forwarded-Prefix``, so a host that
     builds absolute links can put them under its path on the relay.
+    ``keep_client_identity`` (a trusted reverse proxy in front) lets the proxy's
+    ``X-Real-IP``, ``X-Forwarded-Port`` etc. through; the relay's own forwarding headers are
+    set last either way.
     """
     extra = CLIENT_CREDENTIALS | (WS_HANDSHAKE if websocket else frozenset()) | {"host"}
     out = [
         (n, v) for n, v in strip_session_cookie(strip_hop_by_hop(headers, extra=extra))
         if not n.lower().startswith(RELAY_INTERNAL_PREFIX)
-        and n.lower() not in _FORWARDED
+        and n.lower() not in RELAY_SET
+        and (keep_client_identity or not is_client_identity(n))
     ]
     # A chain from a trusted reverse proxy is extended; otherwise the client cannot forge one.
     chain = [p for p in (prior_forwarded_for, client_ip) if p]
@@ -79,10 +104,6 @@ def request_headers_for_host(
     out.append(("X-Forwarded-Host", host))
     out.append(("X-Forwarded-Prefix", prefix))
     return [(n, v) for n, v in out if v]
-
-
-_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
-                        "x-forwarded-prefix", "forwarded"})
 
 
 def strip_session_cookie(headers: Iterable[tuple[str, str]]) -> Headers:

@@ -2,12 +2,16 @@
 
 Behind ``admin.secret`` (a bearer secret compared in constant time). With no secret set, every
 ``/admin`` route answers 404, so an unconfigured relay does not even reveal the API exists.
+Wrong secrets are throttled per peer address: after ``admin.max_failures`` within
+``admin.failure_window_s`` that address gets 429 (with ``Retry-After``) for ``admin.lockout_s``,
+the right secret included, so guessing costs time while other operators are unaffected.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import time
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -15,8 +19,16 @@ from aiohttp import web
 
 from relay.auth.hostid import parse_host_id
 from relay.directory.base import DirectoryUnavailable
-from relay.errors import BadRequest, CloseCode, ErrorCode, RelayError, Unauthorized
+from relay.errors import (
+    BadRequest,
+    CloseCode,
+    ErrorCode,
+    RelayError,
+    TooManyRequests,
+    Unauthorized,
+)
 from relay.server.state import STATE, RelayState
+from relay.server.throttle import FailureThrottle
 
 log = structlog.get_logger("relay.admin")
 
@@ -28,19 +40,55 @@ class NotFound(RelayError):
     default_message = "not found"
 
 
+def admin_throttle(state: RelayState) -> FailureThrottle:
+    if state.admin_throttle is None:
+        admin = state.config.admin
+        state.admin_throttle = FailureThrottle(
+            max_failures=admin.max_failures, window_s=admin.failure_window_s,
+            lockout_s=admin.lockout_s, clock=time.monotonic,
+        )
+    return state.admin_throttle
+
+
+def admin_peer(request: web.Request, trust_forwarded: bool) -> str:
+    """The address failures are counted against: the socket peer, or behind a trusted proxy
+    the address that proxy appended (the last X-Forwarded-For entry, which it wrote itself)."""
+    if trust_forwarded:
+        chain = [p.strip() for p in request.headers.get("X-Forwarded-For", "").split(",")]
+        if chain and chain[-1]:
+            return chain[-1][:64]
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return str(peer[0]) if peer else "unknown"
+
+
 def _guard(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def guarded(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
         secret = state.config.admin.secret
         if not secret:
             raise NotFound()
+        throttle = admin_throttle(state)
+        peer = admin_peer(request, state.config.server.trust_forwarded)
+        wait = throttle.retry_after(peer)
+        if wait is not None:
+            raise TooManyRequests("too many wrong admin secrets from this address; retry later",
+                                  retry_after_s=wait)
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             value.strip().encode(), secret.encode()
         ):
-            log.warning("admin.unauthorized", path=request.path)
+            lockout = throttle.failed(peer)
+            if lockout is not None:
+                log.warning("admin.locked_out", peer=peer, lockout_s=lockout,
+                            tracked_peers=len(throttle))
+                raise TooManyRequests(
+                    "too many wrong admin secrets from this address; retry later",
+                    retry_after_s=lockout,
+                )
+            log.warning("admin.unauthorized", path=request.path, peer=peer)
             raise Unauthorized("admin secret required")
+        throttle.succeeded(peer)
         return await handler(request, state)
 
     return guarded

@@ -11,7 +11,9 @@ from typing import Any
 
 import aiohttp
 
+from relay.config import Config, load_config, parse_listen
 from relay.connect_errors import connect_error_cause
+from relay.errors import ConfigError
 
 
 def _human_bytes(size: float) -> str:
@@ -46,8 +48,30 @@ def render_table(body: dict[str, Any]) -> str:
     return "\n".join([header, *lines])
 
 
+def admin_url(config: Config) -> str:
+    """Where a relay with this config serves /admin: its admin listener, else the public port."""
+    if config.admin.listen:
+        host, port = parse_listen(config.admin.listen)
+    else:
+        host, port = config.server.host, config.server.port
+    if host in {"0.0.0.0", "::", ""}:
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 async def print_status(args: argparse.Namespace) -> int:
-    secret = args.secret or os.environ.get("RELAY_ADMIN_SECRET", "")
+    config_secret = ""
+    if getattr(args, "config", None):
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"relay status: {exc}", file=sys.stderr)
+            return 2
+        config_secret = config.admin.secret
+        if not args.url:
+            args.url = admin_url(config)
+    args.url = args.url or "http://127.0.0.1:8080"
+    secret = args.secret or os.environ.get("RELAY_ADMIN_SECRET", "") or config_secret
     if not secret:
         print("relay status: give --secret or set RELAY_ADMIN_SECRET", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from relay.errors import (
     Draining,
     ErrorCode,
     HostOffline,
+    PayloadTooLarge,
     RelayError,
 )
 from relay.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -39,6 +40,7 @@ from relay.server.edge import (
     Authorized,
     HostRoute,
     authorize,
+    check_declared_body,
     check_header_size,
     error_response,
     is_secure,
@@ -46,6 +48,7 @@ from relay.server.edge import (
 )
 from relay.server.forward import forward_http, forward_ws
 from relay.server.http_proxy import proxy_http
+from relay.server.httpedge import close_without_reading, edge_limits, parser_args
 from relay.server.peers import H_SIGNATURE, PeerRejected, PeerSigner
 from relay.server.registry import Tunnel
 from relay.server.state import STATE, RelayState, session_settings
@@ -66,6 +69,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except RelayError as error:
+        if isinstance(error, PayloadTooLarge):
+            close_without_reading(request)  # the rest of the body is never read
         if request.path.startswith(HOSTS_PREFIX):
             state = request.app[STATE]
             state.metrics.requests_with_status(error.status).inc()
@@ -209,6 +214,9 @@ async def handle_hosts(request: web.Request) -> web.StreamResponse:
                                     routed.host_id, route.path, query, routed.subject)
         return await proxy_ws(state, request, routed.tunnel.session, route.path, query,
                               routed.host_id, routed.client_chain)
+    # Like nginx's client_max_body_size: a declared body over the limit is refused before
+    # anything else, so an unauthenticated client cannot make the relay read it either.
+    check_declared_body(request, state.config.server.max_body_bytes)
     if state.draining:
         raise Draining()
     check_header_size(request, state.config.server.max_header_bytes)
@@ -251,12 +259,35 @@ async def handle_healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def handle_hosts_expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` on /hosts: refuse an over-limit body before the client sends it.
+
+    aiohttp's default answers ``100 Continue`` before any check; here the 100 is deferred
+    until the exchange is authorised and about to stream the body (see ``send_continue``).
+    """
+    expect = request.headers.get("Expect", "").lower()
+    if expect != "100-continue":
+        error = RelayError("unsupported Expect value", code=ErrorCode.BAD_REQUEST)
+        error.status = 417
+        return error_response(error)
+    try:
+        check_declared_body(request, request.app[STATE].config.server.max_body_bytes)
+    except PayloadTooLarge as too_large:
+        close_without_reading(request)
+        log.info("http.refused", method=request.method, status=too_large.status,
+                 code=str(too_large.code), expect="100-continue")
+        return error_response(too_large)
+    return None
+
+
 async def handle_readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     checks = {"draining": state.draining}
     ready = not state.draining
     if state.directory is not None:
-        healthy = state.directory.healthy
+        # A cheap bounded check when the last sign of life is older than ~1 s, so readiness
+        # follows a dead backend within a second instead of at the next heartbeat.
+        healthy = await state.directory.check_ready()
         checks["directory"] = healthy
         ready = ready and healthy
     body = {"status": "ready" if ready else "unavailable", "checks": checks,
@@ -350,13 +381,10 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     if directory.backend == "redis":
         state.signer = PeerSigner(directory.peer_secret, directory.instance_id,
                                   max_skew_s=directory.peer_max_skew_s)
-    # aiohttp's parser refuses single lines above these with a bare 400; keep them well above
-    # server.max_header_bytes so oversized headers get the documented JSON 431 instead.
-    parser_limit = max(65536, config.server.max_header_bytes * 8)
-    app = web.Application(middlewares=[error_middleware], handler_args={
-        "max_field_size": parser_limit,
-        "max_line_size": parser_limit,
-    })
+    # The parser's own refusals (a line or field over these) are answered as JSON 414/431 by
+    # relay.server.httpedge; the total header size is checked again per request (431).
+    app = web.Application(middlewares=[error_middleware],
+                          handler_args=parser_args(edge_limits(config)))
     app[STATE] = state
     if config.cors.allow_origins:
         app[CORS] = CorsPolicy(config.cors.allow_origins, config.cors.max_age_s)
@@ -366,9 +394,24 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
-    app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/tunnel", handle_tunnel)
-    app.router.add_route("*", "/hosts/{tail:.*}", handle_hosts)
+    app.router.add_route("*", "/hosts/{tail:.*}", handle_hosts, expect_handler=handle_hosts_expect)
+    if not config.admin.listen:
+        # With a separate admin listener, /admin and /metrics live there only (as Envoy's
+        # admin port does): the public port answers 404 for them.
+        app.router.add_get("/metrics", handle_metrics)
+        add_admin_routes(app)
+    return app
+
+
+def build_admin_app(state: RelayState) -> web.Application:
+    """The admin listener's app: /admin, /metrics and the health checks, on shared state."""
+    app = web.Application(middlewares=[error_middleware],
+                          handler_args=parser_args(edge_limits(state.config)))
+    app[STATE] = state
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/readyz", handle_readyz)
+    app.router.add_get("/metrics", handle_metrics)
     add_admin_routes(app)
     return app
 

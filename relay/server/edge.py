@@ -18,6 +18,7 @@ from relay.errors import (
     BadRequest,
     HeadersTooLarge,
     InvalidHost,
+    PayloadTooLarge,
     RelayError,
     Unauthorized,
 )
@@ -78,6 +79,25 @@ def check_header_size(request: web.Request, limit: int) -> None:
     total = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
     if total > limit:
         raise HeadersTooLarge()
+
+
+def check_declared_body(request: web.Request, limit: int) -> None:
+    """413 for a declared Content-Length over the limit (a chunked body is counted as it comes)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+
+
+async def send_continue(request: web.Request) -> None:
+    """Answer ``Expect: 100-continue`` now that the exchange is accepted and the body is wanted.
+
+    The /hosts expect handler deliberately sent nothing, so a refused request (401, 403, 413,
+    503 ...) never invites the client to upload first.
+    """
+    if (request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue"
+            and request.writer.output_size == 0):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp does: the answer itself has not started
 
 
 @dataclass(frozen=True, slots=True)

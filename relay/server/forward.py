@@ -22,9 +22,11 @@ from relay.protocol.headers import (
     CLIENT_CREDENTIALS,
     RELAY_INTERNAL_PREFIX,
     WS_HANDSHAKE,
+    is_client_identity,
     strip_hop_by_hop,
     strip_session_cookie,
 )
+from relay.server.edge import send_continue
 from relay.server.peers import PeerSigner
 from relay.server.state import RelayState
 from relay.server.tunnels import CLOSE_TIMEOUT_S
@@ -53,7 +55,8 @@ def _outbound_headers(request: web.Request, *, websocket: bool,
     # The session cookie is a credential like Authorization: this relay used it already.
     headers = [(n, v) for n, v in strip_session_cookie(
                    strip_hop_by_hop(request.headers.items(), extra=extra))
-               if not n.lower().startswith(RELAY_INTERNAL_PREFIX)]
+               if not n.lower().startswith(RELAY_INTERNAL_PREFIX)
+               and (trust_forwarded or not is_client_identity(n))]
     scheme, host = request.scheme, request.host
     if trust_forwarded:
         scheme = request.headers.get("X-Forwarded-Proto", scheme)
@@ -91,6 +94,8 @@ async def forward_http(state: RelayState, signer: PeerSigner, request: web.Reque
     started = time.monotonic()
     state.metrics.forwarded_requests_total.labels(kind="http").inc()
     body = request.content if request.body_exists else None
+    if body is not None:
+        await send_continue(request)
     status = 502
     try:
         async with state.client.request(
@@ -134,7 +139,7 @@ async def forward_ws(state: RelayState, signer: PeerSigner, request: web.Request
                      owner_url: str, host_id: str, path: str, query: str,
                      subject: str) -> web.StreamResponse:
     """Bridge the client's WebSocket to the owner relay's WebSocket for the same channel."""
-    from relay.server.ws_proxy import client_ws, offered_protocols, refuse_ws
+    from relay.server.ws_proxy import client_ws, offered_protocols, refuse_ws, ws_size_limit
 
     assert state.client is not None
     target, headers = _signed_request(state, signer, request, host_id, path, query, subject,
@@ -146,7 +151,7 @@ async def forward_ws(state: RelayState, signer: PeerSigner, request: web.Request
         upstream = await asyncio.wait_for(state.client.ws_connect(
             aiohttp.client.URL(ws_url, encoded=True), headers=headers, protocols=offered,
             compress=0, autoping=True, decode_text=False,
-            max_msg_size=state.config.tunnel.max_ws_message_bytes,
+            max_msg_size=ws_size_limit(state.config.tunnel.max_ws_message_bytes),
             timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT_S),
         ), state.config.tunnel.open_timeout_s)
     except (aiohttp.ClientError, TimeoutError) as exc:

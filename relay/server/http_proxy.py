@@ -23,6 +23,7 @@ from relay.errors import (
 from relay.logs import access_log
 from relay.protocol.headers import request_headers_for_host, response_headers_for_client
 from relay.protocol.hostpaths import host_prefix
+from relay.server.edge import send_continue
 from relay.server.state import RelayState
 from relay.tunnel.session import Channel, ChannelClosed, ChannelKind, TunnelSession
 
@@ -78,6 +79,7 @@ def host_request_head(
         list(request.headers.items()), client_ip=client_ip, scheme=scheme, host=host,
         prior_forwarded_for=prior, websocket=websocket,
         prefix=host_prefix(host_id) if host_id else "",
+        keep_client_identity=trust_forwarded,
     )
     return {"method": request.method, "path": path, "query": query, "headers": headers}
 
@@ -127,7 +129,7 @@ async def proxy_http(
     exchange = Exchange()
     limit = config.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge()
+        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
     has_body = request_has_body(request)
     head = host_request_head(request, path, query, config.server.trust_forwarded, client_chain,
                              host_id=host_id)
@@ -142,6 +144,7 @@ async def proxy_http(
     status = 0
     try:
         if has_body:
+            await send_continue(request)
             upload = asyncio.ensure_future(_upload(request, channel, exchange, limit))
             upload.set_name(f"http-upload:{host_id}:{channel.id}")
         try:
@@ -149,7 +152,7 @@ async def proxy_http(
                                           config.tunnel.request_timeout_s)
         except ChannelClosed as closed:
             if exchange.body_too_large:
-                raise PayloadTooLarge() from None
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes") from None
             if closed.tunnel_lost and closed.code == CloseCode.DRAINING:
                 raise Draining() from None
             if closed.tunnel_lost:

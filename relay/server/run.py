@@ -7,11 +7,11 @@ import signal
 import sys
 
 import structlog
-from aiohttp import web
 
 from relay.config import Config
 from relay.server.app import build_app, drain
 from relay.server.lifecycle import Lifecycle
+from relay.server.listen import Listeners
 from relay.server.state import STATE
 
 log = structlog.get_logger("relay.server")
@@ -44,24 +44,17 @@ async def serve(config: Config, *, config_path: str | None = None,
         loop.add_signal_handler(sig, on_stop_signal, sig)
     lifecycle = Lifecycle(state, config_path)
     loop.add_signal_handler(signal.SIGHUP, lifecycle.request_reload)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,  # aiohttp's access log would print ?token= query strings
-        handler_cancellation=True,  # a client that hangs up cancels its stream at once
-        shutdown_timeout=5.0,
-    )
+    listeners = Listeners.create(app, config, shutdown_timeout=5.0)
     try:
-        await runner.setup()
-        site = web.TCPSite(runner, config.server.host, config.server.port, backlog=2048,
-                           reuse_address=True)
+        await listeners.setup()
         try:
-            await site.start()
+            await listeners.start(config, backlog=2048)
         except OSError as exc:
             log.error("relay.listen_failed", host=config.server.host, port=config.server.port,
-                      error=exc.strerror)
+                      admin_listen=config.admin.listen or None, error=exc.strerror)
             return 1
         log.info("relay.listening", url=f"http://{config.server.host}:{config.server.port}",
+                 admin=f"http://{config.admin.listen}" if config.admin.listen else None,
                  auth_mode=config.auth.mode, access_backend=config.access.backend,
                  directory=config.directory.backend, instance_id=config.directory.instance_id)
         if banner:
@@ -76,6 +69,6 @@ async def serve(config: Config, *, config_path: str | None = None,
         await lifecycle.close()
         for sig in (*STOP_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        await runner.cleanup()
+        await listeners.cleanup()
     log.info("relay.stopped")
     return 0

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from relay.auth.tokens import TokenVerifier
     from relay.directory.base import Directory
     from relay.server.peers import PeerSigner
+    from relay.server.throttle import FailureThrottle
 
 
 def session_settings(config: Config) -> SessionSettings:
@@ -51,6 +52,7 @@ class RelayState:
     notifier: Any = None
     signer: PeerSigner | None = None  # set when relays forward to each other
     sessions: SessionCookies | None = None  # browser navigation sessions (relay.auth.session)
+    admin_throttle: FailureThrottle | None = None  # wrong admin secrets per peer address
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)

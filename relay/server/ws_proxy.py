@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -18,12 +19,38 @@ from relay.tunnel.session import Channel, ChannelClosed, ChannelKind, TunnelSess
 log = structlog.get_logger("relay.ws")
 
 
+def ws_size_limit(max_message_bytes: int) -> int:
+    """aiohttp's ``max_msg_size`` for a limit of ``max_message_bytes``.
+
+    aiohttp refuses a message whose size is *equal* to ``max_msg_size``; the documented limit
+    is the largest message that passes, so aiohttp is given one more.
+    """
+    return max_message_bytes + 1
+
+
+class ClientWebSocket(web.WebSocketResponse):
+    """The client's socket; an over-limit message is closed 1009 with a reason naming the limit.
+
+    aiohttp fails such a socket with 1009 and an empty reason; the client then cannot tell a
+    size limit from any other refusal.
+    """
+
+    def __init__(self, *, max_message_bytes: int, **kwargs: Any) -> None:
+        super().__init__(max_msg_size=ws_size_limit(max_message_bytes), **kwargs)
+        self._too_big = f"message too big: the limit is {max_message_bytes} bytes".encode()
+
+    async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool:
+        if code == CloseCode.MESSAGE_TOO_BIG and not message:
+            message = self._too_big
+        return await super().close(code=code, message=message, drain=drain)
+
+
 def client_ws(state: RelayState, protocols: tuple[str, ...] = ()) -> web.WebSocketResponse:
-    return web.WebSocketResponse(
+    return ClientWebSocket(
+        max_message_bytes=state.config.tunnel.max_ws_message_bytes,
         protocols=protocols,
         compress=False,
         timeout=CLOSE_TIMEOUT_S,
-        max_msg_size=state.config.tunnel.max_ws_message_bytes,
         decode_text=False,
     )
 
