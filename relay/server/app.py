@@ -69,15 +69,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except RelayError as error:
-        if isinstance(error, PayloadTooLarge):
-            close_without_reading(request)  # the rest of the body is never read
         if request.path.startswith(HOSTS_PREFIX):
             state = request.app[STATE]
             state.metrics.requests_with_status(error.status).inc()
             log.info("http.refused", method=request.method, status=error.status,
                      code=str(error.code),
                      host_id=request.path[len(HOSTS_PREFIX):].split("/")[0][:300])
-        return error_response(error)
+        response = error_response(error)
+        if isinstance(error, PayloadTooLarge):
+            close_without_reading(request, response)  # the rest of the body is never read
+        return response
     except web.HTTPException as exc:
         if exc.status in (404, 405):
             code = ErrorCode.NOT_FOUND if exc.status == 404 else ErrorCode.BAD_REQUEST
@@ -273,10 +274,11 @@ async def handle_hosts_expect(request: web.Request) -> web.StreamResponse | None
     try:
         check_declared_body(request, request.app[STATE].config.server.max_body_bytes)
     except PayloadTooLarge as too_large:
-        close_without_reading(request)
         log.info("http.refused", method=request.method, status=too_large.status,
                  code=str(too_large.code), expect="100-continue")
-        return error_response(too_large)
+        response = error_response(too_large)
+        close_without_reading(request, response)
+        return response
     return None
 
 

@@ -32,8 +32,10 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import (
     BadHttpMessage,
-    BadHttpMethod,
+    BadStatusLine,
     HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
     LineTooLong,
 )
 from aiohttp.web_protocol import RequestHandler
@@ -93,8 +95,18 @@ def refusal_for(exc: BaseException | None, limits: EdgeLimits) -> RelayError:
         return HeadersTooLarge(f"a header field exceeds {limits.max_header_bytes} bytes")
     if isinstance(exc, BadHttpMessage) and "too many headers" in exc.message.lower():
         return HeadersTooLarge(f"more than {MAX_HEADER_COUNT} header fields")
-    if isinstance(exc, BadHttpMethod):
+    if isinstance(exc, BadStatusLine):  # BadHttpMethod included
         return BadRequest("malformed request line")
+    if isinstance(exc, InvalidURLError):
+        return BadRequest("malformed URL")
+    if isinstance(exc, InvalidHeader):
+        return BadRequest("malformed header field")
+    if isinstance(exc, HttpProcessingError):
+        # llhttp's messages are "<fixed description>:\n\n  <the bytes>": keep the description,
+        # never the bytes (a token may be among them).
+        description, sep, _ = exc.message.partition(":\n")
+        if sep and description.isprintable() and len(description) <= 80:
+            return BadRequest(f"malformed request: {description}")
     return BadRequest("malformed request")
 
 
@@ -243,8 +255,9 @@ class EdgeProtocol(RequestHandler):
         return result
 
 
-def close_without_reading(request: web.BaseRequest) -> None:
-    """Mark the request's connection to be closed after the answer, the body left unread."""
+def close_without_reading(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Close the connection after ``response`` (``Connection: close``), the body left unread."""
+    response.force_close()
     protocol = request.protocol
     if isinstance(protocol, EdgeProtocol):
         protocol.refuse_body()
