@@ -63,7 +63,8 @@ class RawClient:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"server did not close in {timeout}s; got {b''.join(chunks)!r}")
+                got = b"".join(chunks)
+                raise AssertionError(f"server did not close in {timeout}s; got {got!r}")
             try:
                 chunk = await asyncio.wait_for(self.reader.read(65536), left)
             except (ConnectionResetError, BrokenPipeError):

@@ -4,6 +4,7 @@ against a real relay (with a real agent and host behind it)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -271,10 +272,8 @@ async def test_parser_refusals_are_our_json_and_one_info_event(tmp_path: Path) -
             port = st.relay.config.server.port
             for name, (data, _, _) in MALFORMED.items():
                 client = await RawClient.connect(port)
-                try:
-                    await client.send(data)
-                except ConnectionError:
-                    pass  # refused mid-send: the answer is still there to read
+                with contextlib.suppress(ConnectionError):
+                    await client.send(data)  # refused mid-send: the answer is still there
                 raw = await client.read_until_closed(timeout=5)
                 client.close()
                 [response] = parse_responses(raw)
@@ -367,13 +366,15 @@ async def test_a_trusted_proxy_may_pass_identity_headers(tmp_path: Path) -> None
 async def test_a_message_of_exactly_the_limit_passes_one_more_is_1009(
     tmp_path: Path, size: int,
 ) -> None:
-    async with stack(tmp_path, {"tunnel": {"max_ws_message_bytes": size}}) as st:
-        async with st.client.ws_connect(st.url("/ws"), headers=st.auth()) as ws:
-            await ws.send_bytes(b"m" * size)
-            echoed = await ws.receive(timeout=5)
-            assert echoed.type is WSMsgType.BINARY and echoed.data == b"m" * size
-            await ws.send_bytes(b"m" * (size + 1))
-            closed = await ws.receive(timeout=5)
-            assert closed.type is WSMsgType.CLOSE
-            assert closed.data == 1009
-            assert str(size) in closed.extra and "too big" in closed.extra
+    async with (
+        stack(tmp_path, {"tunnel": {"max_ws_message_bytes": size}}) as st,
+        st.client.ws_connect(st.url("/ws"), headers=st.auth()) as ws,
+    ):
+        await ws.send_bytes(b"m" * size)
+        echoed = await ws.receive(timeout=5)
+        assert echoed.type is WSMsgType.BINARY and echoed.data == b"m" * size
+        await ws.send_bytes(b"m" * (size + 1))
+        closed = await ws.receive(timeout=5)
+        assert closed.type is WSMsgType.CLOSE
+        assert closed.data == 1009
+        assert str(size) in closed.extra and "too big" in closed.extra
