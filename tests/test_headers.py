@@ -152,3 +152,25 @@ def test_redacted_query_hides_credential_parameters() -> None:
     safe = redact_query("token=abc.def&access_token=x&a=1")
     assert "abc.def" not in safe and "x&" not in safe
     assert "a=1" in safe
+
+
+IDENTITY = [("X-Real-IP", "6.6.6.6"), ("True-Client-IP", "6.6.6.6"), ("x-client-ip", "6.6.6.6"),
+            ("CF-Connecting-IP", "6.6.6.6"), ("X-Forwarded-Port", "1"),
+            ("X-Forwarded-Prefix", "/evil"), ("X-Forwarded-Server", "evil"),
+            ("Forwarded", "for=6.6.6.6"), ("X-Original-URL", "/admin"),
+            ("X-Rewrite-URL", "/admin"), ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Forwarded-Host", "evil.example"), ("X-Forwarded-Proto", "gopher")]
+
+
+def test_client_identity_headers_are_dropped_and_the_relay_sets_its_own() -> None:
+    out = for_host([*IDENTITY, ("X-Keep", "1")])
+    assert out == [("X-Keep", "1"), ("X-Forwarded-For", "10.0.0.9"),
+                   ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "relay.example")]
+
+
+def test_a_trusted_proxy_keeps_identity_headers_but_never_the_forwarding_trio() -> None:
+    out = dict(for_host(IDENTITY, keep_client_identity=True, prior_forwarded_for="1.2.3.4"))
+    assert out["X-Real-IP"] == "6.6.6.6" and out["X-Forwarded-Port"] == "1"
+    assert "Forwarded" not in out  # would disagree with the extended chain
+    assert out["X-Forwarded-For"] == "1.2.3.4, 10.0.0.9"
+    assert (out["X-Forwarded-Proto"], out["X-Forwarded-Host"]) == ("https", "relay.example")
