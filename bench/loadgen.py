@@ -1,4 +1,5 @@
-"""Load generator processes for the bench: downloads, a slow reader, WebSocket echo, idle tunnels.
+"""Load generator processes for the bench: downloads, a slow reader, WebSocket echo, idle tunnels,
+and W6's hostile clients (idle channels held open, an agent flooding PINGs).
 
 Each subcommand runs in its own process (``python -m bench.loadgen <cmd> ...``) so the client
 side is spread over processes and never shares an interpreter with what it measures. Protocol
@@ -469,6 +470,115 @@ async def _tunnels(args: argparse.Namespace) -> int:
     return 0
 
 
+class IdleChannel(WsClient):
+    """A hostile client's WebSocket channel to a host: opened, then never used (W6)."""
+
+
+async def _idlechannels(args: argparse.Namespace) -> int:
+    """Hold ``--count`` idle WebSocket channels to one host until told to stop (W6)."""
+    loop = asyncio.get_running_loop()
+    commands = StdinCommands()
+    channels: list[IdleChannel] = []
+    errors: collections.Counter[str] = collections.Counter()
+    gate = asyncio.Semaphore(args.concurrency)
+
+    async def open_one() -> None:
+        host, port, request = handshake_request(args.url, args.token)
+        async with gate:
+            try:
+                _, channel = await asyncio.wait_for(
+                    loop.create_connection(functools.partial(IdleChannel, request), host, port),
+                    30)
+                channels.append(channel)
+                await asyncio.wait_for(asyncio.shield(channel.opened), 30)
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                errors[type(exc).__name__ + ":" + str(exc)[:60]] += 1
+
+    await asyncio.gather(*(open_one() for _ in range(args.count)))
+    # Accepted then closed (a refusal is a close code on an accepted socket) is not held.
+    held = sum(1 for c in channels if c.opened.done() and not c.opened.exception()
+               and not c.closed.done())
+    emit({"ready": held, "errors": dict(errors)})
+    await loop.run_in_executor(None, commands.wait, args.deadline)
+    codes = collections.Counter(str(c.closed.result()) for c in channels
+                                if c.closed.done() and not c.closed.cancelled())
+    emit({"held": sum(1 for c in channels if not c.closed.done()), "closed": dict(codes)})
+    for channel in channels:
+        if channel.transport is not None:
+            channel.transport.abort()
+    return 0
+
+
+class PingFlooder(WsClient):
+    """A hostile agent: registers a tunnel, then sends PINGs as fast as the socket takes them
+    and never reads a PONG (it stops reading after the HELLO)."""
+
+    def __init__(self, request: bytes, frame: bytes) -> None:
+        super().__init__(request)
+        self.frame = frame
+        self.sent = 0
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+        self.hello: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_message(self, opcode: int, payload: bytes) -> None:
+        if (opcode == wsframes.OP_BINARY and payload[:1] == bytes([FRAME_HELLO])
+                and not self.hello.done()):
+            self.hello.set_result(None)
+            if self.transport is not None:
+                self.transport.pause_reading()  # never read a PONG again
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+    async def flood(self, until: float) -> None:
+        while time.monotonic() < until and not self.closed.done():
+            try:
+                await asyncio.wait_for(self.can_write.wait(), max(0.01, until - time.monotonic()))
+            except TimeoutError:
+                return
+            self.send(wsframes.OP_BINARY, self.frame)
+            self.sent += 1
+            await asyncio.sleep(0)
+
+
+async def _pingflood(args: argparse.Namespace) -> int:
+    """One agent flooding ``--size``-byte PINGs for ``--duration`` s, reconnecting when cut (W6)."""
+    loop = asyncio.get_running_loop()
+    commands = StdinCommands()
+    url = f"{args.url.rstrip('/')}/tunnel?hostId={args.host_id}&v=1"
+    payload = TUNNEL_HEADER.pack(FRAME_PING, 0, 0) + os.urandom(args.size)
+    emit({"ready": True})
+    line = await loop.run_in_executor(None, commands.wait, args.deadline)
+    if line != "go":
+        return 1
+    until = time.monotonic() + args.duration
+    sent = connects = 0
+    codes: collections.Counter[str] = collections.Counter()
+    while time.monotonic() < until:
+        host, port, request = handshake_request(url, args.token)
+        try:
+            _, flooder = await asyncio.wait_for(loop.create_connection(
+                functools.partial(PingFlooder, request, payload), host, port), 10)
+            await asyncio.wait_for(asyncio.shield(flooder.hello), 10)
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            codes[type(exc).__name__] += 1
+            await asyncio.sleep(0.2)
+            continue
+        connects += 1
+        await flooder.flood(until)
+        sent += flooder.sent
+        if flooder.closed.done():
+            codes[str(flooder.closed.result())] += 1
+        elif flooder.transport is not None:
+            flooder.transport.abort()
+    emit({"pings_sent": sent, "connects": connects, "closes": dict(codes)})
+    return 0
+
+
 def _run_async(coro: Any) -> int:
     try:
         import uvloop
@@ -504,6 +614,13 @@ def main() -> int:
     p.add_argument("--org", default="acme")
     p.add_argument("--prefix", default="idle")
     p.add_argument("--concurrency", type=int, default=64)
+    p = sub.add_parser("idlechannels", parents=[common])
+    p.add_argument("--count", type=int, default=300)
+    p.add_argument("--concurrency", type=int, default=64)
+    p = sub.add_parser("pingflood", parents=[common])
+    p.add_argument("--host-id", required=True)
+    p.add_argument("--size", type=int, default=64 * 1024, help="PING payload bytes")
+    p.add_argument("--duration", type=float, default=10.0)
     args = parser.parse_args()
     raise_nofile()
     if args.cmd == "download":
@@ -512,6 +629,10 @@ def main() -> int:
         return cmd_slowread(args)
     if args.cmd == "wsecho":
         return _run_async(_wsecho(args))
+    if args.cmd == "idlechannels":
+        return _run_async(_idlechannels(args))
+    if args.cmd == "pingflood":
+        return _run_async(_pingflood(args))
     return _run_async(_tunnels(args))
 
 

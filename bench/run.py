@@ -11,6 +11,10 @@ Workloads (each measured straight to the host service and through relay + agent)
 - W3 WebSocket echo: 16 channels, 1 KiB binary ping-pong, clients in 2 processes: round trips/s,
   p50, p99;
 - W4 idle tunnels: a fresh relay holding 1,000 then 19,000 tunnels: KiB of relay RSS per tunnel;
+- W6 abuse: W1 through the relay again while one hostile client holds 300 idle WebSocket
+  channels to the same host and a hostile agent floods 64 KiB PINGs it never reads the PONGs
+  of (both raw-socket clients in their own processes): honest req/s as a ratio to W1 alone
+  (target ≥ 0.8), the honest client's errors, and the relay's RSS growth;
 - W5 owner vs non-owner relay (scale-out, directory.backend = "redis"): a request entering
   through the relay that holds the tunnel beside one entering through another relay. Skipped,
   with a note, while relay-to-relay forwarding is not available (detected by trying).
@@ -73,9 +77,11 @@ MB = 1_000_000
 # Overrides that would point the bench's own relays elsewhere; everything else RELAY_* passes.
 STRIPPED_ENV = ("RELAY_CONFIG", "RELAY_SERVER_HOST", "RELAY_SERVER_PORT", "RELAY_AUTH_",
                 "RELAY_DIRECTORY_", "RELAY_ACCESS_", "RELAY_ADMIN_")
-ALL_WORKLOADS = ("W0", "W1", "W2", "W3", "W4", "W5", "W7")
+ALL_WORKLOADS = ("W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7")
 W4_PING_INTERVAL_S = 10.0
-RUN_ORDER = ("W0", "W1", "W2", "W3", "W5", "W7", "W4")  # W4 last: its sockets linger in TIME_WAIT
+W6_CHANNELS = 300  # more than tunnel.max_streams (256): the probe that locked a host out
+# W4 last: its sockets linger in TIME_WAIT. W6 right after W1, on the same relay.
+RUN_ORDER = ("W0", "W1", "W6", "W2", "W3", "W5", "W7", "W4")
 
 
 @dataclass
@@ -426,6 +432,66 @@ class Bench:
         rows.append(Row("W1", "relay CPU per request, CORS on vs off", off_us, on_us, "µs"))
         rows.append(Row("W1", "errors CORS on", None, on.errors, "", "0", on.errors == 0,
                         ratio=False))
+
+    def w6(self) -> None:
+        """Abuse: honest W1 throughput while hostile clients hold channels and flood PINGs."""
+        binary = self.ensure_wrk()
+        if binary is None:
+            self.report.notes.append(f"W6 skipped: {self.wrk_problem}")
+            return
+        assert self.relay is not None
+        d = self.durations
+        url = self.relay.host_url(HOST_ID, "/small")
+        alone_raw = self.report.raw.get("W1", {}).get("relay")
+        if alone_raw is not None:
+            alone_rps = alone_raw["requests_per_s"]
+            alone_errors = alone_raw["non_2xx"] + sum(alone_raw["socket_errors"].values())
+        else:
+            wrk.run(binary, url, token=self.token, seconds=d.w1_warmup_s)
+            alone = wrk.run(binary, url, token=self.token, seconds=d.w1_s)
+            alone_rps, alone_errors = alone.requests_per_s, alone.errors
+        hold_s = d.w1_s + d.w1_warmup_s + 30
+        channels = self.loadgen("w6-channels", "idlechannels", "--url",
+                                self.relay.host_url(HOST_ID, "/ws", "ws"), "--count",
+                                str(W6_CHANNELS), "--deadline", str(hold_s + 30))
+        flood = self.loadgen("w6-pingflood", "pingflood", "--url", self.relay.ws,
+                             "--host-id", f"{ORG}:w6-flood", "--size", str(64 * 1024),
+                             "--duration", str(d.w1_warmup_s + d.w1_s + 1),
+                             "--deadline", str(hold_s + 30))
+        rss_before = settle_rss(self.relay.pid, 0.5)
+        try:
+            held = channels.expect(60)
+            flood.expect(30)
+            flood.send("go")
+            with RssSampler({"relay": self.relay.pid}) as rss:
+                wrk.run(binary, url, token=self.token, seconds=d.w1_warmup_s)
+                hostile = wrk.run(binary, url, token=self.token, seconds=d.w1_s)
+            channels.send("stop")
+            held_after = channels.expect(30)
+            flooded = flood.expect(30)
+        finally:
+            for worker in (channels, flood):
+                self.procs.stop(worker.popen)
+        ratio = hostile.requests_per_s / alone_rps if alone_rps else 0.0
+        growth_mib = (rss.peak["relay"] - rss_before) / 1024
+        print(f"  W6 alone {alone_rps:10,.0f} req/s; with hostile load "
+              f"{hostile.requests_per_s:10,.0f} req/s (x{ratio:.2f}), errors {hostile.errors}; "
+              f"idle channels held {held.get('ready')} -> {held_after.get('held')}; "
+              f"pings sent {flooded.get('pings_sent')} over {flooded.get('connects')} "
+              f"tunnels, closes {flooded.get('closes')}; relay RSS +{growth_mib:.0f} MiB",
+              flush=True)
+        self.report.raw["W6"] = {"alone_rps": alone_rps, "alone_errors": alone_errors,
+                                 "hostile": {k: v for k, v in asdict(hostile).items()
+                                             if k != "raw"},
+                                 "channels": [held, held_after],
+                                 "pingflood": flooded, "rss_growth_mib": growth_mib}
+        rows = self.report.rows
+        rows.append(Row("W6", "honest req/s: alone | under abuse", alone_rps,
+                        hostile.requests_per_s, "", "≥ 0.8 of alone", ratio >= 0.8))
+        rows.append(Row("W6", "honest errors (non-2xx + socket)", alone_errors, hostile.errors,
+                        "", "0", hostile.errors == 0, ratio=False))
+        rows.append(Row("W6", "relay RSS growth under abuse", None, growth_mib, "MiB",
+                        "≤ 64 MiB", growth_mib <= 64, ratio=False))
 
     def cpu_meter(self) -> CpuMeter:
         """CPU of the relay, the agent and the host (and reaped load generators) in a block."""
@@ -919,7 +985,7 @@ class Bench:
         self.agent_token = self.mint_token(config, f"{ORG}:*")
         self.token_file.write_text(self.agent_token)
         self.token_file.chmod(0o600)
-        if chosen & {"W0", "W1", "W2", "W3"}:
+        if chosen & {"W0", "W1", "W2", "W3", "W6"}:
             self.setup()
         elif "W5" in chosen:
             self.start_host()
