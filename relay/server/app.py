@@ -80,12 +80,28 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             close_without_reading(request, response)  # the rest of the body is never read
         return response
     except web.HTTPException as exc:
-        if exc.status in (404, 405):
-            code = ErrorCode.NOT_FOUND if exc.status == 404 else ErrorCode.BAD_REQUEST
-            return web.json_response(
+        # aiohttp's own refusals (no route, wrong method, a body over client_max_size ...)
+        # become the same JSON as ours; redirects and successes pass as they are.
+        if exc.status >= 400:
+            code = _HTTP_EXCEPTION_CODES.get(
+                exc.status, ErrorCode.BAD_REQUEST if exc.status < 500 else ErrorCode.INTERNAL
+            )
+            response = web.json_response(
                 {"error": {"code": str(code), "message": exc.reason}}, status=exc.status
             )
+            if "Allow" in exc.headers:  # a 405 says which methods would do
+                response.headers["Allow"] = exc.headers["Allow"]
+            if exc.status == 413:
+                close_without_reading(request, response)
+            return response
         raise
+
+
+_HTTP_EXCEPTION_CODES = {
+    404: ErrorCode.NOT_FOUND,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    431: ErrorCode.HEADERS_TOO_LARGE,
+}
 
 
 @dataclass(frozen=True, slots=True)
