@@ -40,6 +40,7 @@ from relay.server.edge import (
     Authorized,
     HostRoute,
     authorize,
+    awaits_continue,
     check_declared_body,
     check_header_size,
     error_response,
@@ -76,8 +77,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                      code=str(error.code),
                      host_id=request.path[len(HOSTS_PREFIX):].split("/")[0][:300])
         response = error_response(error)
-        if isinstance(error, PayloadTooLarge):
-            close_without_reading(request, response)  # the rest of the body is never read
+        if isinstance(error, PayloadTooLarge) or awaits_continue(request):
+            # The rest of the body is never read: it is too large, or the client is waiting
+            # for a 100 Continue that a refusal never sends.
+            close_without_reading(request, response)
         return response
     except web.HTTPException as exc:
         # aiohttp's own refusals (no route, wrong method, a body over client_max_size ...)

@@ -26,6 +26,7 @@ from relay.server.state import RelayState
 
 log = structlog.get_logger("relay.edge")
 HOSTS_PREFIX = "/hosts/"
+CONTINUE_SENT: web.RequestKey[bool] = web.RequestKey("relay_continue_sent", bool)  # 100 went out
 
 
 class SessionRejected(Unauthorized):
@@ -95,9 +96,16 @@ async def send_continue(request: web.Request) -> None:
     503 ...) never invites the client to upload first.
     """
     if (request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue"
-            and request.writer.output_size == 0):
+            and not request.get(CONTINUE_SENT)):
+        request[CONTINUE_SENT] = True
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # as aiohttp does: the answer itself has not started
+
+
+def awaits_continue(request: web.Request) -> bool:
+    """The client announced a body and waits for a 100 Continue it was not sent (yet)."""
+    return (request.headers.get("Expect", "").lower() == "100-continue"
+            and not request.get(CONTINUE_SENT) and request.body_exists)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,9 @@ to 100 bytes of the offending line (a token, say) and are logged at error level 
 traceback. And after a handler answered without reading the body, it reads and discards the
 rest for ``lingering_time``, which at loopback speed is gigabytes. :class:`EdgeProtocol` is a
 thin subclass that fixes those three at the connection, where they happen; everything else is
-aiohttp's.
+aiohttp's. It reads a few of ``RequestHandler``'s private attributes (the message queue, the
+waiter, the upgrade flags): tests/test_edge_abuse.py pins the behaviour, so an aiohttp upgrade
+that moves them fails loudly there rather than quietly in production.
 
 What the peer sees, modelled on nginx:
 
