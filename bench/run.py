@@ -472,10 +472,14 @@ class Bench:
         finally:
             for worker in (channels, flood):
                 self.procs.stop(worker.popen)
-        ratio = hostile.requests_per_s / alone_rps if alone_rps else 0.0
+        # Only answered requests count: a relay shedding the honest client with fast 503s must
+        # not look faster than one serving it.
+        ok_share = 1 - hostile.errors / hostile.requests if hostile.requests else 0.0
+        honest_rps = hostile.requests_per_s * max(0.0, ok_share)
+        ratio = honest_rps / alone_rps if alone_rps else 0.0
         growth_mib = (rss.peak["relay"] - rss_before) / 1024
         print(f"  W6 alone {alone_rps:10,.0f} req/s; with hostile load "
-              f"{hostile.requests_per_s:10,.0f} req/s (x{ratio:.2f}), errors {hostile.errors}; "
+              f"{honest_rps:10,.0f} answered req/s (x{ratio:.2f}), errors {hostile.errors}; "
               f"idle channels held {held.get('ready')} -> {held_after.get('held')}; "
               f"pings sent {flooded.get('pings_sent')} over {flooded.get('connects')} "
               f"tunnels, closes {flooded.get('closes')}; relay RSS +{growth_mib:.0f} MiB",
@@ -486,8 +490,8 @@ class Bench:
                                  "channels": [held, held_after],
                                  "pingflood": flooded, "rss_growth_mib": growth_mib}
         rows = self.report.rows
-        rows.append(Row("W6", "honest req/s: alone | under abuse", alone_rps,
-                        hostile.requests_per_s, "", "≥ 0.8 of alone", ratio >= 0.8))
+        rows.append(Row("W6", "honest 2xx req/s: alone | under abuse", alone_rps,
+                        honest_rps, "", "≥ 0.8 of alone", ratio >= 0.8))
         rows.append(Row("W6", "honest errors (non-2xx + socket)", alone_errors, hostile.errors,
                         "", "0", hostile.errors == 0, ratio=False))
         rows.append(Row("W6", "relay RSS growth under abuse", None, growth_mib, "MiB",
