@@ -51,7 +51,7 @@ async def test_a_trickled_request_head_is_cut_with_408(tmp_path: Path) -> None:
     [response] = parse_responses(data)
     assert response.status == 408
     assert response.json()["error"]["code"] == "request_timeout"
-    assert 0.5 <= cut_after < 1.5, cut_after
+    assert 0.5 <= cut_after < 3, cut_after  # generous upper bound: shared CI cores
 
 
 async def test_a_connection_that_sends_nothing_is_closed_silently(tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ async def test_a_connection_that_sends_nothing_is_closed_silently(tmp_path: Path
         data = await client.read_until_closed(timeout=5)
         client.close()
     assert data == b""  # no stray 408 for a preconnected socket to misread
-    assert 0.4 <= time.monotonic() - started < 1.5
+    assert 0.4 <= time.monotonic() - started < 3
 
 
 async def test_an_idle_keepalive_connection_is_closed_and_a_slow_next_head_is_cut(
@@ -81,7 +81,7 @@ async def test_an_idle_keepalive_connection_is_closed_and_a_slow_next_head_is_cu
         assert await client.read_until_closed(timeout=5) == b""
         idle_s = time.monotonic() - idle_from
         client.close()
-        assert 0.8 <= idle_s < 2.5, idle_s
+        assert 0.8 <= idle_s < 4, idle_s
 
         # On a kept-alive socket, the next head's first byte starts the head clock.
         client = await RawClient.connect(port)
@@ -92,7 +92,7 @@ async def test_an_idle_keepalive_connection_is_closed_and_a_slow_next_head_is_cu
         data = await client.read_until_closed(timeout=5)
         client.close()
         assert [r.status for r in parse_responses(data)] == [408]
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 3
 
 
 async def test_a_slow_upload_is_not_a_slow_head(tmp_path: Path) -> None:

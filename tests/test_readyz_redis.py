@@ -44,4 +44,5 @@ async def test_readyz_goes_503_within_a_second_of_redis_dying(tmp_path: Path) ->
                 noticed_s = time.monotonic() - killed
         finally:
             await relay.stop()
-    assert noticed_s < 1.5, noticed_s
+    # ~1 s by design (the last success may be up to 1 s old); the slack is for busy CI cores.
+    assert noticed_s < 2.0, noticed_s

@@ -219,6 +219,9 @@ class EdgeProtocol(RequestHandler):
             log.info("http.parse_refused", status=error.status, code=str(error.code),
                      reason=reason_class(exc), peer=self._peer())
         elif status == 504:
+            # A TimeoutError escaped a handler: every wait of ours is bounded and mapped, so
+            # this is a bug worth seeing, but not a traceback per request.
+            log.warning("http.handler_timed_out", peer=self._peer())
             error = RelayError("the request handler timed out")
             error.status = 504
         else:
