@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from aiohttp import WSMsgType, web
 
-from tests.harness import LogCapture, stack
+from relay.config import load_config
+from tests.harness import LogCapture, spawn_relay_process, stack, wait_http, write_config
 from tests.rawhttp import RawClient, parse_responses
 
 HOST = "acme:laptop"
@@ -378,3 +379,45 @@ async def test_a_message_of_exactly_the_limit_passes_one_more_is_1009(
         assert closed.type is WSMsgType.CLOSE
         assert closed.data == 1009
         assert str(size) in closed.extra and "too big" in closed.extra
+
+
+# --------------------------------------------------------------------------- as `relay serve` runs
+
+
+async def test_the_edge_holds_in_a_relay_serve_process_on_uvloop(tmp_path: Path) -> None:
+    """`relay serve` runs on uvloop, whose transports are not asyncio's: same behaviour."""
+    path = write_config(tmp_path, {"server": {"header_timeout_s": 0.5,
+                                              "max_body_bytes": 1 << 20}})
+    port = load_config(path, env={}).server.port
+    proc = spawn_relay_process(path)
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/healthz", timeout=30)
+        slow = await RawClient.connect(port)
+        await slow.send(b"GET /healthz HTTP/1.1\r\nHost: relay\r\nX-Partial: ")
+        assert [r.status for r in parse_responses(await slow.read_until_closed())] == [408]
+        slow.close()
+
+        bad = await RawClient.connect(port)
+        await bad.send(b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + b"t" * 20000
+                       + b"\r\n\r\n")
+        [refused] = parse_responses(await bad.read_until_closed())
+        bad.close()
+        assert refused.status == 431 and b"ttttt" not in refused.body
+
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            sock.sendall(f"POST /hosts/{HOST}/sink HTTP/1.1\r\nHost: relay\r\n"
+                         f"Content-Length: {8 << 30}\r\n\r\n".encode())
+            sent = await asyncio.to_thread(_drain_blocked_send, sock, 256 << 20, 10.0)
+            sock.settimeout(5)
+            data = b""
+            with contextlib.suppress(ConnectionResetError):
+                while piece := await asyncio.to_thread(sock.recv, 65536):
+                    data += piece
+        finally:
+            sock.close()
+        assert [r.status for r in parse_responses(data)] == [413]
+        assert sent < 64 << 20, sent
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 10)
