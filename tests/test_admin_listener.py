@@ -126,3 +126,24 @@ def test_admin_listen_is_validated(tmp_path: Path) -> None:
         assert caught.value.key == "admin.listen"
     config = load_config(write_config(tmp_path, {"admin": {"listen": "[::1]:9091"}}), env={})
     assert config.admin.listen == "[::1]:9091"
+
+
+async def test_behind_a_trusted_proxy_failures_count_per_forwarded_client(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, {
+        "server": {"trust_forwarded": True},
+        "admin": {"secret": SECRET, "max_failures": 2, "lockout_s": 30},
+    }), env={})
+    relay = await start_relay(config)
+    url = f"{relay.url}/admin/tunnels"
+    try:
+        async with aiohttp.ClientSession() as client:
+            # The proxy appends the address it saw: the last entry is the client.
+            for expected in (401, 429):
+                async with client.get(url, headers={"Authorization": "Bearer guess",
+                                                    "X-Forwarded-For": "9.9.9.9, 1.1.1.1"}) as r:
+                    assert r.status == expected
+            async with client.get(url, headers={"Authorization": f"Bearer {SECRET}",
+                                                "X-Forwarded-For": "2.2.2.2"}) as resp:
+                assert resp.status == 200  # everyone behind the same proxy is not locked out
+    finally:
+        await relay.stop()
