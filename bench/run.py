@@ -290,8 +290,9 @@ class Bench:
               flush=True)
 
     def loadgen(self, name: str, cmd: str, *args: str) -> Worker:
-        # Idle tunnels register hosts: they need the token that may serve them.
-        token = self.agent_token if cmd == "tunnels" else self.token
+        # Idle tunnels and W6's flooding agent register hosts: they need the token that may
+        # serve them.
+        token = self.agent_token if cmd in ("tunnels", "pingflood") else self.token
         return self.procs.worker(name, [PYTHON, "-m", "bench.loadgen", cmd, *args],
                                  env={"RELAY_BENCH_TOKEN": token})
 
