@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from relay.errors import (
     Draining,
     ErrorCode,
     HostOffline,
+    Overloaded,
     RelayError,
 )
 from relay.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -76,6 +78,9 @@ class Routed:
     tunnel: Tunnel | None = None
     owner_url: str = ""
     client_chain: str | None = None  # set on requests a peer relay forwarded
+    # When the caller's token expires (wall clock). A peer relay's forwarded request carries no
+    # expiry: the entry relay holding the client's socket enforces it.
+    expires_at: float = math.inf
 
 
 def is_websocket_upgrade(request: web.Request) -> bool:
@@ -104,13 +109,15 @@ async def _route(state: RelayState, request: web.Request, route: HostRoute,
     auth = await authorize(state, request, route.host_raw, allow_query_token=allow_query_token,
                            role=AccessRole.CLIENT)
     host_id = str(auth.host)
+    identity = auth.identity
     tunnel = state.registry.get(host_id)
     if tunnel is not None:
-        return Routed(host_id, auth.identity.sub, tunnel=tunnel)
+        return Routed(host_id, identity.sub, tunnel=tunnel, expires_at=identity.expires_at)
     if signer is not None and state.directory is not None:
         owner = await state.directory.lookup(host_id)
         if owner is not None and owner.instance_id != state.directory.instance_id:
-            return Routed(host_id, auth.identity.sub, owner_url=owner.url)
+            return Routed(host_id, identity.sub, owner_url=owner.url,
+                          expires_at=identity.expires_at)
     raise HostOffline()
 
 
@@ -130,9 +137,21 @@ async def handle_hosts(request: web.Request) -> web.StreamResponse:
         if routed.tunnel is None:
             assert state.signer is not None and routed.owner_url
             return await forward_ws(state, state.signer, request, routed.owner_url,
-                                    routed.host_id, route.path, query, routed.subject)
-        return await proxy_ws(state, request, routed.tunnel.session, route.path, query,
-                              routed.host_id, routed.client_chain)
+                                    routed.host_id, route.path, query, routed.subject,
+                                    routed.expires_at)
+        gate = routed.tunnel.gate
+        try:
+            ticket = gate.open_channel(routed.subject)
+        except Overloaded as error:
+            log.info("ws.refused", code=str(error.code), host_id=routed.host_id,
+                     reason="subject_share")
+            return await refuse_ws(state, request, error)
+        try:
+            return await proxy_ws(state, request, routed.tunnel.session, route.path, query,
+                                  routed.host_id, routed.client_chain,
+                                  subject=routed.subject, expires_at=routed.expires_at)
+        finally:
+            gate.release(ticket)
     if state.draining:
         raise Draining()
     check_header_size(request, state.config.server.max_header_bytes)
@@ -143,8 +162,11 @@ async def handle_hosts(request: web.Request) -> web.StreamResponse:
             assert state.signer is not None and routed.owner_url
             return await forward_http(state, state.signer, request, routed.owner_url,
                                       routed.host_id, route.path, query, routed.subject)
-        return await proxy_http(state, request, routed.tunnel.session, route.path, query,
-                                routed.host_id, routed.client_chain)
+        # Past the tunnel's stream limit (or the subject's share of it) the exchange waits here,
+        # bounded, rather than being shed at once.
+        async with routed.tunnel.gate.http_slot(routed.subject):
+            return await proxy_http(state, request, routed.tunnel.session, route.path, query,
+                                    routed.host_id, routed.client_chain)
     finally:
         state.request_finished()
 
@@ -206,6 +228,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
         def revoked(sub: str | None, host: str | None) -> None:
             access.revoke(sub=sub, host=host)
+            # Connections already open under what was revoked close too (4403), on every relay.
+            state.leases.revoke(sub, host)
 
         def lost(host_id: str, epoch: str) -> None:
             # Another relay took this host over: its agent reconnected there, ours is stale.
@@ -217,6 +241,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         state.directory.on_revocation(revoked)
         state.directory.on_lost(lost)
         state.spawn(_keepalive_loop(state), "relay-keepalive")
+        state.spawn(state.leases.run(), "relay-leases")
         yield
     finally:
         # Without a drain (a test, a crash path) agents must still hear that we are going,
