@@ -57,6 +57,7 @@ class Admission:
         self._waiting: dict[str, collections.deque[Ticket]] = {}
         self._order: collections.deque[Ticket] = collections.deque()
         self.queued = 0
+        self.closed = False
         self._seq = itertools.count()
 
     def now(self) -> float:
@@ -75,7 +76,7 @@ class Admission:
         if self.in_flight < self.max_streams and self.held_by(subject) < self.share:
             self._take(ticket)
             return ticket
-        if self.queued >= self.max_queued or self.queue_timeout_s <= 0:
+        if self.closed or self.queued >= self.max_queued or self.queue_timeout_s <= 0:
             ticket.state = TicketState.REFUSED
             return ticket
         self._waiting.setdefault(subject, collections.deque()).append(ticket)
@@ -143,6 +144,7 @@ class Admission:
         self._order.clear()
         self.queued = 0
         self.max_streams = 0
+        self.closed = True
         return waiters
 
     # -- internals ----------------------------------------------------------------------------
