@@ -115,6 +115,8 @@ async def test_a_channel_is_closed_4401_when_its_token_expires(creds: Setup) -> 
         print(f"channel closed {code} {reason!r} {lag * 1000:.0f} ms after exp")
         assert (code, reason) == (CloseCode.UNAUTHORIZED, "token expired")
         assert 0 <= lag < 0.5
+        assert creds.relay.state.metrics.registry.get_sample_value(
+            "relay_credential_closes_total", {"kind": "channel", "reason": "expired"}) == 1
         # The tunnel and other users are untouched.
         assert agent.agent.connects == 1
         other = await creds.channel(creds.relay.token(sub="bob"))

@@ -124,3 +124,6 @@ async def test_a_subject_at_its_share_queues_its_http_while_others_pass(tmp_path
         assert bob_took < 0.45
         # Alice's last two waited for her first two: about two rounds of 0.5 s.
         assert finished[-1] - started >= 0.95
+        metrics = s.relay.state.metrics.registry
+        assert metrics.get_sample_value("relay_stream_queue_total", {"outcome": "waited"}) == 2
+        assert metrics.get_sample_value("relay_stream_queue_wait_seconds_count") == 2

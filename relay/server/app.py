@@ -271,6 +271,8 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     state = RelayState(
         config=config, metrics=metrics or Metrics(), settings=session_settings(config)
     )
+    closes = state.metrics.credential_closes_total
+    state.leases.on_close = lambda kind, why: closes.labels(kind=kind, reason=why).inc()
     state.idle.set()
     directory = config.directory
     if directory.backend == "redis":

@@ -114,10 +114,13 @@ class LeaseBook:
 class LeaseWatch:
     """The relay's one timer for credential deadlines, and the revocation fan-out to sockets."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time,
+                 on_close: Callable[[str, str], None] | None = None) -> None:
         self.book = LeaseBook()
         self._clock = clock
         self._wake = asyncio.Event()
+        # (kind, "expired" | "revoked") for every connection closed, for metrics.
+        self.on_close = on_close
 
     def hold(self, sub: str, host_id: str, deadline: float, kind: str, close: Closer) -> Lease:
         lease = Lease(sub, host_id, deadline, kind, close)
@@ -141,14 +144,14 @@ class LeaseWatch:
         for lease in leases:
             self.book.remove(lease)
             log.info("lease.revoked", kind=lease.kind, sub=lease.sub, host_id=lease.host_id)
-            self._close(lease, int(CloseCode.FORBIDDEN), "access revoked")
+            self._close(lease, int(CloseCode.FORBIDDEN), "access revoked", "revoked")
         return len(leases)
 
     def expire_due(self) -> int:
         expired = self.book.due(self._clock())
         for lease in expired:
             log.info("lease.expired", kind=lease.kind, sub=lease.sub, host_id=lease.host_id)
-            self._close(lease, int(CloseCode.UNAUTHORIZED), "token expired")
+            self._close(lease, int(CloseCode.UNAUTHORIZED), "token expired", "expired")
         return len(expired)
 
     async def run(self) -> None:
@@ -162,8 +165,9 @@ class LeaseWatch:
                 await asyncio.wait_for(self._wake.wait(),
                                        min(max(delay, 0.0) + 0.001, MAX_SLEEP_S))
 
-    @staticmethod
-    def _close(lease: Lease, code: int, reason: str) -> None:
+    def _close(self, lease: Lease, code: int, reason: str, why: str) -> None:
+        if self.on_close is not None:
+            self.on_close(lease.kind, why)
         try:
             lease.close(code, reason)
         except Exception:

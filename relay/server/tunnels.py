@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 import structlog
 from aiohttp import WSMsgType, web
@@ -133,7 +134,8 @@ async def serve_tunnel(
     gate = StreamGate.build(tunnel_config.max_streams,
                             per_subject=tunnel_config.max_streams_per_subject,
                             max_queued=tunnel_config.max_queued,
-                            queue_timeout_s=tunnel_config.queue_timeout_s)
+                            queue_timeout_s=tunnel_config.queue_timeout_s,
+                            observe=_queue_observer(state))
     tunnel = Tunnel(host_id=host_id, session=session, peer=peer_address(request),
                     subject=subject, close=request_close, gate=gate, epoch=epoch)
     deadline = credential_deadline(state, auth.identity.expires_at)
@@ -190,6 +192,17 @@ async def serve_tunnel(
                               f"tunnel-release:{host_id}")
         await asyncio.shield(release)
     return ws
+
+
+def _queue_observer(state: RelayState) -> Callable[[str, float], None]:
+    metrics = state.metrics
+
+    def observe(outcome: str, waited_s: float) -> None:
+        metrics.stream_queue_total.labels(outcome=outcome).inc()
+        if outcome != "queue_full":
+            metrics.stream_queue_wait_seconds.observe(waited_s)
+
+    return observe
 
 
 async def _renew(state: RelayState, tunnel: Tunnel, token: str) -> None:

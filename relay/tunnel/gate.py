@@ -11,21 +11,33 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Final
 
 from relay.errors import HostOffline, Overloaded
 from relay.tunnel.admission import Admission, Ticket, TicketState
 
+# What became of an exchange that could not start at once (for metrics): outcome, seconds waited.
+Observer = Callable[[str, float], None]
+_OUTCOMES: Final = {TicketState.ADMITTED: "waited", TicketState.TIMED_OUT: "timed_out",
+                    TicketState.CLOSED: "tunnel_gone"}
+
+
+def _ignore(outcome: str, waited_s: float) -> None:
+    return None
+
 
 class StreamGate:
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, observe: Observer = _ignore) -> None:
         self.admission = admission
+        self._observe = observe
         self._wakers: dict[Ticket, asyncio.Future[None]] = {}
 
     @classmethod
     def build(cls, max_streams: int, *, per_subject: int, max_queued: int,
-              queue_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> StreamGate:
+              queue_timeout_s: float, clock: Callable[[], float] = time.monotonic,
+              observe: Observer = _ignore) -> StreamGate:
         return cls(Admission(max_streams, per_subject=per_subject, max_queued=max_queued,
-                             queue_timeout_s=queue_timeout_s, clock=clock))
+                             queue_timeout_s=queue_timeout_s, clock=clock), observe)
 
     @contextlib.asynccontextmanager
     async def http_slot(self, subject: str) -> AsyncIterator[None]:
@@ -41,7 +53,9 @@ class StreamGate:
         if ticket.state is TicketState.ADMITTED:
             return ticket
         if ticket.state is TicketState.REFUSED:
+            self._observe("queue_full", 0.0)
             raise Overloaded("too many requests waiting for this host; retry shortly")
+        queued_at = self.admission.now()
         waker = asyncio.get_running_loop().create_future()
         self._wakers[ticket] = waker
         try:
@@ -58,6 +72,9 @@ class StreamGate:
             raise
         finally:
             self._wakers.pop(ticket, None)
+        outcome = _OUTCOMES.get(ticket.state)
+        if outcome is not None:
+            self._observe(outcome, self.admission.now() - queued_at)
         if ticket.state is TicketState.ADMITTED:
             return ticket
         if ticket.state is TicketState.CLOSED:
