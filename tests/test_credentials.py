@@ -341,3 +341,18 @@ async def test_renew_on_a_v1_tunnel_is_an_unknown_frame(creds: Setup) -> None:
         assert code == CloseCode.PROTOCOL_ERROR
     finally:
         await tunnel.close()
+
+
+async def test_a_renew_sent_before_the_last_was_answered_replaces_it(creds: Setup) -> None:
+    tunnel = await raw_v2(creds, ttl_s=60)
+    try:
+        older = creds.relay.token(sub="agent", ttl_s=1800)
+        newer = creds.relay.token(sub="agent", ttl_s=3600)
+        await tunnel.send(frames.encode_json(FrameType.RENEW, 0, {"token": older}))
+        await tunnel.send(frames.encode_json(FrameType.RENEW, 0, {"token": newer}))
+        # Frames keep their order: an answer to the older RENEW would have come first.
+        answer = frames.decode_json(await tunnel.expect(FrameType.RENEWED))
+        assert answer == {"expiresAt": exp_of(newer)}
+        assert creds.relay.state.registry.get(HOST) is not None
+    finally:
+        await tunnel.close()

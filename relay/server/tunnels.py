@@ -116,7 +116,9 @@ async def serve_tunnel(
         if not isinstance(token, str) or not token:
             raise ProtocolViolation("RENEW without a token")
         if renewal and not renewal[-1].done():
-            raise ProtocolViolation("RENEW before the previous one was answered")
+            # The agent gave up waiting and sent a newer one: only the latest is answered, so
+            # one tunnel never has more than one check running.
+            renewal[-1].cancel()
         renewal[:] = [session.spawn(_renew(state, tunnel, token), f"tunnel-renew:{host_id}")]
 
     session = TunnelSession(
