@@ -19,6 +19,7 @@ from relay.agent.renewal import (
 )
 from relay.agent.tokens import TokenSource
 from tests.clock import FakeClock
+from tests.harness import LogCapture
 
 KEY = Ed25519PrivateKey.generate()
 
@@ -60,7 +61,7 @@ def test_retries_come_at_a_quarter_of_what_is_left_within_bounds() -> None:
 
 
 async def test_the_agent_rereads_its_source_and_warns_while_it_gives_the_old_token(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     clock = FakeClock(1000.0)
     file = tmp_path / "token"
@@ -82,21 +83,19 @@ async def test_the_agent_rereads_its_source_and_warns_while_it_gives_the_old_tok
         sent.append(new)
         return {"expiresAt": 1190}
 
-    with pytest.raises(asyncio.CancelledError):
+    with LogCapture() as logs, pytest.raises(asyncio.CancelledError):
         await renew_forever(old, TokenSource(file=str(file)), renew, clock=clock, sleep=sleep)
     assert slept[0] == 50  # half of a 100 s life
     assert slept[1:3] == [12.5, 9.375]  # a quarter of what is left, twice: still the old one
     assert sent == [fresh]
     # Next: the new token's exp - 60 s (1130), from where the clock stood (1071.875).
     assert slept[3] == pytest.approx(58.125)
-    out = capsys.readouterr().out
+    out = logs.text
     # Twice before the source caught up, once more when the new token came due.
     assert out.count("agent.renew_same_token") == 3 and f"file {file}" in out
 
 
-async def test_a_flag_token_cannot_be_renewed_and_says_so(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+async def test_a_flag_token_cannot_be_renewed_and_says_so() -> None:
     clock = FakeClock(1000.0)
     only = token(1000, 1100)
 
@@ -106,9 +105,10 @@ async def test_a_flag_token_cannot_be_renewed_and_says_so(
     async def renew(new: str) -> dict[str, Any] | None:
         raise AssertionError("nothing to renew with")
 
-    await asyncio.wait_for(
-        renew_forever(only, TokenSource(token=only), renew, clock=clock, sleep=sleep), 1)
-    assert "agent.renew_impossible" in capsys.readouterr().out
+    with LogCapture() as logs:
+        await asyncio.wait_for(
+            renew_forever(only, TokenSource(token=only), renew, clock=clock, sleep=sleep), 1)
+    assert "agent.renew_impossible" in logs.text
 
 
 async def test_a_deferred_renewal_is_retried_no_sooner_than_the_relay_asks(

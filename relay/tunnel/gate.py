@@ -85,7 +85,9 @@ class StreamGate:
         """A slot for a WebSocket channel, or Overloaded (1013) at once."""
         ticket = self.admission.open_channel(subject)
         if ticket.state is not TicketState.ADMITTED:
-            raise Overloaded("too many streams to this host for this user; retry later")
+            if self.admission.held_by(subject) >= self.admission.share:
+                raise Overloaded("you hold this host's share of streams; close some, retry later")
+            raise Overloaded("this host has no free stream; retry later")
         return ticket
 
     def release(self, ticket: Ticket) -> None:
