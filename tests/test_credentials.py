@@ -106,7 +106,7 @@ async def closed_within(ws: aiohttp.ClientWebSocketResponse, seconds: float
 
 async def test_a_channel_is_closed_4401_when_its_token_expires(creds: Setup) -> None:
     agent = await start_agent(creds.relay.ws_url, HOST, creds.host.url,
-                              token=creds.relay.token(sub="agent"))
+                              token=creds.relay.agent_token(HOST, sub="agent"))
     try:
         token = creds.relay.token(sub="alice", ttl_s=2)
         ws = await creds.channel(token)
@@ -129,7 +129,7 @@ async def test_revoking_a_subject_closes_its_channels_4403_and_spares_others(
     creds: Setup,
 ) -> None:
     agent = await start_agent(creds.relay.ws_url, HOST, creds.host.url,
-                              token=creds.relay.token(sub="agent"))
+                              token=creds.relay.agent_token(HOST, sub="agent"))
     try:
         alice = [await creds.channel(creds.relay.token(sub="alice")) for _ in range(3)]
         bob = await creds.channel(creds.relay.token(sub="bob"))
@@ -150,7 +150,7 @@ async def test_revoking_a_subject_closes_its_channels_4403_and_spares_others(
 
 async def test_revoking_a_host_closes_its_tunnel_and_channels_4403(creds: Setup) -> None:
     agent = await start_agent(creds.relay.ws_url, HOST, creds.host.url,
-                              token=creds.relay.token(sub="agent"))
+                              token=creds.relay.agent_token(HOST, sub="agent"))
     try:
         ws = await creds.channel(creds.relay.token(sub="alice"))
         revoked_at = time.time()
@@ -179,13 +179,13 @@ async def fresh_token_file(relay: RunningRelay, path: Path, ttl_s: int,
 
     async def refresh() -> None:
         while True:
-            token = relay.token(sub="agent", ttl_s=ttl_s)
+            token = relay.agent_token(HOST, sub="agent", ttl_s=ttl_s)
             if not written or written[-1] != token:
                 path.write_text(token)  # noqa: ASYNC240 (a few hundred bytes to a tmp file)
                 written.append(token)
             await asyncio.sleep(every_s)
 
-    first = relay.token(sub="agent", ttl_s=ttl_s)
+    first = relay.agent_token(HOST, sub="agent", ttl_s=ttl_s)
     path.write_text(first)  # noqa: ASYNC240
     written.append(first)
     task = asyncio.ensure_future(refresh())
@@ -259,7 +259,7 @@ async def test_a_v2_agent_renews_in_band_and_no_request_fails_across_the_renewal
 
 
 async def test_a_v2_tunnel_that_does_not_renew_is_closed_4401_at_exp(creds: Setup) -> None:
-    token = creds.relay.token(sub="agent", ttl_s=2)
+    token = creds.relay.agent_token(HOST, sub="agent", ttl_s=2)
     tunnel = await RawTunnel.connect(creds.client, creds.relay, HOST, token,
                                      query=f"hostId={HOST}&v=1,2")
     try:
@@ -278,14 +278,14 @@ async def test_a_v2_tunnel_that_does_not_renew_is_closed_4401_at_exp(creds: Setu
 
 async def raw_v2(creds: Setup, sub: str = "agent", ttl_s: int = 600) -> RawTunnel:
     return await RawTunnel.connect(creds.client, creds.relay, HOST,
-                                   creds.relay.token(sub=sub, ttl_s=ttl_s),
+                                   creds.relay.agent_token(HOST, sub=sub, ttl_s=ttl_s),
                                    query=f"hostId={HOST}&v=2")
 
 
 async def test_renew_with_a_fresh_token_is_answered_renewed(creds: Setup) -> None:
     tunnel = await raw_v2(creds, ttl_s=60)
     try:
-        fresh = creds.relay.token(sub="agent", ttl_s=3600)
+        fresh = creds.relay.agent_token(HOST, sub="agent", ttl_s=3600)
         await tunnel.send(frames.encode_json(FrameType.RENEW, 0, {"token": fresh}))
         answer = frames.decode_json(await tunnel.expect(FrameType.RENEWED))
         assert answer == {"expiresAt": exp_of(fresh)}
@@ -299,7 +299,7 @@ async def test_renew_with_a_fresh_token_is_answered_renewed(creds: Setup) -> Non
 async def test_renew_with_another_subjects_token_closes_the_tunnel_4403(creds: Setup) -> None:
     tunnel = await raw_v2(creds)
     try:
-        other = creds.relay.token(sub="mallory")
+        other = creds.relay.agent_token(HOST, sub="mallory")
         await tunnel.send(frames.encode_json(FrameType.RENEW, 0, {"token": other}))
         code, reason = await tunnel.expect_close()
         assert code == CloseCode.FORBIDDEN and "subject" in reason
@@ -308,7 +308,7 @@ async def test_renew_with_another_subjects_token_closes_the_tunnel_4403(creds: S
 
 
 async def test_renew_with_an_expired_or_bad_token_closes_the_tunnel_4401(creds: Setup) -> None:
-    for bad in (creds.relay.token(sub="agent", extra={"exp": int(time.time()) - 5}),
+    for bad in (creds.relay.agent_token(HOST, sub="agent", extra={"exp": int(time.time()) - 5}),
                 "not-a-token"):
         tunnel = await raw_v2(creds)
         try:
@@ -332,10 +332,10 @@ async def test_garbage_renew_is_a_protocol_violation(creds: Setup, payload: byte
 
 async def test_renew_on_a_v1_tunnel_is_an_unknown_frame(creds: Setup) -> None:
     tunnel = await RawTunnel.connect(creds.client, creds.relay, HOST,
-                                     creds.relay.token(sub="agent"))
+                                     creds.relay.agent_token(HOST, sub="agent"))
     try:
         assert tunnel.hello["version"] == 1 and "renew" not in tunnel.hello
-        fresh = creds.relay.token(sub="agent")
+        fresh = creds.relay.agent_token(HOST, sub="agent")
         await tunnel.send(frames.encode_json(FrameType.RENEW, 0, {"token": fresh}))
         code, _ = await tunnel.expect_close()
         assert code == CloseCode.PROTOCOL_ERROR
@@ -346,8 +346,8 @@ async def test_renew_on_a_v1_tunnel_is_an_unknown_frame(creds: Setup) -> None:
 async def test_a_renew_sent_before_the_last_was_answered_replaces_it(creds: Setup) -> None:
     tunnel = await raw_v2(creds, ttl_s=60)
     try:
-        older = creds.relay.token(sub="agent", ttl_s=1800)
-        newer = creds.relay.token(sub="agent", ttl_s=3600)
+        older = creds.relay.agent_token(HOST, sub="agent", ttl_s=1800)
+        newer = creds.relay.agent_token(HOST, sub="agent", ttl_s=3600)
         await tunnel.send(frames.encode_json(FrameType.RENEW, 0, {"token": older}))
         await tunnel.send(frames.encode_json(FrameType.RENEW, 0, {"token": newer}))
         # Frames keep their order: an answer to the older RENEW would have come first.

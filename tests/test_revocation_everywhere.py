@@ -128,7 +128,7 @@ async def test_a_revocation_on_one_relay_closes_channels_held_on_another_4403(
     async with RedisServer() as redis, two_relays(tmp_path, redis) as (a, b):
         owner = a if agent_on == "a" else b
         agent = await start_agent(owner.ws_url, "acme:laptop", host_service.url,
-                                  token=a.token(sub="agent"))
+                                  token=a.agent_token(sub="agent"))
         try:
             async with aiohttp.ClientSession() as client:
                 zoe = await _echoing_channel(client, b, b.token(sub="zoe"))

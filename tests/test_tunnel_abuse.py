@@ -16,12 +16,17 @@ from pathlib import Path
 
 import aiohttp
 
-from relay.auth.devissuer import mint_token
 from relay.config import load_config
 from relay.errors import CloseCode
 from relay.protocol import frames
 from relay.protocol.frames import FrameType
-from tests.harness import Stack, spawn_relay_process, wait_http, write_config
+from tests.harness import (
+    Stack,
+    agent_token,
+    spawn_relay_process,
+    wait_http,
+    write_config,
+)
 from tests.test_rogue_agent import ROGUE_HOST, RawTunnel
 
 KiB, MiB = 1024, 1024 * 1024
@@ -83,7 +88,7 @@ async def test_ping_flood_without_reading_keeps_relay_memory_flat_and_is_cut_off
     writer: asyncio.StreamWriter | None = None
     try:
         await wait_http(f"{url}/healthz")
-        token = mint_token(config, "mallory", ["acme"], ttl_s=600)
+        token = agent_token(config, ROGUE_HOST, "mallory")
         async with aiohttp.ClientSession() as client:
             _, writer = await raw_tunnel_socket(config.server.port, ROGUE_HOST, token)
             baseline = rss_bytes(proc.pid)
@@ -125,7 +130,7 @@ async def test_ping_flood_without_reading_keeps_relay_memory_flat_and_is_cut_off
 
 async def test_a_ping_of_the_documented_256_kib_gets_its_pong(full_stack: Stack) -> None:
     tunnel = await RawTunnel.connect(full_stack.client, full_stack.relay, ROGUE_HOST,
-                                     full_stack.token(), heartbeat_s=None)
+                                     full_stack.agent_token(ROGUE_HOST), heartbeat_s=None)
     try:
         payload = os.urandom(256 * KiB)
         for _ in range(3):  # the issue saw the tunnel closed after two
@@ -144,7 +149,7 @@ async def test_a_ping_of_the_documented_256_kib_gets_its_pong(full_stack: Stack)
 
 async def test_a_ping_one_byte_over_256_kib_is_a_protocol_violation(full_stack: Stack) -> None:
     tunnel = await RawTunnel.connect(full_stack.client, full_stack.relay, ROGUE_HOST,
-                                     full_stack.token(), heartbeat_s=None)
+                                     full_stack.agent_token(ROGUE_HOST), heartbeat_s=None)
     try:
         await tunnel.send(frames.encode_ping(FrameType.PING, b"p" * (256 * KiB + 1)))
         code, _ = await tunnel.expect_close()
@@ -157,7 +162,7 @@ async def test_a_data_frame_over_max_frame_is_a_protocol_violation(full_stack: S
     """The socket's bound is the largest legal frame plus slack, not maxFrame: DATA is still
     held to maxFrame by the codec."""
     tunnel = await RawTunnel.connect(full_stack.client, full_stack.relay, ROGUE_HOST,
-                                     full_stack.token(), heartbeat_s=None)
+                                     full_stack.agent_token(ROGUE_HOST), heartbeat_s=None)
     try:
         max_frame = full_stack.relay.state.settings.max_frame
         await tunnel.send(frames.encode(FrameType.DATA, 1, b"d" * (max_frame + 1)))
