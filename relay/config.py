@@ -81,7 +81,11 @@ class TunnelConfig:
     ping_interval_s: float = 10.0
     request_timeout_s: float = 120.0
     keepalive_misses: int = 3  # silent ping intervals before 4408 / the agent's watchdog fires
-    max_streams: int = 256  # concurrent streams per tunnel; more answer 503
+    max_streams: int = 256  # concurrent streams per tunnel; more HTTP exchanges wait in a queue
+    max_streams_per_subject: int = 0  # streams one subject may hold on one host; 0 = half
+    queue_timeout_s: float = 5.0  # how long an HTTP exchange waits for a stream before 503
+    max_queued: int = 4096  # exchanges waiting per tunnel; more answer 503 at once
+    max_outbox_bytes: int = 8 << 20  # bytes queued for an agent that does not read before 1008
     stream_window_bytes: int = 262144  # flow-control credit per stream and direction
     max_frame_bytes: int = 65536  # largest DATA payload on the tunnel
     max_ws_message_bytes: int = 4 << 20
@@ -444,6 +448,18 @@ def validate(config: Config) -> None:
         raise ConfigError(src, "tunnel.max_ws_message_bytes", "must be at least 1024")
     if tunnel.open_timeout_s <= 0:
         raise ConfigError(src, "tunnel.open_timeout_s", "must be positive")
+    if not 0 <= tunnel.max_streams_per_subject <= tunnel.max_streams:
+        raise ConfigError(src, "tunnel.max_streams_per_subject",
+                          "must be between 0 (half of tunnel.max_streams) and tunnel.max_streams")
+    if tunnel.queue_timeout_s < 0:
+        raise ConfigError(src, "tunnel.queue_timeout_s", "must not be negative")
+    if tunnel.max_queued < 0:
+        raise ConfigError(src, "tunnel.max_queued", "must not be negative")
+    # Honest traffic may queue the data high-water mark plus a few of the largest frames.
+    least_outbox = (1 << 20) + 4 * (max(tunnel.max_frame_bytes, 256 * 1024) + 6)
+    if tunnel.max_outbox_bytes < least_outbox:
+        raise ConfigError(src, "tunnel.max_outbox_bytes",
+                          f"must be at least {least_outbox} with this tunnel.max_frame_bytes")
 
     if directory.backend not in {"local", "redis"}:
         raise ConfigError(

@@ -112,6 +112,23 @@ class Metrics:
         self.draining = Gauge(
             "relay_draining", "1 while the relay is draining", registry=r
         )
+        self.stream_queue_total = Counter(
+            "relay_stream_queue_total",
+            "HTTP exchanges that could not get a tunnel stream at once, by outcome (waited: "
+            "got one after waiting; timed_out, queue_full: 503 overloaded; tunnel_gone)",
+            ["outcome"], registry=r,
+        )
+        self.stream_queue_wait_seconds = Histogram(
+            "relay_stream_queue_wait_seconds",
+            "How long HTTP exchanges that had to wait waited for a tunnel stream",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.credential_closes_total = Counter(
+            "relay_credential_closes_total",
+            "Channels and tunnels closed for their credential, by kind (channel, tunnel) and "
+            "reason (expired: 4401, revoked: 4403)",
+            ["kind", "reason"], registry=r,
+        )
 
         # Labelled children looked up once: .labels() on every request was ~10% of the relay's
         # CPU under small-request load.

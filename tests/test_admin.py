@@ -236,20 +236,24 @@ async def test_revocation_takes_effect_on_the_next_request(admin_setup: Setup) -
     assert (await admin_setup.get_host("bob"))[0] == 200  # bob's entry was not touched
     assert len(upstream.calls) == calls + 3
 
-    # Revoking by host drops every subject's entry for it (and the tunnel's own).
+    # Denials are cached too, and a revocation (sub and host) drops them as well.
+    upstream.allowed = True
+    assert (await admin_setup.get_host("alice"))[0] == 403
+    assert await admin_setup.revoke({"sub": "alice", "hostId": HOST_ID}) == (
+        200, {"revoked": 1, "sub": "alice", "hostId": HOST_ID})
+    assert (await admin_setup.get_host("alice"))[0] == 200
+    assert len(upstream.calls) == calls + 4
+
+    # Revoking by host drops every subject's entry for it (and the tunnel's own), and closes
+    # the host's tunnel (4403): a connection never outlives the access it was granted under.
+    upstream.allowed = False
     status, body = await admin_setup.revoke({"hostId": HOST_ID})
     assert status == 200 and body["revoked"] >= 2
     status, body = await admin_setup.get_host("bob")
     assert (status, body["error"]["code"]) == (403, "not_registered")
-    assert len(upstream.calls) == calls + 4
-
-    # Denials are cached too, and a revocation (sub and host) drops them as well.
-    upstream.allowed = True
-    assert (await admin_setup.get_host("bob"))[0] == 403
-    assert await admin_setup.revoke({"sub": "bob", "hostId": HOST_ID}) == (
-        200, {"revoked": 1, "sub": "bob", "hostId": HOST_ID})
-    assert (await admin_setup.get_host("bob"))[0] == 200
-    assert len(upstream.calls) == calls + 5
+    agent = admin_setup.agent.agent
+    await eventually(lambda: agent.last_outcome is not None
+                     and agent.last_outcome.code == CloseCode.FORBIDDEN)
 
 
 async def test_revoke_says_so_when_other_relays_could_not_be_told(admin_setup: Setup) -> None:

@@ -121,7 +121,7 @@ def test_frame_shorter_than_its_header_is_refused(size: int) -> None:
         frames.decode(b"\x04" * size, MAX_FRAME)
 
 
-@pytest.mark.parametrize("raw_type", [0x00, 0x0A, 0x7F, 0xFF])
+@pytest.mark.parametrize("raw_type", [0x00, 0x0C, 0x7F, 0xFF])
 def test_unknown_frame_type_is_refused(raw_type: int) -> None:
     with pytest.raises(ProtocolViolation, match="unknown frame type"):
         frames.decode(raw_frame(raw_type, 0, 1), MAX_FRAME)
@@ -237,9 +237,11 @@ def test_short_non_ascii_close_reason_is_kept_whole() -> None:
         (None, PROTOCOL_VERSION),
         ("", PROTOCOL_VERSION),
         ("1", 1),
-        ("1,2", 1),
-        (" 2 , 1 ", 1),
-        ("2", None),
+        ("1,2", 2),
+        (" 2 , 1 ", 2),
+        ("2", 2),
+        ("1,3", 1),
+        ("3", None),
         ("0", None),
         ("abc", None),
         ("1.0", None),
@@ -263,3 +265,27 @@ def test_json_payload_survives_non_ascii_headers() -> None:
 @pytest.mark.parametrize("offered", ["\u00b2", "\u0661", "9" * 5000, "1" * 10, "\u0662,\u00b2"])
 def test_version_offer_with_odd_digits_is_refused_not_crashed(offered: str) -> None:
     assert frames.negotiate_version(offered) is None
+
+
+@pytest.mark.parametrize("ftype", [FrameType.RENEW, FrameType.RENEWED])
+def test_v2_frames_are_unknown_to_a_v1_tunnel(ftype: FrameType) -> None:
+    data = frames.encode_json(ftype, 0, {"token": "t"})
+    with pytest.raises(ProtocolViolation, match="unknown frame type"):
+        frames.decode(data, MAX_FRAME, version=1)
+    assert frames.decode(data, MAX_FRAME, version=2).type is ftype
+
+
+def test_renew_on_a_stream_is_a_violation() -> None:
+    with pytest.raises(ProtocolViolation, match="wrong stream"):
+        frames.decode(frames.encode_json(FrameType.RENEW, 1, {"token": "t"}), MAX_FRAME)
+
+
+def test_the_tunnel_message_bound_covers_the_largest_legal_frame() -> None:
+    # A 256 KiB PING is legal whatever maxFrame is; a big maxFrame raises the bound.
+    assert frames.max_message(65536) == 256 * 1024 + frames.HEADER_SIZE
+    assert frames.max_message(1 << 20) == (1 << 20) + frames.HEADER_SIZE
+    ping = frames.encode_ping(FrameType.PING, b"p" * (256 * 1024))
+    assert len(ping) == frames.max_message(65536)
+    assert frames.decode(ping, 65536).type is FrameType.PING
+    with pytest.raises(ProtocolViolation):
+        frames.decode(frames.encode_ping(FrameType.PING, b"p" * (256 * 1024 + 1)), 65536)

@@ -319,17 +319,32 @@ async def test_host_without_a_head_in_time_is_504_host_timeout(tmp_path: Path) -
         await eventually(lambda: agent_channels(s) == 0)
 
 
-async def test_stream_limit_answers_503_to_one_request_too_many(tmp_path: Path) -> None:
-    async with stack(tmp_path, sections={"tunnel": {"max_streams": 2}}) as s:
+async def test_past_the_stream_limit_a_request_waits_and_503s_when_its_wait_runs_out(
+    tmp_path: Path,
+) -> None:
+    tunnel = {"max_streams": 2, "max_streams_per_subject": 2, "queue_timeout_s": 0.3}
+    async with stack(tmp_path, sections={"tunnel": tunnel}) as s:
         async def get() -> tuple[int, str]:
             async with s.client.get(s.url("/slow?delay=1"), headers=s.auth()) as resp:
                 if resp.status == 503:
+                    assert resp.headers["Retry-After"].isdigit()
                     return resp.status, await error_code(resp)
                 return resp.status, await resp.text()
 
         results = await asyncio.gather(get(), get(), get())
         assert sorted(results) == [(200, "finally\n"), (200, "finally\n"), (503, "overloaded")]
         assert await get() == (200, "finally\n")  # the streams were given back
+
+
+async def test_past_the_stream_limit_requests_wait_their_turn_and_complete(tmp_path: Path) -> None:
+    tunnel = {"max_streams": 2, "max_streams_per_subject": 2, "queue_timeout_s": 5}
+    async with stack(tmp_path, sections={"tunnel": tunnel}) as s:
+        async def get() -> int:
+            async with s.client.get(s.url("/slow?delay=0.2"), headers=s.auth()) as resp:
+                await resp.read()
+                return resp.status
+
+        assert await asyncio.gather(*(get() for _ in range(6))) == [200] * 6
 
 
 async def test_declared_body_over_the_limit_is_413(tmp_path: Path) -> None:

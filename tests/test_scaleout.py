@@ -19,6 +19,7 @@ import pytest
 from relay.auth.devissuer import mint_token
 from relay.config import load_config
 from relay.devhost import pattern_bytes
+from relay.errors import CloseCode
 from relay.server.peers import PeerSigner
 from tests.harness import (
     RunningAgent,
@@ -221,6 +222,31 @@ async def test_websocket_through_a_non_owner_relay_keeps_frames_and_close_codes(
         ) as ws:
             await ws.receive(timeout=5)
             assert ws.close_code == 4404
+    finally:
+        await agent.stop()
+
+
+async def test_a_forwarded_channel_closes_4410_when_the_owner_relay_is_killed(
+    fleet: Fleet,
+) -> None:
+    """The host's tunnel went away under the channel: the same 4410 as on a single relay, not
+    the 1011 of a peer socket that died without a close frame."""
+    a, b = fleet.relay("a"), fleet.relay("b")
+    agent = await _agent_on(fleet, a.port)
+    try:
+        await _wait_routable(fleet, fleet.relays)
+        url = f"{b.url}/hosts/{HOST}/ws?token={fleet.token}"
+        async with fleet.client.ws_connect(url) as ws:
+            await ws.send_str("hello")
+            assert (await ws.receive(timeout=5)).data == "hello"
+            a.kill()
+            killed_at = time.monotonic()
+            msg = await ws.receive(timeout=5)
+            took = time.monotonic() - killed_at
+            print(f"forwarded channel closed {msg.data} {took * 1000:.0f} ms after SIGKILL")
+            assert msg.type is aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == CloseCode.TUNNEL_GONE
+            assert msg.extra == "the host's tunnel went away"
     finally:
         await agent.stop()
 

@@ -1,8 +1,9 @@
 """The agent: hold one tunnel to the relay, serve its streams, and never stay offline.
 
-Reconnects with jittered exponential backoff; the relay's close code decides how (SPEC's close
-code table). A watchdog abandons a socket that has gone silent without waiting for a close
-handshake, because on a black-holed TCP path that handshake never completes.
+Reconnects with jittered exponential backoff; the relay's close code decides how (the close
+code table in docs/protocol.md). A watchdog abandons a socket that has gone silent without
+waiting for a close handshake, because on a black-holed TCP path that handshake never completes.
+On a v2 tunnel the agent renews its token in-band before it expires (relay.agent.renewal).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import structlog
 from yarl import URL
 
 from relay.agent.backoff import Backoff
+from relay.agent.renewal import ANSWER_TIMEOUT_S, renew_forever
 from relay.agent.tokens import TokenSource, TokenUnavailable, expiry_hint
 from relay.agent.upstream import LocalOrigin
 from relay.connect_errors import connect_error_cause
 from relay.errors import CloseCode, ProtocolViolation
-from relay.protocol.frames import HEADER_SIZE, PROTOCOL_VERSION
+from relay.protocol.frames import HEADER_SIZE, SUPPORTED_VERSIONS
 from relay.tunnel.session import Channel, Role, SessionSettings, TunnelSession
 
 log = structlog.get_logger("relay.agent")
@@ -51,9 +53,11 @@ class AgentOptions:
     # Until the relay's HELLO says otherwise, assume the defaults for liveness.
     ping_interval_s: float = 10.0
     keepalive_misses: int = 3
+    # Protocol versions offered in ``v``; the relay picks the highest it speaks too.
+    versions: tuple[int, ...] = tuple(sorted(SUPPORTED_VERSIONS))
 
 
-def tunnel_url(relay_url: str, host_id: str) -> URL:
+def tunnel_url(relay_url: str, host_id: str, versions: tuple[int, ...] = (1,)) -> URL:
     url = URL(relay_url)
     if url.scheme in {"http", "https"}:
         url = url.with_scheme("wss" if url.scheme == "https" else "ws")
@@ -62,7 +66,8 @@ def tunnel_url(relay_url: str, host_id: str) -> URL:
     path = url.path.rstrip("/")
     if not path.endswith("/tunnel"):
         path += "/tunnel"
-    return url.with_path(path).with_query({"hostId": host_id, "v": str(PROTOCOL_VERSION)})
+    offered = ",".join(str(v) for v in versions)
+    return url.with_path(path).with_query({"hostId": host_id, "v": offered})
 
 
 def abandon(ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -135,7 +140,7 @@ class Agent:
         self.options = options
         self.tokens = tokens
         self.backoff = backoff or Backoff(options.backoff_base_s, options.backoff_cap_s)
-        self.url = tunnel_url(options.relay_url, options.host_id)
+        self.url = tunnel_url(options.relay_url, options.host_id, options.versions)
         self._on_state = on_state
         self.connected = False
         self.door_refusals = 0  # consecutive 4503 refusals before HELLO
@@ -268,7 +273,7 @@ class Agent:
         if ws is None:
             return Outcome(None, "stopped")
         try:
-            outcome = await self._serve(ws, stop)
+            outcome = await self._serve(ws, stop, token)
             if outcome.code == CloseCode.UNAUTHORIZED:
                 hint = expiry_hint(token, self.tokens.describe())
                 if hint is not None:
@@ -281,9 +286,12 @@ class Agent:
             if not ws.closed:
                 abandon(ws)
 
-    async def _serve(self, ws: aiohttp.ClientWebSocketResponse, stop: asyncio.Event) -> Outcome:
+    async def _serve(self, ws: aiohttp.ClientWebSocketResponse, stop: asyncio.Event,
+                     token: str) -> Outcome:
         outcome = Outcome(None, "closed")
-        hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        hello: asyncio.Future[dict[str, Any]] = loop.create_future()
+        renewed: list[asyncio.Future[dict[str, Any]]] = []
         settings = SessionSettings(
             window=262144, max_frame=self.options.max_frame, max_streams=self.options.max_streams,
             max_ws_message=self.options.max_ws_message,
@@ -308,9 +316,30 @@ class Agent:
             log.warning("agent.watchdog_abandon", silent_s=round(session.silent_for(), 1))
             abandon(ws)
 
+        def on_backlog(reason: str) -> None:
+            # The relay stopped reading what we send: as dead as a silent one.
+            outcome.abandoned = True
+            log.warning("agent.relay_not_reading", reason=reason)
+            abandon(ws)
+
+        def on_renewed(body: dict[str, Any]) -> None:
+            if renewed and not renewed[-1].done():
+                renewed[-1].set_result(body)
+
+        async def renew(fresh: str) -> dict[str, Any] | None:
+            answer: asyncio.Future[dict[str, Any]] = loop.create_future()
+            renewed[:] = [answer]
+            session.send_renew({"token": fresh})
+            try:
+                return await asyncio.wait_for(answer, ANSWER_TIMEOUT_S)
+            except TimeoutError:
+                return None
+
         session = TunnelSession(ws.send_bytes, settings, role=Role.AGENT,
                                 name=self.options.host_id, on_open=self._on_open,
-                                on_drain=on_drain, on_silence=on_silence, on_hello=on_hello)
+                                on_drain=on_drain, on_silence=on_silence, on_hello=on_hello,
+                                on_backlog=on_backlog, on_renewed=on_renewed,
+                                version=max(self.options.versions))
         reader = asyncio.ensure_future(self._read(ws, session, outcome))
         reader.set_name(f"agent-reader:{self.options.host_id}")
         stopper = asyncio.ensure_future(stop.wait())
@@ -327,7 +356,19 @@ class Agent:
             body = hello.result()
             outcome.hello = True
             session = self._adopt_hello(session, body)
+            version = body.get("version")
+            if not isinstance(version, int) or version not in self.options.versions:
+                log.warning("agent.protocol_violation",
+                            error=f"HELLO picked version {version!r}, which was not offered")
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ws.close(code=int(CloseCode.PROTOCOL_ERROR)), 2.0)
+                outcome.reason = "protocol_violation"
+                return outcome
+            session.version = version
             session.start()
+            if version >= 2 and body.get("renew"):
+                session.spawn(renew_forever(token, self.tokens, renew),
+                              f"agent-renew:{self.options.host_id}")
             self.session = session
             self.connected = True
             self.connects += 1

@@ -8,8 +8,11 @@ Layout (network byte order)::
     +--------+--------+-----------------+------------------+
 
 Data payloads are raw bytes (no base64, no JSON per chunk). Control payloads that carry
-structured fields (HELLO, OPEN, HEAD, DRAIN) are compact JSON objects. See docs/protocol.md.
-Pure code: no I/O, no clock.
+structured fields (HELLO, OPEN, HEAD, DRAIN, RENEW, RENEWED) are compact JSON objects. See
+docs/protocol.md. Pure code: no I/O, no clock.
+
+Versions: 1 is the original protocol; 2 adds in-band credential renewal (RENEW/RENEWED). Frames
+a version does not have are "unknown" on a tunnel that negotiated an older one.
 """
 
 from __future__ import annotations
@@ -22,15 +25,18 @@ from typing import Any
 
 from relay.errors import ProtocolViolation
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = frozenset({1})
+PROTOCOL_VERSION = 1  # what an agent that offers no ``v`` speaks
+LATEST_VERSION = 2
+SUPPORTED_VERSIONS = frozenset({1, 2})
 HEADER = struct.Struct("!BBI")
 HEADER_SIZE = HEADER.size
 _U32 = struct.Struct("!I")
 _CLOSE = struct.Struct("!H")
 MAX_STREAM_ID = 0xFFFFFFFF
 MAX_WINDOW = 0x7FFFFFFF
-MAX_CONTROL_PAYLOAD = 256 * 1024  # OPEN/HEAD carry headers, bounded far below this on ingress
+# Every payload but DATA's (JSON objects, PING/PONG, CLOSE): OPEN/HEAD carry headers, which the
+# edge bounds far below this.
+MAX_CONTROL_PAYLOAD = 256 * 1024
 MAX_CLOSE_REASON = 123  # what fits in a WebSocket close frame
 # Flow-control credit a DATA frame on a WebSocket channel costs beyond its payload (an empty
 # FIN-only frame is free), so many tiny messages are bounded by the window like bytes are.
@@ -47,6 +53,8 @@ class FrameType(IntEnum):
     PING = 0x07  # either way, stream 0
     PONG = 0x08  # either way, stream 0, echoes the PING payload
     DRAIN = 0x09  # relay -> agent, stream 0: this relay is going away; reconnect at once
+    RENEW = 0x0A  # v2, agent -> relay, stream 0: a fresh token for the same subject and host
+    RENEWED = 0x0B  # v2, relay -> agent, stream 0: the answer to a RENEW
 
 
 class Flags(IntFlag):
@@ -56,7 +64,25 @@ class Flags(IntFlag):
     MORE = 0x04  # DATA on a WebSocket channel: the message continues in the next frame
 
 
-CONNECTION_FRAMES = frozenset({FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.DRAIN})
+CONNECTION_FRAMES = frozenset({FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.DRAIN,
+                               FrameType.RENEW, FrameType.RENEWED})
+# The protocol version that introduced each frame type newer than version 1.
+INTRODUCED_IN: dict[FrameType, int] = {FrameType.RENEW: 2, FrameType.RENEWED: 2}
+
+
+def max_message(max_frame: int) -> int:
+    """The largest legal tunnel message: a full DATA frame or the largest control payload.
+
+    The tunnel WebSocket must accept this much in one message, so every frame the protocol
+    allows (a 256 KiB PING included) arrives and over-sized ones meet the codec's 1002.
+    """
+    return max(max_frame, MAX_CONTROL_PAYLOAD) + HEADER_SIZE
+
+
+# How far beyond :func:`max_message` the WebSocket layer still reads a message, so a frame a
+# little over its bound is refused by the codec as a protocol violation (1002), not by the
+# WebSocket layer as "message too big" (1009).
+MESSAGE_SLACK = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +101,9 @@ def encode(ftype: FrameType, stream_id: int, payload: bytes = b"", flags: int = 
     return HEADER.pack(ftype, flags, stream_id) + payload
 
 
-def decode(data: bytes, max_payload: int) -> Frame:
-    """Parse one frame, rejecting anything malformed as the peer's fault."""
+def decode(data: bytes, max_payload: int, version: int = LATEST_VERSION) -> Frame:
+    """Parse one frame of protocol ``version``, rejecting anything malformed as the peer's fault.
+    """
     if len(data) < HEADER_SIZE:
         raise ProtocolViolation(f"frame shorter than its header ({len(data)} bytes)")
     raw_type, raw_flags, stream_id = HEADER.unpack_from(data)
@@ -84,6 +111,9 @@ def decode(data: bytes, max_payload: int) -> Frame:
         ftype = FrameType(raw_type)
     except ValueError:
         raise ProtocolViolation(f"unknown frame type 0x{raw_type:02x}") from None
+    if INTRODUCED_IN.get(ftype, 1) > version:
+        # A v1 peer never sees these: to it they are simply unknown.
+        raise ProtocolViolation(f"unknown frame type 0x{raw_type:02x}")
     if raw_flags & ~0x07:
         raise ProtocolViolation(f"unknown flags 0x{raw_flags:02x}")
     payload = data[HEADER_SIZE:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from relay.errors import (
     Draining,
     ErrorCode,
     HostOffline,
+    Overloaded,
     PayloadTooLarge,
     RelayError,
 )
@@ -114,6 +116,9 @@ class Routed:
     tunnel: Tunnel | None = None
     owner_url: str = ""
     client_chain: str | None = None  # set on requests a peer relay forwarded
+    # When the caller's token expires (wall clock). A peer relay's forwarded request carries no
+    # expiry: the entry relay holding the client's socket enforces it.
+    expires_at: float = math.inf
 
 
 def is_websocket_upgrade(request: web.Request) -> bool:
@@ -144,13 +149,15 @@ def _peer_routed(state: RelayState, request: web.Request, route: HostRoute) -> R
 async def _locate(state: RelayState, auth: Authorized) -> Routed:
     """Where the host's tunnel is: here, on another relay, or nowhere (503)."""
     host_id = str(auth.host)
+    identity = auth.identity
     tunnel = state.registry.get(host_id)
     if tunnel is not None:
-        return Routed(host_id, auth.identity.sub, tunnel=tunnel)
+        return Routed(host_id, identity.sub, tunnel=tunnel, expires_at=identity.expires_at)
     if state.signer is not None and state.directory is not None:
         owner = await state.directory.lookup(host_id)
         if owner is not None and owner.instance_id != state.directory.instance_id:
-            return Routed(host_id, auth.identity.sub, owner_url=owner.url)
+            return Routed(host_id, identity.sub, owner_url=owner.url,
+                          expires_at=identity.expires_at)
     raise HostOffline()
 
 
@@ -231,9 +238,21 @@ async def handle_hosts(request: web.Request) -> web.StreamResponse:
         if routed.tunnel is None:
             assert state.signer is not None and routed.owner_url
             return await forward_ws(state, state.signer, request, routed.owner_url,
-                                    routed.host_id, route.path, query, routed.subject)
-        return await proxy_ws(state, request, routed.tunnel.session, route.path, query,
-                              routed.host_id, routed.client_chain)
+                                    routed.host_id, route.path, query, routed.subject,
+                                    routed.expires_at)
+        gate = routed.tunnel.gate
+        try:
+            ticket = gate.open_channel(routed.subject)
+        except Overloaded as error:
+            log.info("ws.refused", code=str(error.code), host_id=routed.host_id,
+                     reason="subject_share")
+            return await refuse_ws(state, request, error)
+        try:
+            return await proxy_ws(state, request, routed.tunnel.session, route.path, query,
+                                  routed.host_id, routed.client_chain,
+                                  subject=routed.subject, expires_at=routed.expires_at)
+        finally:
+            gate.release(ticket)
     # Like nginx's client_max_body_size: a declared body over the limit is refused before
     # anything else, so an unauthenticated client cannot make the relay read it either.
     check_declared_body(request, state.config.server.max_body_bytes)
@@ -260,8 +279,11 @@ async def handle_hosts(request: web.Request) -> web.StreamResponse:
             assert state.signer is not None and routed.owner_url
             return await forward_http(state, state.signer, request, routed.owner_url,
                                       routed.host_id, route.path, query, routed.subject)
-        return await proxy_http(state, request, routed.tunnel.session, route.path, query,
-                                routed.host_id, routed.client_chain)
+        # Past the tunnel's stream limit (or the subject's share of it) the exchange waits here,
+        # bounded, rather than being shed at once.
+        async with routed.tunnel.gate.http_slot(routed.subject):
+            return await proxy_http(state, request, routed.tunnel.session, route.path, query,
+                                    routed.host_id, routed.client_chain)
     finally:
         state.request_finished()
 
@@ -357,6 +379,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
         def revoked(sub: str | None, host: str | None) -> None:
             access.revoke(sub=sub, host=host)
+            # Connections already open under what was revoked close too (4403), on every relay.
+            state.leases.revoke(sub, host)
 
         def lost(host_id: str, epoch: str) -> None:
             # Another relay took this host over: its agent reconnected there, ours is stale.
@@ -368,6 +392,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         state.directory.on_revocation(revoked)
         state.directory.on_lost(lost)
         state.spawn(_keepalive_loop(state), "relay-keepalive")
+        state.spawn(state.leases.run(), "relay-leases")
         yield
     finally:
         # Without a drain (a test, a crash path) agents must still hear that we are going,
@@ -397,6 +422,8 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     state = RelayState(
         config=config, metrics=metrics or Metrics(), settings=session_settings(config)
     )
+    closes = state.metrics.credential_closes_total
+    state.leases.on_close = lambda kind, why: closes.labels(kind=kind, reason=why).inc()
     state.idle.set()
     directory = config.directory
     if directory.backend == "redis":

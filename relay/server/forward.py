@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ import aiohttp
 import structlog
 from aiohttp import WSMsgType, web
 
-from relay.errors import CloseCode, HostOffline, sendable_close_code
+from relay.errors import UNSENDABLE_CLOSE_CODES, CloseCode, HostOffline, sendable_close_code
 from relay.protocol.headers import (
     CLIENT_CREDENTIALS,
     RELAY_INTERNAL_PREFIX,
@@ -137,8 +138,13 @@ async def forward_http(state: RelayState, signer: PeerSigner, request: web.Reque
 
 async def forward_ws(state: RelayState, signer: PeerSigner, request: web.Request,
                      owner_url: str, host_id: str, path: str, query: str,
-                     subject: str) -> web.StreamResponse:
-    """Bridge the client's WebSocket to the owner relay's WebSocket for the same channel."""
+                     subject: str, expires_at: float = math.inf) -> web.StreamResponse:
+    """Bridge the client's WebSocket to the owner relay's WebSocket for the same channel.
+
+    This relay holds the client's socket and verified its token, so the channel's lease (close
+    4401 at expiry, 4403 on revocation) is held here; the owner only sees signed claims.
+    """
+    from relay.server.tunnels import credential_deadline
     from relay.server.ws_proxy import client_ws, offered_protocols, refuse_ws, ws_size_limit
 
     assert state.client is not None
@@ -161,7 +167,18 @@ async def forward_ws(state: RelayState, signer: PeerSigner, request: web.Request
     try:
         ws = client_ws(state, (upstream.protocol,) if upstream.protocol else ())
         await ws.prepare(request)
-        await _pump_sockets(ws, upstream)
+        verdict: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+
+        def end(code: int, reason: str) -> None:
+            if not verdict.done():
+                verdict.set_result((code, reason))
+
+        lease = state.leases.hold(subject, host_id, credential_deadline(state, expires_at),
+                                  "channel", end)
+        try:
+            await _pump_sockets(ws, upstream, verdict)
+        finally:
+            state.leases.end(lease)
         return ws
     finally:
         if not upstream.closed:
@@ -169,8 +186,19 @@ async def forward_ws(state: RelayState, signer: PeerSigner, request: web.Request
                 await asyncio.wait_for(upstream.close(), CLOSE_TIMEOUT_S)
 
 
-async def _pump_sockets(client: web.WebSocketResponse, owner: Any) -> None:
-    """Relay frames both ways; whoever closes first, the other side gets the same code."""
+def _owner_lost(owner: Any) -> bool:
+    """The owner relay's socket ended without a close frame: it died (crash, kill, network)."""
+    return owner.close_code is None or owner.close_code in UNSENDABLE_CLOSE_CODES
+
+
+async def _pump_sockets(client: web.WebSocketResponse, owner: Any,
+                        verdict: asyncio.Future[tuple[int, str]]) -> None:
+    """Relay frames both ways; whoever closes first, the other side gets the same code.
+
+    ``verdict`` ends the channel from here (the lease: token expired, access revoked): both
+    sockets are closed with its code. When the owner relay dies under the channel, the client
+    gets 4410 (the host's tunnel went away), as for a channel on a tunnel of this relay.
+    """
 
     async def pump(source: object, sink: object) -> tuple[int, str]:
         while True:
@@ -184,16 +212,27 @@ async def _pump_sockets(client: web.WebSocketResponse, owner: Any) -> None:
 
     to_owner = asyncio.ensure_future(pump(client, owner))
     to_client = asyncio.ensure_future(pump(owner, client))
+    to_owner.set_name("forward-ws-up")
+    to_client.set_name("forward-ws-down")
     try:
-        done, _ = await asyncio.wait({to_owner, to_client}, return_when=asyncio.FIRST_COMPLETED)
-        first = done.pop()
-        other_socket = owner if first is to_owner else client
-        try:
-            code, reason = first.result()
-        except Exception:
-            code, reason = int(CloseCode.INTERNAL_ERROR), ""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(other_socket.close(code=code, message=reason.encode()[:120]),
-                                   CLOSE_TIMEOUT_S)
+        done, _ = await asyncio.wait({to_owner, to_client, verdict},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if verdict in done:
+            code, reason = verdict.result()
+            sockets = [client, owner]
+        else:
+            first = done.pop()
+            from_owner = first is to_client
+            try:
+                code, reason = first.result()
+            except Exception:
+                code, reason = int(CloseCode.INTERNAL_ERROR), ""
+            if from_owner and _owner_lost(owner):
+                code, reason = int(CloseCode.TUNNEL_GONE), "the host's tunnel went away"
+            sockets = [client if from_owner else owner]
+        for socket in sockets:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(socket.close(code=code, message=reason.encode()[:120]),
+                                       CLOSE_TIMEOUT_S)
     finally:
         await cancel_and_wait([to_owner, to_client])

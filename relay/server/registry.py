@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.server.leases import Lease
+from relay.tunnel.gate import StreamGate
 from relay.tunnel.session import TunnelSession
 
 
@@ -19,8 +21,10 @@ class Tunnel:
     peer: str
     subject: str
     close: Callable[[int, str], Any]  # asks the tunnel's handler to close its socket
+    gate: StreamGate  # who may open a stream on it now (fair, bounded queue)
     epoch: str = ""
     connected_at: float = field(default_factory=time.time)
+    lease: Lease | None = None  # its credential's deadline (moved by in-band renewal)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -28,6 +32,9 @@ class Tunnel:
             "connectedSince": self.connected_at,
             "peer": self.peer,
             "subject": self.subject,
+            "protocolVersion": self.session.version,
+            "credentialExpiresAt": None if self.lease is None else self.lease.deadline,
+            "queued": self.gate.admission.queued,
             "lastInboundAgoS": round(self.session.silent_for(), 3),
             **self.session.describe(),
         }

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from relay.config import Config
 from relay.metrics import Metrics
+from relay.server.leases import LeaseWatch
 from relay.server.registry import TunnelRegistry
 from relay.tunnel.session import SessionSettings
 
@@ -32,6 +33,7 @@ def session_settings(config: Config) -> SessionSettings:
         max_ws_message=t.max_ws_message_bytes,
         ping_interval_s=t.ping_interval_s,
         keepalive_misses=t.keepalive_misses,
+        max_outbox=t.max_outbox_bytes,
     )
 
 
@@ -40,6 +42,7 @@ class RelayState:
     config: Config
     metrics: Metrics
     registry: TunnelRegistry = field(default_factory=TunnelRegistry)
+    leases: LeaseWatch = field(default_factory=LeaseWatch)  # credential deadlines, revocations
     settings: SessionSettings = field(default_factory=SessionSettings)
     verifier: TokenVerifier | None = None
     access: AccessPolicy | None = None

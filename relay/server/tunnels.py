@@ -1,25 +1,37 @@
-"""``GET /tunnel``: accept an agent's WebSocket, register it (directory first), serve its frames."""
+"""``GET /tunnel``: accept an agent's WebSocket, register it (directory first), serve its frames.
+
+A tunnel lives no longer than its credential: it holds a lease that closes it 4401 at the
+token's ``exp`` (plus the auth leeway) unless a v2 agent renews in-band (RENEW), and 4403 when
+an operator revokes its subject or host. An agent that stops reading is cut off (1008).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Callable
 
 import structlog
 from aiohttp import WSMsgType, web
 
 from relay.auth.access import AccessRole
+from relay.auth.hostid import parse_host_id
 from relay.errors import (
+    AccessUnavailable,
     BadRequest,
     CloseCode,
     Draining,
+    Forbidden,
     ProtocolViolation,
     RelayError,
 )
-from relay.protocol.frames import HEADER_SIZE, PROTOCOL_VERSION, negotiate_version
-from relay.server.edge import authorize, require_param
+from relay.protocol import frames
+from relay.protocol.frames import SUPPORTED_VERSIONS, negotiate_version
+from relay.server.edge import Authorized, authorize, require_param
 from relay.server.registry import Tunnel
 from relay.server.state import STATE, RelayState
+from relay.tunnel.gate import StreamGate
 from relay.tunnel.session import Role, TunnelSession
 
 log = structlog.get_logger("relay.tunnel")
@@ -49,7 +61,9 @@ async def handle_tunnel(request: web.Request) -> web.StreamResponse:
         compress=False,
         autoping=True,
         timeout=CLOSE_TIMEOUT_S,
-        max_msg_size=config.tunnel.max_frame_bytes + 64 * 1024 + HEADER_SIZE,
+        # Room for the largest legal frame (a 256 KiB PING too), and a little more so a frame
+        # just over its bound meets the codec's 1002 rather than the WebSocket layer's 1009.
+        max_msg_size=frames.max_message(config.tunnel.max_frame_bytes) + frames.MESSAGE_SLACK,
         writer_limit=1 << 20,
     )
     await ws.prepare(request)
@@ -59,7 +73,8 @@ async def handle_tunnel(request: web.Request) -> web.StreamResponse:
         host_raw = require_param(request, "hostId")
         version = negotiate_version(request.query.get("v"))
         if version is None:
-            raise BadRequest(f"unsupported protocol version; this relay speaks {PROTOCOL_VERSION}")
+            speaks = ",".join(str(v) for v in sorted(SUPPORTED_VERSIONS))
+            raise BadRequest(f"unsupported protocol version; this relay speaks v={speaks}")
         auth = await authorize(state, request, host_raw, allow_query_token=True,
                                role=AccessRole.AGENT)
         assert state.directory is not None
@@ -69,20 +84,26 @@ async def handle_tunnel(request: web.Request) -> web.StreamResponse:
         log.info("tunnel.refused", code=str(error.code),
                  host_id=request.query.get("hostId", "")[:300], peer=peer_address(request))
         return await close_refused(ws, error)
-    return await serve_tunnel(state, request, ws, str(auth.host), auth.identity.sub, epoch, version)
+    return await serve_tunnel(state, request, ws, auth, epoch, version)
+
+
+def credential_deadline(state: RelayState, expires_at: float) -> float:
+    """When a connection authorised by a token expiring at ``expires_at`` must close."""
+    return expires_at + state.config.auth.leeway_s
 
 
 async def serve_tunnel(
     state: RelayState,
     request: web.Request,
     ws: web.WebSocketResponse,
-    host_id: str,
-    subject: str,
+    auth: Authorized,
     epoch: str,
     version: int,
 ) -> web.WebSocketResponse:
     metrics = state.metrics
+    host_id, subject = str(auth.host), auth.identity.sub
     closing: dict[str, object] = {}
+    renewal: list[asyncio.Task[None]] = []
 
     def request_close(code: int, reason: str) -> None:
         if closing:
@@ -90,22 +111,44 @@ async def serve_tunnel(
         closing.update(code=code, reason=reason)
         state.spawn(_close_socket(ws, code, reason, request.transport), f"tunnel-close:{host_id}")
 
+    def on_renew(body: dict[str, object]) -> None:
+        token = body.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolViolation("RENEW without a token")
+        if renewal and not renewal[-1].done():
+            # The agent gave up waiting and sent a newer one: only the latest is answered, so
+            # one tunnel never has more than one check running.
+            renewal[-1].cancel()
+        renewal[:] = [session.spawn(_renew(state, tunnel, token), f"tunnel-renew:{host_id}")]
+
     session = TunnelSession(
         ws.send_bytes,
         state.settings,
         role=Role.RELAY,
         name=host_id,
+        version=version,
         on_silence=lambda: request_close(int(CloseCode.KEEPALIVE_MISSED), "keepalive missed"),
+        on_backlog=lambda why: request_close(int(CloseCode.POLICY_VIOLATION),
+                                             "tunnel peer not reading"),
+        on_renew=on_renew,
     )
+    tunnel_config = state.config.tunnel
+    gate = StreamGate.build(tunnel_config.max_streams,
+                            per_subject=tunnel_config.max_streams_per_subject,
+                            max_queued=tunnel_config.max_queued,
+                            queue_timeout_s=tunnel_config.queue_timeout_s,
+                            observe=_queue_observer(state))
     tunnel = Tunnel(host_id=host_id, session=session, peer=peer_address(request),
-                    subject=subject, close=request_close, epoch=epoch)
+                    subject=subject, close=request_close, gate=gate, epoch=epoch)
+    deadline = credential_deadline(state, auth.identity.expires_at)
+    tunnel.lease = state.leases.hold(subject, host_id, deadline, "tunnel", request_close)
     replaced = state.registry.register(tunnel)
     if replaced is not None:
         log.info("tunnel.replaced", host_id=host_id, old_peer=replaced.peer, new_peer=tunnel.peer)
         replaced.close(int(CloseCode.REPLACED), "replaced by a newer tunnel")
     metrics.tunnels_connected.set(len(state.registry))
     metrics.tunnel_connects_total.inc()
-    session.send_hello({
+    hello: dict[str, object] = {
         "version": version,
         "hostId": host_id,
         "pingIntervalS": state.settings.ping_interval_s,
@@ -113,7 +156,11 @@ async def serve_tunnel(
         "window": state.settings.window,
         "maxFrame": state.settings.max_frame,
         "maxStreams": state.settings.max_streams,
-    })
+    }
+    if version >= 2:
+        # What v2 adds: RENEW, and when this tunnel closes (4401) unless it renews.
+        hello.update(renew=True, expiresAt=deadline)
+    session.send_hello(hello)
     session.start(keepalive=False)  # the relay-wide keepalive loop pings it (app.py)
     log.info("tunnel.connected", host_id=host_id, peer=tunnel.peer, sub=subject)
     reason = "closed"
@@ -136,6 +183,8 @@ async def serve_tunnel(
         # close causes), so everything that must happen runs before the first await, and the
         # asynchronous rest in a task the relay owns, which a cancelled handler cannot cut short.
         session.fail_all(int(CloseCode.TUNNEL_GONE), "the host's tunnel went away")
+        gate.close()
+        state.leases.end(tunnel.lease)
         still_current = state.registry.unregister(tunnel)
         metrics.tunnels_connected.set(len(state.registry))
         metrics.tunnel_disconnects_total.labels(reason=_reason_label(closing, reason)).inc()
@@ -145,6 +194,47 @@ async def serve_tunnel(
                               f"tunnel-release:{host_id}")
         await asyncio.shield(release)
     return ws
+
+
+def _queue_observer(state: RelayState) -> Callable[[str, float], None]:
+    metrics = state.metrics
+
+    def observe(outcome: str, waited_s: float) -> None:
+        metrics.stream_queue_total.labels(outcome=outcome).inc()
+        if outcome != "queue_full":
+            metrics.stream_queue_wait_seconds.observe(waited_s)
+
+    return observe
+
+
+async def _renew(state: RelayState, tunnel: Tunnel, token: str) -> None:
+    """Check a RENEW's token like a new registration (same subject, role agent): move the
+    tunnel's deadline and answer RENEWED, or close the tunnel (4401 bad token, 4403 refused)."""
+    assert state.verifier is not None and state.access is not None
+    session = tunnel.session
+    try:
+        identity = await state.verifier.verify(token)
+        if identity.sub != tunnel.subject:
+            raise Forbidden("a renewal must carry a token for the tunnel's own subject")
+        await state.access.check(identity, parse_host_id(tunnel.host_id), token,
+                                 role=AccessRole.AGENT)
+    except AccessUnavailable as error:
+        # Not the agent's fault: keep the tunnel and its current deadline; it retries.
+        log.info("tunnel.renew_deferred", host_id=tunnel.host_id, code=str(error.code))
+        session.send_renewed({"error": {"code": str(error.code), "message": error.message},
+                              "retryAfterS": error.retry_after_s or 1})
+        return
+    except RelayError as error:
+        log.info("tunnel.renew_refused", host_id=tunnel.host_id, code=str(error.code),
+                 close_code=int(error.close_code))
+        tunnel.close(int(error.close_code), error.message[:120])
+        return
+    deadline = credential_deadline(state, identity.expires_at)
+    if tunnel.lease is not None:
+        state.leases.move(tunnel.lease, deadline)
+    session.send_renewed({"expiresAt": deadline})
+    log.info("tunnel.renewed", host_id=tunnel.host_id, sub=tunnel.subject,
+             expires_in_s=round(deadline - time.time(), 1))
 
 
 async def _release(
@@ -162,6 +252,9 @@ def _reason_label(closing: dict[str, object], fallback: str) -> str:
         int(CloseCode.REPLACED): "replaced",
         int(CloseCode.KEEPALIVE_MISSED): "keepalive_missed",
         int(CloseCode.DRAINING): "draining",
+        int(CloseCode.UNAUTHORIZED): "unauthorized",  # token expired or a renewal refused
+        int(CloseCode.FORBIDDEN): "forbidden",  # revoked, or a renewal for another subject
+        int(CloseCode.POLICY_VIOLATION): "not_reading",
     }.get(code if isinstance(code, int) else -1, fallback)
 
 

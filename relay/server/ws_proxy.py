@@ -1,8 +1,13 @@
-"""Bridge a client's WebSocket to a channel on the host's tunnel, frames and close codes intact."""
+"""Bridge a client's WebSocket to a channel on the host's tunnel, frames and close codes intact.
+
+A channel never outlives its token: it holds a lease that closes it 4401 at the token's expiry
+(plus the auth leeway), and 4403 when its subject or host is revoked.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
@@ -12,7 +17,7 @@ from aiohttp import web
 from relay.errors import CloseCode, RelayError, TunnelClosed
 from relay.server.http_proxy import host_request_head
 from relay.server.state import RelayState
-from relay.server.tunnels import CLOSE_TIMEOUT_S, close_refused
+from relay.server.tunnels import CLOSE_TIMEOUT_S, close_refused, credential_deadline
 from relay.tunnel.bridge import bridge
 from relay.tunnel.session import Channel, ChannelClosed, ChannelKind, TunnelSession
 
@@ -81,7 +86,8 @@ def offered_protocols(request: web.Request) -> list[str]:
 
 async def proxy_ws(
     state: RelayState, request: web.Request, session: TunnelSession, path: str, query: str,
-    host_id: str, client_chain: str | None = None,
+    host_id: str, client_chain: str | None = None, *, subject: str = "",
+    expires_at: float = math.inf,
 ) -> web.StreamResponse:
     metrics = state.metrics
     open_head = ws_open_head(request, path, query, state.config.server.trust_forwarded,
@@ -119,7 +125,14 @@ async def proxy_ws(
         await ws.prepare(request)
         metrics.ws_channels_total.labels(outcome="opened").inc()
         log.info("ws.opened", host_id=host_id, path=path, stream=channel.id)
-        await _bridge(ws, channel, state)
+        # Closing the channel with the lease's code ends the bridge, which closes the client's
+        # socket with the same code; the host's socket gets it through the agent.
+        lease = state.leases.hold(subject, host_id, credential_deadline(state, expires_at),
+                                  "channel", channel.close)
+        try:
+            await _bridge(ws, channel, state)
+        finally:
+            state.leases.end(lease)
         return ws
     finally:
         channel.close(int(CloseCode.GOING_AWAY), "client went away")

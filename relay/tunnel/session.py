@@ -37,6 +37,15 @@ log = structlog.get_logger("relay.tunnel")
 
 # Frames queued for the writer beyond this many bytes make data senders wait.
 OUTBOX_HIGH_WATER = 1 << 20
+# What a peer can make us queue without reading (control replies: PONG, WINDOW, HEAD, CLOSE,
+# OPEN) beyond the data senders' high-water mark; past it the peer is cut off, never buffered for.
+DEFAULT_MAX_OUTBOX = 8 << 20
+
+
+def min_outbox_bound(max_frame: int) -> int:
+    """The smallest outgoing-queue bound that honest traffic cannot trip: the data high-water
+    mark plus a few of the largest frames (a sender may overshoot the mark by one)."""
+    return OUTBOX_HIGH_WATER + 4 * frames.max_message(max_frame)
 
 
 class Role(Enum):
@@ -57,6 +66,11 @@ class SessionSettings:
     max_ws_message: int = 4 << 20
     ping_interval_s: float = 10.0
     keepalive_misses: int = 3
+    max_outbox: int = DEFAULT_MAX_OUTBOX  # bytes queued for a peer before it is cut off
+
+    @property
+    def outbox_bound(self) -> int:
+        return max(self.max_outbox, min_outbox_bound(self.max_frame))
 
     @property
     def silence_limit_s(self) -> float:
@@ -363,6 +377,10 @@ class TunnelSession:
         on_drain: Callable[[dict[str, Any]], None] | None = None,
         on_silence: Callable[[], None] | None = None,
         on_hello: Callable[[dict[str, Any]], None] | None = None,
+        on_backlog: Callable[[str], None] | None = None,
+        on_renew: Callable[[dict[str, Any]], None] | None = None,
+        on_renewed: Callable[[dict[str, Any]], None] | None = None,
+        version: int = frames.PROTOCOL_VERSION,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -373,6 +391,12 @@ class TunnelSession:
         self._on_drain = on_drain
         self._on_silence = on_silence
         self._on_hello = on_hello
+        self._on_backlog = on_backlog
+        self._on_renew = on_renew
+        self._on_renewed = on_renewed
+        # The negotiated protocol version: frames newer than it are unknown (relay.protocol).
+        # The agent learns it from HELLO, so it starts at the newest it offered.
+        self.version = version
         self._clock = clock
         self.channels: dict[int, Channel] = {}
         self._next_id = 1  # the next stream id this side opens (the relay opens them all)
@@ -384,9 +408,19 @@ class TunnelSession:
         self._flushed = Flag(True)  # nothing queued and nothing being written
         self._tasks: set[asyncio.Task[None]] = set()
         self.alive = True
-        # False until start() and while the writer task is inside a write; direct writes from
-        # send() are only safe when it is idle with nothing queued.
-        self._writer_idle = False
+        self._started = False
+        # Writes handed to the socket and not finished (the writer task's, or a direct one from
+        # send()); direct writes are only safe with none in progress and nothing queued.
+        self._writes_active = 0
+        # Since when the socket has taken no write to completion while one was in progress: a
+        # peer that stops reading leaves it set, and the keepalive tick cuts it off.
+        self._write_since: float | None = None
+        # At most one PONG waits in the outbox (as an empty placeholder, encoded when written)
+        # and it answers the latest PING: a peer that floods PINGs without reading cannot make
+        # us queue one PONG per PING.
+        self._pong_payload: bytes | None = None
+        self.pings_coalesced = 0
+        self._backlog_reported = False
         self._next_ping: float | None = None
         self._silence_reported = False
         self.last_inbound = clock()
@@ -400,7 +434,7 @@ class TunnelSession:
     def start(self, *, keepalive: bool = True) -> None:
         """Start writing; ``keepalive=False`` when the owner calls :meth:`keepalive_tick`
         itself (the relay runs one loop for all its tunnels rather than a task each)."""
-        self._writer_idle = True
+        self._started = True
         self._spawn(self._writer(), f"tunnel-writer:{self.name}")
         if keepalive:
             self._spawn(self._keepalive(), f"tunnel-keepalive:{self.name}")
@@ -431,8 +465,21 @@ class TunnelSession:
             channel._terminate(ChannelClosed(code, reason, tunnel_lost=True))
         self.channels.clear()
         self._outbox.clear()
+        self._outbox_bytes = 0
+        self._pong_payload = None
         self._outbox_room.set()
         self._flushed.set()
+
+    def _backlogged(self, reason: str) -> None:
+        """The peer is not reading: drop everything queued for it and have the owner cut it off."""
+        if self._backlog_reported:
+            return
+        self._backlog_reported = True
+        log.info("tunnel.peer_not_reading", tunnel=self.name, reason=reason,
+                 queued_bytes=self._outbox_bytes)
+        self.fail_all(int(CloseCode.TUNNEL_GONE), "the tunnel's peer stopped reading")
+        if self._on_backlog is not None:
+            self._on_backlog(reason)
 
     # -- sending -----------------------------------------------------------------------------
     def send_nowait(self, frame: bytes) -> None:
@@ -444,6 +491,8 @@ class TunnelSession:
         self._flushed.clear()
         if self._outbox_bytes > OUTBOX_HIGH_WATER:
             self._outbox_room.clear()
+            if self._outbox_bytes > self.settings.outbox_bound:
+                self._backlogged("outgoing queue over its bound")
 
     async def send(self, frame: bytes) -> None:
         while self._outbox_bytes > OUTBOX_HIGH_WATER and self.alive:
@@ -451,12 +500,13 @@ class TunnelSession:
             await self._outbox_room.wait()
         if not self.alive:
             raise ChannelClosed(int(CloseCode.TUNNEL_GONE), "tunnel closed", tunnel_lost=True)
-        if self._writer_idle and not self._outbox:
+        if self._started and not self._writes_active and not self._outbox:
             # Nothing queued ahead of this frame: write it now instead of waking the writer
             # task, which costs a loop iteration per frame (round-trip latency on echo loads).
             # Order holds because the socket takes the bytes before the first suspension point
             # (uncompressed aiohttp WebSocket writes are synchronous; only the drain awaits).
             self.bytes_out += len(frame)
+            self._write_begin()
             try:
                 await self._send_frame(frame)
             except (ConnectionError, RuntimeError) as exc:
@@ -464,8 +514,33 @@ class TunnelSession:
                 self.fail_all(int(CloseCode.TUNNEL_GONE), "tunnel write failed")
                 raise ChannelClosed(int(CloseCode.TUNNEL_GONE), "tunnel write failed",
                                     tunnel_lost=True) from None
+            finally:
+                self._write_end()
             return
         self.send_nowait(frame)
+
+    def _queue_pong(self, payload: bytes) -> None:
+        if not self.alive:
+            return
+        if self._pong_payload is not None:
+            # A PONG is already queued: it will carry this newer payload instead.
+            self.pings_coalesced += 1
+            self._outbox_bytes += len(payload) - len(self._pong_payload)
+            self._pong_payload = payload
+            return
+        self._pong_payload = payload
+        self.send_nowait(b"")  # the placeholder costs nothing itself
+        self._outbox_bytes += frames.HEADER_SIZE + len(payload)
+
+    def _write_begin(self) -> None:
+        self._writes_active += 1
+        if self._write_since is None:
+            self._write_since = self._clock()
+
+    def _write_end(self) -> None:
+        self._writes_active -= 1
+        # A finished write is progress: the stall clock restarts for whatever is still going.
+        self._write_since = self._clock() if self._writes_active else None
 
     async def _writer(self) -> None:
         try:
@@ -474,15 +549,18 @@ class TunnelSession:
                     self._outbox_ready.clear()
                     await self._outbox_ready.wait()
                 frame = self._outbox.popleft()
+                if not frame:  # the PONG placeholder: answer the latest PING
+                    frame = frames.encode_ping(FrameType.PONG, self._pong_payload or b"")
+                    self._pong_payload = None
                 self._outbox_bytes -= len(frame)
                 if self._outbox_bytes <= OUTBOX_HIGH_WATER:
                     self._outbox_room.set()
                 self.bytes_out += len(frame)
-                self._writer_idle = False
+                self._write_begin()
                 try:
                     await self._send_frame(frame)
                 finally:
-                    self._writer_idle = True
+                    self._write_end()
                 if not self._outbox:
                     self._flushed.set()
         except asyncio.CancelledError:
@@ -496,6 +574,12 @@ class TunnelSession:
 
     def send_drain(self, body: dict[str, Any]) -> None:
         self.send_nowait(frames.encode_json(FrameType.DRAIN, 0, body))
+
+    def send_renew(self, body: dict[str, Any]) -> None:
+        self.send_nowait(frames.encode_json(FrameType.RENEW, 0, body))
+
+    def send_renewed(self, body: dict[str, Any]) -> None:
+        self.send_nowait(frames.encode_json(FrameType.RENEWED, 0, body))
 
     async def flush(self, timeout: float) -> None:
         """Wait until every queued frame was handed to the socket (bounded)."""
@@ -532,7 +616,7 @@ class TunnelSession:
         """Dispatch one inbound frame. Raises ProtocolViolation: the caller ends the tunnel."""
         self.last_inbound = self._clock()
         self.bytes_in += len(data)
-        frame = frames.decode(data, self.settings.max_frame)
+        frame = frames.decode(data, self.settings.max_frame, self.version)
         ftype = frame.type
         if ftype is FrameType.DATA:
             channel = self._channel_for(frame)
@@ -553,7 +637,7 @@ class TunnelSession:
                 del self.channels[channel.id]
                 channel._terminate(ChannelClosed(code, reason))
         elif ftype is FrameType.PING:
-            self.send_nowait(frames.encode_ping(FrameType.PONG, frame.payload))
+            self._queue_pong(frame.payload)
         elif ftype is FrameType.PONG:
             self._on_pong(frame.payload)
         elif ftype is FrameType.HEAD:
@@ -574,6 +658,15 @@ class TunnelSession:
                 raise ProtocolViolation("DRAIN sent to the relay")
             if self._on_drain is not None:
                 self._on_drain(frames.decode_json(frame))
+        elif ftype is FrameType.RENEW:
+            if self.role is not Role.RELAY or self._on_renew is None:
+                raise ProtocolViolation("RENEW sent to the agent")
+            self._on_renew(frames.decode_json(frame))
+        elif ftype is FrameType.RENEWED:
+            if self.role is not Role.AGENT:
+                raise ProtocolViolation("RENEWED sent to the relay")
+            if self._on_renewed is not None:
+                self._on_renewed(frames.decode_json(frame))
 
     def _channel_for(self, frame: Frame) -> Channel | None:
         """The live channel a stream frame is for; None for a stream that has since ended.
@@ -634,6 +727,12 @@ class TunnelSession:
         if not self.alive or self._silence_reported:
             return False
         now = self._clock()
+        if (self._write_since is not None
+                and now - self._write_since > self.settings.silence_limit_s):
+            # A write has waited this long for the peer to read: it is as dead as a silent one,
+            # and whatever it makes us queue meanwhile must not pile up.
+            self._backlogged("no write completed for the keepalive limit")
+            return False
         if self._next_ping is None or now >= self._next_ping:
             stamp = int(time.monotonic() * 1e9).to_bytes(8, "big")
             self.send_nowait(frames.encode_ping(FrameType.PING, os.urandom(8) + stamp))

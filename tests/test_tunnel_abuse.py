@@ -1,0 +1,173 @@
+"""Agents that abuse the tunnel's control frames: memory stays bounded, the abuser is cut off.
+
+The PING flood runs against a relay process (so its memory is its own to measure) from a raw
+socket that speaks WebSocket by hand and never reads a byte of what the relay sends back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import struct
+import time
+from pathlib import Path
+
+import aiohttp
+
+from relay.config import load_config
+from relay.errors import CloseCode
+from relay.protocol import frames
+from relay.protocol.frames import FrameType
+from tests.harness import (
+    Stack,
+    agent_token,
+    spawn_relay_process,
+    wait_http,
+    write_config,
+)
+from tests.test_rogue_agent import ROGUE_HOST, RawTunnel
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * KiB
+    raise AssertionError("no VmRSS")
+
+
+def ws_frame(payload: bytes, opcode: int = 0x2) -> bytes:
+    """One final, masked client frame. A zero mask key is legal and leaves the payload as is,
+    so a flood costs the test no CPU to mask."""
+    size = len(payload)
+    if size < 126:
+        head = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
+    elif size < 1 << 16:
+        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
+    return head + b"\0\0\0\0" + payload
+
+
+async def raw_tunnel_socket(port: int, host_id: str, token: str
+                            ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Upgrade ``/tunnel`` by hand; afterwards the caller decides what (not) to read."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write((
+        f"GET /tunnel?hostId={host_id}&v=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
+    ).encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101"), head[:80]
+    return reader, writer
+
+
+async def metric(client: aiohttp.ClientSession, url: str, name: str) -> float:
+    async with client.get(f"{url}/metrics") as resp:
+        for line in (await resp.text()).splitlines():
+            if line.startswith(name):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_ping_flood_without_reading_keeps_relay_memory_flat_and_is_cut_off(
+    tmp_path: Path,
+) -> None:
+    """100 KiB PINGs as fast as the socket takes them, never reading a PONG."""
+    # Silence limit 2 s x 3: the flood runs a good 5 s before the stalled writes cut it off.
+    path = write_config(tmp_path, {"tunnel": {"ping_interval_s": 2, "keepalive_misses": 3}})
+    config = load_config(path, env={})
+    url = f"http://127.0.0.1:{config.server.port}"
+    proc = spawn_relay_process(path, log_file=tmp_path / "relay.log")
+    writer: asyncio.StreamWriter | None = None
+    try:
+        await wait_http(f"{url}/healthz")
+        token = agent_token(config, ROGUE_HOST, "mallory")
+        async with aiohttp.ClientSession() as client:
+            _, writer = await raw_tunnel_socket(config.server.port, ROGUE_HOST, token)
+            baseline = rss_bytes(proc.pid)
+            ping = ws_frame(frames.encode_ping(FrameType.PING, os.urandom(100 * KiB)))
+            peak, sent, cut = baseline, 0, False
+            started = time.monotonic()
+            last_sample = started
+            while time.monotonic() - started < 15:
+                try:
+                    writer.write(ping)
+                    await asyncio.wait_for(writer.drain(), 1.0)
+                    sent += 1
+                except (ConnectionError, TimeoutError):
+                    pass  # the relay stopped reading or hung up: see below
+                now = time.monotonic()
+                if now - last_sample >= 0.1:
+                    last_sample = now
+                    peak = max(peak, rss_bytes(proc.pid))
+                    if await metric(client, url, 'relay_tunnel_disconnects_total{reason="not_'
+                                                 'reading"}') == 1:
+                        cut = True
+                        break
+            flooded_s = time.monotonic() - started
+        growth = peak - baseline
+        print(f"ping flood: {sent} PINGs ({sent * 100 // 1024} MiB) in {flooded_s:.1f} s, "
+              f"relay RSS {baseline / MiB:.1f} MiB -> peak {peak / MiB:.1f} MiB "
+              f"(+{growth / MiB:.1f} MiB), cut off: {cut}")
+        assert flooded_s >= 5 and sent * 100 * KiB >= 32 * MiB  # a real flood, for 5 s at least
+        assert growth < 32 * MiB
+        assert cut, "the agent that does not read must be cut off"
+        log = (tmp_path / "relay.log").read_text()
+        assert "tunnel.peer_not_reading" in log and "Traceback" not in log
+    finally:
+        if writer is not None:
+            writer.close()
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+async def test_a_ping_of_the_documented_256_kib_gets_its_pong(full_stack: Stack) -> None:
+    tunnel = await RawTunnel.connect(full_stack.client, full_stack.relay, ROGUE_HOST,
+                                     full_stack.agent_token(ROGUE_HOST), heartbeat_s=None)
+    try:
+        payload = os.urandom(256 * KiB)
+        for _ in range(3):  # the issue saw the tunnel closed after two
+            await tunnel.send(frames.encode_ping(FrameType.PING, payload))
+            async with asyncio.timeout(5):
+                while True:
+                    msg = await tunnel.ws.receive()
+                    assert msg.type is aiohttp.WSMsgType.BINARY, msg
+                    frame = frames.decode(msg.data, 1 << 24)
+                    if frame.type is FrameType.PONG and frame.payload == payload:
+                        break
+        assert full_stack.relay.state.registry.get(ROGUE_HOST) is not None
+    finally:
+        await tunnel.close()
+
+
+async def test_a_ping_one_byte_over_256_kib_is_a_protocol_violation(full_stack: Stack) -> None:
+    tunnel = await RawTunnel.connect(full_stack.client, full_stack.relay, ROGUE_HOST,
+                                     full_stack.agent_token(ROGUE_HOST), heartbeat_s=None)
+    try:
+        await tunnel.send(frames.encode_ping(FrameType.PING, b"p" * (256 * KiB + 1)))
+        code, _ = await tunnel.expect_close()
+        assert code == CloseCode.PROTOCOL_ERROR
+    finally:
+        await tunnel.close()
+
+
+async def test_a_data_frame_over_max_frame_is_a_protocol_violation(full_stack: Stack) -> None:
+    """The socket's bound is the largest legal frame plus slack, not maxFrame: DATA is still
+    held to maxFrame by the codec."""
+    tunnel = await RawTunnel.connect(full_stack.client, full_stack.relay, ROGUE_HOST,
+                                     full_stack.agent_token(ROGUE_HOST), heartbeat_s=None)
+    try:
+        max_frame = full_stack.relay.state.settings.max_frame
+        await tunnel.send(frames.encode(FrameType.DATA, 1, b"d" * (max_frame + 1)))
+        code, _ = await tunnel.expect_close()
+        assert code == CloseCode.PROTOCOL_ERROR
+    finally:
+        with contextlib.suppress(Exception):
+            await tunnel.close()
