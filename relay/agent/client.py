@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import structlog
@@ -24,6 +25,9 @@ from relay.agent.upstream import LocalOrigin
 from relay.errors import CloseCode, ProtocolViolation
 from relay.protocol.frames import HEADER_SIZE, PROTOCOL_VERSION
 from relay.tunnel.session import Channel, Role, SessionSettings, TunnelSession
+
+if TYPE_CHECKING:
+    from relay.tracing import Tracing
 
 log = structlog.get_logger("relay.agent")
 
@@ -50,6 +54,17 @@ class AgentOptions:
     # Until the relay's HELLO says otherwise, assume the defaults for liveness.
     ping_interval_s: float = 10.0
     keepalive_misses: int = 3
+    ca_file: str | None = None  # trust this CA (PEM) for a wss:// relay with a private cert
+
+
+def client_ssl_context(ca_file: str | None) -> ssl.SSLContext | None:
+    """Verification against ``ca_file`` (system trust is the default when None)."""
+    if not ca_file:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load CA file {ca_file!r}: {exc}") from None
 
 
 def tunnel_url(relay_url: str, host_id: str) -> URL:
@@ -130,9 +145,12 @@ class Agent:
         *,
         backoff: Backoff | None = None,
         on_state: Callable[[Agent], None] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.options = options
         self.tokens = tokens
+        self.tracing = tracing
+        self._ssl = client_ssl_context(options.ca_file)
         self.backoff = backoff or Backoff(options.backoff_base_s, options.backoff_cap_s)
         self.url = tunnel_url(options.relay_url, options.host_id)
         self._on_state = on_state
@@ -185,9 +203,11 @@ class Agent:
         ) as client:
             self._client = client
             self._origin = LocalOrigin(self.options.upstream, client,
-                                       max_ws_message=self.options.max_ws_message)
+                                       max_ws_message=self.options.max_ws_message,
+                                       tracing=self.tracing)
             tunnel_client = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S)
+                connector=aiohttp.TCPConnector(ssl=self._ssl) if self._ssl else None,
+                timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S),
             )
             try:
                 while not stop.is_set():

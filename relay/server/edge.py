@@ -20,7 +20,9 @@ from relay.errors import (
     RelayError,
     Unauthorized,
 )
+from relay.server.probe_guard import check_probe_host
 from relay.server.state import RelayState
+from relay.server.timing import lap
 
 log = structlog.get_logger("relay.edge")
 HOSTS_PREFIX = "/hosts/"
@@ -82,10 +84,13 @@ async def authorize(
     if not token:
         raise Unauthorized("missing bearer token")
     identity = await verifier.verify(token)
+    lap(request, "auth")
     if not host_raw:
         raise InvalidHost("missing host id")
     host = parse_host_id(host_raw)
+    check_probe_host(state.config, identity, host)
     source = await access.check(identity, host, token, role=role)
+    lap(request, "access")
     return Authorized(identity, host, token, source)
 
 

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from relay.auth.tokens import TokenVerifier
     from relay.directory.base import Directory
     from relay.server.peers import PeerSigner
+    from relay.server.tls import TlsContext
+    from relay.tracing import Tracing
 
 
 def session_settings(config: Config) -> SessionSettings:
@@ -49,6 +51,8 @@ class RelayState:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     notifier: Any = None
     signer: PeerSigner | None = None  # set when relays forward to each other
+    tracing: Tracing | None = None  # set when [tracing] otlp_endpoint is
+    tls: TlsContext | None = None  # set when the relay serves TLS itself
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
