@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from relay.config import TracingConfig
+
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.trace import Span
@@ -179,3 +181,16 @@ class Tracing:
         threading.Thread(target=work, name="otel-shutdown", daemon=True).start()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done, timeout_s)
+
+
+def build_tracing(config: TracingConfig,
+                  on_dropped: Callable[[int], None] | None = None) -> Tracing | None:
+    """The relay's tracing from its ``[tracing]`` section; None (nothing loaded) when off."""
+    if not config.otlp_endpoint:
+        return None
+    return Tracing(TracingSettings(
+        endpoint=config.otlp_endpoint, service_name=config.service_name,
+        sample_ratio=config.sample_ratio, max_queue_size=config.max_queue_size,
+        max_export_batch_size=config.max_export_batch_size,
+        schedule_delay_s=config.schedule_delay_s, export_timeout_s=config.export_timeout_s,
+    ), on_dropped)

@@ -37,11 +37,15 @@ from relay.server.edge import (
 )
 from relay.server.forward import forward_http, forward_ws
 from relay.server.http_proxy import proxy_http
+from relay.server.observe import observe_middleware, wanted
 from relay.server.peers import H_SIGNATURE, PeerRejected, PeerSigner
+from relay.server.probe import run_probe
 from relay.server.registry import Tunnel
 from relay.server.state import STATE, RelayState, session_settings
+from relay.server.tls import build_tls
 from relay.server.tunnels import handle_tunnel
 from relay.server.ws_proxy import proxy_ws, refuse_ws
+from relay.tracing import build_tracing
 
 log = structlog.get_logger("relay.server")
 
@@ -216,7 +220,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
         state.directory.on_revocation(revoked)
         state.directory.on_lost(lost)
+        state.tracing = build_tracing(config.tracing, state.metrics.trace_spans_dropped_total.inc)
         state.spawn(_keepalive_loop(state), "relay-keepalive")
+        if config.probe.public_url:
+            state.spawn(run_probe(state), "relay-probe")
         yield
     finally:
         # Without a drain (a test, a crash path) agents must still hear that we are going,
@@ -240,6 +247,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         if state.verifier is not None:
             await state.verifier.close()
         await state.client.close()
+        if state.tracing is not None:
+            await state.tracing.shutdown(timeout_s=3.0)  # bounded: a hung collector loses spans
 
 
 def build_app(config: Config, metrics: Metrics | None = None) -> web.Application:
@@ -247,6 +256,7 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
         config=config, metrics=metrics or Metrics(), settings=session_settings(config)
     )
     state.idle.set()
+    state.tls = build_tls(config)
     directory = config.directory
     if directory.backend == "redis":
         state.signer = PeerSigner(directory.peer_secret, directory.instance_id,
@@ -254,7 +264,10 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     # aiohttp's parser refuses single lines above these with a bare 400; keep them well above
     # server.max_header_bytes so oversized headers get the documented JSON 431 instead.
     parser_limit = max(65536, config.server.max_header_bytes * 8)
-    app = web.Application(middlewares=[error_middleware], handler_args={
+    middlewares = [error_middleware]
+    if wanted(config):  # a relay with neither tracing nor Server-Timing pays nothing per request
+        middlewares.append(observe_middleware)
+    app = web.Application(middlewares=middlewares, handler_args={
         "max_field_size": parser_limit,
         "max_line_size": parser_limit,
     })

@@ -49,15 +49,17 @@ async def serve(config: Config, *, config_path: str | None = None) -> int:
     )
     try:
         await runner.setup()
+        tls = state.tls.context if state.tls is not None else None
         site = web.TCPSite(runner, config.server.host, config.server.port, backlog=2048,
-                           reuse_address=True)
+                           reuse_address=True, ssl_context=tls)
         try:
             await site.start()
         except OSError as exc:
             log.error("relay.listen_failed", host=config.server.host, port=config.server.port,
                       error=exc.strerror)
             return 1
-        log.info("relay.listening", url=f"http://{config.server.host}:{config.server.port}",
+        scheme = "https" if tls is not None else "http"
+        log.info("relay.listening", url=f"{scheme}://{config.server.host}:{config.server.port}",
                  auth_mode=config.auth.mode, access_backend=config.access.backend,
                  directory=config.directory.backend, instance_id=config.directory.instance_id)
         lifecycle.started()
