@@ -136,14 +136,6 @@ class Tracing:
         return self.tracer.start_span(name, context=self.extract(carrier), kind=SpanKind.CLIENT,
                                       attributes=dict(attributes))
 
-    def record_child(self, parent: Span, name: str, start_ns: int, end_ns: int) -> None:
-        """A finished child of ``parent`` from timestamps taken while it happened."""
-        from opentelemetry.trace import set_span_in_context
-
-        child = self.tracer.start_span(name, context=set_span_in_context(parent),
-                                       start_time=start_ns)
-        child.end(end_time=end_ns)
-
     @staticmethod
     def end_span(span: Span, status: int | None, error: str | None = None) -> None:
         from opentelemetry.trace import Status, StatusCode

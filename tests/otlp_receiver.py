@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -18,6 +19,15 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from tests.harness import free_port
 
 
+def _attributes(pairs: Any) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for attribute in pairs:
+        value = attribute.value
+        kind = value.WhichOneof("value")
+        out[attribute.key] = getattr(value, kind) if kind else None
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class ReceivedSpan:
     service: str
@@ -26,6 +36,7 @@ class ReceivedSpan:
     span_id: str
     parent_span_id: str
     attributes: dict[str, object]
+    events: dict[str, dict[str, object]]
 
 
 @dataclass
@@ -66,15 +77,11 @@ class OtlpReceiver:
                             if a.key == "service.name"), "")
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
-                    attributes: dict[str, object] = {}
-                    for attribute in span.attributes:
-                        value = attribute.value
-                        kind = value.WhichOneof("value")
-                        attributes[attribute.key] = getattr(value, kind) if kind else None
                     self.spans.append(ReceivedSpan(
                         service=service, name=span.name, trace_id=span.trace_id.hex(),
                         span_id=span.span_id.hex(), parent_span_id=span.parent_span_id.hex(),
-                        attributes=attributes,
+                        attributes=_attributes(span.attributes),
+                        events={e.name: _attributes(e.attributes) for e in span.events},
                     ))
         return web.Response(body=ExportTraceServiceResponse().SerializeToString(),
                             content_type="application/x-protobuf")

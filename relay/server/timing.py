@@ -19,8 +19,10 @@ if TYPE_CHECKING:
     from relay.tracing import Tracing
 
 PHASES = ("auth", "access", "tunnel", "host")
-# Span names of the phases, children of the exchange's span.
-SPAN_NAMES = {
+# Each phase is an event on the exchange's span, at the moment it ended, carrying its duration.
+# Events, not child spans: four more spans per request cost the relay about three times the CPU
+# (creating and encoding them) for the same information.
+EVENT_NAMES = {
     "auth": "relay.auth",
     "access": "relay.access",
     "tunnel": "relay.tunnel_wait",
@@ -42,10 +44,10 @@ class PathTimer:
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter_ns()
-        self.durations_ms[phase] = (now - self._last) / 1e6
-        if self.span is not None and self.tracing is not None:
-            self.tracing.record_child(self.span, SPAN_NAMES.get(phase, phase),
-                                      self._last + self._wall_offset, now + self._wall_offset)
+        duration_ms = self.durations_ms[phase] = (now - self._last) / 1e6
+        if self.span is not None:
+            self.span.add_event(EVENT_NAMES.get(phase, phase), {"duration_ms": duration_ms},
+                                timestamp=now + self._wall_offset)
         self._last = now
 
     def restart(self) -> None:
