@@ -1,6 +1,6 @@
 """OpenTelemetry for the relay and the agent: W3C trace context, spans, bounded background export.
 
-Tracing is off unless an OTLP/HTTP endpoint is configured, and off means no SDK object exists:
+Tracing is off unless an OTLP/HTTP endpoint is configured, and off means no tracing object exists:
 callers hold ``None`` and a client's ``traceparent`` passes through the relay untouched. On,
 spans are handed to the SDK's ``BatchSpanProcessor``, whose worker thread exports them; the event
 loop only appends to a bounded queue. What cannot be exported — the queue is full because the
@@ -65,7 +65,7 @@ class Tracing:
 
     def __init__(self, settings: TracingSettings,
                  on_dropped: Callable[[int], None] | None = None) -> None:
-        # Imported here: without an endpoint the SDK is never loaded at all.
+        # Imported here: without an endpoint none of this is loaded by the relay.
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
