@@ -188,3 +188,23 @@ def test_probe_outside_dev_mode_needs_a_token_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write_config(tmp_path, sections), env={})
     assert "probe.token_file" in str(info.value)
+
+
+async def test_a_ca_file_that_does_not_load_is_reported_once_and_the_relay_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    sections = probe_sections("wss://127.0.0.1:9", ca_file="ca.pem")
+    config = load_config(write_config(tmp_path, sections), env={})
+    with LogCapture() as capture:
+        relay = await start_relay(config)
+        try:
+            await eventually(lambda: bool(events(capture, "relay.probe_failed")), timeout=5)
+            failure = events(capture, "relay.probe_failed")[0]
+            assert failure["reason"] == "ca_file_unusable" and failure["level"] == "error"
+            assert gauge(relay, "relay_probe_success") == 0
+            async with aiohttp.ClientSession() as client, client.get(
+                    f"{relay.url}/healthz") as resp:
+                assert resp.status == 200
+        finally:
+            await relay.stop()

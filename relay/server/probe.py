@@ -150,8 +150,13 @@ async def run_probe(state: RelayState) -> None:
     """The probe loop: owned by the relay (``relay-probe`` task), cancelled when it stops."""
     config = state.config
     metrics = state.metrics
-    probe = Probe(config)
     metrics.probe_success.set(0)
+    try:
+        probe = Probe(config)
+    except ValueError as exc:  # a CA file that exists but does not load
+        log.error("relay.probe_failed", reason="ca_file_unusable", error=str(exc),
+                  url=config.probe.public_url)
+        return
     runner = web.AppRunner(_host_app(), access_log=None, handle_signals=False,
                            shutdown_timeout=1.0)
     await runner.setup()
@@ -170,7 +175,11 @@ async def run_probe(state: RelayState) -> None:
         await asyncio.sleep(min(config.probe.interval_s, 1.0))
         while True:
             if not state.draining:  # a draining relay refuses tunnels by design
-                result = await probe.check(host_url, client)
+                try:
+                    result = await probe.check(host_url, client)
+                except Exception:  # a bug must not end the probing: report it, keep going
+                    log.exception("relay.probe_crashed")
+                    result = ProbeResult(False, "crashed", 0.0)
                 record(state, result)
             await asyncio.sleep(config.probe.interval_s)
     finally:
