@@ -219,3 +219,12 @@ async def test_sighup_serves_a_new_certificate_to_new_connections_and_keeps_the_
         finally:
             stop_process(proc)
         await host.stop()
+
+
+def test_dev_mode_with_tls_still_refuses_a_non_loopback_address(tmp_path: Path) -> None:
+    tls_files(tmp_path, make_ca())
+    sections = tls_sections()
+    sections["server"]["host"] = "0.0.0.0"
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path, sections), env={})
+    assert "server.host" in str(info.value) and "loopback" in str(info.value)
