@@ -34,7 +34,7 @@ log = structlog.get_logger("relay.probe")
 
 AGENT_CLAIM = "relayHosts"  # the agent-role claim (auth.agent_claim once it is configurable)
 ANSWER_LIMIT = 1024
-STOP_TIMEOUT_S = 3.0
+STOP_TIMEOUT_S = 1.0  # then the probe agent is cancelled: a probe ends by timeout_s + 1 s
 
 
 @dataclass(frozen=True, slots=True)
