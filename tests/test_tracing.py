@@ -330,3 +330,24 @@ async def test_tracing_shutdown_is_bounded_with_a_hung_collector(receiver: OtlpR
     started = time.monotonic()
     await tracing.shutdown(timeout_s=0.5)
     assert time.monotonic() - started < 2
+
+
+async def test_sample_ratio_0_records_nothing_new_but_follows_a_sampled_client(
+    tmp_path: Path, receiver: OtlpReceiver,
+) -> None:
+    t = await _start(tmp_path, tracing_sections(receiver.endpoint, sample_ratio=0.0),
+                     agent_endpoint=None)
+    try:
+        async with t.client.get(t.url("/unsampled"), headers=t.auth()) as resp:
+            assert resp.status == 200
+        match = TRACEPARENT.match(t.recorder.seen[-1]["traceparent"])
+        assert match is not None  # the host still gets a trace context to log
+        assert int(match.group(0)[-2:], 16) & 1 == 0  # ...marked not sampled
+        unsampled = match.group(1)
+        traceparent, trace_id, _ = client_traceparent()
+        async with t.client.get(t.url("/sampled"), headers=t.auth(traceparent=traceparent)) as r:
+            assert r.status == 200
+        await eventually(lambda: bool(receiver.in_trace(trace_id)), timeout=10)
+        assert not receiver.in_trace(unsampled)
+    finally:
+        await _stop(t)
