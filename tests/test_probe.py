@@ -132,7 +132,8 @@ async def test_the_probe_org_is_reserved_for_the_probe_subject(tmp_path: Path) -
     try:
         # A customer whose identity provider put them in the probe's org still cannot register
         # its host id (and so answer or displace the probe) nor reach it.
-        intruder = relay.token(sub="mallory", orgs=(PROBE_ORG,))
+        # Even with the agent claim for exactly that host id.
+        intruder = relay.agent_token(host_id, sub="mallory")
         agent = await start_agent(relay.ws_url, host_id, host.url, token=intruder, wait=False)
         await eventually(lambda: agent.agent.last_outcome is not None, timeout=5)
         assert agent.agent.last_outcome is not None
@@ -140,7 +141,7 @@ async def test_the_probe_org_is_reserved_for_the_probe_subject(tmp_path: Path) -
         assert relay.state.registry.get(host_id) is None
         await agent.stop()
 
-        probe = relay.token(sub="relay-probe", orgs=(PROBE_ORG,))
+        probe = relay.agent_token(host_id, sub="relay-probe")
         real = await start_agent(relay.ws_url, host_id, host.url, token=probe)
         async with aiohttp.ClientSession() as client:
             url = f"{relay.url}/hosts/{host_id}/"

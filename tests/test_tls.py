@@ -70,7 +70,7 @@ async def test_https_and_wss_through_a_relay_serving_tls_itself(tmp_path: Path) 
     host = await start_host()
     port = config.server.port
     agent = await start_agent(f"wss://127.0.0.1:{port}", HOST_ID, host.url,
-                              token=relay.token(), ca_file=str(ca_file))
+                              token=relay.agent_token(HOST_ID), ca_file=str(ca_file))
     token = relay.token()
     try:
         assert await served_serial(port, ca.client_context()) == serial
@@ -108,7 +108,7 @@ async def test_an_agent_without_the_ca_cannot_connect(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path, tls_sections()), env={})
     relay = await start_relay(config)
     agent = await start_agent(f"wss://127.0.0.1:{config.server.port}", HOST_ID,
-                              "http://127.0.0.1:9", token=relay.token(), wait=False)
+                              "http://127.0.0.1:9", token=relay.agent_token(HOST_ID), wait=False)
     try:
         await eventually(lambda: agent.agent.last_outcome is not None, timeout=5)
         assert agent.agent.last_outcome is not None
@@ -176,7 +176,7 @@ async def test_sighup_serves_a_new_certificate_to_new_connections_and_keeps_the_
                 await asyncio.sleep(0.05)
         from relay.auth.devissuer import mint_token
 
-        token = mint_token(config, "alice", ["acme"], ttl_s=600)
+        token = mint_token(config, "alice", ["acme"], ttl_s=600, agent_hosts=[HOST_ID])
         agent = await start_agent(f"wss://127.0.0.1:{port}", HOST_ID, host.url, token=token,
                                   ca_file=str(ca_file), wait=True)
         connector = aiohttp.TCPConnector(ssl=context, force_close=True)

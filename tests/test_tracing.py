@@ -94,7 +94,7 @@ async def _start(tmp_path: Path, sections: dict[str, dict[str, Any]],
     if agent_endpoint:
         agent_tracing = Tracing(TracingSettings(endpoint=agent_endpoint, service_name="relay-agent",
                                                 schedule_delay_s=0.05, export_timeout_s=2.0))
-    agent = await start_agent(relay.ws_url, HOST_ID, host.url, token=relay.token(),
+    agent = await start_agent(relay.ws_url, HOST_ID, host.url, token=relay.agent_token(HOST_ID),
                               tracing=agent_tracing)
     return Traced(relay, host, agent, recorder, aiohttp.ClientSession(), agent_tracing)
 
@@ -197,7 +197,7 @@ async def test_websocket_channels_are_traced_and_carry_the_trace_to_the_host(
     config = load_config(write_config(tmp_path, tracing_sections(receiver.endpoint)), env={})
     relay = await start_relay(config)
     host = await start_host(app)
-    agent = await start_agent(relay.ws_url, HOST_ID, host.url, token=relay.token())
+    agent = await start_agent(relay.ws_url, HOST_ID, host.url, token=relay.agent_token(HOST_ID))
     traceparent, trace_id, client_span = client_traceparent()
     try:
         async with aiohttp.ClientSession() as client, client.ws_connect(

@@ -32,7 +32,6 @@ from relay.server.state import RelayState
 
 log = structlog.get_logger("relay.probe")
 
-AGENT_CLAIM = "relayHosts"  # the agent-role claim (auth.agent_claim once it is configurable)
 ANSWER_LIMIT = 1024
 STOP_TIMEOUT_S = 1.0  # then the probe agent is cancelled: a probe ends by timeout_s + 1 s
 
@@ -76,10 +75,10 @@ class Probe:
 
             if self._dev_key is None:
                 self._dev_key = load_or_create_dev_key(config.dev_state_path)
-            claim = getattr(config.auth, "agent_claim", AGENT_CLAIM)
+            # The agent claim lets it serve its host id; it calls that host with the same token.
             return mint_token(config, config.probe.subject, [PROBE_ORG],
                               ttl_s=max(300.0, config.probe.timeout_s * 2),
-                              extra={claim: [self.host_id]}, key=self._dev_key)
+                              agent_hosts=[self.host_id], key=self._dev_key)
         # Re-read every time, like an agent's --token-file: the operator rotates it in place.
         return await TokenSource(file=str(config.resolve_path(config.probe.token_file))).get()
 
