@@ -228,3 +228,19 @@ def test_dev_mode_with_tls_still_refuses_a_non_loopback_address(tmp_path: Path) 
     with pytest.raises(ConfigError) as info:
         load_config(write_config(tmp_path, sections), env={})
     assert "server.host" in str(info.value) and "loopback" in str(info.value)
+
+
+async def test_the_probe_goes_through_wss_with_its_private_ca(tmp_path: Path) -> None:
+    ca = make_ca()
+    ca.write(tmp_path / "ca.pem")
+    tls_files(tmp_path, ca)
+    port = free_port()
+    sections = {**tls_sections(port),
+                "probe": {"public_url": f"wss://127.0.0.1:{port}", "interval_s": 1.0,
+                          "timeout_s": 0.9, "ca_file": "ca.pem"}}
+    relay = await start_relay(load_config(write_config(tmp_path, sections), env={}))
+    registry = relay.state.metrics.registry
+    try:
+        await eventually(lambda: registry.get_sample_value("relay_probe_success") == 1, timeout=10)
+    finally:
+        await relay.stop()
