@@ -6,6 +6,7 @@ host is a small aiohttp app recording the headers it was sent.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
@@ -26,6 +27,7 @@ from tests.harness import (
     RunningHost,
     RunningRelay,
     eventually,
+    free_port,
     start_agent,
     start_host,
     start_relay,
@@ -351,3 +353,63 @@ async def test_sample_ratio_0_records_nothing_new_but_follows_a_sampled_client(
         assert not receiver.in_trace(unsampled)
     finally:
         await _stop(t)
+
+
+async def test_a_forwarded_exchange_is_one_trace_across_relays_and_server_timing_adds_up(
+    tmp_path: Path, receiver: OtlpReceiver,
+) -> None:
+    from tests.redis_server import RedisServer
+
+    async with RedisServer() as redis:
+        relays = []
+        for name in ("owner", "entry"):
+            folder = tmp_path / name
+            folder.mkdir()
+            port = free_port()
+            config = load_config(write_config(folder, {
+                **tracing_sections(receiver.endpoint),
+                "server": {"port": port, "server_timing": True},
+                "auth": {"dev_state_dir": str(tmp_path / "shared-state")},
+                "directory": {"backend": "redis", "redis_url": redis.url,
+                              "instance_id": f"relay-{name}",
+                              "advertise_url": f"http://127.0.0.1:{port}",
+                              "peer_secret": "a-shared-peer-secret-for-tests"},
+            }), env={})
+            relays.append(await start_relay(config))
+        owner, entry = relays
+        recorder = RecordingHost()
+        host = await start_host(recorder.app())
+        agent = await start_agent(owner.ws_url, HOST_ID, host.url,
+                                  token=owner.agent_token(HOST_ID))
+        traceparent, trace_id, client_span = client_traceparent()
+        try:
+            async with aiohttp.ClientSession() as client:
+                url = f"{entry.url}/hosts/{HOST_ID}/across"
+                headers = {"Authorization": f"Bearer {entry.token()}", "traceparent": traceparent}
+                status = 0
+                for _ in range(100):  # until the entry relay sees the owner's directory entry
+                    async with client.get(url, headers=headers) as resp:
+                        status = resp.status
+                        timing = resp.headers.getall("Server-Timing", [])
+                    if status == 200:
+                        break
+                    await asyncio.sleep(0.05)
+                assert status == 200
+            names = {p.split(";")[0] for value in timing for p in value.split(", ")}
+            assert names == {"auth", "access", "tunnel", "host"}
+            match = TRACEPARENT.match(recorder.seen[-1]["traceparent"])
+            assert match is not None and match.group(1) == trace_id
+
+            def exchanges() -> list[Any]:
+                return [s for s in receiver.in_trace(trace_id) if s.name == "relay.http"]
+
+            await eventually(lambda: len(exchanges()) >= 2, timeout=10)
+            by_parent = {s.parent_span_id: s for s in exchanges()}
+            first = by_parent[client_span]  # the entry relay's span
+            second = by_parent[first.span_id]  # the owner's, its child
+            assert match.group(2) == second.span_id
+        finally:
+            await agent.stop()
+            for relay in relays:
+                await relay.stop()
+            await host.stop()
