@@ -48,16 +48,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         load_or_create_dev_key(config.dev_state_path)
         cfg = f" --config {path}" if path else ""
+        http, ws = ("https", "wss") if config.server.tls_cert_file else ("http", "ws")
         print(
-            f"relay (dev mode) on http://{config.server.host}:{config.server.port}\n"
+            f"relay (dev mode) on {http}://{config.server.host}:{config.server.port}\n"
             f"  mint a token:     relay token{cfg} --sub me --org acme\n"
             f"  an agent's token: relay token{cfg} --sub me --org acme "
             f"--agent-host acme:laptop\n"
-            f"  connect an agent: relay agent --relay ws://{config.server.host}:"
+            f"  connect an agent: relay agent --relay {ws}://{config.server.host}:"
             f"{config.server.port} --host-id acme:laptop --upstream http://127.0.0.1:3000 "
             f"--token <agent token>\n"
             f"  call the host:    curl -H 'Authorization: Bearer <token>' "
-            f"http://{config.server.host}:{config.server.port}/hosts/acme:laptop/",
+            f"{http}://{config.server.host}:{config.server.port}/hosts/acme:laptop/",
             file=sys.stderr, flush=True,
         )
     from relay.server.run import serve

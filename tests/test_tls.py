@@ -210,6 +210,9 @@ async def test_sighup_serves_a_new_certificate_to_new_connections_and_keeps_the_
         assert loaded and int(loaded[0]["serial"], 16) == first
         listening = events_named(log_file, "relay.listening")
         assert listening[0]["url"].startswith("https://")
+        banner = log_file.read_text()
+        assert f"on https://127.0.0.1:{port}" in banner
+        assert f"--relay wss://127.0.0.1:{port}" in banner
     finally:
         if agent is not None:
             await agent.stop()
