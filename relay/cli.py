@@ -13,6 +13,7 @@ from typing import Any
 from relay.config import Config, load_config, masked
 from relay.errors import ConfigError
 from relay.logs import setup_logging
+from relay.tracing import ENV_ENDPOINT
 
 DEFAULT_CONFIG = "config.toml"
 
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--ca-file", default=None,
                        help="trust this CA certificate (PEM) for a wss:// relay with a private CA")
     agent.add_argument("--otlp-endpoint",
-                       default=os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", ""),
+                       default=os.environ.get(ENV_ENDPOINT, ""),
                        help="export a span per call to the host service over OTLP/HTTP, e.g. "
                             "http://collector:4318/v1/traces (default: "
                             "$OTEL_EXPORTER_OTLP_TRACES_ENDPOINT; empty = off)")
