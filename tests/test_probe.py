@@ -209,3 +209,36 @@ async def test_a_ca_file_that_does_not_load_is_reported_once_and_the_relay_keeps
                 assert resp.status == 200
         finally:
             await relay.stop()
+
+
+async def test_outside_dev_mode_the_probe_reads_its_token_file_on_every_probe(
+    tmp_path: Path,
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from relay.auth.devissuer import mint_token
+
+    key = Ed25519PrivateKey.generate()
+    (tmp_path / "issuer.pem").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    token_file = tmp_path / "probe-token"
+    token_file.write_text("not-a-jwt\n")
+    port = free_port()
+    sections = probe_sections(f"ws://127.0.0.1:{port}", token_file="probe-token")
+    sections["server"] = {"port": port}
+    sections["auth"] = {"mode": "public_key", "public_key_file": "issuer.pem",
+                        "issuer": "https://idp.example", "audience": "relay"}
+    config = load_config(write_config(tmp_path, sections), env={})
+    host_id = probe_host_id("relay-a")
+    with LogCapture() as capture:
+        relay = await start_relay(config)
+        try:
+            await eventually(lambda: bool(events(capture, "relay.probe_failed")), timeout=10)
+            assert events(capture, "relay.probe_failed")[0]["reason"] == "tunnel_closed_4401"
+            # The operator drops a real token in place; the next probe uses it.
+            token_file.write_text(mint_token(config, "relay-probe", [PROBE_ORG],
+                                             agent_hosts=[host_id], key=key) + "\n")
+            await eventually(lambda: gauge(relay, "relay_probe_success") == 1, timeout=10)
+        finally:
+            await relay.stop()
