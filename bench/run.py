@@ -6,6 +6,8 @@ Workloads (each measured straight to the host service and through relay + agent)
 - W1 small requests: GET 1 KiB, 32 connections (wrk): req/s, p50, p99; then the same through
   a relay with ``cors.allow_origins`` set and an allowed ``Origin`` on every request (CORS on),
   beside the default relay (CORS off), so the header work shows up if it costs anything;
+- W1T the same through a relay and an agent that trace every exchange (OTLP/HTTP to a sink that
+  answers 200) beside the untraced pair: what tracing costs (req/s, latency, CPU per request);
 - W2 large downloads: 16 MiB, 4 at once: MB/s and the relay's and agent's peak RSS growth;
   then one slow reader (~1.5 MB/s through a small receive buffer): relay RSS must stay flat;
 - W3 WebSocket echo: 16 channels, 1 KiB binary ping-pong, clients in 2 processes: round trips/s,
@@ -77,11 +79,11 @@ MB = 1_000_000
 # Overrides that would point the bench's own relays elsewhere; everything else RELAY_* passes.
 STRIPPED_ENV = ("RELAY_CONFIG", "RELAY_SERVER_HOST", "RELAY_SERVER_PORT", "RELAY_AUTH_",
                 "RELAY_DIRECTORY_", "RELAY_ACCESS_", "RELAY_ADMIN_")
-ALL_WORKLOADS = ("W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7")
+ALL_WORKLOADS = ("W0", "W1", "W1T", "W2", "W3", "W4", "W5", "W6", "W7")
 W4_PING_INTERVAL_S = 10.0
 W6_CHANNELS = 300  # more than tunnel.max_streams (256): the probe that locked a host out
 # W4 last: its sockets linger in TIME_WAIT. W6 right after W1, on the same relay.
-RUN_ORDER = ("W0", "W1", "W6", "W2", "W3", "W5", "W7", "W4")
+RUN_ORDER = ("W0", "W1", "W6", "W1T", "W2", "W3", "W5", "W7", "W4")
 
 
 @dataclass
@@ -250,11 +252,12 @@ class Bench:
             raise RuntimeError(f"relay token failed: {done.stderr.strip()[-300:]}")
         return done.stdout.strip().splitlines()[-1]
 
-    def start_agent(self, name: str, relay: Relay, host_id: str) -> subprocess.Popen[Any]:
+    def start_agent(self, name: str, relay: Relay, host_id: str,
+                    *extra: str) -> subprocess.Popen[Any]:
         popen = self.procs.start(name, [
             PYTHON, "-m", "relay", "agent", "--relay", relay.ws, "--host-id", host_id,
             "--upstream", f"http://127.0.0.1:{self.host_port}", "--token-file",
-            str(self.token_file),
+            str(self.token_file), *extra,
         ])
         url = relay.host_url(host_id, "/small")
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -497,6 +500,71 @@ class Bench:
                         "", "0", hostile.errors == 0, ratio=False))
         rows.append(Row("W6", "relay RSS growth under abuse", None, growth_mib, "MiB",
                         "≤ 64 MiB", growth_mib <= 64, ratio=False))
+
+    def w1t(self) -> None:
+        """W1 with tracing off and on, side by side: a second relay + agent export every span."""
+        binary = self.ensure_wrk()
+        if binary is None:
+            self.report.notes.append(f"W1T skipped: {self.wrk_problem}")
+            return
+        assert self.relay is not None
+        sink_port = free_port()
+        sink = self.procs.start("otlpsink", [PYTHON, "-m", "bench.otlpsink", "--port",
+                                             str(sink_port)])
+        started: list[subprocess.Popen[Any]] = [sink]
+        try:
+            stats_url = f"http://127.0.0.1:{sink_port}/stats"
+            self._wait_up(sink, "otlpsink", lambda: http_get(stats_url, timeout=1)[0] == 200, 15)
+            endpoint = f"http://127.0.0.1:{sink_port}/v1/traces"
+            traced = self.start_relay("relay-traced", {"tracing": {"otlp_endpoint": endpoint}})
+            started.append(traced.popen)
+            host_id = "acme:bench-traced"
+            agent = self.start_agent("agent-traced", traced, host_id, "--otlp-endpoint", endpoint)
+            started.append(agent)
+            pairs = {"off": (self.relay, self.agent_pid, HOST_ID),
+                     "on": (traced, agent.pid, host_id)}
+            results: dict[str, wrk.WrkResult] = {}
+            meters: dict[str, CpuMeter] = {}
+            for mode, (relay, agent_pid, hid) in pairs.items():
+                url = relay.host_url(hid, "/small")
+                wrk.run(binary, url, token=self.token, seconds=self.durations.w1_warmup_s)
+                meters[mode] = CpuMeter({"relay": relay.pid, "agent": agent_pid,
+                                         "host": self.host_pid})
+                with meters[mode]:
+                    results[mode] = wrk.run(binary, url, token=self.token,
+                                            seconds=self.durations.w1_s)
+                r = results[mode]
+                print(f"  W1T tracing {mode:3s} {r.requests_per_s:10,.0f} req/s  "
+                      f"p50 {ms(r.p50_ms)}  p99 {ms(r.p99_ms)}  errors {r.errors}  "
+                      f"CPU {meters[mode].describe()}", flush=True)
+            time.sleep(2)  # let the last batches reach the sink
+            metrics = http_get(f"{traced.http}/metrics", timeout=5)[1].decode(errors="replace")
+            dropped = next((float(line.split()[-1]) for line in metrics.splitlines()
+                            if line.startswith("relay_trace_spans_dropped_total ")), 0.0)
+            sink_stats = json_get(stats_url)
+        finally:
+            for popen in reversed(started):
+                self.procs.stop(popen)
+        off, on = results["off"], results["on"]
+        self.report.raw["W1T"] = {k: {**asdict(v), "cpu_s": meters[k].used}
+                                  for k, v in results.items()}
+        self.report.raw["W1T"]["sink"] = sink_stats
+        note = "direct = tracing off; via relay = tracing on (relay and agent export every span)"
+        rows = self.report.rows
+        rows.append(Row("W1T", "req/s, tracing off | on", off.requests_per_s, on.requests_per_s,
+                        note=note))
+        rows.append(Row("W1T", "p50 latency, tracing off | on", off.p50_ms, on.p50_ms, "ms"))
+        rows.append(Row("W1T", "p99 latency, tracing off | on", off.p99_ms, on.p99_ms, "ms"))
+        rows.append(Row("W1T", "errors, tracing off | on", off.errors, on.errors, "", "0",
+                        on.errors == 0, ratio=False))
+        for who in ("relay", "agent"):
+            per = {mode: meters[mode].used[who] / results[mode].requests * 1e6
+                   if results[mode].requests else None for mode in ("off", "on")}
+            rows.append(Row("W1T", f"{who} CPU per request, off | on", per["off"], per["on"],
+                            "µs"))
+        rows.append(Row("W1T", "spans dropped (relay) | OTLP posts at the sink", dropped,
+                        float(sink_stats.get("posts", 0)), "", "0 dropped", dropped == 0,
+                        ratio=False))
 
     def cpu_meter(self) -> CpuMeter:
         """CPU of the relay, the agent and the host (and reaped load generators) in a block."""
@@ -990,7 +1058,7 @@ class Bench:
         self.agent_token = self.mint_token(config, f"{ORG}:*")
         self.token_file.write_text(self.agent_token)
         self.token_file.chmod(0o600)
-        if chosen & {"W0", "W1", "W2", "W3", "W6"}:
+        if chosen & {"W0", "W1", "W1T", "W2", "W3", "W6"}:
             self.setup()
         elif "W5" in chosen:
             self.start_host()

@@ -18,6 +18,7 @@ from relay import __version__
 from relay.config import Config, load_config, masked
 from relay.errors import ConfigError
 from relay.logs import setup_logging
+from relay.tracing import ENV_ENDPOINT
 
 DEFAULT_CONFIG = "config.toml"
 
@@ -212,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--token-command", help="run on every connect; its stdout is the token")
     agent.add_argument("--backoff-cap", type=float, default=30.0,
                        help="longest reconnect delay (s)")
+    agent.add_argument("--ca-file", default=None,
+                       help="trust this CA certificate (PEM) for a wss:// relay with a private CA")
+    agent.add_argument("--otlp-endpoint",
+                       default=os.environ.get(ENV_ENDPOINT, ""),
+                       help="export a span per call to the host service over OTLP/HTTP, e.g. "
+                            "http://collector:4318/v1/traces (default: "
+                            "$OTEL_EXPORTER_OTLP_TRACES_ENDPOINT; empty = off)")
     agent.add_argument("--log-level", default=os.environ.get("RELAY_LOG_LEVEL", "info"))
     agent.add_argument("--log-format", default=os.environ.get("RELAY_LOG_FORMAT", "json"),
                        choices=["json", "console"])

@@ -41,6 +41,9 @@ class ServerConfig:
     trust_forwarded: bool = False  # honour X-Forwarded-* from a reverse proxy in front
     header_timeout_s: float = 10.0  # a request head must arrive whole within this
     keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
+    server_timing: bool = False  # proxied answers carry Server-Timing (auth, access, tunnel, host)
+    tls_cert_file: str = ""  # PEM chain; with tls_key_file the relay serves HTTPS/WSS itself
+    tls_key_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +123,27 @@ class CorsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    otlp_endpoint: str = ""  # OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces; "" = off
+    service_name: str = "relay"
+    sample_ratio: float = 1.0  # of traces the client did not decide (a sampled parent is kept)
+    max_queue_size: int = 2048  # spans waiting for export; more are dropped (and counted)
+    max_export_batch_size: int = 512
+    schedule_delay_s: float = 1.0  # how often the background exporter sends a batch
+    export_timeout_s: float = 5.0  # one export to the collector, retries included
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeConfig:
+    public_url: str = ""  # how agents reach this relay (ws:// or wss://); "" = no probe
+    interval_s: float = 60.0
+    timeout_s: float = 10.0  # the whole probe: tunnel, one request, teardown
+    token_file: str = ""  # the probe's token outside dev mode (re-read on every probe)
+    subject: str = "relay-probe"  # the only subject allowed on the reserved probe org
+    ca_file: str = ""  # trust this CA for a wss:// public_url with a private certificate
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
     format: str = "json"
@@ -136,6 +160,8 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
     cors: CorsConfig = field(default_factory=CorsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     # Where the config came from: relative paths resolve against its folder.
     source: str = "<defaults>"
     base_dir: str = "."
@@ -158,6 +184,8 @@ SECTIONS: dict[str, type] = {
     "admin": AdminConfig,
     "log": LogConfig,
     "cors": CorsConfig,
+    "tracing": TracingConfig,
+    "probe": ProbeConfig,
 }
 
 
@@ -362,6 +390,7 @@ def validate(config: Config) -> None:
         if getattr(server, key) <= 0:
             raise ConfigError(src, f"server.{key}", "must be positive")
     _validate_admin(config)
+    _validate_tls(config)
 
     if auth.mode not in {"dev", "jwks", "public_key"}:
         raise ConfigError(src, "auth.mode", f"must be dev, jwks or public_key, got {auth.mode!r}")
@@ -490,6 +519,61 @@ def validate(config: Config) -> None:
         )
     if log.format not in {"json", "console"}:
         raise ConfigError(src, "log.format", f"must be json or console, got {log.format!r}")
+    _validate_tracing(config)
+    _validate_probe(config)
+
+
+def _validate_tls(config: Config) -> None:
+    src, server = config.source, config.server
+    if bool(server.tls_cert_file) != bool(server.tls_key_file):
+        missing = "server.tls_key_file" if server.tls_cert_file else "server.tls_cert_file"
+        raise ConfigError(src, missing,
+                          "server.tls_cert_file and server.tls_key_file go together; set both")
+    for key in ("tls_cert_file", "tls_key_file"):
+        value = getattr(server, key)
+        if value and not config.resolve_path(value).is_file():
+            raise ConfigError(src, f"server.{key}", f"no such file: {config.resolve_path(value)}")
+
+
+def _validate_tracing(config: Config) -> None:
+    src, tracing = config.source, config.tracing
+    if tracing.otlp_endpoint:
+        _check_url(src, "tracing.otlp_endpoint", tracing.otlp_endpoint, {"http", "https"})
+    if not tracing.service_name:
+        raise ConfigError(src, "tracing.service_name", "must not be empty")
+    if not 0.0 <= tracing.sample_ratio <= 1.0:
+        raise ConfigError(src, "tracing.sample_ratio", "must be between 0 and 1")
+    if tracing.max_queue_size < 1:
+        raise ConfigError(src, "tracing.max_queue_size", "must be at least 1")
+    if not 1 <= tracing.max_export_batch_size <= tracing.max_queue_size:
+        raise ConfigError(src, "tracing.max_export_batch_size",
+                          "must be between 1 and tracing.max_queue_size")
+    for key in ("schedule_delay_s", "export_timeout_s"):
+        if getattr(tracing, key) <= 0:
+            raise ConfigError(src, f"tracing.{key}", "must be positive")
+
+
+def _validate_probe(config: Config) -> None:
+    src, probe = config.source, config.probe
+    if not probe.public_url:
+        return
+    _check_url(src, "probe.public_url", probe.public_url, {"ws", "wss"})
+    if probe.interval_s <= 0:
+        raise ConfigError(src, "probe.interval_s", "must be positive")
+    if not 0 < probe.timeout_s < probe.interval_s:
+        raise ConfigError(src, "probe.timeout_s", "must be positive and less than probe.interval_s")
+    if config.auth.mode != "dev":
+        if not probe.token_file:
+            raise ConfigError(src, "probe.token_file",
+                              "required with probe.public_url outside dev mode")
+        if not config.resolve_path(probe.token_file).is_file():
+            raise ConfigError(src, "probe.token_file",
+                              f"no such file: {config.resolve_path(probe.token_file)}")
+    if not probe.subject:
+        raise ConfigError(src, "probe.subject", "must not be empty")
+    if probe.ca_file and not config.resolve_path(probe.ca_file).is_file():
+        raise ConfigError(src, "probe.ca_file",
+                          f"no such file: {config.resolve_path(probe.ca_file)}")
 
 
 def _check_cors(src: str, cors: CorsConfig) -> None:

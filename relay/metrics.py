@@ -129,6 +129,23 @@ class Metrics:
             "reason (expired: 4401, revoked: 4403)",
             ["kind", "reason"], registry=r,
         )
+        self.trace_spans_dropped_total = Counter(
+            "relay_trace_spans_dropped_total",
+            "Spans not exported: the export queue was full or the collector failed or timed out",
+            registry=r,
+        )
+        self.probe_success = Gauge(
+            "relay_probe_success",
+            "1 when the last synthetic probe (tunnel in through the public URL, one request) "
+            "worked, else 0", registry=r,
+        )
+        self.probe_duration_seconds = Gauge(
+            "relay_probe_duration_seconds", "How long the last synthetic probe took", registry=r,
+        )
+        self.probe_runs_total = Counter(
+            "relay_probe_runs_total", "Synthetic probes run, by result (ok, failed)", ["result"],
+            registry=r,
+        )
 
         # Labelled children looked up once: .labels() on every request was ~10% of the relay's
         # CPU under small-request load.

@@ -31,6 +31,7 @@ from relay.devhost import build_app as build_host_app
 from relay.server.app import build_app
 from relay.server.listen import Listeners
 from relay.server.state import STATE, RelayState
+from relay.tracing import Tracing
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -122,7 +123,8 @@ async def start_relay(config: Config) -> RunningRelay:
     listeners = Listeners.create(app, config, shutdown_timeout=2.0)
     try:
         await listeners.setup()
-        await listeners.start(config)
+        tls = app[STATE].tls
+        await listeners.start(config, ssl_context=tls.context if tls is not None else None)
     except BaseException:
         await listeners.cleanup()
         raise
@@ -173,11 +175,13 @@ class RunningAgent:
 async def start_agent(
     relay_url: str, host_id: str, upstream: str, *, token: str | None = None,
     tokens: TokenSource | None = None, backoff: Backoff | None = None, wait: bool = True,
-    on_state: Callable[[Agent], None] | None = None, **options: Any,
+    on_state: Callable[[Agent], None] | None = None, tracing: Tracing | None = None,
+    **options: Any,
 ) -> RunningAgent:
     source = tokens or TokenSource(token=token)
     agent = Agent(AgentOptions(relay_url=relay_url, host_id=host_id, upstream=upstream, **options),
-                  source, backoff=backoff or Backoff(base=0.05, cap=0.5), on_state=on_state)
+                  source, backoff=backoff or Backoff(base=0.05, cap=0.5), on_state=on_state,
+                  tracing=tracing)
     stop = asyncio.Event()
     task = asyncio.ensure_future(agent.run(stop))
     task.set_name(f"test-agent:{host_id}")

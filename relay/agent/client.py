@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import structlog
@@ -27,6 +28,9 @@ from relay.connect_errors import connect_error_cause
 from relay.errors import CloseCode, ProtocolViolation
 from relay.protocol.frames import HEADER_SIZE, SUPPORTED_VERSIONS
 from relay.tunnel.session import Channel, Role, SessionSettings, TunnelSession
+
+if TYPE_CHECKING:
+    from relay.tracing import Tracing
 
 log = structlog.get_logger("relay.agent")
 
@@ -55,6 +59,17 @@ class AgentOptions:
     keepalive_misses: int = 3
     # Protocol versions offered in ``v``; the relay picks the highest it speaks too.
     versions: tuple[int, ...] = tuple(sorted(SUPPORTED_VERSIONS))
+    ca_file: str | None = None  # trust this CA (PEM) for a wss:// relay with a private cert
+
+
+def client_ssl_context(ca_file: str | None) -> ssl.SSLContext | None:
+    """Verification against ``ca_file`` (system trust is the default when None)."""
+    if not ca_file:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load CA file {ca_file!r}: {exc}") from None
 
 
 def tunnel_url(relay_url: str, host_id: str, versions: tuple[int, ...] = (1,)) -> URL:
@@ -136,9 +151,12 @@ class Agent:
         *,
         backoff: Backoff | None = None,
         on_state: Callable[[Agent], None] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.options = options
         self.tokens = tokens
+        self.tracing = tracing
+        self._ssl = client_ssl_context(options.ca_file)
         self.backoff = backoff or Backoff(options.backoff_base_s, options.backoff_cap_s)
         self.url = tunnel_url(options.relay_url, options.host_id, options.versions)
         self._on_state = on_state
@@ -191,9 +209,11 @@ class Agent:
         ) as client:
             self._client = client
             self._origin = LocalOrigin(self.options.upstream, client,
-                                       max_ws_message=self.options.max_ws_message)
+                                       max_ws_message=self.options.max_ws_message,
+                                       tracing=self.tracing)
             tunnel_client = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S)
+                connector=aiohttp.TCPConnector(ssl=self._ssl) if self._ssl else None,
+                timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S),
             )
             try:
                 while not stop.is_set():

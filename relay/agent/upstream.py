@@ -16,7 +16,7 @@ import asyncio
 import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import structlog
@@ -28,6 +28,11 @@ from relay.protocol.headers import WS_HANDSHAKE, strip_hop_by_hop
 from relay.protocol.hostpaths import localize_response_headers
 from relay.tunnel.bridge import bridge
 from relay.tunnel.session import Channel, ChannelClosed, ChannelKind
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from relay.tracing import Tracing
 
 log = structlog.get_logger("relay.agent")
 
@@ -77,7 +82,7 @@ class LocalOrigin:
     """The agent's view of its host service: one origin, never anything else."""
 
     def __init__(self, origin: str, client: aiohttp.ClientSession, *, max_ws_message: int,
-                 pool: OriginPool | None = None) -> None:
+                 pool: OriginPool | None = None, tracing: Tracing | None = None) -> None:
         """``client`` carries WebSocket channels; ``pool`` (made here by default, and then
         closed by :meth:`close`) carries plain HTTP exchanges."""
         url = parse_origin(origin)
@@ -90,6 +95,7 @@ class LocalOrigin:
             url.host, url.port,
             ssl_context=ssl.create_default_context() if url.scheme == "https" else None,
         )
+        self.tracing = tracing
 
     async def close(self) -> None:
         if self._owns_pool:
@@ -116,15 +122,33 @@ class LocalOrigin:
         return url
 
     async def serve(self, channel: Channel, head: dict[str, Any]) -> None:
+        span = self._start_span(channel, head) if self.tracing is not None else None
         try:
             if channel.kind is ChannelKind.WS:
                 await self._serve_ws(channel, head)
             else:
-                await self._serve_http(channel, head)
+                await self._serve_http(channel, head, span)
         except ChannelClosed:
             pass  # the relay ended the stream (client gone, tunnel gone)
         finally:
             channel.close(int(CloseCode.INTERNAL_ERROR), "agent stream ended")
+            if span is not None:
+                span.end()
+
+    def _start_span(self, channel: Channel, head: dict[str, Any]) -> Span:
+        """The agent's span for its call to the host, which becomes the host's trace parent."""
+        from relay.tracing import trace_headers, with_trace_headers
+
+        assert self.tracing is not None
+        headers = [(str(n), str(v)) for n, v in head.get("headers") or []]
+        span = self.tracing.start_client_span(
+            "agent.upstream" if channel.kind is ChannelKind.HTTP else "agent.upstream_ws",
+            trace_headers(headers),
+            {"http.request.method": str(head.get("method") or "GET"),
+             "url.path": str(head.get("path") or "/")},
+        )
+        head["headers"] = with_trace_headers(headers, self.tracing.inject(span))
+        return span
 
     async def _request_body(self, channel: Channel) -> AsyncIterator[bytes]:
         while True:
@@ -134,7 +158,8 @@ class LocalOrigin:
             yield chunk.data
             channel.consumed(len(chunk.data))
 
-    async def _serve_http(self, channel: Channel, head: dict[str, Any]) -> None:
+    async def _serve_http(self, channel: Channel, head: dict[str, Any],
+                          span: Span | None = None) -> None:
         method = str(head.get("method") or "GET")
         # Host is the pool's (the one origin); the relay sends none, a foreign relay might.
         headers = strip_hop_by_hop(((str(n), str(v)) for n, v in head.get("headers") or []),
@@ -154,6 +179,8 @@ class LocalOrigin:
                 self._request_body(channel) if has_body else None,
             )
             async with response:
+                if span is not None:
+                    span.set_attribute("http.response.status_code", response.status)
                 channel.send_head({
                     "status": response.status,
                     "reason": response.reason,

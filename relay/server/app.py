@@ -52,11 +52,15 @@ from relay.server.edge import (
 from relay.server.forward import forward_http, forward_ws
 from relay.server.http_proxy import proxy_http
 from relay.server.httpedge import close_without_reading, edge_limits, parser_args
+from relay.server.observe import observe_middleware, wanted
 from relay.server.peers import H_SIGNATURE, PeerRejected, PeerSigner
+from relay.server.probe import run_probe
 from relay.server.registry import Tunnel
 from relay.server.state import STATE, RelayState, session_settings
+from relay.server.tls import build_tls
 from relay.server.tunnels import handle_tunnel
 from relay.server.ws_proxy import proxy_ws, refuse_ws
+from relay.tracing import build_tracing
 
 log = structlog.get_logger("relay.server")
 
@@ -391,8 +395,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
         state.directory.on_revocation(revoked)
         state.directory.on_lost(lost)
+        state.tracing = build_tracing(config.tracing, state.metrics.trace_spans_dropped_total.inc)
         state.spawn(_keepalive_loop(state), "relay-keepalive")
         state.spawn(state.leases.run(), "relay-leases")
+        if config.probe.public_url:
+            state.spawn(run_probe(state), "relay-probe")
         yield
     finally:
         # Without a drain (a test, a crash path) agents must still hear that we are going,
@@ -416,6 +423,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         if state.verifier is not None:
             await state.verifier.close()
         await state.client.close()
+        if state.tracing is not None:
+            await state.tracing.shutdown(timeout_s=3.0)  # bounded: a hung collector loses spans
 
 
 def build_app(config: Config, metrics: Metrics | None = None) -> web.Application:
@@ -425,13 +434,17 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     closes = state.metrics.credential_closes_total
     state.leases.on_close = lambda kind, why: closes.labels(kind=kind, reason=why).inc()
     state.idle.set()
+    state.tls = build_tls(config)
     directory = config.directory
     if directory.backend == "redis":
         state.signer = PeerSigner(directory.peer_secret, directory.instance_id,
                                   max_skew_s=directory.peer_max_skew_s)
     # The parser's own refusals (a line or field over these) are answered as JSON 414/431 by
     # relay.server.httpedge; the total header size is checked again per request (431).
-    app = web.Application(middlewares=[error_middleware],
+    middlewares = [error_middleware]
+    if wanted(config):  # a relay with neither tracing nor Server-Timing pays nothing per request
+        middlewares.append(observe_middleware)
+    app = web.Application(middlewares=middlewares,
                           handler_args=parser_args(edge_limits(config)))
     app[STATE] = state
     if config.cors.allow_origins:

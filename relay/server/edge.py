@@ -22,7 +22,9 @@ from relay.errors import (
     RelayError,
     Unauthorized,
 )
+from relay.server.probe_guard import check_probe_host
 from relay.server.state import RelayState
+from relay.server.timing import lap
 
 log = structlog.get_logger("relay.edge")
 HOSTS_PREFIX = "/hosts/"
@@ -171,10 +173,13 @@ async def authorize(
         # The token inside the cookie expired or its key was rotated: end the session.
         secure = is_secure(request, state.config.server.trust_forwarded)
         raise SessionRejected(clear_cookie_header(host_raw, secure=secure)) from None
+    lap(request, "auth")
     if not host_raw:
         raise InvalidHost("missing host id")
     host = parse_host_id(host_raw)
+    check_probe_host(state.config, identity, host)
     source = await access.check(identity, host, token, role=role)
+    lap(request, "access")
     return Authorized(identity, host, token, source, credential)
 
 

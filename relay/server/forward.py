@@ -30,6 +30,7 @@ from relay.protocol.headers import (
 from relay.server.edge import send_continue
 from relay.server.peers import PeerSigner
 from relay.server.state import RelayState
+from relay.server.timing import timer_of
 from relay.server.tunnels import CLOSE_TIMEOUT_S
 from relay.tunnel.session import cancel_and_wait
 
@@ -83,6 +84,9 @@ def _signed_request(state: RelayState, signer: PeerSigner, request: web.Request,
     method = "GET" if websocket else request.method
     headers += list(signer.sign(method, target, host_id, subject,
                                 _client_chain(request, trust)).items())
+    timer = timer_of(request)
+    if timer is not None:
+        headers = timer.next_hop_headers(headers)  # the owner's span is a child of ours
     return target, headers
 
 
@@ -112,6 +116,10 @@ async def forward_http(state: RelayState, signer: PeerSigner, request: web.Reque
             raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers]
             for name, value in strip_hop_by_hop(raw, extra=frozenset({"content-length"})):
                 response.headers.add(name, value)
+            timer = timer_of(request)
+            if timer is not None and (timing := timer.header(("auth", "access"))) is not None:
+                # The owner measured the tunnel and the host; the client was checked here.
+                response.headers.add("Server-Timing", timing)
             if length is not None and length.isdigit():
                 response.content_length = int(length)
             await response.prepare(request)

@@ -25,6 +25,7 @@ from relay.protocol.headers import request_headers_for_host, response_headers_fo
 from relay.protocol.hostpaths import host_prefix
 from relay.server.edge import send_continue
 from relay.server.state import RelayState
+from relay.server.timing import PathTimer, timer_of
 from relay.tunnel.session import Channel, ChannelClosed, ChannelKind, TunnelSession
 
 log = structlog.get_logger("relay.http")
@@ -133,11 +134,16 @@ async def proxy_http(
     has_body = request_has_body(request)
     head = host_request_head(request, path, query, config.server.trust_forwarded, client_chain,
                              host_id=host_id)
+    timer = timer_of(request)
+    if timer is not None:
+        trace_next_hop(timer, head)
     try:
         channel = session.open_channel(ChannelKind.HTTP, head, fin=not has_body)
     except ChannelClosed:
         # The tunnel failed and its handler has not unregistered it yet: nothing was sent.
         raise HostOffline() from None
+    if timer is not None:
+        timer.lap("tunnel")
     metrics.http_streams.inc()
     upload: asyncio.Task[None] | None = None
     response: web.StreamResponse | None = None
@@ -162,6 +168,8 @@ async def proxy_http(
             why = closed.reason or closed.code
             raise TunnelClosed(f"the host aborted the request: {why}") from None
         metrics.http_time_to_first_byte_seconds.observe(time.monotonic() - exchange.started)
+        if timer is not None:
+            timer.lap("host")
         status = int(host_head.get("status", 502))  # type: ignore[call-overload]
         raw_headers = host_head.get("headers") or []
         response = web.StreamResponse(status=status, reason=host_head.get("reason") or None)  # type: ignore[arg-type]
@@ -175,6 +183,8 @@ async def proxy_http(
             raw_headers, host_prefix(host_id), f"{scheme}://{public_host}",  # type: ignore[arg-type]
         ):
             response.headers.add(name, value)
+        if timer is not None and (timing := timer.header()) is not None:
+            response.headers.add("Server-Timing", timing)  # beside any the host sent
         whole = channel.take_whole_body()
         # aiohttp's Response would invent a Content-Type the host did not send; stream then.
         if whole is not None and "Content-Type" in response.headers and (
@@ -234,6 +244,13 @@ async def proxy_http(
             _ACCESS.info("http.access", host_id=host_id, method=request.method, path=path,
                      status=status, bytes_in=exchange.bytes_up, bytes_out=exchange.bytes_down,
                      duration_ms=round(duration * 1000, 2))
+
+
+def trace_next_hop(timer: PathTimer, head: dict[str, object]) -> None:
+    """The host's (or the agent's) trace parent is this exchange's span."""
+    headers = head["headers"]
+    assert isinstance(headers, list)
+    head["headers"] = timer.next_hop_headers(headers)
 
 
 def exchange_failed(request: web.Request) -> None:

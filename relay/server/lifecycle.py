@@ -9,10 +9,12 @@ from typing import Any
 import structlog
 
 from relay.auth.tokens import build_verifier
+from relay.config import SECTIONS as CONFIG_SECTIONS
 from relay.config import Config, load_config
 from relay.errors import ConfigError
 from relay.logs import set_level
 from relay.server.state import RelayState
+from relay.server.tls import reload_tls
 from relay.systemd import Notifier, WatchdogFeeder, watchdog_interval
 
 log = structlog.get_logger("relay.server")
@@ -27,8 +29,11 @@ RELOADABLE = frozenset({
     "admin.secret",
     "server.drain_grace_s",
     "tunnel.request_timeout_s", "tunnel.open_timeout_s",
+    # Only while the relay serves TLS: it cannot start or stop serving it in place.
+    "server.tls_cert_file", "server.tls_key_file",
 })
-SECTIONS = ("server", "auth", "access", "tunnel", "directory", "admin", "log", "cors")
+TLS_KEYS = ("server.tls_cert_file", "server.tls_key_file")
+SECTIONS = tuple(CONFIG_SECTIONS)
 # Filled in with generated defaults when the file leaves them empty; compare what the file says.
 _GENERATED = frozenset({"directory.instance_id"})
 
@@ -115,8 +120,16 @@ class Lifecycle:
         changed = changed_keys(old, new)
         applied = [k for k in changed if k in RELOADABLE]
         needs_restart = [k for k in changed if k not in RELOADABLE]
+        if state.tls is None or not new.server.tls_cert_file:
+            needs_restart += [k for k in applied if k in TLS_KEYS]
+            applied = [k for k in applied if k not in TLS_KEYS]
         merged = merge(old, new, applied)
         failed: list[str] = []
+        # Certificates are re-read on every reload: renewal tools rewrite them in place.
+        if state.tls is not None and not reload_tls(state.tls, merged):
+            failed += [k for k in applied if k in TLS_KEYS]
+            applied = [k for k in applied if k not in TLS_KEYS]
+            merged = merge(merged, old, failed)
         if state.verifier is not None:
             auth_keys = [k for k in applied if k.startswith("auth.")]
             try:
@@ -127,7 +140,7 @@ class Lifecycle:
                     await state.verifier.reload_keys()  # key files may have changed in place
             except Exception as exc:  # the old keys stay in use; so do the old auth settings
                 log.error("relay.reload_keys_failed", error=str(exc) or type(exc).__name__)
-                failed = auth_keys
+                failed += auth_keys
                 applied = [k for k in applied if k not in failed]
                 merged = merge(merged, old, failed)
         if "log.level" in applied:

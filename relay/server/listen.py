@@ -7,6 +7,7 @@ Used by ``relay serve`` and by the tests, so both run the same connection edge
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,10 +73,12 @@ class Listeners:
                 self._set_up.append(runner)  # cleanup() must run even if setup() raises
                 await runner.setup()
 
-    async def start(self, config: Config, *, backlog: int = 128) -> None:
-        """Listen on the public port, then the admin port; OSError if either is taken."""
+    async def start(self, config: Config, *, backlog: int = 128,
+                    ssl_context: ssl.SSLContext | None = None) -> None:
+        """Listen on the public port (TLS with ``ssl_context``), then the admin port; OSError
+        if either is taken."""
         site = web.TCPSite(self.public, config.server.host, config.server.port,
-                           backlog=backlog, reuse_address=True)
+                           backlog=backlog, reuse_address=True, ssl_context=ssl_context)
         await site.start()
         self.sites.append(site)
         if self.admin is not None:

@@ -47,13 +47,15 @@ async def serve(config: Config, *, config_path: str | None = None,
     listeners = Listeners.create(app, config, shutdown_timeout=5.0)
     try:
         await listeners.setup()
+        tls = state.tls.context if state.tls is not None else None
         try:
-            await listeners.start(config, backlog=2048)
+            await listeners.start(config, backlog=2048, ssl_context=tls)
         except OSError as exc:
             log.error("relay.listen_failed", host=config.server.host, port=config.server.port,
                       admin_listen=config.admin.listen or None, error=exc.strerror)
             return 1
-        log.info("relay.listening", url=f"http://{config.server.host}:{config.server.port}",
+        scheme = "https" if tls is not None else "http"
+        log.info("relay.listening", url=f"{scheme}://{config.server.host}:{config.server.port}",
                  admin=f"http://{config.admin.listen}" if config.admin.listen else None,
                  auth_mode=config.auth.mode, access_backend=config.access.backend,
                  directory=config.directory.backend, instance_id=config.directory.instance_id)

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from relay.directory.base import Directory
     from relay.server.peers import PeerSigner
     from relay.server.throttle import FailureThrottle
+    from relay.server.tls import TlsContext
+    from relay.tracing import Tracing
 
 
 def session_settings(config: Config) -> SessionSettings:
@@ -56,6 +58,8 @@ class RelayState:
     signer: PeerSigner | None = None  # set when relays forward to each other
     sessions: SessionCookies | None = None  # browser navigation sessions (relay.auth.session)
     admin_throttle: FailureThrottle | None = None  # wrong admin secrets per peer address
+    tracing: Tracing | None = None  # set when [tracing] otlp_endpoint is
+    tls: TlsContext | None = None  # set when the relay serves TLS itself
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)

@@ -15,8 +15,9 @@ import structlog
 from aiohttp import web
 
 from relay.errors import CloseCode, RelayError, TunnelClosed
-from relay.server.http_proxy import host_request_head
+from relay.server.http_proxy import host_request_head, trace_next_hop
 from relay.server.state import RelayState
+from relay.server.timing import timer_of
 from relay.server.tunnels import CLOSE_TIMEOUT_S, close_refused, credential_deadline
 from relay.tunnel.bridge import bridge
 from relay.tunnel.session import Channel, ChannelClosed, ChannelKind, TunnelSession
@@ -92,12 +93,17 @@ async def proxy_ws(
     metrics = state.metrics
     open_head = ws_open_head(request, path, query, state.config.server.trust_forwarded,
                              client_chain, host_id)
+    timer = timer_of(request)
+    if timer is not None:
+        trace_next_hop(timer, open_head)
     try:
         channel = session.open_channel(ChannelKind.WS, open_head)
     except ChannelClosed:
         return await refuse_ws(state, request, TunnelClosed())
     except RelayError as error:
         return await refuse_ws(state, request, error)
+    if timer is not None:
+        timer.lap("tunnel")
     metrics.ws_streams.inc()
     started = time.monotonic()
     try:
@@ -114,6 +120,8 @@ async def proxy_ws(
         except ChannelClosed as closed:
             refusal = TunnelClosed(f"the host refused the channel: {closed.reason or closed.code}")
             return await refuse_ws(state, request, refusal)
+        if timer is not None:
+            timer.lap("host")
         status = int(head.get("status", 502))
         if status != 101:
             channel.close(int(CloseCode.NORMAL), "")
