@@ -99,14 +99,15 @@ def self_command(argv0: str | None = None) -> str:
 def dev_banner(config: Config, path: str) -> str:
     relay = self_command()
     base = f"{config.server.host}:{config.server.port}"
+    http, ws = ("https", "wss") if config.server.tls_cert_file else ("http", "ws")
     return (
-        f"relay (dev mode) listening on http://{base}\n"
+        f"relay (dev mode) listening on {http}://{base}\n"
         f"  mint a token:     (umask 077; {relay} token --config {path} --sub me --org acme "
         f"--agent-host acme:laptop > token)\n"
-        f"  connect an agent: {relay} agent --relay ws://{base} --host-id acme:laptop "
+        f"  connect an agent: {relay} agent --relay {ws}://{base} --host-id acme:laptop "
         f"--upstream http://127.0.0.1:3000 --token-file token\n"
         f"  call the host:    curl -H \"Authorization: Bearer $(cat token)\" "
-        f"http://{base}/hosts/acme:laptop/\n"
+        f"{http}://{base}/hosts/acme:laptop/\n"
         f"  (README.md, \"In a second terminal\": all of it in one block to paste)"
     )
 
