@@ -212,6 +212,9 @@ class Bench:
         self.report = Report()
         self.token = ""
         self.agent_token = ""  # may serve every host of ORG (agents, W4's idle tunnels)
+        # W6's hostile clients are another user: per-subject fairness is what keeps the honest
+        # one served, so sharing the honest client's subject would measure the wrong thing.
+        self.hostile_token = ""
         self.host_port = 0
         self.host_pid = 0
         self.relay: Relay | None = None
@@ -238,13 +241,13 @@ class Bench:
                       30)
         return relay
 
-    def mint_token(self, config: Path, *serve: str) -> str:
+    def mint_token(self, config: Path, *serve: str, sub: str = "bench") -> str:
         """``relay token``: every bench relay shares this dev issuer key, so one token serves.
 
         ``serve``: the host ids (or ``<org>:*``) the token may register tunnels for (agents).
         """
         done = subprocess.run(
-            [PYTHON, "-m", "relay", "token", "--config", str(config), "--sub", "bench",
+            [PYTHON, "-m", "relay", "token", "--config", str(config), "--sub", sub,
              "--org", ORG, "--ttl", "7200", *(arg for s in serve for arg in ("--agent-host", s))],
             cwd=REPO, env=self.env, capture_output=True, text=True, timeout=60, check=False,
         )
@@ -292,10 +295,10 @@ class Bench:
               f":{self.relay.port} (pid {self.relay.pid}), agent pid {self.agent_pid}",
               flush=True)
 
-    def loadgen(self, name: str, cmd: str, *args: str) -> Worker:
+    def loadgen(self, name: str, cmd: str, *args: str, token: str = "") -> Worker:
         # Idle tunnels and W6's flooding agent register hosts: they need the token that may
         # serve them.
-        token = self.agent_token if cmd in ("tunnels", "pingflood") else self.token
+        token = token or (self.agent_token if cmd in ("tunnels", "pingflood") else self.token)
         return self.procs.worker(name, [PYTHON, "-m", "bench.loadgen", cmd, *args],
                                  env={"RELAY_BENCH_TOKEN": token})
 
@@ -457,11 +460,12 @@ class Bench:
         hold_s = d.w1_s + d.w1_warmup_s + 30
         channels = self.loadgen("w6-channels", "idlechannels", "--url",
                                 self.relay.host_url(HOST_ID, "/ws", "ws"), "--count",
-                                str(W6_CHANNELS), "--deadline", str(hold_s + 30))
+                                str(W6_CHANNELS), "--deadline", str(hold_s + 30),
+                                token=self.hostile_token)
         flood = self.loadgen("w6-pingflood", "pingflood", "--url", self.relay.ws,
                              "--host-id", f"{ORG}:w6-flood", "--size", str(64 * 1024),
                              "--duration", str(d.w1_warmup_s + d.w1_s + 1),
-                             "--deadline", str(hold_s + 30))
+                             "--deadline", str(hold_s + 30), token=self.hostile_token)
         rss_before = settle_rss(self.relay.pid, 0.5)
         try:
             held = channels.expect(60)
@@ -1056,6 +1060,7 @@ class Bench:
         self.token = self.mint_token(config)
         # Agents serve HOST_ID and the W5 hosts: one token that may serve the whole org.
         self.agent_token = self.mint_token(config, f"{ORG}:*")
+        self.hostile_token = self.mint_token(config, f"{ORG}:*", sub="w6-hostile")
         self.token_file.write_text(self.agent_token)
         self.token_file.chmod(0o600)
         if chosen & {"W0", "W1", "W1T", "W2", "W3", "W6"}:
