@@ -22,6 +22,7 @@ from relay.errors import UNSENDABLE_CLOSE_CODES, CloseCode, HostOffline, sendabl
 from relay.protocol.headers import (
     CLIENT_CREDENTIALS,
     RELAY_INTERNAL_PREFIX,
+    RELAY_SET,
     WS_HANDSHAKE,
     is_client_identity,
     strip_hop_by_hop,
@@ -39,7 +40,6 @@ log = structlog.get_logger("relay.forward")
 _SOCKET_ENDED = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR})
 
 
-_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
 
 
 def _client_chain(request: web.Request, trust_forwarded: bool) -> str:
@@ -53,7 +53,7 @@ def _client_chain(request: web.Request, trust_forwarded: bool) -> str:
 def _outbound_headers(request: web.Request, *, websocket: bool,
                       trust_forwarded: bool) -> list[tuple[str, str]]:
     handshake = WS_HANDSHAKE if websocket else frozenset()
-    extra = CLIENT_CREDENTIALS | {"host"} | _FORWARDED | handshake
+    extra = CLIENT_CREDENTIALS | {"host"} | RELAY_SET | handshake
     # The session cookie is a credential like Authorization: this relay used it already.
     headers = [(n, v) for n, v in strip_session_cookie(
                    strip_hop_by_hop(request.headers.items(), extra=extra))
