@@ -43,6 +43,7 @@ from relay.auth.ttlcache import TTLCache
 from relay.config import Config
 from relay.errors import AccessUnavailable, ConfigError, ErrorCode, Forbidden
 from relay.metrics import Metrics
+from relay.protocol.close import MAX_REASON_BYTES, fit_reason
 
 __all__ = [
     "AccessPolicy",
@@ -66,15 +67,12 @@ _UPSTREAM_SICK_4XX = frozenset({408, 429})
 
 
 
-MAX_CLOSE_REASON = 120  # a WebSocket close reason is at most 123 bytes
-
-
 def may_not_serve(host: HostId, why: str, advice: str) -> str:
     """The refusal an agent sees in its 4403 close reason: what is missing and what to do."""
     message = f"token may not serve {host} ({why}); {advice}"
-    if len(message) > MAX_CLOSE_REASON:  # long host ids: keep the advice, drop the id
+    if len(message.encode()) > MAX_REASON_BYTES:  # long host ids: keep the advice, drop the id
         message = f"token may not serve this host ({why}); {advice}"
-    return message[:MAX_CLOSE_REASON]
+    return fit_reason(message)
 
 
 class AccessRole(StrEnum):

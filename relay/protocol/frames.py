@@ -24,6 +24,7 @@ from enum import IntEnum, IntFlag
 from typing import Any
 
 from relay.errors import ProtocolViolation
+from relay.protocol.close import MAX_REASON_BYTES, reason_bytes
 
 PROTOCOL_VERSION = 1  # what an agent that offers no ``v`` speaks
 LATEST_VERSION = 2
@@ -37,7 +38,7 @@ MAX_WINDOW = 0x7FFFFFFF
 # Every payload but DATA's (JSON objects, PING/PONG, CLOSE): OPEN/HEAD carry headers, which the
 # edge bounds far below this.
 MAX_CONTROL_PAYLOAD = 256 * 1024
-MAX_CLOSE_REASON = 123  # what fits in a WebSocket close frame
+MAX_CLOSE_REASON = MAX_REASON_BYTES  # what fits in a WebSocket close frame
 # Flow-control credit a DATA frame on a WebSocket channel costs beyond its payload (an empty
 # FIN-only frame is free), so many tiny messages are bounded by the window like bytes are.
 WS_FRAME_COST = 64
@@ -153,9 +154,7 @@ def decode_window(frame: Frame) -> int:
 
 
 def encode_close(stream_id: int, code: int, reason: str = "") -> bytes:
-    raw = reason.encode()[:MAX_CLOSE_REASON]
-    # Never cut a UTF-8 sequence in half.
-    raw = raw.decode(errors="ignore").encode()
+    raw = reason_bytes(reason, MAX_CLOSE_REASON)
     return encode(FrameType.CLOSE, stream_id, _CLOSE.pack(code) + raw)
 
 

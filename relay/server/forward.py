@@ -18,7 +18,9 @@ import aiohttp
 import structlog
 from aiohttp import WSMsgType, web
 
+from relay.aio import cancel_and_wait
 from relay.errors import UNSENDABLE_CLOSE_CODES, CloseCode, HostOffline, sendable_close_code
+from relay.protocol.close import reason_bytes
 from relay.protocol.headers import (
     CLIENT_CREDENTIALS,
     RELAY_INTERNAL_PREFIX,
@@ -33,7 +35,6 @@ from relay.server.peers import PeerSigner
 from relay.server.state import RelayState
 from relay.server.timing import timer_of
 from relay.server.tunnels import CLOSE_TIMEOUT_S
-from relay.tunnel.session import cancel_and_wait
 
 log = structlog.get_logger("relay.forward")
 
@@ -240,7 +241,7 @@ async def _pump_sockets(client: web.WebSocketResponse, owner: Any,
             sockets = [client if from_owner else owner]
         for socket in sockets:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(socket.close(code=code, message=reason.encode()[:120]),
+                await asyncio.wait_for(socket.close(code=code, message=reason_bytes(reason)),
                                        CLOSE_TIMEOUT_S)
     finally:
         await cancel_and_wait([to_owner, to_client])

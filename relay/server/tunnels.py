@@ -27,6 +27,7 @@ from relay.errors import (
     RelayError,
 )
 from relay.protocol import frames
+from relay.protocol.close import fit_reason, reason_bytes
 from relay.protocol.frames import SUPPORTED_VERSIONS, negotiate_version
 from relay.server.edge import Authorized, authorize, require_param
 from relay.server.registry import Tunnel
@@ -43,7 +44,7 @@ async def close_refused(ws: web.WebSocketResponse, error: RelayError) -> web.Web
     """Browsers cannot read a refused upgrade's status, so refusals are a close code + reason."""
     with contextlib.suppress(Exception):
         await asyncio.wait_for(
-            ws.close(code=int(error.close_code), message=error.message[:120].encode()),
+            ws.close(code=int(error.close_code), message=reason_bytes(error.message)),
             CLOSE_TIMEOUT_S,
         )
     return ws
@@ -177,7 +178,8 @@ async def serve_tunnel(
     except ProtocolViolation as exc:
         reason = "protocol_violation"
         log.warning("tunnel.protocol_violation", host_id=host_id, error=exc.message)
-        await _close_socket(ws, int(CloseCode.PROTOCOL_ERROR), exc.message[:120], request.transport)
+        await _close_socket(ws, int(CloseCode.PROTOCOL_ERROR), fit_reason(exc.message),
+                            request.transport)
     finally:
         # The handler is cancelled as soon as the agent's connection is gone (which our own
         # close causes), so everything that must happen runs before the first await, and the
@@ -227,7 +229,7 @@ async def _renew(state: RelayState, tunnel: Tunnel, token: str) -> None:
     except RelayError as error:
         log.info("tunnel.renew_refused", host_id=tunnel.host_id, code=str(error.code),
                  close_code=int(error.close_code))
-        tunnel.close(int(error.close_code), error.message[:120])
+        tunnel.close(int(error.close_code), fit_reason(error.message))
         return
     deadline = credential_deadline(state, identity.expires_at)
     if tunnel.lease is not None:

@@ -13,8 +13,10 @@ from typing import Any
 
 from aiohttp import WSMsgType
 
+from relay.aio import cancel_and_wait
 from relay.errors import CloseCode, ProtocolViolation, sendable_close_code
-from relay.tunnel.session import Channel, ChannelClosed, cancel_and_wait
+from relay.protocol.close import reason_bytes
+from relay.tunnel.session import Channel, ChannelClosed
 
 CLOSE_TIMEOUT_S = 2.0
 
@@ -29,7 +31,7 @@ def _count(_: int) -> None:
 
 async def _close(ws: Any, code: int, reason: str) -> None:
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120]), CLOSE_TIMEOUT_S)
+        await asyncio.wait_for(ws.close(code=code, message=reason_bytes(reason)), CLOSE_TIMEOUT_S)
 
 
 async def bridge(
@@ -84,7 +86,7 @@ async def bridge(
                 code, reason = sendable_close_code(closed.code), closed.reason
             await _close(ws, code, reason)
         except ProtocolViolation as violation:
-            channel.close(int(CloseCode.INTERNAL_ERROR), violation.message[:100])
+            channel.close(int(CloseCode.INTERNAL_ERROR), violation.message)
             await _close(ws, int(CloseCode.INTERNAL_ERROR), "bad message on the tunnel")
 
     up = asyncio.ensure_future(socket_to_channel())

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import structlog
 
+from relay.aio import cancel_and_wait
 from relay.errors import CloseCode, Overloaded, ProtocolViolation
 from relay.protocol import frames
 from relay.protocol.frames import Flags, Frame, FrameType
@@ -759,17 +760,3 @@ class TunnelSession:
             "bytes_out": self.bytes_out,
             "rtt_ms": None if self.rtt_s is None else round(self.rtt_s * 1000, 2),
         }
-
-
-async def cancel_and_wait(tasks: list[asyncio.Task[Any]], timeout: float = 5.0) -> None:
-    """Cancel ``tasks`` and wait (bounded) until they end; their errors count as seen."""
-    for task in tasks:
-        task.cancel()
-    live = [t for t in tasks if not t.done()]
-    if live:
-        await asyncio.wait(live, timeout=timeout)
-    for task in tasks:
-        # A pump that failed before the cancel is expected here; retrieve its error so asyncio
-        # does not report it as never retrieved.
-        if task.done() and not task.cancelled():
-            task.exception()
