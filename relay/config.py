@@ -89,6 +89,7 @@ class TunnelConfig:
     queue_timeout_s: float = 5.0  # how long an HTTP exchange waits for a stream before 503
     max_queued: int = 4096  # exchanges waiting per tunnel; more answer 503 at once
     max_outbox_bytes: int = 8 << 20  # bytes queued for an agent that does not read before 1008
+    max_pings_per_s: float = 8.0  # PINGs an agent may send per second (burst 16+); 0 = any
     stream_window_bytes: int = 262144  # flow-control credit per stream and direction
     max_frame_bytes: int = 65536  # largest DATA payload on the tunnel
     max_ws_message_bytes: int = 4 << 20
@@ -482,6 +483,8 @@ def validate(config: Config) -> None:
                           "must be between 0 (half of tunnel.max_streams) and tunnel.max_streams")
     if tunnel.queue_timeout_s < 0:
         raise ConfigError(src, "tunnel.queue_timeout_s", "must not be negative")
+    if tunnel.max_pings_per_s < 0:
+        raise ConfigError(src, "tunnel.max_pings_per_s", "must not be negative (0: no limit)")
     if tunnel.max_queued < 0:
         raise ConfigError(src, "tunnel.max_queued", "must not be negative")
     # Honest traffic may queue the data high-water mark plus a few of the largest frames.

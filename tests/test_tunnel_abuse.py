@@ -81,7 +81,10 @@ async def test_ping_flood_without_reading_keeps_relay_memory_flat_and_is_cut_off
 ) -> None:
     """100 KiB PINGs as fast as the socket takes them, never reading a PONG."""
     # Silence limit 2 s x 3: the flood runs a good 5 s before the stalled writes cut it off.
-    path = write_config(tmp_path, {"tunnel": {"ping_interval_s": 2, "keepalive_misses": 3}})
+    # The PING budget is off here: this is about what a peer that does not read can make the
+    # relay queue (the budget, on by default, is tested below).
+    path = write_config(tmp_path, {"tunnel": {"ping_interval_s": 2, "keepalive_misses": 3,
+                                              "max_pings_per_s": 0}})
     config = load_config(path, env={})
     url = f"http://127.0.0.1:{config.server.port}"
     proc = spawn_relay_process(path, log_file=tmp_path / "relay.log")
@@ -171,3 +174,92 @@ async def test_a_data_frame_over_max_frame_is_a_protocol_violation(full_stack: S
     finally:
         with contextlib.suppress(Exception):
             await tunnel.close()
+
+
+async def test_a_ping_flood_is_cut_off_1008_by_the_ping_budget_within_its_burst(
+    tmp_path: Path,
+) -> None:
+    """Tiny PINGs as fast as the socket takes them (reading every PONG, so only the budget can
+    stop it): the relay ends the tunnel with 1008 once the burst is spent, and stops reading."""
+    path = write_config(tmp_path, {"tunnel": {"max_pings_per_s": 8}})
+    config = load_config(path, env={})
+    url = f"http://127.0.0.1:{config.server.port}"
+    proc = spawn_relay_process(path, log_file=tmp_path / "relay.log")
+    writer: asyncio.StreamWriter | None = None
+    try:
+        await wait_http(f"{url}/healthz")
+        token = agent_token(config, ROGUE_HOST, "mallory")
+        reader, writer = await raw_tunnel_socket(config.server.port, ROGUE_HOST, token)
+        ping = ws_frame(frames.encode_ping(FrameType.PING, b"x" * 16))
+        writer.write(ping * 200)  # far beyond a burst of 16 at 8 per second
+        await writer.drain()
+        received = bytearray()
+        close_code: int | None = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while close_code is None and loop.time() < deadline:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            if not chunk:
+                break
+            received += chunk
+            close_code = _close_code_in(bytes(received))
+        assert close_code == int(CloseCode.POLICY_VIOLATION)
+        async with aiohttp.ClientSession() as client:
+            assert await metric(client, url,
+                                'relay_tunnel_disconnects_total{reason="control_flood"}') == 1
+        # The relay hung up: the socket reaches EOF without a close handshake from us.
+        rest = await asyncio.wait_for(reader.read(), 10)
+        assert rest is not None
+        log = (tmp_path / "relay.log").read_text()
+        assert "tunnel.control_flood" in log and "Traceback" not in log
+        assert token not in log
+    finally:
+        if writer is not None:
+            writer.close()
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def _close_code_in(stream: bytes) -> int | None:
+    """The code of the first WebSocket close frame in the server's byte stream, if any."""
+    at = 0
+    while at + 2 <= len(stream):
+        opcode, size = stream[at] & 0x0F, stream[at + 1] & 0x7F
+        head = 2
+        if size == 126:
+            if at + 4 > len(stream):
+                return None
+            size, head = struct.unpack_from("!H", stream, at + 2)[0], 4
+        elif size == 127:
+            if at + 10 > len(stream):
+                return None
+            size, head = struct.unpack_from("!Q", stream, at + 2)[0], 10
+        if at + head + size > len(stream):
+            return None
+        if opcode == 0x8:
+            return int(struct.unpack_from("!H", stream, at + head)[0])
+        at += head + size
+    return None
+
+
+async def test_an_honest_burst_of_pings_is_answered_and_the_tunnel_stays(
+    full_stack: Stack,
+) -> None:
+    """The budget leaves honest keepalive alone: a burst of 16 PINGs at once is answered."""
+    tunnel = await RawTunnel.connect(full_stack.client, full_stack.relay, ROGUE_HOST,
+                                     full_stack.agent_token(ROGUE_HOST), heartbeat_s=None)
+    try:
+        sent = [n.to_bytes(8, "big") for n in range(16)]
+        for payload in sent:
+            await tunnel.send(frames.encode_ping(FrameType.PING, payload))
+        answered: set[bytes] = set()
+        async with asyncio.timeout(5):
+            while sent[-1] not in answered:
+                msg = await tunnel.ws.receive()
+                assert msg.type is aiohttp.WSMsgType.BINARY, msg
+                frame = frames.decode(msg.data, 1 << 24)
+                if frame.type is FrameType.PONG:
+                    answered.add(frame.payload)
+        assert full_stack.relay.state.registry.get(ROGUE_HOST) is not None
+    finally:
+        await tunnel.close()

@@ -36,6 +36,7 @@ def session_settings(config: Config) -> SessionSettings:
         ping_interval_s=t.ping_interval_s,
         keepalive_misses=t.keepalive_misses,
         max_outbox=t.max_outbox_bytes,
+        max_pings_per_s=t.max_pings_per_s,
     )
 
 

@@ -106,11 +106,17 @@ async def serve_tunnel(
     closing: dict[str, object] = {}
     renewal: list[asyncio.Task[None]] = []
 
-    def request_close(code: int, reason: str) -> None:
+    def request_close(code: int, reason: str, *, label: str = "", patient: bool = True) -> None:
         if closing:
             return
-        closing.update(code=code, reason=reason)
-        state.spawn(_close_socket(ws, code, reason, request.transport), f"tunnel-close:{host_id}")
+        closing.update(code=code, reason=reason, label=label)
+        state.spawn(_close_socket(ws, code, reason, request.transport, patient=patient),
+                    f"tunnel-close:{host_id}")
+
+    def on_flood(frame: str) -> None:
+        # A flooder is not owed a close handshake: every frame it sends meanwhile costs a read.
+        request_close(int(CloseCode.POLICY_VIOLATION), f"too many {frame} frames",
+                      label="control_flood", patient=False)
 
     def on_renew(body: dict[str, object]) -> None:
         token = body.get("token")
@@ -132,6 +138,7 @@ async def serve_tunnel(
         on_backlog=lambda why: request_close(int(CloseCode.POLICY_VIOLATION),
                                              "tunnel peer not reading"),
         on_renew=on_renew,
+        on_flood=on_flood,
     )
     tunnel_config = state.config.tunnel
     gate = StreamGate.build(tunnel_config.max_streams,
@@ -249,6 +256,8 @@ async def _release(
 
 
 def _reason_label(closing: dict[str, object], fallback: str) -> str:
+    if closing.get("label"):
+        return str(closing["label"])
     code = closing.get("code")
     return {
         int(CloseCode.REPLACED): "replaced",
@@ -261,12 +270,22 @@ def _reason_label(closing: dict[str, object], fallback: str) -> str:
 
 
 async def _close_socket(
-    ws: web.WebSocketResponse, code: int, reason: str, transport: asyncio.Transport | None
+    ws: web.WebSocketResponse, code: int, reason: str, transport: asyncio.Transport | None,
+    *, patient: bool = True,
 ) -> None:
-    """Close with a code, but never wait on a peer that may be gone for good."""
+    """Close with a code, but never wait on a peer that may be gone for good.
+
+    ``patient=False``: send the close frame and drop the connection at once.
+    """
     clean = False
     try:
-        await asyncio.wait_for(ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT_S)
+        if not patient:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.send_frame(
+                    code.to_bytes(2, "big") + reason_bytes(reason), WSMsgType.CLOSE), 0.1)
+            return
+        await asyncio.wait_for(ws.close(code=code, message=reason_bytes(reason)),
+                               CLOSE_TIMEOUT_S)
         clean = True
     except Exception:
         pass

@@ -23,6 +23,7 @@ import structlog
 from relay.aio import cancel_and_wait
 from relay.errors import CloseCode, Overloaded, ProtocolViolation
 from relay.protocol import frames
+from relay.protocol.budget import RateBudget, ping_burst
 from relay.protocol.frames import Flags, Frame, FrameType
 from relay.protocol.streams import (
     CAN_RECEIVE,
@@ -68,6 +69,7 @@ class SessionSettings:
     ping_interval_s: float = 10.0
     keepalive_misses: int = 3
     max_outbox: int = DEFAULT_MAX_OUTBOX  # bytes queued for a peer before it is cut off
+    max_pings_per_s: float = 0.0  # PINGs the peer may send per second on average; 0 = any
 
     @property
     def outbox_bound(self) -> int:
@@ -381,6 +383,7 @@ class TunnelSession:
         on_backlog: Callable[[str], None] | None = None,
         on_renew: Callable[[dict[str, Any]], None] | None = None,
         on_renewed: Callable[[dict[str, Any]], None] | None = None,
+        on_flood: Callable[[str], None] | None = None,
         version: int = frames.PROTOCOL_VERSION,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -395,6 +398,7 @@ class TunnelSession:
         self._on_backlog = on_backlog
         self._on_renew = on_renew
         self._on_renewed = on_renewed
+        self._on_flood = on_flood
         # The negotiated protocol version: frames newer than it are unknown (relay.protocol).
         # The agent learns it from HELLO, so it starts at the newest it offered.
         self.version = version
@@ -430,6 +434,9 @@ class TunnelSession:
         self.bytes_in = 0
         self.bytes_out = 0
         self.closed = Flag()
+        rate = settings.max_pings_per_s
+        self._ping_budget = RateBudget(rate, ping_burst(rate), clock()) if rate > 0 else None
+        self._flood_reported = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, *, keepalive: bool = True) -> None:
@@ -481,6 +488,17 @@ class TunnelSession:
         self.fail_all(int(CloseCode.TUNNEL_GONE), "the tunnel's peer stopped reading")
         if self._on_backlog is not None:
             self._on_backlog(reason)
+
+    def _flooded(self, what: str) -> None:
+        """The peer sends control frames far beyond any honest need: end the tunnel."""
+        if self._flood_reported:
+            return
+        self._flood_reported = True
+        log.info("tunnel.control_flood", tunnel=self.name, frame=what,
+                 budget_per_s=self.settings.max_pings_per_s)
+        self.fail_all(int(CloseCode.POLICY_VIOLATION), f"too many {what} frames")
+        if self._on_flood is not None:
+            self._on_flood(what)
 
     # -- sending -----------------------------------------------------------------------------
     def send_nowait(self, frame: bytes) -> None:
@@ -615,6 +633,8 @@ class TunnelSession:
     # -- inbound -----------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         """Dispatch one inbound frame. Raises ProtocolViolation: the caller ends the tunnel."""
+        if self._flood_reported:
+            return  # the tunnel is being cut: what the flooder still sends is not worth a decode
         self.last_inbound = self._clock()
         self.bytes_in += len(data)
         frame = frames.decode(data, self.settings.max_frame, self.version)
@@ -638,6 +658,9 @@ class TunnelSession:
                 del self.channels[channel.id]
                 channel._terminate(ChannelClosed(code, reason))
         elif ftype is FrameType.PING:
+            if self._ping_budget is not None and not self._ping_budget.allow(self.last_inbound):
+                self._flooded("PING")
+                return
             self._queue_pong(frame.payload)
         elif ftype is FrameType.PONG:
             self._on_pong(frame.payload)
