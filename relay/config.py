@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from relay.errors import ConfigError
+from relay.protocol import defaults
 
 ENV_PREFIX = "RELAY_"
 # RELAY_* variables that look like ``RELAY_<SECTION>_<KEY>`` but are not config keys: the config
@@ -81,19 +82,22 @@ class AccessConfig:
 
 @dataclass(frozen=True, slots=True)
 class TunnelConfig:
-    ping_interval_s: float = 10.0
-    request_timeout_s: float = 120.0
-    keepalive_misses: int = 3  # silent ping intervals before 4408 / the agent's watchdog fires
-    max_streams: int = 256  # concurrent streams per tunnel; more HTTP exchanges wait in a queue
+    ping_interval_s: float = defaults.PING_INTERVAL_S
+    request_timeout_s: float = defaults.REQUEST_TIMEOUT_S
+    # silent ping intervals before 4408 / the agent's watchdog fires
+    keepalive_misses: int = defaults.KEEPALIVE_MISSES
+    # concurrent streams per tunnel; more HTTP exchanges wait in a queue
+    max_streams: int = defaults.MAX_STREAMS
     max_streams_per_subject: int = 0  # streams one subject may hold on one host; 0 = half
     queue_timeout_s: float = 5.0  # how long an HTTP exchange waits for a stream before 503
     max_queued: int = 4096  # exchanges waiting per tunnel; more answer 503 at once
     max_outbox_bytes: int = 8 << 20  # bytes queued for an agent that does not read before 1008
     max_pings_per_s: float = 8.0  # PINGs an agent may send per second (burst 16+); 0 = any
-    stream_window_bytes: int = 262144  # flow-control credit per stream and direction
-    max_frame_bytes: int = 65536  # largest DATA payload on the tunnel
-    max_ws_message_bytes: int = 4 << 20
-    open_timeout_s: float = 10.0  # a channel open must be acknowledged by the host this fast
+    stream_window_bytes: int = defaults.WINDOW  # flow-control credit per stream and direction
+    max_frame_bytes: int = defaults.MAX_FRAME  # largest DATA payload on the tunnel
+    max_ws_message_bytes: int = defaults.MAX_WS_MESSAGE
+    # a channel open must be acknowledged by the host this fast
+    open_timeout_s: float = defaults.OPEN_TIMEOUT_S
 
 
 @dataclass(frozen=True, slots=True)

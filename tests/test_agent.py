@@ -27,6 +27,7 @@ from relay.devhost import inspect as host_inspect
 from relay.errors import CloseCode
 from relay.protocol import frames
 from relay.protocol.frames import Flags, FrameType
+from relay.protocol.messages import Open
 from relay.server.app import drain
 from tests.harness import (
     RunningAgent,
@@ -425,7 +426,7 @@ def local_origin(upstream: str) -> LocalOrigin:
 def test_local_origin_never_leaves_its_origin(path: str, websocket: bool) -> None:
     origin = local_origin("http://127.0.0.1:3000/ignored/base")
     try:
-        url = origin.url_for({"path": path, "query": "next=http://evil.example/"},
+        url = origin.url_for(Open("http", path=path, query="next=http://evil.example/"),
                              websocket=websocket)
     except ValueError:
         return  # refusing is fine too
@@ -436,7 +437,7 @@ def test_local_origin_never_leaves_its_origin(path: str, websocket: bool) -> Non
 
 def test_local_origin_keeps_the_path_byte_exact() -> None:
     origin = local_origin("http://127.0.0.1:3000")
-    url = origin.url_for({"path": "/a%2Fb/c%20d", "query": "x=%41&y"})
+    url = origin.url_for(Open("http", path="/a%2Fb/c%20d", query="x=%41&y"))
     assert str(url) == "http://127.0.0.1:3000/a%2Fb/c%20d?x=%41&y"
 
 
@@ -493,16 +494,35 @@ async def test_paths_through_the_relay_stay_on_the_local_origin(
 async def test_open_frames_from_the_relay_cannot_send_the_agent_elsewhere(
     evil: tuple[RunningHost, Evil],
 ) -> None:
-    """Even a hostile relay only ever reaches the configured origin."""
+    """Even a hostile relay only ever reaches the configured origin. Paths that start with
+    "/" are served from the origin; an OPEN whose path does not is a protocol violation that
+    ends the tunnel (1002) before anything is sent anywhere."""
     evil_host, seen = evil
     authority = f"127.0.0.1:{evil_host.port}"
-    paths = [f"//{authority}/x", f"http://{authority}/x", f"@{authority}/x", f"{authority}/x"]
+    paths = [f"//{authority}/x", f"/http://{authority}/x", f"/@{authority}/x"]
+    outside = [f"http://{authority}/x", f"@{authority}/x", f"{authority}/x"]
     answers: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue()
+    closes: asyncio.Queue[int | None] = asyncio.Queue()
+    connections = [0]
 
     async def hostile(ws: web.WebSocketResponse, relay: FakeRelay) -> None:
         await ws.send_bytes(hello(ping_interval_s=5))
         kinds: dict[int, tuple[str, str]] = {}
+        answered: set[int] = set()
         stream = 1
+        connections[0] += 1
+        if connections[0] > 1:
+            if connections[0] - 2 >= len(outside):
+                await ws.close()
+                return
+            await ws.send_bytes(frames.encode_json(
+                FrameType.OPEN, 1, {"kind": "http", "method": "GET",
+                                    "path": outside[connections[0] - 2],
+                                    "query": "", "headers": []}, Flags.FIN))
+            async for _ in ws:
+                pass
+            await closes.put(ws.close_code)
+            return
         for path in paths:
             for kind in ("http", "ws"):
                 kinds[stream] = (path, kind)
@@ -520,6 +540,9 @@ async def test_open_frames_from_the_relay_cannot_send_the_agent_elsewhere(
             elif frame.type is FrameType.HEAD:
                 path, kind = kinds[frame.stream_id]
                 await answers.put((path, kind, int(frames.decode_json(frame)["status"])))
+                answered.add(frame.stream_id)
+                if len(answered) == len(kinds):
+                    await ws.close()  # the agent comes back: to meet the next OPEN
 
     host = await start_host(catch_all_host())
     try:
@@ -527,6 +550,9 @@ async def test_open_frames_from_the_relay_cannot_send_the_agent_elsewhere(
             relay.url, host.url, TokenSource(token="t")
         ):
             results = [await asyncio.wait_for(answers.get(), 5) for _ in range(len(paths) * 2)]
+            for _ in outside:
+                # The agent reconnects after each violation: every connection meets one.
+                assert await asyncio.wait_for(closes.get(), 15) == int(CloseCode.PROTOCOL_ERROR)
             await relay.stop()
     finally:
         await host.stop()

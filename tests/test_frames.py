@@ -129,8 +129,27 @@ def test_unknown_frame_type_is_refused(raw_type: int) -> None:
 
 @pytest.mark.parametrize("raw_flags", [0x08, 0x10, 0x80, 0xFF])
 def test_unknown_flags_are_refused(raw_flags: int) -> None:
-    with pytest.raises(ProtocolViolation, match="unknown flags"):
+    with pytest.raises(ProtocolViolation, match="not allowed on DATA"):
         frames.decode(raw_frame(FrameType.DATA, raw_flags, 1, b"x"), MAX_FRAME)
+
+
+@pytest.mark.parametrize(("ftype", "stream_id", "flags"), [
+    (FrameType.HEAD, 1, 0x01),  # FIN on HEAD used to be ignored silently
+    (FrameType.OPEN, 1, 0x02),
+    (FrameType.WINDOW, 1, 0x01),
+    (FrameType.CLOSE, 1, 0x01),
+    (FrameType.PING, 0, 0x01),
+    (FrameType.HELLO, 0, 0x04),
+])
+def test_flags_a_frame_type_does_not_carry_are_refused(ftype: FrameType, stream_id: int,
+                                                       flags: int) -> None:
+    with pytest.raises(ProtocolViolation, match=f"not allowed on {ftype.name}"):
+        frames.decode(raw_frame(ftype, flags, stream_id, b"{}"), MAX_FRAME)
+
+
+def test_fin_on_open_and_data_pass() -> None:
+    assert frames.decode(raw_frame(FrameType.OPEN, 0x01, 1, b"{}"), MAX_FRAME).fin
+    assert frames.decode(raw_frame(FrameType.DATA, 0x07, 1, b"x"), MAX_FRAME).fin
 
 
 def test_data_payload_at_the_limit_is_accepted_and_one_more_byte_refused() -> None:

@@ -18,6 +18,7 @@ from relay.agent.renewal import (
     token_life,
 )
 from relay.agent.tokens import TokenSource
+from relay.protocol.messages import Renewed
 from tests.clock import FakeClock
 from tests.harness import LogCapture
 
@@ -79,9 +80,9 @@ async def test_the_agent_rereads_its_source_and_warns_while_it_gives_the_old_tok
         if len(slept) > 4:
             raise asyncio.CancelledError  # the tunnel ended
 
-    async def renew(new: str) -> dict[str, Any] | None:
+    async def renew(new: str) -> Renewed | None:
         sent.append(new)
-        return {"expiresAt": 1190}
+        return Renewed(expires_at=1190)
 
     with LogCapture() as logs, pytest.raises(asyncio.CancelledError):
         await renew_forever(old, TokenSource(file=str(file)), renew, clock=clock, sleep=sleep)
@@ -102,7 +103,7 @@ async def test_a_flag_token_cannot_be_renewed_and_says_so() -> None:
     async def sleep(seconds: float) -> None:
         clock.advance(seconds)
 
-    async def renew(new: str) -> dict[str, Any] | None:
+    async def renew(new: str) -> Renewed | None:
         raise AssertionError("nothing to renew with")
 
     with LogCapture() as logs:
@@ -119,8 +120,8 @@ async def test_a_deferred_renewal_is_retried_no_sooner_than_the_relay_asks(
     old, fresh = token(1000, 4600), token(3000, 6600)
     file.write_text(fresh)
     slept: list[float] = []
-    answers: list[dict[str, Any] | None] = [
-        {"error": {"code": "access_unavailable"}, "retryAfterS": 45}, None, {"expiresAt": 1}]
+    answers: list[Renewed | None] = [
+        Renewed(error_code="access_unavailable", retry_after_s=45), None, Renewed(expires_at=1)]
 
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
@@ -128,7 +129,7 @@ async def test_a_deferred_renewal_is_retried_no_sooner_than_the_relay_asks(
         if len(slept) > 3:
             raise asyncio.CancelledError
 
-    async def renew(new: str) -> dict[str, Any] | None:
+    async def renew(new: str) -> Renewed | None:
         return answers.pop(0)
 
     with pytest.raises(asyncio.CancelledError):

@@ -12,10 +12,10 @@ import pytest
 from relay.errors import CloseCode, Overloaded, ProtocolViolation
 from relay.protocol import frames
 from relay.protocol.frames import WS_FRAME_COST, Flags, FrameType
+from relay.protocol.messages import Drain, Head, Hello, Open
 from relay.tunnel.session import (
     Channel,
     ChannelClosed,
-    ChannelKind,
     Role,
     SessionSettings,
     TunnelSession,
@@ -79,7 +79,7 @@ def make_link(
     start: bool = True,
 ) -> Link:
     holder: list[Link] = []
-    opened: asyncio.Queue[tuple[Channel, dict[str, Any]]] = asyncio.Queue()
+    opened: asyncio.Queue[tuple[Channel, Open]] = asyncio.Queue()
     extra: dict[str, Any] = {"clock": relay_clock} if relay_clock else {}
     relay = TunnelSession(sender(lambda: holder[0], to_relay=False), relay_settings,
                           role=Role.RELAY, name="relay", on_silence=on_silence, **extra)
@@ -121,25 +121,25 @@ async def settle() -> None:
 
 
 async def test_open_head_data_fin_round_trip(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {"method": "POST", "path": "/up"})
+    relay_ch = link.relay.open_channel(Open("http", method="POST", path="/up"))
     await relay_ch.write(b"hello ", fin=False)
     await relay_ch.write(b"host", fin=True)
     agent_ch, head = await link.accept()
-    assert head == {"method": "POST", "path": "/up", "kind": "http"}
+    assert head == Open("http", method="POST", path="/up")
     assert agent_ch.id == relay_ch.id == 1
     assert await read_all(agent_ch) == b"hello host"
 
-    agent_ch.send_head({"status": 200, "headers": [["X-A", "1"]]})
+    agent_ch.send_head(Head(200, headers=(("X-A", "1"),)))
     await agent_ch.write(b"hello ")
     await agent_ch.write(b"client", fin=True)
-    assert await asyncio.wait_for(relay_ch.head, 5) == {"status": 200, "headers": [["X-A", "1"]]}
+    assert await asyncio.wait_for(relay_ch.head, 5) == Head(200, headers=(("X-A", "1"),))
     assert await read_all(relay_ch) == b"hello client"
     await settle()
     assert link.relay.channels == {} and link.agent.channels == {}
 
 
 async def test_open_with_fin_means_no_request_body(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {"method": "GET"}, fin=True)
+    relay_ch = link.relay.open_channel(Open("http", method="GET"), fin=True)
     agent_ch, _ = await link.accept()
     assert agent_ch.fin_on_open
     assert await agent_ch.read() is None
@@ -149,7 +149,7 @@ async def test_open_with_fin_means_no_request_body(link: Link) -> None:
 
 async def test_open_without_fin_is_not_mistaken_for_a_bodiless_request(link: Link) -> None:
     """Body and FIN may arrive before the agent's task looks at the stream."""
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {"method": "POST"})
+    relay_ch = link.relay.open_channel(Open("http", method="POST"))
     await relay_ch.write(b"tiny", fin=True)
     await settle()
     agent_ch, _ = await link.accept()
@@ -158,13 +158,13 @@ async def test_open_without_fin_is_not_mistaken_for_a_bodiless_request(link: Lin
 
 
 async def test_stream_ids_are_odd_and_increasing(link: Link) -> None:
-    ids = [link.relay.open_channel(ChannelKind.HTTP, {}, fin=True).id for _ in range(4)]
+    ids = [link.relay.open_channel(Open("http"), fin=True).id for _ in range(4)]
     assert ids == [1, 3, 5, 7]
 
 
 async def test_binary_payload_crosses_byte_exact(link: Link) -> None:
     payload = bytes(range(256)) * 100
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+    relay_ch = link.relay.open_channel(Open("http"))
     writer = asyncio.ensure_future(relay_ch.write(payload, fin=True))
     agent_ch, _ = await link.accept()
     assert await read_all(agent_ch) == payload
@@ -172,7 +172,7 @@ async def test_binary_payload_crosses_byte_exact(link: Link) -> None:
 
 
 async def test_data_never_exceeds_max_frame_on_the_wire(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+    relay_ch = link.relay.open_channel(Open("http"))
     writer = asyncio.ensure_future(relay_ch.write(b"z" * 10000, fin=True))
     agent_ch, _ = await link.accept()
     await read_all(agent_ch)
@@ -183,9 +183,9 @@ async def test_data_never_exceeds_max_frame_on_the_wire(link: Link) -> None:
 
 
 async def test_close_never_overtakes_the_data_before_it(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+    relay_ch = link.relay.open_channel(Open("http"), fin=True)
     agent_ch, _ = await link.accept()
-    agent_ch.send_head({"status": 200})
+    agent_ch.send_head(Head(200))
     await agent_ch.write(b"partial body")
     agent_ch.close(4000, "host failed")
     chunk = await asyncio.wait_for(relay_ch.read(), 5)
@@ -200,7 +200,7 @@ async def test_close_never_overtakes_the_data_before_it(link: Link) -> None:
 
 
 async def test_a_reader_that_does_not_read_blocks_the_writer_at_one_window(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+    relay_ch = link.relay.open_channel(Open("http"))
     payload = bytes(i % 251 for i in range(5 * SMALL.window))
     writer = asyncio.ensure_future(relay_ch.write(payload, fin=True))
     agent_ch, _ = await link.accept()
@@ -225,7 +225,7 @@ async def test_a_reader_that_does_not_read_blocks_the_writer_at_one_window(link:
 
 
 async def test_unacknowledged_bytes_never_exceed_the_window(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+    relay_ch = link.relay.open_channel(Open("http"))
     writer = asyncio.ensure_future(relay_ch.write(b"q" * 100_000, fin=True))
     agent_ch, _ = await link.accept()
     consumed = 0
@@ -240,7 +240,7 @@ async def test_unacknowledged_bytes_never_exceed_the_window(link: Link) -> None:
 
 
 async def test_window_updates_are_batched(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+    relay_ch = link.relay.open_channel(Open("http"))
     writer = asyncio.ensure_future(relay_ch.write(b"w" * 40 * SMALL.window, fin=True))
     agent_ch, _ = await link.accept()
     await read_all(agent_ch)
@@ -253,9 +253,9 @@ async def test_window_updates_are_batched(link: Link) -> None:
 
 async def test_many_tiny_body_chunks_to_a_slow_reader_stay_within_one_window(link: Link) -> None:
     """A host writing a byte at a time to a slow client must not break the tunnel."""
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+    relay_ch = link.relay.open_channel(Open("http"), fin=True)
     agent_ch, _ = await link.accept()
-    agent_ch.send_head({"status": 200})
+    agent_ch.send_head(Head(200))
 
     async def trickle() -> None:
         for i in range(3 * SMALL.window):
@@ -272,7 +272,7 @@ async def test_many_tiny_body_chunks_to_a_slow_reader_stay_within_one_window(lin
 
 
 async def test_writer_blocked_on_credit_fails_when_the_peer_closes(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+    relay_ch = link.relay.open_channel(Open("http"))
     writer = asyncio.ensure_future(relay_ch.write(b"x" * 3 * SMALL.window))
     agent_ch, _ = await link.accept()
     await eventually(lambda: agent_ch.buffered_bytes == SMALL.window)
@@ -285,7 +285,7 @@ async def test_writer_blocked_on_credit_fails_when_the_peer_closes(link: Link) -
 async def test_peer_sending_beyond_its_credit_is_a_protocol_violation() -> None:
     link = make_link()
     try:
-        relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+        relay_ch = link.relay.open_channel(Open("http"))
         await link.accept()
         link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"a" * SMALL.max_frame))
         for _ in range(SMALL.window // SMALL.max_frame - 1):
@@ -299,13 +299,13 @@ async def test_peer_sending_beyond_its_credit_is_a_protocol_violation() -> None:
 async def test_peer_granting_credit_beyond_the_maximum_is_a_protocol_violation(
     link: Link,
 ) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+    relay_ch = link.relay.open_channel(Open("http"))
     with pytest.raises(ProtocolViolation, match="maximum window"):
         link.relay.feed(frames.encode_window(relay_ch.id, frames.MAX_WINDOW))
 
 
 async def test_data_after_the_peers_fin_is_a_protocol_violation(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {})
+    relay_ch = link.relay.open_channel(Open("http"))
     await relay_ch.finish()
     await link.accept()
     await settle()
@@ -318,7 +318,7 @@ async def test_data_after_the_peers_fin_is_a_protocol_violation(link: Link) -> N
 
 
 async def test_large_ws_message_is_fragmented_with_more_and_reassembled(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.WS, {"path": "/ws"})
+    relay_ch = link.relay.open_channel(Open("ws", path="/ws"))
     text = ("héllo wörld " * 1000).encode()  # multi-byte characters cut across fragments
     writer = asyncio.ensure_future(relay_ch.write(text, text=True, message=True))
     agent_ch, _ = await link.accept()
@@ -333,7 +333,7 @@ async def test_large_ws_message_is_fragmented_with_more_and_reassembled(link: Li
 
 
 async def test_ws_messages_keep_their_boundaries_and_types(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.WS, {})
+    relay_ch = link.relay.open_channel(Open("ws"))
     sent = [(b"one", True), (b"", False), (b"\x00\x01", False), (b"", True), (b"x" * 5000, False)]
 
     async def send_all() -> None:
@@ -351,7 +351,7 @@ async def test_ws_message_over_max_ws_message_is_refused_by_the_reader() -> None
     settings = replace(SMALL, max_ws_message=4096)
     link = make_link(settings)
     try:
-        relay_ch = link.relay.open_channel(ChannelKind.WS, {})
+        relay_ch = link.relay.open_channel(Open("ws"))
         writer = asyncio.ensure_future(relay_ch.write(b"m" * 4096, message=True))
         agent_ch, _ = await link.accept()
         assert await asyncio.wait_for(agent_ch.read_message(), 5) == (b"m" * 4096, False)
@@ -365,7 +365,7 @@ async def test_ws_message_over_max_ws_message_is_refused_by_the_reader() -> None
 
 
 async def test_ws_stream_ending_inside_a_fragmented_message_is_a_violation(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.WS, {})
+    relay_ch = link.relay.open_channel(Open("ws"))
     agent_ch, _ = await link.accept()
     link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"part", Flags.MORE))
     link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"", Flags.FIN))
@@ -374,14 +374,14 @@ async def test_ws_stream_ending_inside_a_fragmented_message_is_a_violation(link:
 
 
 async def test_empty_ws_fragment_is_a_violation(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.WS, {})
+    relay_ch = link.relay.open_channel(Open("ws"))
     await link.accept()
     with pytest.raises(ProtocolViolation, match="empty DATA fragment"):
         link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"", Flags.MORE))
 
 
 async def test_a_flood_of_empty_ws_messages_is_bounded_by_credit(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.WS, {})
+    relay_ch = link.relay.open_channel(Open("ws"))
     count = 10 * SMALL.window // WS_FRAME_COST
 
     async def flood() -> None:
@@ -402,7 +402,7 @@ async def test_a_flood_of_empty_ws_messages_is_bounded_by_credit(link: Link) -> 
 
 
 async def test_a_flood_of_tiny_ws_messages_is_bounded_by_credit(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.WS, {})
+    relay_ch = link.relay.open_channel(Open("ws"))
     count = 2000
 
     async def flood() -> None:
@@ -422,7 +422,7 @@ async def test_a_flood_of_tiny_ws_messages_is_bounded_by_credit(link: Link) -> N
 async def test_a_peer_flooding_empty_ws_messages_beyond_credit_is_a_violation(
     link: Link,
 ) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.WS, {})
+    relay_ch = link.relay.open_channel(Open("ws"))
     agent_ch, _ = await link.accept()
     empty = frames.encode(FrameType.DATA, relay_ch.id, b"")
     with pytest.raises(ProtocolViolation, match="credit"):
@@ -435,7 +435,7 @@ async def test_a_peer_flooding_empty_ws_messages_beyond_credit_is_a_violation(
 
 
 async def test_close_ends_the_peers_reader_with_its_code_and_reason(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.WS, {})
+    relay_ch = link.relay.open_channel(Open("ws"))
     agent_ch, _ = await link.accept()
     reader = asyncio.ensure_future(agent_ch.read_message())
     await settle()
@@ -449,7 +449,7 @@ async def test_close_ends_the_peers_reader_with_its_code_and_reason(link: Link) 
 
 
 async def test_close_before_head_fails_the_waiter_on_the_head(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+    relay_ch = link.relay.open_channel(Open("http"), fin=True)
     agent_ch, _ = await link.accept()
     agent_ch.close(int(CloseCode.TRY_AGAIN_LATER), "busy")
     with pytest.raises(ChannelClosed) as info:
@@ -458,9 +458,9 @@ async def test_close_before_head_fails_the_waiter_on_the_head(link: Link) -> Non
 
 
 async def test_a_finished_stream_sends_no_close(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+    relay_ch = link.relay.open_channel(Open("http"), fin=True)
     agent_ch, _ = await link.accept()
-    agent_ch.send_head({"status": 204})
+    agent_ch.send_head(Head(204))
     await agent_ch.finish()
     assert await asyncio.wait_for(relay_ch.read(), 5) is None
     agent_ch.close()
@@ -471,9 +471,9 @@ async def test_a_finished_stream_sends_no_close(link: Link) -> None:
 
 
 async def test_fail_all_marks_every_channel_tunnel_lost(link: Link) -> None:
-    waiting_head = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
-    reading = link.relay.open_channel(ChannelKind.WS, {})
-    writing = link.relay.open_channel(ChannelKind.HTTP, {})
+    waiting_head = link.relay.open_channel(Open("http"), fin=True)
+    reading = link.relay.open_channel(Open("ws"))
+    writing = link.relay.open_channel(Open("http"))
     reader = asyncio.ensure_future(reading.read())
     writer = asyncio.ensure_future(writing.write(b"x" * 3 * SMALL.window))
     for _ in range(3):
@@ -488,7 +488,7 @@ async def test_fail_all_marks_every_channel_tunnel_lost(link: Link) -> None:
     assert link.relay.channels == {}
     assert not link.relay.alive
     with pytest.raises(ChannelClosed) as opened:
-        link.relay.open_channel(ChannelKind.HTTP, {})
+        link.relay.open_channel(Open("http"))
     assert opened.value.tunnel_lost
 
 
@@ -505,7 +505,7 @@ async def test_writer_failure_fails_the_session() -> None:
 
     session = TunnelSession(broken, SMALL, role=Role.RELAY, name="broken")
     session.start()
-    channel = session.open_channel(ChannelKind.HTTP, {}, fin=True)
+    channel = session.open_channel(Open("http"), fin=True)
     with pytest.raises(ChannelClosed) as info:
         await asyncio.wait_for(channel.head, 5)
     assert info.value.tunnel_lost
@@ -518,12 +518,12 @@ async def test_writer_failure_fails_the_session() -> None:
 async def test_max_streams_refuses_one_more_with_overloaded() -> None:
     link = make_link(replace(SMALL, max_streams=2))
     try:
-        first = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
-        link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+        first = link.relay.open_channel(Open("http"), fin=True)
+        link.relay.open_channel(Open("http"), fin=True)
         with pytest.raises(Overloaded):
-            link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+            link.relay.open_channel(Open("http"), fin=True)
         first.close(1001, "done")
-        link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+        link.relay.open_channel(Open("http"), fin=True)
     finally:
         await link.close()
 
@@ -531,8 +531,8 @@ async def test_max_streams_refuses_one_more_with_overloaded() -> None:
 async def test_agent_over_its_stream_limit_refuses_the_open_with_1013() -> None:
     link = make_link(SMALL, replace(SMALL, max_streams=1))
     try:
-        link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
-        refused = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+        link.relay.open_channel(Open("http"), fin=True)
+        refused = link.relay.open_channel(Open("http"), fin=True)
         with pytest.raises(ChannelClosed) as info:
             await asyncio.wait_for(refused.head, 5)
         assert info.value.code == 1013
@@ -564,21 +564,21 @@ async def test_frames_in_the_wrong_direction_are_violations(
 
 
 async def test_open_reusing_a_live_stream_id_is_a_violation(link: Link) -> None:
-    link.relay.open_channel(ChannelKind.HTTP, {})
+    link.relay.open_channel(Open("http"))
     await link.accept()
     with pytest.raises(ProtocolViolation, match="reuses"):
         link.agent.feed(frames.encode_json(FrameType.OPEN, 1, {"kind": "http"}))
 
 
 async def test_second_head_is_a_violation(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+    relay_ch = link.relay.open_channel(Open("http"), fin=True)
     link.relay.feed(frames.encode_json(FrameType.HEAD, relay_ch.id, {"status": 200}))
     with pytest.raises(ProtocolViolation, match="second HEAD"):
         link.relay.feed(frames.encode_json(FrameType.HEAD, relay_ch.id, {"status": 200}))
 
 
 async def test_late_frames_for_a_stream_that_ended_are_ignored(link: Link) -> None:
-    relay_ch = link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)
+    relay_ch = link.relay.open_channel(Open("http"), fin=True)
     agent_ch, _ = await link.accept()
     relay_ch.close(1001, "client went away")
     await settle()
@@ -603,7 +603,7 @@ async def test_late_frames_for_a_stream_that_ended_are_ignored(link: Link) -> No
     ids=["data", "data-even", "window", "close", "head", "head-even"],
 )
 async def test_frames_for_a_stream_never_opened_are_violations(link: Link, frame: bytes) -> None:
-    link.relay.open_channel(ChannelKind.HTTP, {}, fin=True)  # stream 1 exists
+    link.relay.open_channel(Open("http"), fin=True)  # stream 1 exists
     await link.accept()
     with pytest.raises(ProtocolViolation, match="never opened"):
         link.relay.feed(frame)
@@ -619,13 +619,13 @@ async def test_open_for_an_id_below_the_last_one_is_a_violation(link: Link) -> N
 
 
 async def test_hello_and_drain_reach_the_agents_callbacks() -> None:
-    hellos: list[dict[str, Any]] = []
-    drains: list[dict[str, Any]] = []
+    hellos: list[Hello] = []
+    drains: list[Drain] = []
     agent = TunnelSession(lambda _: asyncio.sleep(0), SMALL, role=Role.AGENT, name="a",
                           on_hello=hellos.append, on_drain=drains.append)
     agent.feed(frames.encode_json(FrameType.HELLO, 0, {"version": 1}))
     agent.feed(frames.encode_json(FrameType.DRAIN, 0, {"reason": "deploy"}))
-    assert hellos == [{"version": 1}] and drains == [{"reason": "deploy"}]
+    assert hellos == [Hello(version=1)] and drains == [Drain(reason="deploy")]
 
 
 # -- keepalive ----------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ import pytest
 from relay.errors import ProtocolViolation
 from relay.protocol import frames
 from relay.protocol.frames import FrameType
+from relay.protocol.messages import Open, Renew
 from relay.tunnel.session import (
     OUTBOX_HIGH_WATER,
-    ChannelKind,
     Role,
     SessionSettings,
     TunnelSession,
@@ -78,14 +78,14 @@ async def test_control_replies_past_the_bound_cut_the_peer_off() -> None:
     socket, clock, cut = StuckSocket(), FakeClock(), []
     session = relay_session(socket, clock, cut)
     try:
-        channel = session.open_channel(ChannelKind.HTTP, {"method": "GET", "path": "/"})
+        channel = session.open_channel(Open("http", method="GET", path="/"))
         await settle()
-        head = {"method": "GET", "path": "/" + "p" * 60_000}
+        head = Open("http", method="GET", path="/" + "p" * 60_000)
         for _ in range(SETTINGS.outbox_bound // 60_000 + 2):
             if cut:
                 break
             channel.close()
-            channel = session.open_channel(ChannelKind.HTTP, head)
+            channel = session.open_channel(head)
         assert cut == ["outgoing queue over its bound"]
         assert not session.alive
         assert session._outbox_bytes == 0  # what was queued for it is dropped, not kept
@@ -148,11 +148,11 @@ async def test_renew_on_a_v1_session_is_an_unknown_frame() -> None:
 
 
 async def test_renew_reaches_the_relay_on_a_v2_session() -> None:
-    seen: list[dict[str, object]] = []
+    seen: list[Renew] = []
     session = TunnelSession(StuckSocket().send, SETTINGS, role=Role.RELAY, name="t",
                             on_renew=seen.append, version=2)
     session.feed(frames.encode_json(FrameType.RENEW, 0, {"token": "t"}))
-    assert seen == [{"token": "t"}]
+    assert seen == [Renew("t")]
     with pytest.raises(ProtocolViolation):
         session.feed(frames.encode(FrameType.RENEW, 0, b"not json"))
     with pytest.raises(ProtocolViolation, match="RENEWED sent to the relay"):

@@ -27,6 +27,7 @@ from relay.agent.upstream import LocalOrigin
 from relay.connect_errors import connect_error_cause
 from relay.errors import CloseCode, ProtocolViolation
 from relay.protocol.frames import HEADER_SIZE, SUPPORTED_VERSIONS
+from relay.protocol.messages import Drain, Hello, Open, Renew, Renewed
 from relay.tunnel.session import Channel, Role, SessionSettings, TunnelSession
 
 if TYPE_CHECKING:
@@ -123,11 +124,10 @@ def _printable(text: str, limit: int = 123) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
 
 
-def _relay_max_frame(hello: dict[str, Any], default: int) -> int:
+def _relay_max_frame(hello: Hello, default: int) -> int:
     """The relay decides the largest DATA frame; the agent must not send bigger ones."""
-    value = hello.get("maxFrame")
-    if isinstance(value, int) and 1024 <= value <= MAX_TUNNEL_FRAME:
-        return value
+    if 1024 <= hello.max_frame <= MAX_TUNNEL_FRAME:
+        return hello.max_frame
     return default
 
 
@@ -310,8 +310,8 @@ class Agent:
                      token: str) -> Outcome:
         outcome = Outcome(None, "closed")
         loop = asyncio.get_running_loop()
-        hello: asyncio.Future[dict[str, Any]] = loop.create_future()
-        renewed: list[asyncio.Future[dict[str, Any]]] = []
+        hello: asyncio.Future[Hello] = loop.create_future()
+        renewed: list[asyncio.Future[Renewed]] = []
         settings = SessionSettings(
             window=262144, max_frame=self.options.max_frame, max_streams=self.options.max_streams,
             max_ws_message=self.options.max_ws_message,
@@ -319,14 +319,14 @@ class Agent:
             keepalive_misses=self.options.keepalive_misses,
         )
 
-        def on_hello(body: dict[str, Any]) -> None:
+        def on_hello(body: Hello) -> None:
             if not hello.done():
                 hello.set_result(body)
 
-        def on_drain(body: dict[str, Any]) -> None:
+        def on_drain(body: Drain) -> None:
             outcome.drained = True
             self.backoff.reset()
-            log.info("agent.drain_received", reason=body.get("reason"))
+            log.info("agent.drain_received", reason=body.reason)
             # The relay's close frame often never arrives once it is going away: leave on the
             # in-band notice itself, as soon as the streams in flight are done.
             session.spawn(self._leave_drained(ws, session), f"agent-drain:{self.options.host_id}")
@@ -342,14 +342,14 @@ class Agent:
             log.warning("agent.relay_not_reading", reason=reason)
             abandon(ws)
 
-        def on_renewed(body: dict[str, Any]) -> None:
+        def on_renewed(body: Renewed) -> None:
             if renewed and not renewed[-1].done():
                 renewed[-1].set_result(body)
 
-        async def renew(fresh: str) -> dict[str, Any] | None:
-            answer: asyncio.Future[dict[str, Any]] = loop.create_future()
+        async def renew(fresh: str) -> Renewed | None:
+            answer: asyncio.Future[Renewed] = loop.create_future()
             renewed[:] = [answer]
-            session.send_renew({"token": fresh})
+            session.send_renew(Renew(fresh))
             try:
                 return await asyncio.wait_for(answer, ANSWER_TIMEOUT_S)
             except TimeoutError:
@@ -376,8 +376,8 @@ class Agent:
             body = hello.result()
             outcome.hello = True
             session = self._adopt_hello(session, body)
-            version = body.get("version")
-            if not isinstance(version, int) or version not in self.options.versions:
+            version = body.version
+            if version not in self.options.versions:
                 log.warning("agent.protocol_violation",
                             error=f"HELLO picked version {version!r}, which was not offered")
                 with contextlib.suppress(Exception):
@@ -386,7 +386,7 @@ class Agent:
                 return outcome
             session.version = version
             session.start()
-            if version >= 2 and body.get("renew"):
+            if version >= 2 and body.renew:
                 session.spawn(renew_forever(token, self.tokens, renew),
                               f"agent-renew:{self.options.host_id}")
             self.session = session
@@ -395,7 +395,7 @@ class Agent:
             self.connected_event.set()
             self._changed()
             log.info("agent.connected", relay=str(self.url.origin()), host_id=self.options.host_id,
-                     version=body.get("version"))
+                     version=body.version)
             await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if stopper.done() and not reader.done():
                 with contextlib.suppress(Exception):
@@ -425,20 +425,17 @@ class Agent:
             abandon(ws)
 
     @staticmethod
-    def _adopt_hello(session: TunnelSession, body: dict[str, Any]) -> TunnelSession:
-        """Take the relay's liveness settings so both ends agree on when silence is death."""
-        interval = body.get("pingIntervalS")
-        misses = body.get("keepaliveMisses")
-        if isinstance(interval, (int, float)) and interval > 0:
-            session.settings = SessionSettings(
-                window=int(body.get("window") or session.settings.window),
-                max_frame=_relay_max_frame(body, session.settings.max_frame),
-                max_streams=session.settings.max_streams,
-                max_ws_message=session.settings.max_ws_message,
-                ping_interval_s=float(interval),
-                keepalive_misses=int(misses) if isinstance(misses, int) and misses > 0
-                else session.settings.keepalive_misses,
-            )
+    def _adopt_hello(session: TunnelSession, body: Hello) -> TunnelSession:
+        """Take the relay's settings so both ends agree on windows, frames and when silence
+        is death (HELLO was validated when decoded; missing fields are the defaults)."""
+        session.settings = SessionSettings(
+            window=body.window,
+            max_frame=_relay_max_frame(body, session.settings.max_frame),
+            max_streams=session.settings.max_streams,
+            max_ws_message=min(body.max_ws_message, session.settings.max_ws_message),
+            ping_interval_s=body.ping_interval_s,
+            keepalive_misses=body.keepalive_misses,
+        )
         return session
 
     def _closed_outcome(self, ws: aiohttp.ClientWebSocketResponse, outcome: Outcome) -> Outcome:
@@ -468,7 +465,7 @@ class Agent:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(code=int(CloseCode.PROTOCOL_ERROR)), 2.0)
 
-    def _on_open(self, channel: Channel, head: dict[str, Any]) -> None:
+    def _on_open(self, channel: Channel, head: Open) -> None:
         assert self._origin is not None
         channel.session.spawn(self._origin.serve(channel, head),
                               f"agent-stream:{channel.session.name}:{channel.id}")

@@ -19,6 +19,7 @@ import jwt
 import structlog
 
 from relay.agent.tokens import TokenSource, TokenUnavailable
+from relay.protocol.messages import Renewed
 
 log = structlog.get_logger("relay.agent")
 
@@ -65,7 +66,7 @@ def retry_delay(now: float, expires_at: float | None) -> float:
     return min(MAX_RETRY_S, max(MIN_RETRY_S, left / 4))
 
 
-Renew = Callable[[str], Awaitable[dict[str, Any] | None]]
+Renew = Callable[[str], Awaitable[Renewed | None]]
 
 
 async def renew_forever(
@@ -107,13 +108,13 @@ async def renew_forever(
                 await sleep(retry_delay(clock(), life.expires_at))
                 continue
             answer = await renew(fresh)
-            if answer is not None and "error" not in answer:
+            if answer is not None and answer.expires_at is not None:
                 token, life = fresh, token_life(fresh, clock())
-                log.info("agent.renewed", expires_at=answer.get("expiresAt"))
+                log.info("agent.renewed", expires_at=answer.expires_at)
                 break
-            error = answer.get("error") if answer else "no answer"
+            error = answer.error_code or answer.error_message if answer else "no answer"
             log.warning("agent.renew_failed", source=tokens.describe(), error=str(error)[:200])
             wait = retry_delay(clock(), life.expires_at)
-            if answer and isinstance(answer.get("retryAfterS"), int | float):
-                wait = max(wait, float(answer["retryAfterS"]))
+            if answer is not None:
+                wait = max(wait, answer.retry_after_s)
             await sleep(wait)

@@ -13,6 +13,7 @@ aiohttp's client.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable
@@ -26,6 +27,7 @@ from relay.agent.http1 import OriginError, OriginPool
 from relay.errors import CloseCode, ErrorCode
 from relay.protocol.headers import WS_HANDSHAKE, strip_hop_by_hop
 from relay.protocol.hostpaths import localize_response_headers
+from relay.protocol.messages import Head, Open
 from relay.tunnel.bridge import bridge
 from relay.tunnel.session import Channel, ChannelClosed, ChannelKind
 
@@ -37,11 +39,16 @@ if TYPE_CHECKING:
 log = structlog.get_logger("relay.agent")
 
 
-def _error_head(status: int, code: str, message: str) -> tuple[dict[str, Any], bytes]:
+def _error_head(status: int, code: str, message: str) -> tuple[Head, bytes]:
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    head = {"status": status, "headers": [["Content-Type", "application/json"],
-                                          ["Content-Length", str(len(body))]]}
+    head = Head(status=status, headers=(("Content-Type", "application/json"),
+                                        ("Content-Length", str(len(body)))))
     return head, body
+
+
+def _refusal_status(status: int | None) -> int:
+    """The host's refusal of a WebSocket as a final status (a 1xx or nonsense one is 502)."""
+    return status if status is not None and 200 <= status <= 599 else 502
 
 
 async def _connect_while_open(
@@ -101,11 +108,11 @@ class LocalOrigin:
         if self._owns_pool:
             await self.pool.close()
 
-    def url_for(self, head: dict[str, Any], *, websocket: bool = False) -> URL:
-        path = str(head.get("path") or "/")
+    def url_for(self, head: Open, *, websocket: bool = False) -> URL:
+        path = head.path
         if not path.startswith("/"):
             path = "/" + path
-        query = str(head.get("query") or "")
+        query = head.query
         base = self.origin
         if websocket:
             base = base.with_scheme("wss" if base.scheme == "https" else "ws")
@@ -121,8 +128,10 @@ class LocalOrigin:
             raise ValueError("path escapes the local origin")
         return url
 
-    async def serve(self, channel: Channel, head: dict[str, Any]) -> None:
-        span = self._start_span(channel, head) if self.tracing is not None else None
+    async def serve(self, channel: Channel, head: Open) -> None:
+        span = None
+        if self.tracing is not None:
+            span, head = self._start_span(channel, head)
         try:
             if channel.kind is ChannelKind.WS:
                 await self._serve_ws(channel, head)
@@ -135,20 +144,20 @@ class LocalOrigin:
             if span is not None:
                 span.end()
 
-    def _start_span(self, channel: Channel, head: dict[str, Any]) -> Span:
-        """The agent's span for its call to the host, which becomes the host's trace parent."""
+    def _start_span(self, channel: Channel, head: Open) -> tuple[Span, Open]:
+        """The agent's span for its call to the host, which becomes the host's trace parent;
+        and the OPEN with the span as the trace parent the host sees."""
         from relay.tracing import trace_headers, with_trace_headers
 
         assert self.tracing is not None
-        headers = [(str(n), str(v)) for n, v in head.get("headers") or []]
+        headers = list(head.headers)
         span = self.tracing.start_client_span(
             "agent.upstream" if channel.kind is ChannelKind.HTTP else "agent.upstream_ws",
             trace_headers(headers),
-            {"http.request.method": str(head.get("method") or "GET"),
-             "url.path": str(head.get("path") or "/")},
+            {"http.request.method": head.method, "url.path": head.path},
         )
-        head["headers"] = with_trace_headers(headers, self.tracing.inject(span))
-        return span
+        traced = with_trace_headers(headers, self.tracing.inject(span))
+        return span, dataclasses.replace(head, headers=tuple(traced))
 
     async def _request_body(self, channel: Channel) -> AsyncIterator[bytes]:
         while True:
@@ -158,12 +167,11 @@ class LocalOrigin:
             yield chunk.data
             channel.consumed(len(chunk.data))
 
-    async def _serve_http(self, channel: Channel, head: dict[str, Any],
+    async def _serve_http(self, channel: Channel, head: Open,
                           span: Span | None = None) -> None:
-        method = str(head.get("method") or "GET")
+        method = head.method
         # Host is the pool's (the one origin); the relay sends none, a foreign relay might.
-        headers = strip_hop_by_hop(((str(n), str(v)) for n, v in head.get("headers") or []),
-                                   extra=frozenset({"host"}))
+        headers = strip_hop_by_hop(head.headers, extra=frozenset({"host"}))
         # The OPEN's FIN says "no body". Not the stream's current state: a small body and its
         # FIN may already have arrived by the time this task runs.
         has_body = not channel.fin_on_open
@@ -181,14 +189,14 @@ class LocalOrigin:
             async with response:
                 if span is not None:
                     span.set_attribute("http.response.status_code", response.status)
-                channel.send_head({
-                    "status": response.status,
-                    "reason": response.reason,
+                channel.send_head(Head(
+                    status=response.status,
+                    reason=response.reason,
                     # Redirects to the host's own origin become root-relative, so the relay
                     # can keep them under the host's prefix (it does not know this origin).
-                    "headers": localize_response_headers(
-                        [[k, v] for k, v in response.headers], str(self.origin)),
-                })
+                    headers=tuple((k, v) for k, v in localize_response_headers(
+                        [[k, v] for k, v in response.headers], str(self.origin))),
+                ))
                 head_sent = True
                 while True:
                     data = await response.read()
@@ -205,7 +213,7 @@ class LocalOrigin:
         except (OriginError, TimeoutError) as exc:
             if channel.closed:
                 return  # the relay ended the stream (e.g. while its body was being sent)
-            log.info("agent.upstream_failed", error=type(exc).__name__, path=head.get("path"),
+            log.info("agent.upstream_failed", error=type(exc).__name__, path=head.path,
                      after_head=head_sent)
             if head_sent:
                 # Mid-body: a second HEAD would break the whole tunnel; abort this stream so
@@ -220,11 +228,9 @@ class LocalOrigin:
         channel.send_head(head)
         await channel.write(body, fin=True)
 
-    async def _serve_ws(self, channel: Channel, head: dict[str, Any]) -> None:
-        headers = strip_hop_by_hop(
-            ((str(n), str(v)) for n, v in head.get("headers") or []), extra=WS_HANDSHAKE
-        )
-        protocols = [str(p) for p in head.get("protocols") or []]
+    async def _serve_ws(self, channel: Channel, head: Open) -> None:
+        headers = strip_hop_by_hop(head.headers, extra=WS_HANDSHAKE)
+        protocols = list(head.protocols)
         try:
             url = self.url_for(head, websocket=True)
             ws = await _connect_while_open(channel, self.client.ws_connect(
@@ -233,13 +239,13 @@ class LocalOrigin:
                 timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
             ))
         except aiohttp.WSServerHandshakeError as exc:
-            channel.send_head({"status": exc.status or 502})
+            channel.send_head(Head(status=_refusal_status(exc.status)))
             return
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            log.info("agent.upstream_ws_failed", error=type(exc).__name__, path=head.get("path"))
-            channel.send_head({"status": 502})
+            log.info("agent.upstream_ws_failed", error=type(exc).__name__, path=head.path)
+            channel.send_head(Head(status=502))
             return
-        channel.send_head({"status": 101, "protocol": ws.protocol})
+        channel.send_head(Head(status=101, protocol=ws.protocol))
         try:
             await bridge(ws, channel,
                          lost_code=lambda _: (int(CloseCode.GOING_AWAY), "tunnel lost"))

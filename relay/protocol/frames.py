@@ -102,6 +102,15 @@ def encode(ftype: FrameType, stream_id: int, payload: bytes = b"", flags: int = 
     return HEADER.pack(ftype, flags, stream_id) + payload
 
 
+# What each frame type may carry: FIN on OPEN (no request body) and on DATA; TEXT and MORE on
+# DATA (of WebSocket channels: the stream checks the kind). Anything else, FIN on HEAD
+# included, is a violation rather than silently ignored.
+ALLOWED_FLAGS: dict[FrameType, int] = {
+    FrameType.OPEN: int(Flags.FIN),
+    FrameType.DATA: int(Flags.FIN | Flags.TEXT | Flags.MORE),
+}
+
+
 def decode(data: bytes, max_payload: int, version: int = LATEST_VERSION) -> Frame:
     """Parse one frame of protocol ``version``, rejecting anything malformed as the peer's fault.
     """
@@ -115,8 +124,8 @@ def decode(data: bytes, max_payload: int, version: int = LATEST_VERSION) -> Fram
     if INTRODUCED_IN.get(ftype, 1) > version:
         # A v1 peer never sees these: to it they are simply unknown.
         raise ProtocolViolation(f"unknown frame type 0x{raw_type:02x}")
-    if raw_flags & ~0x07:
-        raise ProtocolViolation(f"unknown flags 0x{raw_flags:02x}")
+    if raw_flags & ~ALLOWED_FLAGS.get(ftype, 0):
+        raise ProtocolViolation(f"flags 0x{raw_flags:02x} not allowed on {ftype.name}")
     payload = data[HEADER_SIZE:]
     limit = max_payload if ftype is FrameType.DATA else MAX_CONTROL_PAYLOAD
     if len(payload) > limit:

@@ -20,6 +20,9 @@ HOP_BY_HOP = frozenset({
 HOP_BY_HOP_PREFIX = "proxy-"
 # The relay authenticates the client itself; its credentials must never reach the host.
 CLIENT_CREDENTIALS = frozenset({"authorization"})
+# Handled at the relay's edge: it answers a client's 100-continue itself once the request is
+# admitted, so the host never sees an Expect it would answer a second time.
+EDGE_HANDLED = frozenset({"expect"})
 # Set by the WebSocket handshake on each hop; forwarding them would corrupt the next handshake.
 WS_HANDSHAKE = frozenset({
     "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
@@ -90,7 +93,8 @@ def request_headers_for_host(
     ``X-Real-IP``, ``X-Forwarded-Port`` etc. through; the relay's own forwarding headers are
     set last either way.
     """
-    extra = CLIENT_CREDENTIALS | (WS_HANDSHAKE if websocket else frozenset()) | {"host"}
+    extra = (CLIENT_CREDENTIALS | EDGE_HANDLED | (WS_HANDSHAKE if websocket else frozenset())
+             | {"host"})
     out = [
         (n, v) for n, v in strip_session_cookie(strip_hop_by_hop(headers, extra=extra))
         if not n.lower().startswith(RELAY_INTERNAL_PREFIX)

@@ -35,6 +35,7 @@ from relay.errors import (
 )
 from relay.metrics import CONTENT_TYPE_LATEST, Metrics
 from relay.protocol.headers import strip_token_param
+from relay.protocol.messages import Drain
 from relay.server.admin import add_admin_routes
 from relay.server.cors import CorsPolicy
 from relay.server.edge import (
@@ -496,7 +497,7 @@ async def drain(state: RelayState, grace_s: float) -> None:
         for tunnel in tunnels:
             if tunnel not in told:
                 told.add(tunnel)
-                tunnel.session.send_drain({"reason": "relay draining", "reconnectAfterS": 0})
+                tunnel.session.send_drain(Drain("relay draining", 0))
 
     tell(list(state.registry))
     with contextlib.suppress(TimeoutError):

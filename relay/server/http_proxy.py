@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -23,10 +24,11 @@ from relay.errors import (
 from relay.logs import access_log
 from relay.protocol.headers import request_headers_for_host, response_headers_for_client
 from relay.protocol.hostpaths import host_prefix
+from relay.protocol.messages import Head, Open
 from relay.server.edge import send_continue
 from relay.server.state import RelayState
 from relay.server.timing import PathTimer, timer_of
-from relay.tunnel.session import Channel, ChannelClosed, ChannelKind, TunnelSession
+from relay.tunnel.session import Channel, ChannelClosed, TunnelSession
 
 log = structlog.get_logger("relay.http")
 _ACCESS = access_log("relay.http")
@@ -69,7 +71,8 @@ def client_view(
 def host_request_head(
     request: web.Request, path: str, query: str, trust_forwarded: bool,
     client_chain: str | None = None, *, websocket: bool = False, host_id: str = "",
-) -> dict[str, object]:
+    protocols: tuple[str, ...] = (),
+) -> Open:
     """What the host sees of the request; ``client_chain`` is a forwarding relay's signed claim.
 
     Shared by HTTP exchanges and WebSocket channels, so both report the client the same way.
@@ -82,7 +85,8 @@ def host_request_head(
         prefix=host_prefix(host_id) if host_id else "",
         keep_client_identity=trust_forwarded,
     )
-    return {"method": request.method, "path": path, "query": query, "headers": headers}
+    return Open(kind="ws" if websocket else "http", method=request.method, path=path,
+                query=query, headers=tuple(headers), protocols=protocols)
 
 
 def request_has_body(request: web.Request) -> bool:
@@ -109,7 +113,7 @@ async def _upload(request: web.Request, channel: Channel, exchange: Exchange, li
 
 
 async def _await_head(channel: Channel, exchange: Exchange, upload: asyncio.Task[None] | None,
-                      limit_s: float) -> dict[str, object]:
+                      limit_s: float) -> Head:
     """The host's response head; the clock runs while the upload makes no progress."""
     while True:
         done, _ = await asyncio.wait({channel.head}, timeout=limit_s / 4 if upload else limit_s)
@@ -136,9 +140,9 @@ async def proxy_http(
                              host_id=host_id)
     timer = timer_of(request)
     if timer is not None:
-        trace_next_hop(timer, head)
+        head = trace_next_hop(timer, head)
     try:
-        channel = session.open_channel(ChannelKind.HTTP, head, fin=not has_body)
+        channel = session.open_channel(head, fin=not has_body)
     except ChannelClosed:
         # The tunnel failed and its handler has not unregistered it yet: nothing was sent.
         raise HostOffline() from None
@@ -170,17 +174,17 @@ async def proxy_http(
         metrics.http_time_to_first_byte_seconds.observe(time.monotonic() - exchange.started)
         if timer is not None:
             timer.lap("host")
-        status = int(host_head.get("status", 502))  # type: ignore[call-overload]
-        raw_headers = host_head.get("headers") or []
-        response = web.StreamResponse(status=status, reason=host_head.get("reason") or None)  # type: ignore[arg-type]
+        status = host_head.status
+        raw_headers = host_head.headers
+        response = web.StreamResponse(status=status, reason=host_head.reason or None)
         length = None
-        for name, value in raw_headers:  # type: ignore[attr-defined]
+        for name, value in raw_headers:
             if name.lower() == "content-length":
                 length = value
         _, _, scheme, public_host = client_view(request, config.server.trust_forwarded,
                                                 client_chain)
         for name, value in response_headers_for_client(
-            raw_headers, host_prefix(host_id), f"{scheme}://{public_host}",  # type: ignore[arg-type]
+            raw_headers, host_prefix(host_id), f"{scheme}://{public_host}",
         ):
             response.headers.add(name, value)
         if timer is not None and (timing := timer.header()) is not None:
@@ -246,11 +250,10 @@ async def proxy_http(
                      duration_ms=round(duration * 1000, 2))
 
 
-def trace_next_hop(timer: PathTimer, head: dict[str, object]) -> None:
+def trace_next_hop(timer: PathTimer, head: Open) -> Open:
     """The host's (or the agent's) trace parent is this exchange's span."""
-    headers = head["headers"]
-    assert isinstance(headers, list)
-    head["headers"] = timer.next_hop_headers(headers)
+    headers = timer.next_hop_headers(list(head.headers))
+    return dataclasses.replace(head, headers=tuple(headers))
 
 
 def exchange_failed(request: web.Request) -> None:

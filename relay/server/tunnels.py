@@ -29,6 +29,7 @@ from relay.errors import (
 from relay.protocol import frames
 from relay.protocol.close import fit_reason, reason_bytes
 from relay.protocol.frames import SUPPORTED_VERSIONS, negotiate_version
+from relay.protocol.messages import Hello, Renew, Renewed
 from relay.server.edge import Authorized, authorize, require_param
 from relay.server.registry import Tunnel
 from relay.server.state import STATE, RelayState
@@ -118,10 +119,8 @@ async def serve_tunnel(
         request_close(int(CloseCode.POLICY_VIOLATION), f"too many {frame} frames",
                       label="control_flood", patient=False)
 
-    def on_renew(body: dict[str, object]) -> None:
-        token = body.get("token")
-        if not isinstance(token, str) or not token:
-            raise ProtocolViolation("RENEW without a token")
+    def on_renew(renew: Renew) -> None:
+        token = renew.token
         if renewal and not renewal[-1].done():
             # The agent gave up waiting and sent a newer one: only the latest is answered, so
             # one tunnel never has more than one check running.
@@ -156,19 +155,17 @@ async def serve_tunnel(
         replaced.close(int(CloseCode.REPLACED), "replaced by a newer tunnel")
     metrics.tunnels_connected.set(len(state.registry))
     metrics.tunnel_connects_total.inc()
-    hello: dict[str, object] = {
-        "version": version,
-        "hostId": host_id,
-        "pingIntervalS": state.settings.ping_interval_s,
-        "keepaliveMisses": state.settings.keepalive_misses,
-        "window": state.settings.window,
-        "maxFrame": state.settings.max_frame,
-        "maxStreams": state.settings.max_streams,
-    }
-    if version >= 2:
+    settings = state.settings
+    session.send_hello(Hello(
+        version=version, host_id=host_id, window=settings.window,
+        max_frame=settings.max_frame, max_streams=settings.max_streams,
+        ping_interval_s=settings.ping_interval_s, keepalive_misses=settings.keepalive_misses,
+        max_ws_message=settings.max_ws_message,
+        open_timeout_s=tunnel_config.open_timeout_s,
+        request_timeout_s=tunnel_config.request_timeout_s,
         # What v2 adds: RENEW, and when this tunnel closes (4401) unless it renews.
-        hello.update(renew=True, expiresAt=deadline)
-    session.send_hello(hello)
+        renew=version >= 2, expires_at=deadline if version >= 2 else None,
+    ))
     session.start(keepalive=False)  # the relay-wide keepalive loop pings it (app.py)
     log.info("tunnel.connected", host_id=host_id, peer=tunnel.peer, sub=subject)
     reason = "closed"
@@ -230,8 +227,8 @@ async def _renew(state: RelayState, tunnel: Tunnel, token: str) -> None:
     except AccessUnavailable as error:
         # Not the agent's fault: keep the tunnel and its current deadline; it retries.
         log.info("tunnel.renew_deferred", host_id=tunnel.host_id, code=str(error.code))
-        session.send_renewed({"error": {"code": str(error.code), "message": error.message},
-                              "retryAfterS": error.retry_after_s or 1})
+        session.send_renewed(Renewed(error_code=str(error.code), error_message=error.message,
+                                     retry_after_s=error.retry_after_s or 1))
         return
     except RelayError as error:
         log.info("tunnel.renew_refused", host_id=tunnel.host_id, code=str(error.code),
@@ -241,7 +238,7 @@ async def _renew(state: RelayState, tunnel: Tunnel, token: str) -> None:
     deadline = credential_deadline(state, identity.expires_at)
     if tunnel.lease is not None:
         state.leases.move(tunnel.lease, deadline)
-    session.send_renewed({"expiresAt": deadline})
+    session.send_renewed(Renewed(expires_at=deadline))
     log.info("tunnel.renewed", host_id=tunnel.host_id, sub=tunnel.subject,
              expires_in_s=round(deadline - time.time(), 1))
 

@@ -15,12 +15,13 @@ import structlog
 from aiohttp import web
 
 from relay.errors import CloseCode, RelayError, TunnelClosed
+from relay.protocol.messages import Open
 from relay.server.http_proxy import host_request_head, trace_next_hop
 from relay.server.state import RelayState
 from relay.server.timing import timer_of
 from relay.server.tunnels import CLOSE_TIMEOUT_S, close_refused, credential_deadline
 from relay.tunnel.bridge import bridge
-from relay.tunnel.session import Channel, ChannelClosed, ChannelKind, TunnelSession
+from relay.tunnel.session import Channel, ChannelClosed, TunnelSession
 
 log = structlog.get_logger("relay.ws")
 
@@ -72,11 +73,10 @@ async def refuse_ws(
 
 
 def ws_open_head(request: web.Request, path: str, query: str, trust_forwarded: bool,
-                 client_chain: str | None, host_id: str = "") -> dict[str, object]:
-    head = host_request_head(request, path, query, trust_forwarded, client_chain,
-                             websocket=True, host_id=host_id)
-    head["protocols"] = offered_protocols(request)
-    return head
+                 client_chain: str | None, host_id: str = "") -> Open:
+    return host_request_head(request, path, query, trust_forwarded, client_chain,
+                             websocket=True, host_id=host_id,
+                             protocols=tuple(offered_protocols(request)))
 
 
 def offered_protocols(request: web.Request) -> list[str]:
@@ -95,9 +95,9 @@ async def proxy_ws(
                              client_chain, host_id)
     timer = timer_of(request)
     if timer is not None:
-        trace_next_hop(timer, open_head)
+        open_head = trace_next_hop(timer, open_head)
     try:
-        channel = session.open_channel(ChannelKind.WS, open_head)
+        channel = session.open_channel(open_head)
     except ChannelClosed:
         return await refuse_ws(state, request, TunnelClosed())
     except RelayError as error:
@@ -122,13 +122,13 @@ async def proxy_ws(
             return await refuse_ws(state, request, refusal)
         if timer is not None:
             timer.lap("host")
-        status = int(head.get("status", 502))
+        status = head.status
         if status != 101:
             channel.close(int(CloseCode.NORMAL), "")
             refusal = TunnelClosed(f"the host refused the WebSocket with HTTP {status}")
             refusal.close_code = CloseCode.INTERNAL_ERROR
             return await refuse_ws(state, request, refusal)
-        chosen = head.get("protocol")
+        chosen = head.protocol
         ws = client_ws(state, (str(chosen),) if chosen else ())
         await ws.prepare(request)
         metrics.ws_channels_total.labels(outcome="opened").inc()

@@ -21,10 +21,11 @@ from typing import Any, NamedTuple
 import structlog
 
 from relay.aio import cancel_and_wait
-from relay.errors import CloseCode, Overloaded, ProtocolViolation
-from relay.protocol import frames
+from relay.errors import CloseCode, Draining, Overloaded, ProtocolViolation
+from relay.protocol import defaults, frames
 from relay.protocol.budget import RateBudget, ping_burst
 from relay.protocol.frames import Flags, Frame, FrameType
+from relay.protocol.messages import Drain, Head, Hello, Open, Renew, Renewed
 from relay.protocol.streams import (
     CAN_RECEIVE,
     CAN_SEND,
@@ -62,12 +63,12 @@ class ChannelKind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
-    window: int = 262144
-    max_frame: int = 65536
-    max_streams: int = 256
-    max_ws_message: int = 4 << 20
-    ping_interval_s: float = 10.0
-    keepalive_misses: int = 3
+    window: int = defaults.WINDOW
+    max_frame: int = defaults.MAX_FRAME
+    max_streams: int = defaults.MAX_STREAMS
+    max_ws_message: int = defaults.MAX_WS_MESSAGE
+    ping_interval_s: float = defaults.PING_INTERVAL_S
+    keepalive_misses: int = defaults.KEEPALIVE_MISSES
     max_outbox: int = DEFAULT_MAX_OUTBOX  # bytes queued for a peer before it is cut off
     max_pings_per_s: float = 0.0  # PINGs the peer may send per second on average; 0 = any
 
@@ -160,11 +161,13 @@ class Channel:
         self._buffered = 0
         self._readable = Flag()
         self._closed_with: ChannelClosed | None = None
-        self.head: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.head: asyncio.Future[Head] = asyncio.get_running_loop().create_future()
         # Each WebSocket message (or fragment) costs credit beyond its payload, so a flood of
         # tiny or empty messages is bounded by the window like bytes are.
         self._frame_cost = frames.WS_FRAME_COST if kind is ChannelKind.WS else 0
         self.fin_on_open = False  # the OPEN carried FIN: the peer sends no body
+        # The peer answers this stream with a HEAD before any DATA (the relay's side of it).
+        self._answers = session.role is Role.RELAY
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -175,6 +178,10 @@ class Channel:
         payload = frame.payload
         size = len(payload)
         more = bool(frame.flags & Flags.MORE)
+        if self._frame_cost == 0 and frame.flags & (Flags.TEXT | Flags.MORE):
+            raise ProtocolViolation(f"TEXT or MORE on stream {self.id}, an HTTP stream")
+        if self._answers and not self.head.done():
+            raise ProtocolViolation(f"DATA on stream {self.id} before its HEAD")
         if size == 0 and more:
             raise ProtocolViolation("empty DATA fragment")
         if self.kind is ChannelKind.WS:
@@ -205,7 +212,7 @@ class Channel:
         self._send_window.grant(increment)
         self._credit.set()
 
-    def _on_head(self, head: dict[str, Any]) -> None:
+    def _on_head(self, head: Head) -> None:
         if self.head.done():
             raise ProtocolViolation(f"second HEAD on stream {self.id}")
         self.head.set_result(head)
@@ -347,10 +354,10 @@ class Channel:
         if self.state not in CAN_SEND:
             raise ChannelClosed(int(CloseCode.INTERNAL_ERROR), "stream already finished")
 
-    def send_head(self, head: dict[str, Any]) -> None:
+    def send_head(self, head: Head) -> None:
         if self._closed_with is not None:
             return  # the stream is over; the peer has forgotten it
-        self.session.send_nowait(frames.encode_json(FrameType.HEAD, self.id, head))
+        self.session.send_nowait(frames.encode(FrameType.HEAD, self.id, head.encode()))
 
     def close(self, code: int = int(CloseCode.NORMAL), reason: str = "") -> None:
         """End the stream now; tells the peer unless the stream is already over."""
@@ -363,7 +370,7 @@ class Channel:
             self.session.send_nowait(frames.encode_close(self.id, code, reason))
 
 
-OpenHandler = Callable[[Channel, dict[str, Any]], None]
+OpenHandler = Callable[[Channel, Open], None]
 
 
 class TunnelSession:
@@ -377,13 +384,14 @@ class TunnelSession:
         role: Role,
         name: str,
         on_open: OpenHandler | None = None,
-        on_drain: Callable[[dict[str, Any]], None] | None = None,
+        on_drain: Callable[[Drain], None] | None = None,
         on_silence: Callable[[], None] | None = None,
-        on_hello: Callable[[dict[str, Any]], None] | None = None,
+        on_hello: Callable[[Hello], None] | None = None,
         on_backlog: Callable[[str], None] | None = None,
-        on_renew: Callable[[dict[str, Any]], None] | None = None,
-        on_renewed: Callable[[dict[str, Any]], None] | None = None,
+        on_renew: Callable[[Renew], None] | None = None,
+        on_renewed: Callable[[Renewed], None] | None = None,
         on_flood: Callable[[str], None] | None = None,
+        on_exhausted: Callable[[], None] | None = None,
         version: int = frames.PROTOCOL_VERSION,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -399,6 +407,8 @@ class TunnelSession:
         self._on_renew = on_renew
         self._on_renewed = on_renewed
         self._on_flood = on_flood
+        self._on_exhausted = on_exhausted
+        self._ids_exhausted = False
         # The negotiated protocol version: frames newer than it are unknown (relay.protocol).
         # The agent learns it from HELLO, so it starts at the newest it offered.
         self.version = version
@@ -588,17 +598,17 @@ class TunnelSession:
             log.debug("tunnel.write_failed", tunnel=self.name, error=type(exc).__name__)
             self.fail_all(int(CloseCode.TUNNEL_GONE), "tunnel write failed")
 
-    def send_hello(self, body: dict[str, Any]) -> None:
-        self.send_nowait(frames.encode_json(FrameType.HELLO, 0, body))
+    def send_hello(self, hello: Hello) -> None:
+        self.send_nowait(frames.encode(FrameType.HELLO, 0, hello.encode()))
 
-    def send_drain(self, body: dict[str, Any]) -> None:
-        self.send_nowait(frames.encode_json(FrameType.DRAIN, 0, body))
+    def send_drain(self, drain: Drain) -> None:
+        self.send_nowait(frames.encode(FrameType.DRAIN, 0, drain.encode()))
 
-    def send_renew(self, body: dict[str, Any]) -> None:
-        self.send_nowait(frames.encode_json(FrameType.RENEW, 0, body))
+    def send_renew(self, renew: Renew) -> None:
+        self.send_nowait(frames.encode(FrameType.RENEW, 0, renew.encode()))
 
-    def send_renewed(self, body: dict[str, Any]) -> None:
-        self.send_nowait(frames.encode_json(FrameType.RENEWED, 0, body))
+    def send_renewed(self, renewed: Renewed) -> None:
+        self.send_nowait(frames.encode(FrameType.RENEWED, 0, renewed.encode()))
 
     async def flush(self, timeout: float) -> None:
         """Wait until every queued frame was handed to the socket (bounded)."""
@@ -606,22 +616,30 @@ class TunnelSession:
             await asyncio.wait_for(self._flushed.wait(), timeout)
 
     # -- channels ----------------------------------------------------------------------------
-    def open_channel(
-        self, kind: ChannelKind, head: dict[str, Any], *, fin: bool = False
-    ) -> Channel:
+    def open_channel(self, head: Open, *, fin: bool = False) -> Channel:
+        """Open a stream for ``head``; raises before anything is allocated when it cannot."""
         if not self.alive:
             raise ChannelClosed(int(CloseCode.TUNNEL_GONE), "tunnel closed", tunnel_lost=True)
+        if self._next_id > frames.MAX_STREAM_ID:
+            # Ids are never reused: this tunnel can carry no new stream. The owner drains it
+            # so the agent comes back on a fresh one.
+            if not self._ids_exhausted:
+                self._ids_exhausted = True
+                log.info("tunnel.stream_ids_exhausted", tunnel=self.name)
+                if self._on_exhausted is not None:
+                    self._on_exhausted()
+            raise Draining("the host's tunnel is being renewed; retry shortly")
         if len(self.channels) >= self.settings.max_streams:
             raise Overloaded()
+        kind = ChannelKind(head.kind)
         stream_id = self._next_id
         self._next_id += 2
         channel = Channel(self, stream_id, kind)
         self.channels[stream_id] = channel
-        body = dict(head, kind=kind.value)
         if fin:
             channel.state = transition(channel.state, StreamEvent.SEND_FIN)
         flags = Flags.FIN if fin else Flags.NONE
-        self.send_nowait(frames.encode_json(FrameType.OPEN, stream_id, body, flags))
+        self.send_nowait(frames.encode(FrameType.OPEN, stream_id, head.encode(), flags))
         return channel
 
     def _forget(self, channel: Channel) -> None:
@@ -669,28 +687,31 @@ class TunnelSession:
                 raise ProtocolViolation("HEAD sent to the agent")
             channel = self._channel_for(frame)
             if channel is not None:
-                channel._on_head(frames.decode_json(frame))
+                channel._on_head(Head.decode(frame.payload, channel.kind.value))
         elif ftype is FrameType.OPEN:
             self._on_open_frame(frame)
         elif ftype is FrameType.HELLO:
             if self.role is not Role.AGENT:
                 raise ProtocolViolation("HELLO sent to the relay")
+            hello = Hello.decode(frame.payload)
             if self._on_hello is not None:
-                self._on_hello(frames.decode_json(frame))
+                self._on_hello(hello)
         elif ftype is FrameType.DRAIN:
             if self.role is not Role.AGENT:
                 raise ProtocolViolation("DRAIN sent to the relay")
+            drain = Drain.decode(frame.payload)
             if self._on_drain is not None:
-                self._on_drain(frames.decode_json(frame))
+                self._on_drain(drain)
         elif ftype is FrameType.RENEW:
             if self.role is not Role.RELAY or self._on_renew is None:
                 raise ProtocolViolation("RENEW sent to the agent")
-            self._on_renew(frames.decode_json(frame))
+            self._on_renew(Renew.decode(frame.payload))
         elif ftype is FrameType.RENEWED:
             if self.role is not Role.AGENT:
                 raise ProtocolViolation("RENEWED sent to the relay")
+            renewed = Renewed.decode(frame.payload)
             if self._on_renewed is not None:
-                self._on_renewed(frames.decode_json(frame))
+                self._on_renewed(renewed)
 
     def _channel_for(self, frame: Frame) -> Channel | None:
         """The live channel a stream frame is for; None for a stream that has since ended.
@@ -714,11 +735,10 @@ class TunnelSession:
         if frame.stream_id <= self._peer_max_id or frame.stream_id % 2 == 0:
             raise ProtocolViolation(f"OPEN reuses or misnumbers stream {frame.stream_id}")
         self._peer_max_id = frame.stream_id
-        head = frames.decode_json(frame)
-        try:
-            kind = ChannelKind(str(head.get("kind")))
-        except ValueError:
-            raise ProtocolViolation("OPEN with an unknown kind") from None
+        head = Open.decode(frame.payload)
+        kind = ChannelKind(head.kind)
+        if kind is ChannelKind.WS and frame.fin:
+            raise ProtocolViolation(f"FIN on the OPEN of WebSocket stream {frame.stream_id}")
         channel = Channel(self, frame.stream_id, kind)
         if len(self.channels) >= self.settings.max_streams:
             channel.state = StreamState.CLOSED

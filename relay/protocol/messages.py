@@ -1,0 +1,320 @@
+"""The tunnel's JSON messages as typed, frozen values, validated once when they are decoded.
+
+A message that is not a JSON object, or has a field of the wrong type or out of range, is the
+peer breaking the protocol (:class:`ProtocolViolation`: the tunnel is closed 1002); nothing
+past decode has to doubt a field again. Unknown fields are ignored by design, so a newer peer
+can add some without a version. Integers written as ``1.0`` are accepted (JSON has one number
+type); ``1.5`` for an integer is not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from relay.errors import ProtocolViolation
+from relay.protocol import defaults
+
+Headers = tuple[tuple[str, str], ...]
+
+# RFC 9110 token: a header name or method.
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
+KINDS = ("http", "ws")
+
+
+def _object(payload: bytes, what: str) -> dict[str, Any]:
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolViolation(f"{what} payload is not JSON") from None
+    if not isinstance(body, dict):
+        raise ProtocolViolation(f"{what} payload is not a JSON object")
+    return body
+
+
+def _int(body: dict[str, Any], key: str, what: str, default: int | None = None) -> int:
+    value = body.get(key)
+    if value is None:
+        if default is None:
+            raise ProtocolViolation(f"{what} without {key}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolViolation(f"{what} {key} is not a number")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ProtocolViolation(f"{what} {key} is not an integer")
+        value = int(value)
+    return value
+
+
+def _positive_int(body: dict[str, Any], key: str, what: str, default: int) -> int:
+    value = _int(body, key, what, default)
+    if value < 1:
+        raise ProtocolViolation(f"{what} {key} must be at least 1")
+    return value
+
+
+def _seconds(body: dict[str, Any], key: str, what: str, default: float | None) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ProtocolViolation(f"{what} {key} is not a number")
+    if value <= 0:
+        raise ProtocolViolation(f"{what} {key} must be positive")
+    return float(value)
+
+
+def _timestamp(body: dict[str, Any], key: str, what: str) -> float:
+    value = body.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ProtocolViolation(f"{what} {key} is not a number of Unix seconds")
+    return float(value)
+
+
+def _str(body: dict[str, Any], key: str, what: str, default: str | None = None) -> str:
+    value = body.get(key)
+    if value is None:
+        if default is None:
+            raise ProtocolViolation(f"{what} without {key}")
+        return default
+    if not isinstance(value, str):
+        raise ProtocolViolation(f"{what} {key} is not a string")
+    return value
+
+
+def _headers(body: dict[str, Any], what: str) -> Headers:
+    raw = body.get("headers")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ProtocolViolation(f"{what} headers is not a list")
+    pairs = []
+    for pair in raw:
+        if (not isinstance(pair, list | tuple) or len(pair) != 2
+                or not isinstance(pair[0], str) or not isinstance(pair[1], str)):
+            raise ProtocolViolation(f"{what} headers must be [name, value] string pairs")
+        name, value = pair
+        if not _TOKEN.match(name):
+            raise ProtocolViolation(f"{what} header name {name[:40]!r} is not a token")
+        if _FORBIDDEN_IN_VALUE.search(value):
+            raise ProtocolViolation(f"{what} header {name} has CR, LF or NUL in its value")
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The relay's first frame: the settings of this tunnel."""
+
+    version: int = defaults.VERSION
+    host_id: str = ""
+    window: int = defaults.WINDOW
+    max_frame: int = defaults.MAX_FRAME
+    max_streams: int = defaults.MAX_STREAMS
+    ping_interval_s: float = defaults.PING_INTERVAL_S
+    keepalive_misses: int = defaults.KEEPALIVE_MISSES
+    max_ws_message: int = defaults.MAX_WS_MESSAGE
+    open_timeout_s: float | None = None
+    request_timeout_s: float | None = None
+    renew: bool = False
+    expires_at: float | None = None  # Unix seconds
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Hello:
+        body = _object(payload, "HELLO")
+        renew = body.get("renew", False)
+        if not isinstance(renew, bool):
+            raise ProtocolViolation("HELLO renew is not a boolean")
+        expires = body.get("expiresAt")
+        return cls(
+            version=_positive_int(body, "version", "HELLO", defaults.VERSION),
+            host_id=_str(body, "hostId", "HELLO", ""),
+            window=_positive_int(body, "window", "HELLO", defaults.WINDOW),
+            max_frame=_positive_int(body, "maxFrame", "HELLO", defaults.MAX_FRAME),
+            max_streams=_positive_int(body, "maxStreams", "HELLO", defaults.MAX_STREAMS),
+            ping_interval_s=_seconds(body, "pingIntervalS", "HELLO", defaults.PING_INTERVAL_S)
+            or defaults.PING_INTERVAL_S,
+            keepalive_misses=_positive_int(body, "keepaliveMisses", "HELLO",
+                                           defaults.KEEPALIVE_MISSES),
+            max_ws_message=_positive_int(body, "maxWsMessage", "HELLO",
+                                         defaults.MAX_WS_MESSAGE),
+            open_timeout_s=_seconds(body, "openTimeoutS", "HELLO", None),
+            request_timeout_s=_seconds(body, "requestTimeoutS", "HELLO", None),
+            renew=renew,
+            expires_at=None if expires is None else _timestamp(body, "expiresAt", "HELLO"),
+        )
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "version": self.version, "hostId": self.host_id,
+            "pingIntervalS": _number(self.ping_interval_s),
+            "keepaliveMisses": self.keepalive_misses, "window": self.window,
+            "maxFrame": self.max_frame, "maxStreams": self.max_streams,
+            "maxWsMessage": self.max_ws_message,
+        }
+        if self.open_timeout_s is not None:
+            body["openTimeoutS"] = _number(self.open_timeout_s)
+        if self.request_timeout_s is not None:
+            body["requestTimeoutS"] = _number(self.request_timeout_s)
+        if self.renew:
+            body["renew"] = True
+        if self.expires_at is not None:
+            body["expiresAt"] = _number(self.expires_at)
+        return _encode(body)
+
+
+def _number(value: float) -> int | float:
+    """Integral seconds go out as integers: a peer that reads integers must not see ``10.0``."""
+    return int(value) if float(value).is_integer() else value
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """A new stream, relay → agent: an HTTP request head or a WebSocket channel."""
+
+    kind: str
+    method: str = "GET"
+    path: str = "/"
+    query: str = ""
+    headers: Headers = ()
+    protocols: tuple[str, ...] = ()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Open:
+        body = _object(payload, "OPEN")
+        kind = body.get("kind")
+        if kind not in KINDS:
+            raise ProtocolViolation("OPEN with an unknown kind")
+        method = _str(body, "method", "OPEN", "GET")
+        if not _TOKEN.match(method):
+            raise ProtocolViolation("OPEN method is not a token")
+        path = _str(body, "path", "OPEN", "/")
+        if not path.startswith("/") or re.search(r"[\r\n\x00 ]", path):
+            raise ProtocolViolation("OPEN path must start with / and hold no space, CR, LF, NUL")
+        query = _str(body, "query", "OPEN", "")
+        if re.search(r"[\r\n\x00 #]", query):
+            raise ProtocolViolation("OPEN query holds a space, #, CR, LF or NUL")
+        raw_protocols = body.get("protocols") or []
+        if not isinstance(raw_protocols, list) or not all(
+                isinstance(p, str) for p in raw_protocols):
+            raise ProtocolViolation("OPEN protocols is not a list of strings")
+        return cls(kind=str(kind), method=method, path=path, query=query,
+                   headers=_headers(body, "OPEN"), protocols=tuple(raw_protocols))
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {"kind": self.kind, "method": self.method, "path": self.path,
+                                "query": self.query,
+                                "headers": [list(pair) for pair in self.headers]}
+        if self.kind == "ws":
+            body["protocols"] = list(self.protocols)
+        return _encode(body)
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The host's answer, agent → relay: a response head, or a WebSocket accept/refusal."""
+
+    status: int
+    reason: str = ""
+    headers: Headers = ()
+    protocol: str | None = None
+
+    @classmethod
+    def decode(cls, payload: bytes, kind: str = "http") -> Head:
+        body = _object(payload, "HEAD")
+        status = _int(body, "status", "HEAD")
+        if kind == "ws":
+            if status != 101 and not 200 <= status <= 599:
+                raise ProtocolViolation(f"HEAD status {status} on a WebSocket channel")
+        elif not 200 <= status <= 599:
+            raise ProtocolViolation(f"HEAD status {status} is not a final HTTP status")
+        reason = _str(body, "reason", "HEAD", "")
+        if _FORBIDDEN_IN_VALUE.search(reason):
+            raise ProtocolViolation("HEAD reason has CR, LF or NUL")
+        protocol = body.get("protocol")
+        if protocol is not None and not isinstance(protocol, str):
+            raise ProtocolViolation("HEAD protocol is not a string")
+        return cls(status=status, reason=reason, headers=_headers(body, "HEAD"),
+                   protocol=protocol)
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {"status": self.status}
+        if self.reason:
+            body["reason"] = self.reason
+        if self.headers:
+            body["headers"] = [list(pair) for pair in self.headers]
+        if self.protocol is not None or self.status == 101:
+            body["protocol"] = self.protocol
+        return _encode(body)
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    reason: str = "relay draining"
+    reconnect_after_s: float = 0.0
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Drain:
+        body = _object(payload, "DRAIN")
+        after = body.get("reconnectAfterS", 0)
+        if isinstance(after, bool) or not isinstance(after, int | float) or not (
+                math.isfinite(after) and after >= 0):
+            raise ProtocolViolation("DRAIN reconnectAfterS is not a number of seconds")
+        return cls(reason=_str(body, "reason", "DRAIN", ""), reconnect_after_s=float(after))
+
+    def encode(self) -> bytes:
+        return _encode({"reason": self.reason,
+                        "reconnectAfterS": _number(self.reconnect_after_s)})
+
+
+@dataclass(frozen=True, slots=True)
+class Renew:
+    token: str
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Renew:
+        body = _object(payload, "RENEW")
+        token = body.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolViolation("RENEW without a token")
+        return cls(token=token)
+
+    def encode(self) -> bytes:
+        return _encode({"token": self.token})
+
+
+@dataclass(frozen=True, slots=True)
+class Renewed:
+    """A renewal accepted (``expires_at``) or deferred (``error`` and ``retry_after_s``)."""
+
+    expires_at: float | None = None
+    error_code: str = ""
+    error_message: str = ""
+    retry_after_s: float = 0.0
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Renewed:
+        body = _object(payload, "RENEWED")
+        error = body.get("error")
+        if error is not None:
+            if not isinstance(error, dict):
+                raise ProtocolViolation("RENEWED error is not an object")
+            retry = _seconds(body, "retryAfterS", "RENEWED", 1.0) or 1.0
+            return cls(error_code=str(error.get("code") or ""),
+                       error_message=str(error.get("message") or ""), retry_after_s=retry)
+        return cls(expires_at=_timestamp(body, "expiresAt", "RENEWED"))
+
+    def encode(self) -> bytes:
+        if self.expires_at is not None:
+            return _encode({"expiresAt": _number(self.expires_at)})
+        return _encode({"error": {"code": self.error_code, "message": self.error_message},
+                        "retryAfterS": _number(self.retry_after_s)})

@@ -1,0 +1,111 @@
+"""Typed tunnel messages: validated once at decode; a bad one is the peer's protocol violation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from relay.errors import ProtocolViolation
+from relay.protocol import defaults
+from relay.protocol.messages import Drain, Head, Hello, Open, Renew, Renewed
+
+
+def j(body: object) -> bytes:
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("body", [
+    {"status": "abc"}, {"status": 99}, {"status": 101}, {"status": 600}, {"status": True},
+    {"status": 200.5}, {"headers": [["A", "1"]]}, {"status": 200, "headers": 5},
+    {"status": 200, "headers": [["A"]]}, {"status": 200, "headers": [["A", 1]]},
+    {"status": 200, "headers": [["X-A", "1\r\nSet-Cookie: evil=1"]]},
+    {"status": 200, "headers": [["X A", "1"]]}, {"status": 200, "headers": [["X-A", "a\x00"]]},
+    {"status": 200, "reason": "OK\r\nX: y"}, {"status": 200, "reason": 5},
+    [200], "200",
+])
+def test_a_malformed_http_head_is_a_violation(body: object) -> None:
+    with pytest.raises(ProtocolViolation):
+        Head.decode(j(body))
+
+
+def test_a_good_head_decodes_and_round_trips() -> None:
+    head = Head.decode(j({"status": 200.0, "reason": "OK", "headers": [["X-A", "1"]],
+                          "future": {"ignored": True}}))
+    assert head == Head(200, "OK", (("X-A", "1"),))
+    assert Head.decode(head.encode()) == head
+
+
+def test_websocket_heads_accept_101_and_refusals() -> None:
+    assert Head.decode(j({"status": 101, "protocol": "chat"}), "ws").protocol == "chat"
+    assert Head.decode(j({"status": 101, "protocol": None}), "ws").protocol is None
+    assert Head.decode(j({"status": 404}), "ws").status == 404
+    with pytest.raises(ProtocolViolation):
+        Head.decode(j({"status": 102}), "ws")
+    with pytest.raises(ProtocolViolation):
+        Head.decode(j({"status": 101, "protocol": 5}), "ws")
+
+
+def test_hello_defaults_fill_what_is_missing_and_integral_floats_pass() -> None:
+    hello = Hello.decode(j({"version": 1.0, "window": 131072.0}))
+    assert hello.version == 1 and hello.window == 131072
+    assert hello.max_frame == defaults.MAX_FRAME and hello.max_streams == defaults.MAX_STREAMS
+    assert hello.ping_interval_s == defaults.PING_INTERVAL_S
+    assert hello.max_ws_message == defaults.MAX_WS_MESSAGE
+    assert Hello.decode(b"{}").version == defaults.VERSION
+
+
+@pytest.mark.parametrize("body", [
+    {"window": 1.5}, {"window": "1"}, {"window": 0}, {"maxFrame": True},
+    {"pingIntervalS": 0}, {"pingIntervalS": "10"}, {"renew": "yes"}, {"expiresAt": "soon"},
+    {"openTimeoutS": -1},
+])
+def test_a_malformed_hello_is_a_violation(body: dict[str, object]) -> None:
+    with pytest.raises(ProtocolViolation):
+        Hello.decode(j(body))
+
+
+def test_hello_goes_out_with_plain_integers() -> None:
+    raw = json.loads(Hello(version=2, host_id="acme:a", renew=True, expires_at=1796198990.0,
+                           open_timeout_s=10.0, request_timeout_s=2.5).encode())
+    assert raw["pingIntervalS"] == 10 and isinstance(raw["pingIntervalS"], int)
+    assert raw["expiresAt"] == 1796198990 and isinstance(raw["expiresAt"], int)
+    assert raw["requestTimeoutS"] == 2.5 and raw["maxWsMessage"] == defaults.MAX_WS_MESSAGE
+    assert Hello.decode(json.dumps(raw).encode()).expires_at == 1796198990
+
+
+@pytest.mark.parametrize("body", [
+    {"kind": "ftp"}, {}, {"kind": "http", "method": "GE T"}, {"kind": "http", "path": "x"},
+    {"kind": "http", "path": "/a b"}, {"kind": "http", "path": "/a\r\n"},
+    {"kind": "http", "query": "a=1#frag"}, {"kind": "ws", "protocols": "chat"},
+    {"kind": "http", "headers": [["Host", "a\nb"]]},
+])
+def test_a_malformed_open_is_a_violation(body: dict[str, object]) -> None:
+    with pytest.raises(ProtocolViolation):
+        Open.decode(j(body))
+
+
+def test_open_round_trips() -> None:
+    ws = Open("ws", path="/socket", query="a=1", headers=(("X-F", "1"),), protocols=("chat",))
+    assert Open.decode(ws.encode()) == ws
+    http = Open("http", method="POST", path="/up%20x")
+    assert Open.decode(http.encode()) == http
+    assert "protocols" not in json.loads(http.encode())
+
+
+def test_drain_renew_and_renewed() -> None:
+    assert Drain.decode(Drain("deploy", 0).encode()) == Drain("deploy", 0.0)
+    assert Drain.decode(b"{}").reconnect_after_s == 0
+    with pytest.raises(ProtocolViolation):
+        Drain.decode(j({"reconnectAfterS": -1}))
+    assert Renew.decode(Renew("tok").encode()).token == "tok"
+    for bad in ({}, {"token": ""}, {"token": 5}):
+        with pytest.raises(ProtocolViolation):
+            Renew.decode(j(bad))
+    assert Renewed.decode(j({"expiresAt": 5})).expires_at == 5
+    deferred = Renewed.decode(j({"error": {"code": "access_unavailable", "message": "x"},
+                                 "retryAfterS": 2}))
+    assert deferred.expires_at is None and deferred.retry_after_s == 2
+    assert Renewed.decode(deferred.encode()) == deferred
+    with pytest.raises(ProtocolViolation):
+        Renewed.decode(b"{}")
