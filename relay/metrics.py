@@ -24,7 +24,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "STANDARD_PREFIXES", "Metrics"]
 
 # ``<counter>_created`` series would double every counter (and every labelled child) for a
 # timestamp nobody charts; prometheus_client decides this process-wide, at collection time.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it untyped
 
 # Families from prometheus_client's standard collectors: memory, CPU, file descriptors (process_*)
 # and the interpreter's version (python_info).

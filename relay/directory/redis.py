@@ -600,13 +600,13 @@ class RedisDirectory(Directory):
 
     async def _run_unregister(self, pairs: list[tuple[str, str]]) -> list[int]:
         args = [epoch for _, epoch in pairs] + [host for host, _ in pairs]
-        return await self._scripts["unregister"](self._entry_keys(pairs), args)
+        return [int(r) for r in await self._scripts["unregister"](self._entry_keys(pairs), args)]
 
     async def _run_clear(self, *, lease: str) -> int:
         keys = [self._index_key, self._lease_key, self._lost_key, self._instances_key]
-        return await self._scripts["clear"](
+        return int(await self._scripts["clear"](
             keys, [self.instance_id, self._prefix, lease, self._ttl_ms]
-        )
+        ))
 
     def _begin_write(self) -> None:
         self._writes_inflight += 1
@@ -853,4 +853,4 @@ class RedisDirectory(Directory):
         finally:
             with contextlib.suppress(RedisError, OSError):
                 async with asyncio.timeout(self._op_timeout):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py

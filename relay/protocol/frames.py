@@ -156,7 +156,7 @@ def encode_window(stream_id: int, increment: int) -> bytes:
 def decode_window(frame: Frame) -> int:
     if len(frame.payload) != 4:
         raise ProtocolViolation("WINDOW payload must be 4 bytes")
-    (increment,) = _U32.unpack(frame.payload)
+    increment: int = _U32.unpack(frame.payload)[0]
     if not 0 < increment <= MAX_WINDOW:
         raise ProtocolViolation(f"WINDOW increment {increment} out of range")
     return increment

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import WSMsgType, web
+from yarl import URL
 
 from relay.aio import cancel_and_wait
 from relay.errors import UNSENDABLE_CLOSE_CODES, CloseCode, HostOffline, sendable_close_code
@@ -105,7 +106,7 @@ async def forward_http(state: RelayState, signer: PeerSigner, request: web.Reque
     status = 502
     try:
         async with state.client.request(
-            request.method, aiohttp.client.URL(owner_url + target, encoded=True), headers=headers,
+            request.method, URL(owner_url + target, encoded=True), headers=headers,
             data=body, allow_redirects=False,
             timeout=aiohttp.ClientTimeout(total=None, connect=5,
                                           sock_read=state.config.tunnel.request_timeout_s + 5),
@@ -164,7 +165,7 @@ async def forward_ws(state: RelayState, signer: PeerSigner, request: web.Request
     ws_url = owner_url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + target
     try:
         upstream = await asyncio.wait_for(state.client.ws_connect(
-            aiohttp.client.URL(ws_url, encoded=True), headers=headers, protocols=offered,
+            URL(ws_url, encoded=True), headers=headers, protocols=offered,
             compress=0, autoping=True, decode_text=False,
             max_msg_size=ws_size_limit(state.config.tunnel.max_ws_message_bytes),
             timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT_S),

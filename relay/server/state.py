@@ -63,7 +63,7 @@ class RelayState:
     tls: TlsContext | None = None  # set when the relay serves TLS itself
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         task.set_name(name)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

@@ -50,9 +50,11 @@ class StreamGate:
 
     async def acquire(self, subject: str) -> Ticket:
         ticket = self.admission.request(subject)
-        if ticket.state is TicketState.ADMITTED:
+        # A local copy: narrowing ticket.state here would outlive the waits that change it.
+        first = ticket.state
+        if first is TicketState.ADMITTED:
             return ticket
-        if ticket.state is TicketState.REFUSED:
+        if first is TicketState.REFUSED:
             self._observe("queue_full", 0.0)
             raise Overloaded("too many requests waiting for this host; retry shortly")
         queued_at = self.admission.now()
