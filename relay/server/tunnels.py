@@ -17,6 +17,7 @@ from aiohttp import WSMsgType, web
 
 from relay.auth.access import AccessRole
 from relay.auth.hostid import parse_host_id
+from relay.config import TunnelConfig
 from relay.errors import (
     AccessUnavailable,
     BadRequest,
@@ -29,7 +30,7 @@ from relay.errors import (
 from relay.protocol import frames
 from relay.protocol.close import fit_reason, reason_bytes
 from relay.protocol.frames import SUPPORTED_VERSIONS, negotiate_version
-from relay.protocol.messages import Hello, Renew, Renewed
+from relay.protocol.messages import Drain, Hello, Renew, Renewed
 from relay.server.edge import Authorized, authorize, require_param
 from relay.server.registry import Tunnel
 from relay.server.state import STATE, RelayState
@@ -114,6 +115,13 @@ async def serve_tunnel(
         state.spawn(_close_socket(ws, code, reason, request.transport, patient=patient),
                     f"tunnel-close:{host_id}")
 
+    def on_exhausted() -> None:
+        # No id is left for a new stream: the agent must come back on a fresh tunnel. It
+        # leaves once its streams are done; if it does not, the tunnel is closed 4503 then.
+        session.send_drain(Drain("stream ids exhausted", 0))
+        session.spawn(_close_when_idle(session, request_close, state.config.tunnel),
+                      f"tunnel-exhausted:{host_id}")
+
     def on_flood(frame: str) -> None:
         # A flooder is not owed a close handshake: every frame it sends meanwhile costs a read.
         request_close(int(CloseCode.POLICY_VIOLATION), f"too many {frame} frames",
@@ -138,6 +146,7 @@ async def serve_tunnel(
                                              "tunnel peer not reading"),
         on_renew=on_renew,
         on_flood=on_flood,
+        on_exhausted=on_exhausted,
     )
     tunnel_config = state.config.tunnel
     gate = StreamGate.build(tunnel_config.max_streams,
@@ -200,6 +209,15 @@ async def serve_tunnel(
                               f"tunnel-release:{host_id}")
         await asyncio.shield(release)
     return ws
+
+
+async def _close_when_idle(session: TunnelSession, close: Callable[[int, str], None],
+                           tunnel_config: TunnelConfig) -> None:
+    """Close a tunnel that can open no more streams once its last one ends (bounded)."""
+    deadline = time.monotonic() + tunnel_config.request_timeout_s
+    while session.channels and time.monotonic() < deadline:  # noqa: ASYNC110 (no idle event)
+        await asyncio.sleep(0.05)
+    close(int(CloseCode.DRAINING), "stream ids exhausted; reconnect")
 
 
 def _queue_observer(state: RelayState) -> Callable[[str, float], None]:
