@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -52,37 +53,35 @@ async def test_a_malformed_head_is_a_json_502_and_the_rogue_tunnel_is_dropped(
         await tunnel.close()
 
 
-async def test_fin_on_a_head_is_a_violation_not_silently_ignored(full_stack: Stack) -> None:
-    tunnel = await RawTunnel.connect(full_stack.client, full_stack.relay, ROGUE_HOST,
-                                     full_stack.agent_token(ROGUE_HOST))
+async def _answer_with(stack: Stack, answer: Callable[[int], bytes]) -> int | None:
+    """Send a client request to the rogue host, answer its OPEN with ``answer(stream_id)``;
+    the tunnel's close code, once the client has its (502) answer."""
+    tunnel = await RawTunnel.connect(stack.client, stack.relay, ROGUE_HOST,
+                                     stack.agent_token(ROGUE_HOST))
     try:
-        request = asyncio.ensure_future(full_stack.client.get(
-            f"{full_stack.relay.url}/hosts/{ROGUE_HOST}/x", headers=full_stack.auth(),
+        request = asyncio.ensure_future(stack.client.get(
+            f"{stack.relay.url}/hosts/{ROGUE_HOST}/x", headers=stack.auth(),
             timeout=aiohttp.ClientTimeout(total=10)))
         opened = await tunnel.expect(FrameType.OPEN)
-        await tunnel.send(frames.encode_json(FrameType.HEAD, opened.stream_id, {"status": 200},
-                                             Flags.FIN))
-        assert (await tunnel.expect_close())[0] == int(CloseCode.PROTOCOL_ERROR)
+        await tunnel.send(answer(opened.stream_id))
+        code, _ = await tunnel.expect_close()
         async with await request as resp:
             assert resp.status == 502
+        return code
     finally:
         await tunnel.close()
+
+
+async def test_fin_on_a_head_is_a_violation_not_silently_ignored(full_stack: Stack) -> None:
+    code = await _answer_with(full_stack, lambda stream: frames.encode_json(
+        FrameType.HEAD, stream, {"status": 200}, Flags.FIN))
+    assert code == int(CloseCode.PROTOCOL_ERROR)
 
 
 async def test_data_before_head_is_a_violation(full_stack: Stack) -> None:
-    tunnel = await RawTunnel.connect(full_stack.client, full_stack.relay, ROGUE_HOST,
-                                     full_stack.agent_token(ROGUE_HOST))
-    try:
-        request = asyncio.ensure_future(full_stack.client.get(
-            f"{full_stack.relay.url}/hosts/{ROGUE_HOST}/x", headers=full_stack.auth(),
-            timeout=aiohttp.ClientTimeout(total=10)))
-        opened = await tunnel.expect(FrameType.OPEN)
-        await tunnel.send(frames.encode(FrameType.DATA, opened.stream_id, b"body first"))
-        assert (await tunnel.expect_close())[0] == int(CloseCode.PROTOCOL_ERROR)
-        async with await request as resp:
-            assert resp.status == 502
-    finally:
-        await tunnel.close()
+    code = await _answer_with(full_stack, lambda stream: frames.encode(
+        FrameType.DATA, stream, b"body first"))
+    assert code == int(CloseCode.PROTOCOL_ERROR)
 
 
 async def test_running_out_of_stream_ids_drains_the_tunnel_and_the_agent_comes_back(
