@@ -1,14 +1,19 @@
 """The relay's exception tree, error codes and WebSocket close codes, defined once.
 
 Every refusal a user can meet is a :class:`RelayError` that knows its HTTP status, its stable
-error code, and the WebSocket close code to use when the refusal happens on a socket::
+error code, and the WebSocket close code to use when the refusal happens on a socket. Faults
+are told apart by side, as h11 does: :class:`ProtocolViolation` is the peer's, and
+:class:`LocalProtocolError` is ours (a bug)::
 
     RelayError
     ├── ConfigError                     bad configuration; stops start-up (no HTTP status)
     ├── BadRequest            400 4400  bad_request
     │   └── InvalidHost       400 4400  invalid_host
     ├── Unauthorized          401 4401  unauthorized
+    │   └── SessionRejected   401 4401  unauthorized       (and the session cookie cleared)
+    ├── PeerRejected          401 4401  unauthorized       (a relay-to-relay signature refused)
     ├── Forbidden             403 4403  not_in_org / not_registered
+    ├── NotFound              404       not_found          (admin API)
     ├── RequestTimeout        408       request_timeout    (the request head came too slowly)
     ├── PayloadTooLarge       413 1009  payload_too_large
     ├── UriTooLong            414       uri_too_long
@@ -20,8 +25,12 @@ error code, and the WebSocket close code to use when the refusal happens on a so
     ├── Draining              503 4503  draining
     ├── Overloaded            503 1013  overloaded
     ├── HostTimeout           504 4410  host_timeout
-    ├── DirectoryUnavailable  503 1013  directory_unavailable  (relay.directory.base)
-    └── ProtocolViolation               a peer broke the tunnel protocol (local or remote)
+    ├── DirectoryUnavailable  503 1013  directory_unavailable
+    ├── ProtocolViolation     502 1002  tunnel_closed      the PEER broke the tunnel protocol
+    └── LocalProtocolError    500 1011  internal           OUR code misused the protocol (a bug)
+
+Anything else that escapes a handler is a bug too: ``error_middleware`` answers it as a JSON
+500 ``internal`` (close 1011 on a socket) and logs ``http.unhandled`` with the traceback.
 """
 
 from __future__ import annotations
@@ -131,9 +140,32 @@ class Unauthorized(RelayError):
     default_message = "missing or invalid bearer token; get a fresh token and retry"
 
 
+class SessionRejected(Unauthorized):
+    """A ``relay_session`` cookie that no longer opens its host: 401, and the cookie cleared."""
+
+    default_message = "your session for this host has ended; open it again with a fresh token"
+
+    def __init__(self, clear_cookie: str) -> None:
+        super().__init__()
+        self.clear_cookie = clear_cookie
+
+
+class PeerRejected(RelayError):
+    """A relay-to-relay request whose signature, clock or nonce does not hold. On a forwarded
+    WebSocket the client is closed 4401, like any other refused credential."""
+
+    status, code, close_code = 401, ErrorCode.UNAUTHORIZED, CloseCode.UNAUTHORIZED
+    default_message = "invalid relay-to-relay signature"
+
+
 class Forbidden(RelayError):
     status, code, close_code = 403, ErrorCode.NOT_REGISTERED, CloseCode.FORBIDDEN
     default_message = "access to this host is denied"
+
+
+class NotFound(RelayError):
+    status, code = 404, ErrorCode.NOT_FOUND
+    default_message = "not found"
 
 
 class PayloadTooLarge(RelayError):
@@ -199,9 +231,31 @@ class HostTimeout(RelayError):
     default_message = "the host sent no response in time"
 
 
+class DirectoryUnavailable(RelayError):
+    """The directory backend cannot be read or written right now.
+
+    On an agent's ``/tunnel`` this closes the socket with 1013 (try again later): the agent keeps
+    its normal reconnect backoff and gets in once the directory is back. Clients whose request
+    needs a directory lookup get 503 ``directory_unavailable`` rather than ``host_offline``,
+    which would tell them the host is gone.
+    """
+
+    status, code, close_code = 503, ErrorCode.DIRECTORY_UNAVAILABLE, CloseCode.TRY_AGAIN_LATER
+    default_message = "relay directory unavailable; retry shortly"
+    retry_after_s = 2
+
+
 class ProtocolViolation(RelayError):
-    """A tunnel peer sent something the protocol does not allow."""
+    """The tunnel PEER sent something the protocol does not allow: the tunnel ends with 1002."""
 
     status, close_code = 502, CloseCode.PROTOCOL_ERROR
     code = ErrorCode.TUNNEL_CLOSED
     default_message = "tunnel protocol violation"
+
+
+class LocalProtocolError(RelayError):
+    """OUR code tried to break the tunnel protocol (a bug, never the peer's fault): the stream or
+    tunnel ends with 1011 and an HTTP exchange with 500 ``internal``."""
+
+    status, code, close_code = 500, ErrorCode.INTERNAL, CloseCode.INTERNAL_ERROR
+    default_message = "internal protocol error"

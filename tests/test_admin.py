@@ -23,8 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from relay.config import load_config
-from relay.directory.base import DirectoryUnavailable
-from relay.errors import CloseCode
+from relay.errors import CloseCode, DirectoryUnavailable
 from tests.harness import (
     PYTHON,
     REPO,

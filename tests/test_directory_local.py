@@ -6,13 +6,12 @@ import dataclasses
 
 from relay.config import Config, DirectoryConfig
 from relay.directory import (
-    DirectoryUnavailable,
     LocalDirectory,
     Owner,
     RedisDirectory,
     build_directory,
 )
-from relay.errors import CloseCode, RelayError
+from relay.errors import CloseCode, DirectoryUnavailable, RelayError
 
 
 def local() -> LocalDirectory:

@@ -23,9 +23,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from relay.config import DirectoryConfig
-from relay.directory import DirectoryUnavailable, HeartbeatResult, Owner, RedisDirectory
+from relay.directory import HeartbeatResult, Owner, RedisDirectory
 from relay.directory.redis import resync_reason
-from relay.errors import CloseCode
+from relay.errors import CloseCode, DirectoryUnavailable
 from relay.metrics import Metrics
 from tests.redis_server import RedisServer
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from relay.server.peers import H_HOPS, H_SIGNATURE, H_SUBJECT, PeerRejected, PeerSigner
+from relay.errors import PeerRejected
+from relay.server.peers import H_HOPS, H_SIGNATURE, H_SUBJECT, PeerSigner
 from tests.clock import FakeClock
 
 SECRET = "a-long-enough-shared-secret"

@@ -7,8 +7,6 @@ import dataclasses
 import tomllib
 from typing import Any
 
-import relay.directory.base
-import relay.server.admin  # noqa: F401  (defines NotFound)
 from relay.config import SECTIONS, env_name
 from relay.errors import CloseCode, ErrorCode, RelayError
 from relay.server.lifecycle import RELOADABLE

@@ -9,7 +9,6 @@ from __future__ import annotations
 from relay.config import Config
 from relay.directory.base import (
     Directory,
-    DirectoryUnavailable,
     LostCallback,
     Owner,
     RevocationCallback,
@@ -21,7 +20,6 @@ from relay.metrics import Metrics
 __all__ = [
     "AuditResult",
     "Directory",
-    "DirectoryUnavailable",
     "HeartbeatResult",
     "LocalDirectory",
     "LostCallback",

@@ -24,11 +24,8 @@ from typing import Any
 
 import structlog
 
-from relay.errors import CloseCode, ErrorCode, RelayError
-
 __all__ = [
     "Directory",
-    "DirectoryUnavailable",
     "LostCallback",
     "Owner",
     "RevocationCallback",
@@ -41,20 +38,6 @@ log = structlog.get_logger("relay.directory")
 RevocationCallback = Callable[[str | None, str | None], None]
 # callback(host_id, epoch): this relay's registration `epoch` for `host_id` was taken over.
 LostCallback = Callable[[str, str], None]
-
-
-class DirectoryUnavailable(RelayError):
-    """The directory backend cannot be read or written right now.
-
-    On an agent's ``/tunnel`` this closes the socket with 1013 (try again later): the agent keeps
-    its normal reconnect backoff and gets in once the directory is back. Clients whose request
-    needs a directory lookup get 503 ``directory_unavailable`` rather than ``host_offline``,
-    which would tell them the host is gone.
-    """
-
-    status, code, close_code = 503, ErrorCode.DIRECTORY_UNAVAILABLE, CloseCode.TRY_AGAIN_LATER
-    default_message = "relay directory unavailable; retry shortly"
-    retry_after_s = 2
 
 
 @dataclass(frozen=True, slots=True)

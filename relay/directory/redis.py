@@ -84,7 +84,8 @@ from redis.exceptions import RedisError
 
 from relay.config import DirectoryConfig
 from relay.directory import scripts
-from relay.directory.base import Directory, DirectoryUnavailable, Owner, new_epoch
+from relay.directory.base import Directory, Owner, new_epoch
+from relay.errors import DirectoryUnavailable
 from relay.metrics import Metrics
 
 __all__ = ["AuditResult", "HeartbeatResult", "RedisDirectory", "SweepResult", "resync_reason"]

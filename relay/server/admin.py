@@ -18,12 +18,11 @@ import structlog
 from aiohttp import web
 
 from relay.auth.hostid import parse_host_id
-from relay.directory.base import DirectoryUnavailable
 from relay.errors import (
     BadRequest,
     CloseCode,
-    ErrorCode,
-    RelayError,
+    DirectoryUnavailable,
+    NotFound,
     TooManyRequests,
     Unauthorized,
 )
@@ -33,11 +32,6 @@ from relay.server.throttle import FailureThrottle
 log = structlog.get_logger("relay.admin")
 
 AdminHandler = Callable[[web.Request, RelayState], Awaitable[web.StreamResponse]]
-
-
-class NotFound(RelayError):
-    status, code = 404, ErrorCode.NOT_FOUND
-    default_message = "not found"
 
 
 def admin_throttle(state: RelayState) -> FailureThrottle:

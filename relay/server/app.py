@@ -29,8 +29,10 @@ from relay.errors import (
     Draining,
     ErrorCode,
     HostOffline,
+    LocalProtocolError,
     Overloaded,
     PayloadTooLarge,
+    PeerRejected,
     RelayError,
 )
 from relay.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -54,7 +56,7 @@ from relay.server.forward import forward_http, forward_ws
 from relay.server.http_proxy import proxy_http
 from relay.server.httpedge import close_without_reading, edge_limits, parser_args
 from relay.server.observe import observe_middleware, wanted
-from relay.server.peers import H_SIGNATURE, PeerRejected, PeerSigner
+from relay.server.peers import H_SIGNATURE, PeerSigner
 from relay.server.probe import run_probe
 from relay.server.registry import Tunnel
 from relay.server.state import STATE, RelayState, session_settings
@@ -74,9 +76,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure answers as JSON: ours with their code, aiohttp's with its status, a bug as
+    500 ``internal`` (the traceback goes to the log, never to the client)."""
     try:
         return await handler(request)
     except RelayError as error:
+        if isinstance(error, LocalProtocolError):
+            return _unhandled(request, error)
         if request.path.startswith(HOSTS_PREFIX):
             state = request.app[STATE]
             state.metrics.requests_with_status(error.status).inc()
@@ -105,6 +111,30 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 close_without_reading(request, response)
             return response
         raise
+    except ConnectionResetError:
+        raise  # the client went away: nobody to answer, nothing to report
+    except Exception as exc:
+        return _unhandled(request, exc)
+
+
+def _response_started(request: web.Request) -> bool:
+    # A prepared response shows on aiohttp's writer: bytes out, or the framing prepare() chose.
+    writer = request.writer
+    return (writer.output_size > 0 or writer.length is not None
+            or bool(getattr(writer, "chunked", False)))
+
+
+def _unhandled(request: web.Request, exc: Exception) -> web.StreamResponse:
+    started = _response_started(request)
+    log.error("http.unhandled", method=request.method, path=request.path[:300],
+              error=type(exc).__name__, started=started, exc_info=exc)
+    if started and request.transport is not None:
+        # A status line already left: a second answer would be read as part of the first.
+        # Cutting the connection is the only way to say the response is broken.
+        request.transport.abort()
+    response = error_response(RelayError())
+    response.force_close()
+    return response
 
 
 _HTTP_EXCEPTION_CODES = {

@@ -20,6 +20,7 @@ from relay.errors import (
     InvalidHost,
     PayloadTooLarge,
     RelayError,
+    SessionRejected,
     Unauthorized,
 )
 from relay.server.probe_guard import check_probe_host
@@ -29,16 +30,6 @@ from relay.server.timing import lap
 log = structlog.get_logger("relay.edge")
 HOSTS_PREFIX = "/hosts/"
 CONTINUE_SENT: web.RequestKey[bool] = web.RequestKey("relay_continue_sent", bool)  # 100 went out
-
-
-class SessionRejected(Unauthorized):
-    """A ``relay_session`` cookie that no longer opens its host: 401, and the cookie cleared."""
-
-    default_message = "your session for this host has ended; open it again with a fresh token"
-
-    def __init__(self, clear_cookie: str) -> None:
-        super().__init__()
-        self.clear_cookie = clear_cookie
 
 
 def error_response(error: RelayError) -> web.Response:

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from relay.errors import ErrorCode, RelayError
+from relay.errors import PeerRejected
 
 H_SIGNATURE = "X-Relay-Signature"
 H_TIMESTAMP = "X-Relay-Timestamp"
@@ -27,11 +27,6 @@ H_SUBJECT = "X-Relay-Subject"
 H_CLIENT_IP = "X-Relay-Client-Ip"
 H_HOPS = "X-Relay-Hops"  # the loop guard: a forwarded request is never forwarded again
 PEER_HEADERS = (H_SIGNATURE, H_TIMESTAMP, H_NONCE, H_ORIGIN, H_SUBJECT, H_CLIENT_IP, H_HOPS)
-
-
-class PeerRejected(RelayError):
-    status, code = 401, ErrorCode.UNAUTHORIZED
-    default_message = "invalid relay-to-relay signature"
 
 
 @dataclass(frozen=True, slots=True)
