@@ -118,16 +118,33 @@ class SingleFlight(Generic[T]):
         self._fetch = fetch
         self._inflight: asyncio.Future[T] | None = None
 
-    async def __call__(self) -> T:
+    @property
+    def running(self) -> bool:
+        return self._inflight is not None
+
+    def start(self) -> asyncio.Future[T]:
+        """Start a call (or join the one in flight) without waiting for it: a refresh in the
+        background. The future is owned here; :meth:`cancel` ends it."""
         if self._inflight is None:
             self._inflight = asyncio.ensure_future(self._run())
             # Every waiter may have been cancelled: the error is then seen here, not lost.
             self._inflight.add_done_callback(_retrieve)
+        return self._inflight
+
+    async def __call__(self) -> T:
         # shield: one caller's cancellation must not cancel the fetch the others wait for.
-        return await asyncio.shield(self._inflight)
+        return await asyncio.shield(self.start())
+
+    async def cancel(self, timeout: float = DEFAULT_CANCEL_TIMEOUT_S) -> None:
+        """Cancel the call in flight, if any, and wait for it with a bound (shutdown)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            await cancel_and_wait([inflight], timeout)
 
     async def _run(self) -> T:
         try:
             return await self._fetch()
         finally:
-            self._inflight = None
+            # A cancelled call may end after a newer one started: leave that one in place.
+            if self._inflight is asyncio.current_task():
+                self._inflight = None

@@ -43,13 +43,14 @@ appended to it, so the last status before a watchdog restart says why.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import time
 from collections.abc import Callable, Mapping
 
 import structlog
+
+from relay.aio import cancel_and_wait
 
 __all__ = ["Notifier", "WatchdogFeeder", "watchdog_interval"]
 
@@ -200,9 +201,7 @@ class WatchdogFeeder:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
 
     def tick(self, lag_s: float) -> bool:
         """Decide and send one round: STATUS if changed, WATCHDOG=1 if fit. True if fed."""

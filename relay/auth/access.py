@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import aiohttp
 import structlog
 
+from relay.aio import cancel_and_wait
 from relay.auth.hostid import HostId, HostPatterns, parse_host_pattern
 from relay.auth.tokens import Identity
 from relay.auth.ttlcache import TTLCache
@@ -511,10 +512,7 @@ class AccessPolicy:
         """Cancel upstream calls still in flight (shutdown)."""
         tasks = list(self._inflight.values())
         self._inflight.clear()
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=1.0)
+        await cancel_and_wait(tasks, timeout=1.0)
 
     def _record(self, outcome: str, source: str) -> None:
         if self._metrics is not None:

@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from relay.aio import SingleFlight
 from relay.errors import ConfigError
 from relay.metrics import Metrics
 
@@ -215,7 +216,7 @@ class JwksKeySource:
         self._keys: list[_Jwk] = []
         self._loaded_at: float | None = None  # last successful fetch
         self._attempted_at: float | None = None  # last fetch attempt, success or not
-        self._inflight: asyncio.Task[bool] | None = None
+        self._flight = SingleFlight(self._fetch)
         self._generation = 0
         self._closed = False
 
@@ -238,12 +239,7 @@ class JwksKeySource:
 
     async def close(self) -> None:
         self._closed = True
-        task, self._inflight = self._inflight, None
-        if task is not None and not task.done():
-            task.cancel()
-            # wait() rather than `await task`: it does not re-raise the task's cancellation as
-            # if it were ours.
-            await asyncio.wait({task}, timeout=self._timeout_s)
+        await self._flight.cancel(self._timeout_s)
 
     async def reload(self) -> None:
         """Fetch now, ignoring the rate limit (an operator asked). Raises if the fetch failed
@@ -258,7 +254,7 @@ class JwksKeySource:
         if self._loaded_at is None:
             # Nothing to answer with: wait for a fetch (shared, and retried at most every
             # NO_KEYS_RETRY_S while the endpoint stays down).
-            if self._inflight is not None or self._may_attempt(now, NO_KEYS_RETRY_S):
+            if self._flight.running or self._may_attempt(now, NO_KEYS_RETRY_S):
                 await self._refresh_shared()
             if self._loaded_at is None:
                 raise KeysUnavailable()
@@ -271,7 +267,7 @@ class JwksKeySource:
         if key is not None:
             return key
         # Unknown kid: join a fetch already in flight, or start one if the rate limit allows.
-        if self._inflight is not None or self._may_attempt(self._clock(), self._min_interval_s):
+        if self._flight.running or self._may_attempt(self._clock(), self._min_interval_s):
             await self._refresh_shared()
             key = self._find(kid, alg)
             if key is not None:
@@ -296,18 +292,10 @@ class JwksKeySource:
                 return jwk.key
         return None
 
-    def _start_refresh(self) -> asyncio.Task[bool]:
-        if self._inflight is None:
+    def _start_refresh(self) -> asyncio.Future[bool]:
+        if not self._flight.running:
             self._attempted_at = self._clock()
-            task = asyncio.get_running_loop().create_task(self._fetch(), name="relay-jwks-fetch")
-            self._inflight = task
-
-            def _done(t: asyncio.Task[bool]) -> None:
-                if self._inflight is t:
-                    self._inflight = None
-
-            task.add_done_callback(_done)
-        return self._inflight
+        return self._flight.start()
 
     async def _refresh_shared(self) -> bool:
         if self._closed:

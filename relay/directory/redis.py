@@ -82,6 +82,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from relay.aio import cancel_and_wait
 from relay.config import DirectoryConfig
 from relay.directory import scripts
 from relay.directory.base import Directory, Owner, new_epoch
@@ -359,12 +360,10 @@ class RedisDirectory(Directory):
         if self._ready_probe is not None:
             tasks.append(self._ready_probe)
             self._ready_probe = None
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            _, still_running = await asyncio.wait(tasks, timeout=self._close_timeout)
-            if still_running:
-                log.warning("directory.close_timeout", tasks=[t.get_name() for t in still_running])
+        await cancel_and_wait(tasks, self._close_timeout)
+        still_running = [t for t in tasks if not t.done()]
+        if still_running:
+            log.warning("directory.close_timeout", tasks=[t.get_name() for t in still_running])
         if release and was_healthy and self._client is not None:
             try:
                 released = await self._call("release", self._run_clear(lease=""))

@@ -8,6 +8,7 @@ from typing import Any
 
 import structlog
 
+from relay.aio import TaskGroup
 from relay.auth.tokens import build_verifier
 from relay.config import SECTIONS as CONFIG_SECTIONS
 from relay.config import Config, load_config
@@ -62,7 +63,7 @@ class Lifecycle:
     def __init__(self, state: RelayState, config_path: str | None) -> None:
         self.state = state
         self.config_path = config_path
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskGroup("relay-reload")
         self._reload_lock = asyncio.Lock()
         self.notifier = Notifier.from_env()
         self.feeder = WatchdogFeeder(
@@ -91,10 +92,7 @@ class Lifecycle:
         self.notifier.status(self.status_text())
 
     def request_reload(self) -> None:
-        task = asyncio.ensure_future(self.reload())
-        task.set_name("relay-reload")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self.reload())
 
     async def reload(self) -> None:
         """Re-read the config file; apply the RELOADABLE keys, report the others (SIGHUP)."""
@@ -156,7 +154,4 @@ class Lifecycle:
 
     async def close(self) -> None:
         await self.feeder.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=2)
+        await self._tasks.cancel(timeout=2)
