@@ -121,9 +121,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         load_or_create_dev_key(config.dev_state_path)
         banner = dev_banner(config, path)
+    from relay.probe import probe_services
     from relay.server.run import serve
 
-    return _run(serve(config, config_path=path, banner=banner))
+    return _run(serve(config, config_path=path, banner=banner,
+                      services=probe_services(config)))
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -7,12 +7,15 @@ through it to a tiny host service on loopback, and the tunnel is torn down. The 
 ``relay_probe_success`` gauge, ``relay_probe_duration_seconds``, one ``relay.probe_failed`` log
 line with a ``reason`` per failure and ``relay.probe_ok`` at debug. The whole probe is bounded by
 ``probe.timeout_s`` (less than the interval), and the task is the relay's, cancelled at stop.
+
+It lives outside relay.server because it runs an agent: the relay and the agent never import
+each other, and the layers that assemble a relay (relay.cli, the tests' harness) pass
+:func:`probe_services` to ``relay.server.app.build_app``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from dataclasses import dataclass
@@ -26,7 +29,9 @@ from yarl import URL
 from relay.agent.backoff import Backoff
 from relay.agent.client import Agent, AgentOptions, client_ssl_context
 from relay.agent.tokens import TokenSource, TokenUnavailable
+from relay.aio import cancel_and_wait
 from relay.config import Config
+from relay.server.app import Service
 from relay.server.probe_guard import PROBE_ORG, probe_host_id
 from relay.server.state import RelayState
 
@@ -114,8 +119,7 @@ class Probe:
                 await asyncio.wait({connected, first_done, runner},
                                    return_when=asyncio.FIRST_COMPLETED)
             finally:
-                connected.cancel()
-                first_done.cancel()
+                await cancel_and_wait([connected, first_done])
             if not agent.connected:
                 outcome = agent.last_outcome
                 if outcome is None:
@@ -137,12 +141,16 @@ class Probe:
             return "ok"
         finally:
             stop.set()
+            # A clean stop first (the agent closes its tunnel), then the bounded cancel.
             try:
-                await asyncio.wait_for(asyncio.shield(runner), STOP_TIMEOUT_S)
-            except (TimeoutError, asyncio.CancelledError):
-                runner.cancel()
-                with contextlib.suppress(BaseException):
-                    await runner
+                await asyncio.wait({runner}, timeout=STOP_TIMEOUT_S)
+            finally:
+                await cancel_and_wait([runner])
+
+
+def probe_services(config: Config) -> tuple[Service, ...]:
+    """The probe as a service of the relay, when ``probe.public_url`` asks for one."""
+    return (Service("relay-probe", run_probe),) if config.probe.public_url else ()
 
 
 async def run_probe(state: RelayState) -> None:

@@ -28,6 +28,7 @@ from relay.agent.tokens import TokenSource
 from relay.auth.devissuer import mint_token
 from relay.config import Config, load_config
 from relay.devhost import build_app as build_host_app
+from relay.probe import probe_services
 from relay.server.app import build_app
 from relay.server.listen import Listeners
 from relay.server.state import STATE, RelayState
@@ -119,7 +120,7 @@ class RunningRelay:
 
 async def start_relay(config: Config) -> RunningRelay:
     """The relay as ``relay serve`` runs it (same connection edge and listeners), in-process."""
-    app = build_app(config)
+    app = build_app(config, services=probe_services(config))
     listeners = Listeners.create(app, config, shutdown_timeout=2.0)
     try:
         await listeners.setup()

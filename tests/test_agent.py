@@ -28,7 +28,7 @@ from relay.errors import CloseCode
 from relay.protocol import frames
 from relay.protocol.frames import Flags, FrameType
 from relay.protocol.messages import Open
-from relay.server.app import drain
+from relay.server.drain import drain
 from tests.harness import (
     RunningAgent,
     RunningHost,

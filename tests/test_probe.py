@@ -15,7 +15,7 @@ import pytest
 
 from relay.config import load_config
 from relay.errors import ConfigError
-from relay.server.probe import public_http_url
+from relay.probe import public_http_url
 from relay.server.probe_guard import PROBE_ORG, probe_host_id
 from tests.harness import (
     LogCapture,
@@ -102,7 +102,7 @@ async def test_a_wrong_public_url_reports_0_with_the_reason_in_the_log(tmp_path:
         finally:
             await relay.stop()
     # Stopping the relay cancelled the probe's task.
-    assert not [t for t in relay.state.tasks if t.get_name() == "relay-probe"]
+    assert not [t for t in relay.state.tasks.tasks() if t.get_name() == "relay-probe"]
 
 
 async def test_a_relay_that_refuses_the_probes_token_is_a_failure_with_the_close_code(

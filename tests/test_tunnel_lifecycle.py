@@ -15,7 +15,7 @@ from relay.config import load_config
 from relay.errors import CloseCode
 from relay.protocol import frames
 from relay.protocol.frames import FrameType
-from relay.server.app import drain
+from relay.server.drain import drain
 from tests.harness import (
     RunningRelay,
     Stack,

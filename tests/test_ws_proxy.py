@@ -18,7 +18,7 @@ from relay.devhost import build_app as build_host_app
 from relay.errors import CloseCode
 from relay.protocol import frames
 from relay.protocol.frames import FrameType
-from relay.server.app import drain
+from relay.server.drain import drain
 from tests.harness import Stack, eventually, stack, start_agent
 from tests.test_rogue_agent import RawTunnel
 

@@ -26,6 +26,7 @@ from relay.errors import (
     TooManyRequests,
     Unauthorized,
 )
+from relay.server.forwarded import throttle_address
 from relay.server.state import STATE, RelayState
 from relay.server.throttle import FailureThrottle
 
@@ -44,17 +45,6 @@ def admin_throttle(state: RelayState) -> FailureThrottle:
     return state.admin_throttle
 
 
-def admin_peer(request: web.Request, trust_forwarded: bool) -> str:
-    """The address failures are counted against: the socket peer, or behind a trusted proxy
-    the address that proxy appended (the last X-Forwarded-For entry, which it wrote itself)."""
-    if trust_forwarded:
-        chain = [p.strip() for p in request.headers.get("X-Forwarded-For", "").split(",")]
-        if chain and chain[-1]:
-            return chain[-1][:64]
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    return str(peer[0]) if peer else "unknown"
-
-
 def _guard(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def guarded(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
@@ -62,7 +52,7 @@ def _guard(handler: AdminHandler) -> Callable[[web.Request], Awaitable[web.Strea
         if not secret:
             raise NotFound()
         throttle = admin_throttle(state)
-        peer = admin_peer(request, state.config.server.trust_forwarded)
+        peer = throttle_address(request, state.config.server.trust_forwarded)
         wait = throttle.retry_after(peer)
         if wait is not None:
             raise TooManyRequests("too many wrong admin secrets from this address; retry later",

@@ -23,6 +23,7 @@ from relay.errors import (
     SessionRejected,
     Unauthorized,
 )
+from relay.server.forwarded import is_secure
 from relay.server.probe_guard import check_probe_host
 from relay.server.state import RelayState
 from relay.server.timing import lap
@@ -41,14 +42,6 @@ def error_response(error: RelayError) -> web.Response:
     if isinstance(error, SessionRejected):
         response.headers["Set-Cookie"] = error.clear_cookie
     return response
-
-
-def is_secure(request: web.Request, trust_forwarded: bool) -> bool:
-    """Did the client reach us over HTTPS (here, or at a trusted reverse proxy in front)?"""
-    if request.secure:
-        return True
-    return trust_forwarded and request.headers.get("X-Forwarded-Proto", "").lower() in {
-        "https", "wss"}
 
 
 @dataclass(frozen=True, slots=True)

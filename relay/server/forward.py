@@ -32,24 +32,18 @@ from relay.protocol.headers import (
     strip_session_cookie,
 )
 from relay.server.edge import send_continue
+from relay.server.forwarded import client_view
 from relay.server.peers import PeerSigner
 from relay.server.state import RelayState
 from relay.server.timing import timer_of
-from relay.server.tunnels import CLOSE_TIMEOUT_S
+from relay.server.tunnels import CLOSE_TIMEOUT_S, credential_deadline
+from relay.server.ws_proxy import client_ws, offered_protocols, refuse_ws, ws_size_limit
 
 log = structlog.get_logger("relay.forward")
 
 _SOCKET_ENDED = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR})
 
 
-
-
-def _client_chain(request: web.Request, trust_forwarded: bool) -> str:
-    """The client's address (after a trusted proxy's chain), as the owner should report it."""
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    chain = [str(peer[0])] if peer else []
-    prior = request.headers.get("X-Forwarded-For", "") if trust_forwarded else ""
-    return ", ".join([p for p in (prior,) if p] + chain)
 
 
 def _outbound_headers(request: web.Request, *, websocket: bool,
@@ -61,14 +55,9 @@ def _outbound_headers(request: web.Request, *, websocket: bool,
                    strip_hop_by_hop(request.headers.items(), extra=extra))
                if not n.lower().startswith(RELAY_INTERNAL_PREFIX)
                and (trust_forwarded or not is_client_identity(n))]
-    scheme, host = request.scheme, request.host
-    if trust_forwarded:
-        scheme = request.headers.get("X-Forwarded-Proto", scheme)
-        host = request.headers.get("X-Forwarded-Host", host)
-    if websocket:
-        scheme = {"http": "ws", "https": "wss"}.get(scheme, scheme)
+    view = client_view(request, trust_forwarded, websocket=websocket)
     # The owner reports what the client used, not the internal hop between relays.
-    headers += [("X-Forwarded-Proto", scheme), ("X-Forwarded-Host", host)]
+    headers += [("X-Forwarded-Proto", view.scheme), ("X-Forwarded-Host", view.host)]
     return headers
 
 
@@ -85,7 +74,7 @@ def _signed_request(state: RelayState, signer: PeerSigner, request: web.Request,
     headers = _outbound_headers(request, websocket=websocket, trust_forwarded=trust)
     method = "GET" if websocket else request.method
     headers += list(signer.sign(method, target, host_id, subject,
-                                _client_chain(request, trust)).items())
+                                client_view(request, trust).chain).items())
     timer = timer_of(request)
     if timer is not None:
         headers = timer.next_hop_headers(headers)  # the owner's span is a child of ours
@@ -154,9 +143,6 @@ async def forward_ws(state: RelayState, signer: PeerSigner, request: web.Request
     This relay holds the client's socket and verified its token, so the channel's lease (close
     4401 at expiry, 4403 on revocation) is held here; the owner only sees signed claims.
     """
-    from relay.server.tunnels import credential_deadline
-    from relay.server.ws_proxy import client_ws, offered_protocols, refuse_ws, ws_size_limit
-
     assert state.client is not None
     target, headers = _signed_request(state, signer, request, host_id, path, query, subject,
                                       websocket=True)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
 import structlog
 from aiohttp import web
 
+from relay.aio import cancel_and_wait
 from relay.errors import (
     CloseCode,
     Draining,
@@ -22,12 +21,13 @@ from relay.errors import (
     TunnelClosed,
 )
 from relay.logs import access_log
-from relay.protocol.headers import request_headers_for_host, response_headers_for_client
+from relay.protocol.headers import response_headers_for_client
 from relay.protocol.hostpaths import host_prefix
-from relay.protocol.messages import Head, Open
+from relay.protocol.messages import Head
 from relay.server.edge import send_continue
+from relay.server.forwarded import client_view, host_request_head
 from relay.server.state import RelayState
-from relay.server.timing import PathTimer, timer_of
+from relay.server.timing import timer_of, trace_next_hop
 from relay.tunnel.session import Channel, ChannelClosed, TunnelSession
 
 log = structlog.get_logger("relay.http")
@@ -44,49 +44,6 @@ class Exchange:
     upload_progress: float = field(default_factory=time.monotonic)
     upload_done: bool = False
     body_too_large: bool = False
-
-
-def client_view(
-    request: web.Request, trust_forwarded: bool, client_chain: str | None, *,
-    websocket: bool = False,
-) -> tuple[str, str, str, str]:
-    """``(client ip, prior X-Forwarded-For, scheme, host)`` as the client used the relay."""
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    client_ip = peer[0] if peer else ""
-    prior, host = "", request.host
-    scheme = ("wss" if request.secure else "ws") if websocket else request.scheme
-    if client_chain is not None:
-        # Forwarded by a peer relay: the client is the one it vouched for, and it passed on
-        # the scheme and host the client used.
-        client_ip = client_chain
-        scheme = request.headers.get("X-Forwarded-Proto", scheme)
-        host = request.headers.get("X-Forwarded-Host", host)
-    elif trust_forwarded:
-        prior = request.headers.get("X-Forwarded-For", "")
-        scheme = request.headers.get("X-Forwarded-Proto", scheme)
-        host = request.headers.get("X-Forwarded-Host", host)
-    return client_ip, prior, scheme, host
-
-
-def host_request_head(
-    request: web.Request, path: str, query: str, trust_forwarded: bool,
-    client_chain: str | None = None, *, websocket: bool = False, host_id: str = "",
-    protocols: tuple[str, ...] = (),
-) -> Open:
-    """What the host sees of the request; ``client_chain`` is a forwarding relay's signed claim.
-
-    Shared by HTTP exchanges and WebSocket channels, so both report the client the same way.
-    """
-    client_ip, prior, scheme, host = client_view(request, trust_forwarded, client_chain,
-                                                 websocket=websocket)
-    headers = request_headers_for_host(
-        list(request.headers.items()), client_ip=client_ip, scheme=scheme, host=host,
-        prior_forwarded_for=prior, websocket=websocket,
-        prefix=host_prefix(host_id) if host_id else "",
-        keep_client_identity=trust_forwarded,
-    )
-    return Open(kind="ws" if websocket else "http", method=request.method, path=path,
-                query=query, headers=tuple(headers), protocols=protocols)
 
 
 def request_has_body(request: web.Request) -> bool:
@@ -181,10 +138,9 @@ async def proxy_http(
         for name, value in raw_headers:
             if name.lower() == "content-length":
                 length = value
-        _, _, scheme, public_host = client_view(request, config.server.trust_forwarded,
-                                                client_chain)
+        public = client_view(request, config.server.trust_forwarded, client_chain)
         for name, value in response_headers_for_client(
-            raw_headers, host_prefix(host_id), f"{scheme}://{public_host}",
+            raw_headers, host_prefix(host_id), public.origin,
         ):
             response.headers.add(name, value)
         if timer is not None and (timing := timer.header()) is not None:
@@ -233,9 +189,7 @@ async def proxy_http(
         raise
     finally:
         if upload is not None and not upload.done():
-            upload.cancel()
-            with contextlib.suppress(BaseException):
-                await upload
+            await cancel_and_wait([upload])
         if not channel.closed and channel.state.value != "closed":
             channel.close(int(CloseCode.GOING_AWAY), "client went away")
         metrics.http_streams.dec()
@@ -248,12 +202,6 @@ async def proxy_http(
             _ACCESS.info("http.access", host_id=host_id, method=request.method, path=path,
                      status=status, bytes_in=exchange.bytes_up, bytes_out=exchange.bytes_down,
                      duration_ms=round(duration * 1000, 2))
-
-
-def trace_next_hop(timer: PathTimer, head: Open) -> Open:
-    """The host's (or the agent's) trace parent is this exchange's span."""
-    headers = timer.next_hop_headers(list(head.headers))
-    return dataclasses.replace(head, headers=tuple(headers))
 
 
 def exchange_failed(request: web.Request) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Sequence
 
 import structlog
 
 from relay.config import Config
-from relay.server.app import build_app, drain
+from relay.server.app import Service, build_app
+from relay.server.drain import drain
 from relay.server.lifecycle import Lifecycle
 from relay.server.listen import Listeners
 from relay.server.state import STATE
@@ -20,10 +22,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 async def serve(config: Config, *, config_path: str | None = None,
-                banner: str | None = None) -> int:
+                banner: str | None = None, services: Sequence[Service] = ()) -> int:
     """Run until a stop signal. ``banner`` goes to stderr once the port is bound, not before:
     a relay that cannot listen must not first tell the user how to use it."""
-    app = build_app(config)
+    app = build_app(config, services=services)
     state = app[STATE]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

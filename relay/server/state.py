@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from relay.aio import TaskOwner
 from relay.config import Config
 from relay.metrics import Metrics
 from relay.server.leases import LeaseWatch
@@ -24,6 +25,13 @@ if TYPE_CHECKING:
     from relay.server.throttle import FailureThrottle
     from relay.server.tls import TlsContext
     from relay.tracing import Tracing
+
+
+# The relay's task groups. Drain and stop wait for TUNNEL_CLOSE (the close handshakes they
+# started); BACKGROUND holds the relay-wide loops, cancelled at stop.
+TUNNEL_CLOSE = "tunnel-close"
+TUNNEL_RELEASE = "tunnel-release"
+BACKGROUND = "background"
 
 
 def session_settings(config: Config) -> SessionSettings:
@@ -54,20 +62,13 @@ class RelayState:
     draining: bool = False
     inflight_http: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    tasks: TaskOwner = field(default_factory=TaskOwner)  # every task the relay starts
     notifier: Any = None
     signer: PeerSigner | None = None  # set when relays forward to each other
     sessions: SessionCookies | None = None  # browser navigation sessions (relay.auth.session)
     admin_throttle: FailureThrottle | None = None  # wrong admin secrets per peer address
     tracing: Tracing | None = None  # set when [tracing] otlp_endpoint is
     tls: TlsContext | None = None  # set when the relay serves TLS itself
-
-    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
 
     def request_started(self) -> None:
         self.inflight_http += 1

@@ -8,10 +8,14 @@ contiguous, so the four durations add up to the time to the host's response head
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+
+from relay.protocol.messages import Open
+from relay.tracing import with_trace_headers
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -65,8 +69,6 @@ class PathTimer:
         """``headers`` for the next hop: its trace parent is this exchange's span."""
         if self.span is None or self.tracing is None:
             return headers
-        from relay.tracing import with_trace_headers
-
         return with_trace_headers(headers, self.tracing.inject(self.span))
 
 
@@ -81,3 +83,9 @@ def lap(request: web.Request, phase: str) -> None:
     timer = request.get(PATH_TIMER)
     if timer is not None:
         timer.lap(phase)
+
+
+def trace_next_hop(timer: PathTimer, head: Open) -> Open:
+    """The host's (or the agent's) trace parent is this exchange's span."""
+    headers = timer.next_hop_headers(list(head.headers))
+    return dataclasses.replace(head, headers=tuple(headers))

@@ -33,7 +33,7 @@ from relay.protocol.frames import SUPPORTED_VERSIONS, negotiate_version
 from relay.protocol.messages import Drain, Hello, Renew, Renewed
 from relay.server.edge import Authorized, authorize, require_param
 from relay.server.registry import Tunnel
-from relay.server.state import STATE, RelayState
+from relay.server.state import STATE, TUNNEL_CLOSE, TUNNEL_RELEASE, RelayState
 from relay.tunnel.gate import StreamGate
 from relay.tunnel.session import Role, TunnelSession
 
@@ -112,8 +112,8 @@ async def serve_tunnel(
         if closing:
             return
         closing.update(code=code, reason=reason, label=label)
-        state.spawn(_close_socket(ws, code, reason, request.transport, patient=patient),
-                    f"tunnel-close:{host_id}")
+        state.tasks.spawn(TUNNEL_CLOSE, _close_socket(ws, code, reason, request.transport,
+                                                      patient=patient), f"tunnel-close:{host_id}")
 
     def on_exhausted() -> None:
         # No id is left for a new stream: the agent must come back on a fresh tunnel. It
@@ -205,8 +205,9 @@ async def serve_tunnel(
         metrics.tunnel_disconnects_total.labels(reason=_reason_label(closing, reason)).inc()
         log.info("tunnel.disconnected", host_id=host_id, peer=tunnel.peer,
                  reason=_reason_label(closing, reason), replaced=not still_current)
-        release = state.spawn(_release(state, session, host_id, epoch, still_current),
-                              f"tunnel-release:{host_id}")
+        release = state.tasks.spawn(TUNNEL_RELEASE,
+                                    _release(state, session, host_id, epoch, still_current),
+                                    f"tunnel-release:{host_id}")
         await asyncio.shield(release)
     return ws
 

@@ -16,9 +16,9 @@ from aiohttp import web
 
 from relay.errors import CloseCode, RelayError, TunnelClosed
 from relay.protocol.messages import Open
-from relay.server.http_proxy import host_request_head, trace_next_hop
+from relay.server.forwarded import host_request_head
 from relay.server.state import RelayState
-from relay.server.timing import timer_of
+from relay.server.timing import timer_of, trace_next_hop
 from relay.server.tunnels import CLOSE_TIMEOUT_S, close_refused, credential_deadline
 from relay.tunnel.bridge import bridge
 from relay.tunnel.session import Channel, ChannelClosed, TunnelSession
