@@ -45,6 +45,10 @@ def test_the_tunnel_layer_knows_neither_side() -> None:
     assert offending("tunnel", ("relay.server", "relay.agent", "relay.cli")) == {}
 
 
+def test_the_relay_never_imports_the_agent() -> None:
+    assert offending("server", ("relay.agent",)) == {}
+
+
 def test_the_agent_never_imports_the_relay() -> None:
     assert offending("agent", ("relay.server", "relay.directory", "relay.cli")) == {}
 
