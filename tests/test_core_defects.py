@@ -92,7 +92,7 @@ async def test_running_out_of_stream_ids_drains_the_tunnel_and_the_agent_comes_b
     registry = full_stack.relay.state.registry
     old = registry.get(full_stack.host_id)
     assert old is not None
-    old.session._next_id = frames.MAX_STREAM_ID  # one id left: a test cannot open 2^31
+    old.session.mux.next_stream_id = frames.MAX_STREAM_ID  # one id left: a test cannot open 2^30
     async with full_stack.client.get(full_stack.url("/small?size=10"),
                                      headers=full_stack.auth()) as resp:
         assert resp.status == 200  # the last id

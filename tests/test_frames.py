@@ -57,9 +57,19 @@ def test_data_flags_round_trip(flags: Flags) -> None:
     assert frame.payload == b"\x00\xff"
 
 
-def test_largest_stream_id_round_trips() -> None:
-    frame = frames.decode(frames.encode(FrameType.DATA, frames.MAX_STREAM_ID, b"a"), MAX_FRAME)
+def test_the_header_carries_any_u32_stream_id_and_openers_stop_at_u31() -> None:
+    frame = frames.decode(frames.encode(FrameType.DATA, 0xFFFFFFFF, b"a"), MAX_FRAME)
     assert frame.stream_id == 0xFFFFFFFF
+    assert frames.MAX_STREAM_ID == 2**31 - 1
+
+
+def test_decode_header_checks_the_whole_frame_without_building_one() -> None:
+    data = frames.encode(FrameType.DATA, 7, b"abc", Flags.FIN)
+    assert frames.decode_header(data, MAX_FRAME) == (FrameType.DATA, int(Flags.FIN), 7)
+    with pytest.raises(ProtocolViolation, match="over"):
+        frames.decode_header(data, 2)
+    with pytest.raises(ProtocolViolation, match="not allowed on HEAD"):
+        frames.decode_header(frames.encode(FrameType.HEAD, 1, b"{}", Flags.FIN), MAX_FRAME)
 
 
 def test_binary_payload_is_carried_raw_without_encoding() -> None:

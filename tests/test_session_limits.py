@@ -59,7 +59,7 @@ async def test_a_ping_flood_queues_one_pong_answering_the_latest_ping() -> None:
         await settle()  # the writer takes the first PONG and is stuck writing it
         for n in range(10_000):
             session.feed(frames.encode_ping(FrameType.PING, b"%05d" % n + b"x" * 1000))
-        assert session._outbox_bytes < 2 * 1024  # one PONG's worth, not ten thousand
+        assert session.outbox_bytes < 2 * 1024  # one PONG's worth, not ten thousand
         assert session.pings_coalesced == 9_999
         socket.release.set()
         await settle()
@@ -88,7 +88,7 @@ async def test_control_replies_past_the_bound_cut_the_peer_off() -> None:
             channel = session.open_channel(head)
         assert cut == ["outgoing queue over its bound"]
         assert not session.alive
-        assert session._outbox_bytes == 0  # what was queued for it is dropped, not kept
+        assert session.outbox_bytes == 0  # what was queued for it is dropped, not kept
     finally:
         socket.release.set()
         await session.close()

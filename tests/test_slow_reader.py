@@ -43,7 +43,7 @@ async def test_paused_download_keeps_buffers_bounded_and_the_agent_waits_on_cred
         agent_ch = only_channel(agent_session.channels)
 
         # Stop reading for a while: everything between the host and the client fills up.
-        await eventually(lambda: agent_ch._send_window.credit < max_frame)
+        await eventually(lambda: agent_ch.send_window.credit < max_frame)
         sent_by_agent = []
         for _ in range(20):
             await asyncio.sleep(0.05)
@@ -51,9 +51,9 @@ async def test_paused_download_keeps_buffers_bounded_and_the_agent_waits_on_cred
             # Bytes the agent sent that the relay has not handed on to the client yet.
             handed_on = relay_ch.bytes_in - relay_ch.buffered_bytes
             assert agent_ch.bytes_out - handed_on <= window
-            assert agent_ch._send_window.credit < max_frame  # waiting for credit...
-            assert agent_session._outbox_bytes <= window  # ...not piling frames up
-            assert tunnel.session._outbox_bytes <= window
+            assert agent_ch.send_window.credit < max_frame  # waiting for credit...
+            assert agent_session.outbox_bytes <= window  # ...not piling frames up
+            assert tunnel.session.outbox_bytes <= window
             assert s.host.runner.app[STREAMS].active == 1
             sent_by_agent.append(agent_ch.bytes_out)
         # The host is held back: nothing moves while the client is not reading.
@@ -101,13 +101,13 @@ async def test_host_reading_an_upload_slowly_holds_the_client_back(full_stack: S
     relay_ch = only_channel(tunnel.session.channels)
     await eventually(lambda: len(agent_session.channels) == 1)
     agent_ch = only_channel(agent_session.channels)
-    await eventually(lambda: relay_ch._send_window.credit < max_frame)
+    await eventually(lambda: relay_ch.send_window.credit < max_frame)
     sent_by_relay = []
     for _ in range(12):  # while the host is not reading
         await asyncio.sleep(0.05)
         assert agent_ch.buffered_bytes <= window
-        assert relay_ch._send_window.credit < max_frame  # the relay waits for credit...
-        assert tunnel.session._outbox_bytes <= window  # ...instead of queueing frames
+        assert relay_ch.send_window.credit < max_frame  # the relay waits for credit...
+        assert tunnel.session.outbox_bytes <= window  # ...instead of queueing frames
         sent_by_relay.append(relay_ch.bytes_out)
     assert sent_by_relay[-1] == sent_by_relay[-5]
     assert produced < size // 2  # the client itself was held back

@@ -26,6 +26,7 @@ from relay.agent.tokens import TokenSource, TokenUnavailable, expiry_hint
 from relay.agent.upstream import LocalOrigin
 from relay.connect_errors import connect_error_cause
 from relay.errors import CloseCode, ProtocolViolation
+from relay.protocol import defaults
 from relay.protocol.frames import HEADER_SIZE, SUPPORTED_VERSIONS
 from relay.protocol.messages import Drain, Hello, Open, Renew, Renewed
 from relay.tunnel.session import Channel, Role, SessionSettings, TunnelSession
@@ -50,14 +51,14 @@ class AgentOptions:
     relay_url: str
     host_id: str
     upstream: str
-    max_frame: int = 65536
-    max_ws_message: int = 4 << 20
-    max_streams: int = 256
+    max_frame: int = defaults.MAX_FRAME
+    max_ws_message: int = defaults.MAX_WS_MESSAGE
+    max_streams: int = defaults.MAX_STREAMS
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
     # Until the relay's HELLO says otherwise, assume the defaults for liveness.
-    ping_interval_s: float = 10.0
-    keepalive_misses: int = 3
+    ping_interval_s: float = defaults.PING_INTERVAL_S
+    keepalive_misses: int = defaults.KEEPALIVE_MISSES
     # Protocol versions offered in ``v``; the relay picks the highest it speaks too.
     versions: tuple[int, ...] = tuple(sorted(SUPPORTED_VERSIONS))
     ca_file: str | None = None  # trust this CA (PEM) for a wss:// relay with a private cert
@@ -313,7 +314,8 @@ class Agent:
         hello: asyncio.Future[Hello] = loop.create_future()
         renewed: list[asyncio.Future[Renewed]] = []
         settings = SessionSettings(
-            window=262144, max_frame=self.options.max_frame, max_streams=self.options.max_streams,
+            window=defaults.WINDOW, max_frame=self.options.max_frame,
+            max_streams=self.options.max_streams,
             max_ws_message=self.options.max_ws_message,
             ping_interval_s=self.options.ping_interval_s,
             keepalive_misses=self.options.keepalive_misses,

@@ -33,7 +33,8 @@ HEADER = struct.Struct("!BBI")
 HEADER_SIZE = HEADER.size
 _U32 = struct.Struct("!I")
 _CLOSE = struct.Struct("!H")
-MAX_STREAM_ID = 0xFFFFFFFF
+# Stream ids are u31 (the header's field is u32): an opener never goes past this one.
+MAX_STREAM_ID = 0x7FFFFFFF
 MAX_WINDOW = 0x7FFFFFFF
 # Every payload but DATA's (JSON objects, PING/PONG, CLOSE): OPEN/HEAD carry headers, which the
 # edge bounds far below this.
@@ -111,28 +112,44 @@ ALLOWED_FLAGS: dict[FrameType, int] = {
 }
 
 
-def decode(data: bytes, max_payload: int, version: int = LATEST_VERSION) -> Frame:
-    """Parse one frame of protocol ``version``, rejecting anything malformed as the peer's fault.
-    """
+# Per type code, for a header decoded without enum lookups (every frame goes through here).
+_TYPE_BY_CODE: tuple[FrameType | None, ...] = tuple(
+    FrameType(code) if code in FrameType._value2member_map_ else None for code in range(256))
+_ALLOWED_BY_CODE: tuple[int, ...] = tuple(
+    ALLOWED_FLAGS.get(ftype, 0) if ftype is not None else 0 for ftype in _TYPE_BY_CODE)
+_VERSION_BY_CODE: tuple[int, ...] = tuple(
+    INTRODUCED_IN.get(ftype, 1) if ftype is not None else 0 for ftype in _TYPE_BY_CODE)
+_CONNECTION_BY_CODE: tuple[bool, ...] = tuple(ftype in CONNECTION_FRAMES
+                                              for ftype in _TYPE_BY_CODE)
+
+
+def decode_header(data: bytes, max_payload: int, version: int = LATEST_VERSION
+                  ) -> tuple[FrameType, int, int]:
+    """Type, flags and stream id of one frame of protocol ``version``, the whole frame checked
+    (its payload is ``data[HEADER_SIZE:]``); anything malformed is the peer's fault."""
     if len(data) < HEADER_SIZE:
         raise ProtocolViolation(f"frame shorter than its header ({len(data)} bytes)")
     raw_type, raw_flags, stream_id = HEADER.unpack_from(data)
-    try:
-        ftype = FrameType(raw_type)
-    except ValueError:
-        raise ProtocolViolation(f"unknown frame type 0x{raw_type:02x}") from None
-    if INTRODUCED_IN.get(ftype, 1) > version:
-        # A v1 peer never sees these: to it they are simply unknown.
+    ftype = _TYPE_BY_CODE[raw_type]
+    if ftype is None or _VERSION_BY_CODE[raw_type] > version:
+        # A v1 peer never sees RENEW/RENEWED: to it they are simply unknown.
         raise ProtocolViolation(f"unknown frame type 0x{raw_type:02x}")
-    if raw_flags & ~ALLOWED_FLAGS.get(ftype, 0):
+    if raw_flags & ~_ALLOWED_BY_CODE[raw_type]:
         raise ProtocolViolation(f"flags 0x{raw_flags:02x} not allowed on {ftype.name}")
-    payload = data[HEADER_SIZE:]
+    size = len(data) - HEADER_SIZE
     limit = max_payload if ftype is FrameType.DATA else MAX_CONTROL_PAYLOAD
-    if len(payload) > limit:
-        raise ProtocolViolation(f"{ftype.name} payload of {len(payload)} bytes over {limit}")
-    if (ftype in CONNECTION_FRAMES) != (stream_id == 0):
+    if size > limit:
+        raise ProtocolViolation(f"{ftype.name} payload of {size} bytes over {limit}")
+    if _CONNECTION_BY_CODE[raw_type] != (stream_id == 0):
         raise ProtocolViolation(f"{ftype.name} on the wrong stream id {stream_id}")
-    return Frame(ftype, stream_id, Flags(raw_flags), bytes(payload))
+    return ftype, raw_flags, stream_id
+
+
+def decode(data: bytes, max_payload: int, version: int = LATEST_VERSION) -> Frame:
+    """Parse one frame of protocol ``version``, rejecting anything malformed as the peer's fault.
+    """
+    ftype, flags, stream_id = decode_header(data, max_payload, version)
+    return Frame(ftype, stream_id, Flags(flags), bytes(data[HEADER_SIZE:]))
 
 
 def encode_json(ftype: FrameType, stream_id: int, body: dict[str, Any], flags: int = 0) -> bytes:
@@ -154,9 +171,13 @@ def encode_window(stream_id: int, increment: int) -> bytes:
 
 
 def decode_window(frame: Frame) -> int:
-    if len(frame.payload) != 4:
+    return parse_window(frame.payload)
+
+
+def parse_window(payload: bytes) -> int:
+    if len(payload) != 4:
         raise ProtocolViolation("WINDOW payload must be 4 bytes")
-    increment: int = _U32.unpack(frame.payload)[0]
+    increment: int = _U32.unpack(payload)[0]
     if not 0 < increment <= MAX_WINDOW:
         raise ProtocolViolation(f"WINDOW increment {increment} out of range")
     return increment
@@ -168,10 +189,14 @@ def encode_close(stream_id: int, code: int, reason: str = "") -> bytes:
 
 
 def decode_close(frame: Frame) -> tuple[int, str]:
-    if len(frame.payload) < 2:
+    return parse_close(frame.payload)
+
+
+def parse_close(payload: bytes) -> tuple[int, str]:
+    if len(payload) < 2:
         raise ProtocolViolation("CLOSE payload must hold a 2-byte code")
-    (code,) = _CLOSE.unpack_from(frame.payload)
-    return code, frame.payload[2:].decode(errors="replace")
+    (code,) = _CLOSE.unpack_from(payload)
+    return code, payload[2:].decode(errors="replace")
 
 
 def encode_ping(ftype: FrameType, payload: bytes) -> bytes:

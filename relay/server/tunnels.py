@@ -30,7 +30,7 @@ from relay.errors import (
 from relay.protocol import frames
 from relay.protocol.close import fit_reason, reason_bytes
 from relay.protocol.frames import SUPPORTED_VERSIONS, negotiate_version
-from relay.protocol.messages import Drain, Hello, Renew, Renewed
+from relay.protocol.messages import Hello, Renew, Renewed
 from relay.server.edge import Authorized, authorize, require_param
 from relay.server.registry import Tunnel
 from relay.server.state import STATE, TUNNEL_CLOSE, TUNNEL_RELEASE, RelayState
@@ -116,9 +116,8 @@ async def serve_tunnel(
                                                       patient=patient), f"tunnel-close:{host_id}")
 
     def on_exhausted() -> None:
-        # No id is left for a new stream: the agent must come back on a fresh tunnel. It
-        # leaves once its streams are done; if it does not, the tunnel is closed 4503 then.
-        session.send_drain(Drain("stream ids exhausted", 0))
+        # No id is left for a new stream: the session sent DRAIN so the agent comes back on a
+        # fresh tunnel. It leaves once its streams are done; if not, the tunnel closes 4503.
         session.spawn(_close_when_idle(session, request_close, state.config.tunnel),
                       f"tunnel-exhausted:{host_id}")
 
