@@ -1,15 +1,20 @@
-"""TunnelSession without sockets: a relay session and an agent session joined back to back."""
+"""The asyncio driver (TunnelSession, Channel): a relay session and an agent session joined back
+to back in memory (the waits: credit, reads, heads, the writer), and over a real WebSocket on
+127.0.0.1. The protocol's rules themselves are tested synchronously in tests/test_mux.py."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
-from relay.errors import CloseCode, Overloaded, ProtocolViolation
+from relay.errors import CloseCode, Draining, Overloaded, ProtocolViolation
 from relay.protocol import frames
 from relay.protocol.frames import WS_FRAME_COST, Flags, FrameType
 from relay.protocol.messages import Drain, Head, Hello, Open
@@ -32,14 +37,14 @@ class Link:
 
     relay: TunnelSession
     agent: TunnelSession
-    opened: asyncio.Queue[tuple[Channel, dict[str, Any]]]
+    opened: asyncio.Queue[tuple[Channel, Open]]
     violations: list[tuple[str, ProtocolViolation]] = field(default_factory=list)
     frames_to_relay: list[bytes] = field(default_factory=list)
     frames_to_agent: list[bytes] = field(default_factory=list)
     cut_to_relay: bool = False
     cut_to_agent: bool = False
 
-    async def accept(self) -> tuple[Channel, dict[str, Any]]:
+    async def accept(self) -> tuple[Channel, Open]:
         return await asyncio.wait_for(self.opened.get(), 5)
 
     async def close(self) -> None:
@@ -265,7 +270,7 @@ async def test_many_tiny_body_chunks_to_a_slow_reader_stay_within_one_window(lin
     writer = asyncio.ensure_future(trickle())
     await eventually(lambda: relay_ch.buffered_bytes == SMALL.window)
     assert not writer.done()
-    assert len(relay_ch._inbox) <= 2  # coalesced, not one object per frame
+    assert relay_ch.queued_items <= 2  # coalesced, not one object per frame
     body = await read_all(relay_ch)
     assert body == bytes(i % 256 for i in range(3 * SMALL.window))
     await writer
@@ -280,38 +285,6 @@ async def test_writer_blocked_on_credit_fails_when_the_peer_closes(link: Link) -
     with pytest.raises(ChannelClosed) as info:
         await asyncio.wait_for(writer, 5)
     assert info.value.code == 1001
-
-
-async def test_peer_sending_beyond_its_credit_is_a_protocol_violation() -> None:
-    link = make_link()
-    try:
-        relay_ch = link.relay.open_channel(Open("http"))
-        await link.accept()
-        link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"a" * SMALL.max_frame))
-        for _ in range(SMALL.window // SMALL.max_frame - 1):
-            link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"a" * SMALL.max_frame))
-        with pytest.raises(ProtocolViolation, match="credit"):
-            link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"a"))
-    finally:
-        await link.close()
-
-
-async def test_peer_granting_credit_beyond_the_maximum_is_a_protocol_violation(
-    link: Link,
-) -> None:
-    relay_ch = link.relay.open_channel(Open("http"))
-    with pytest.raises(ProtocolViolation, match="maximum window"):
-        link.relay.feed(frames.encode_window(relay_ch.id, frames.MAX_WINDOW))
-
-
-async def test_data_after_the_peers_fin_is_a_protocol_violation(link: Link) -> None:
-    relay_ch = link.relay.open_channel(Open("http"))
-    await relay_ch.finish()
-    await link.accept()
-    await settle()
-    # The agent's view: the relay finished its half; more DATA from it is a violation.
-    with pytest.raises(ProtocolViolation, match="after its FIN"):
-        link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"late"))
 
 
 # -- WebSocket messages ------------------------------------------------------------------------
@@ -364,21 +337,6 @@ async def test_ws_message_over_max_ws_message_is_refused_by_the_reader() -> None
         await link.close()
 
 
-async def test_ws_stream_ending_inside_a_fragmented_message_is_a_violation(link: Link) -> None:
-    relay_ch = link.relay.open_channel(Open("ws"))
-    await link.accept()
-    link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"part", Flags.MORE))
-    with pytest.raises(ProtocolViolation, match="inside a fragmented message"):
-        link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"", Flags.FIN))
-
-
-async def test_empty_ws_fragment_is_a_violation(link: Link) -> None:
-    relay_ch = link.relay.open_channel(Open("ws"))
-    await link.accept()
-    with pytest.raises(ProtocolViolation, match="empty DATA fragment"):
-        link.agent.feed(frames.encode(FrameType.DATA, relay_ch.id, b"", Flags.MORE))
-
-
 async def test_a_flood_of_empty_ws_messages_is_bounded_by_credit(link: Link) -> None:
     relay_ch = link.relay.open_channel(Open("ws"))
     count = 10 * SMALL.window // WS_FRAME_COST
@@ -390,10 +348,10 @@ async def test_a_flood_of_empty_ws_messages_is_bounded_by_credit(link: Link) -> 
     writer = asyncio.ensure_future(flood())
     agent_ch, _ = await link.accept()
     bound = SMALL.window // WS_FRAME_COST
-    await eventually(lambda: len(agent_ch._inbox) == bound)
+    await eventually(lambda: agent_ch.queued_items == bound)
     for _ in range(50):
         await asyncio.sleep(0)
-        assert len(agent_ch._inbox) <= bound
+        assert agent_ch.queued_items <= bound
         assert not writer.done()
     for _ in range(count):
         assert await asyncio.wait_for(agent_ch.read_message(), 5) == (b"", False)
@@ -411,23 +369,11 @@ async def test_a_flood_of_tiny_ws_messages_is_bounded_by_credit(link: Link) -> N
     writer = asyncio.ensure_future(flood())
     agent_ch, _ = await link.accept()
     bound = SMALL.window // (WS_FRAME_COST + 1)
-    await eventually(lambda: len(agent_ch._inbox) == bound)
+    await eventually(lambda: agent_ch.queued_items == bound)
     assert not writer.done()
     for i in range(count):
         assert await asyncio.wait_for(agent_ch.read_message(), 5) == (bytes([i % 256]), False)
     await asyncio.wait_for(writer, 5)
-
-
-async def test_a_peer_flooding_empty_ws_messages_beyond_credit_is_a_violation(
-    link: Link,
-) -> None:
-    relay_ch = link.relay.open_channel(Open("ws"))
-    agent_ch, _ = await link.accept()
-    empty = frames.encode(FrameType.DATA, relay_ch.id, b"")
-    with pytest.raises(ProtocolViolation, match="credit"):
-        for _ in range(SMALL.window):
-            link.agent.feed(empty)
-    assert len(agent_ch._inbox) <= SMALL.window // WS_FRAME_COST
 
 
 # -- ending streams and tunnels ----------------------------------------------------------------
@@ -540,81 +486,7 @@ async def test_agent_over_its_stream_limit_refuses_the_open_with_1013() -> None:
         await link.close()
 
 
-# -- frames in the wrong direction ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("to_relay", "data", "message"),
-    [
-        (True, frames.encode_json(FrameType.OPEN, 1, {"kind": "http"}), "OPEN sent to the relay"),
-        (True, frames.encode_json(FrameType.HELLO, 0, {}), "HELLO sent to the relay"),
-        (True, frames.encode_json(FrameType.DRAIN, 0, {}), "DRAIN sent to the relay"),
-        (False, frames.encode_json(FrameType.HEAD, 1, {}), "HEAD sent to the agent"),
-        (False, frames.encode_json(FrameType.OPEN, 2, {"kind": "http"}), "misnumbers"),
-        (False, frames.encode_json(FrameType.OPEN, 1, {"kind": "ftp"}), "unknown kind"),
-    ],
-)
-async def test_frames_in_the_wrong_direction_are_violations(
-    link: Link, to_relay: bool, data: bytes, message: str
-) -> None:
-    target = link.relay if to_relay else link.agent
-    with pytest.raises(ProtocolViolation, match=message):
-        target.feed(data)
-
-
-async def test_open_reusing_a_live_stream_id_is_a_violation(link: Link) -> None:
-    link.relay.open_channel(Open("http"))
-    await link.accept()
-    with pytest.raises(ProtocolViolation, match="reuses"):
-        link.agent.feed(frames.encode_json(FrameType.OPEN, 1, {"kind": "http"}))
-
-
-async def test_second_head_is_a_violation(link: Link) -> None:
-    relay_ch = link.relay.open_channel(Open("http"), fin=True)
-    link.relay.feed(frames.encode_json(FrameType.HEAD, relay_ch.id, {"status": 200}))
-    with pytest.raises(ProtocolViolation, match="second HEAD"):
-        link.relay.feed(frames.encode_json(FrameType.HEAD, relay_ch.id, {"status": 200}))
-
-
-async def test_late_frames_for_a_stream_that_ended_are_ignored(link: Link) -> None:
-    relay_ch = link.relay.open_channel(Open("http"), fin=True)
-    agent_ch, _ = await link.accept()
-    relay_ch.close(1001, "client went away")
-    await settle()
-    for session, frame_id in ((link.relay, relay_ch.id), (link.agent, agent_ch.id)):
-        session.feed(frames.encode(FrameType.DATA, frame_id, b"late"))
-        session.feed(frames.encode_window(frame_id, 10))
-        session.feed(frames.encode_close(frame_id, 1000))
-    link.relay.feed(frames.encode_json(FrameType.HEAD, relay_ch.id, {"status": 200}))
-    assert link.relay.channels == {} and link.agent.channels == {}
-
-
-@pytest.mark.parametrize(
-    "frame",
-    [
-        frames.encode(FrameType.DATA, 3, b"unsolicited"),
-        frames.encode(FrameType.DATA, 2, b"even"),
-        frames.encode_window(3, 10),
-        frames.encode_close(5, 1000),
-        frames.encode_json(FrameType.HEAD, 7, {"status": 200}),
-        frames.encode_json(FrameType.HEAD, 2, {"status": 200}),
-    ],
-    ids=["data", "data-even", "window", "close", "head", "head-even"],
-)
-async def test_frames_for_a_stream_never_opened_are_violations(link: Link, frame: bytes) -> None:
-    link.relay.open_channel(Open("http"), fin=True)  # stream 1 exists
-    await link.accept()
-    with pytest.raises(ProtocolViolation, match="never opened"):
-        link.relay.feed(frame)
-    if frame[0] != FrameType.HEAD:
-        with pytest.raises(ProtocolViolation, match="never opened"):
-            link.agent.feed(frame)
-
-
-async def test_open_for_an_id_below_the_last_one_is_a_violation(link: Link) -> None:
-    link.agent.feed(frames.encode_json(FrameType.OPEN, 5, {"kind": "http"}, Flags.FIN))
-    with pytest.raises(ProtocolViolation, match="reuses or misnumbers"):
-        link.agent.feed(frames.encode_json(FrameType.OPEN, 3, {"kind": "http"}))
+# -- connection messages reach the callbacks -----------------------------------------------------
 
 
 async def test_hello_and_drain_reach_the_agents_callbacks() -> None:
@@ -647,26 +519,6 @@ async def test_keepalive_does_not_fire_while_pongs_flow() -> None:
         await link.close()
 
 
-async def test_keepalive_fires_once_the_peer_stops_answering() -> None:
-    clock = FakeClock()
-    fired: list[bool] = []
-    settings = replace(SMALL, ping_interval_s=0.01, keepalive_misses=3)
-    link = make_link(settings, replace(settings, ping_interval_s=3600), relay_clock=clock,
-                     on_silence=lambda: fired.append(True))
-    try:
-        await eventually(lambda: link.relay.last_pong == clock.now)
-        link.cut_to_relay = True  # the agent's answers are lost from now on
-        clock.now += settings.silence_limit_s * 0.9  # nearly at the limit: not yet
-        pings = len(link.frames_to_agent)
-        await eventually(lambda: len(link.frames_to_agent) > pings)
-        await asyncio.sleep(0.05)
-        assert fired == []
-        clock.now += settings.silence_limit_s * 0.2
-        await eventually(lambda: fired == [True])
-    finally:
-        await link.close()
-
-
 async def test_any_inbound_frame_counts_as_life() -> None:
     clock = FakeClock()
     session = TunnelSession(lambda _: asyncio.sleep(0), SMALL, role=Role.RELAY, name="r",
@@ -681,3 +533,151 @@ async def test_ping_is_answered_with_a_pong_echoing_its_payload(link: Link) -> N
     link.relay.feed(frames.encode_ping(FrameType.PING, b"echo me"))
     await settle()
     assert frames.encode_ping(FrameType.PONG, b"echo me") in link.frames_to_agent
+
+
+async def test_the_keepalive_task_declares_silence_on_the_injected_clock() -> None:
+    """The task only ticks; when the peer is dead is the clock's say (no waiting it out)."""
+    clock = FakeClock()
+    fired: list[bool] = []
+    settings = replace(SMALL, ping_interval_s=0.01, keepalive_misses=3)
+    link = make_link(settings, replace(settings, ping_interval_s=3600), relay_clock=clock,
+                     on_silence=lambda: fired.append(True))
+    try:
+        await eventually(lambda: link.relay.last_pong == clock.now)
+        link.cut_to_relay = True  # the agent's answers are lost from now on
+        clock.advance(settings.silence_limit_s * 1.1)
+        await eventually(lambda: fired == [True])
+        assert link.relay.alive  # the owner closes the socket; the session only reports
+    finally:
+        await link.close()
+
+
+async def test_running_out_of_stream_ids_raises_draining_and_tells_the_owner_once(
+    link: Link,
+) -> None:
+    exhausted: list[bool] = []
+    link.relay._on_exhausted = lambda: exhausted.append(True)
+    link.relay.mux.next_stream_id = frames.MAX_STREAM_ID
+    last = link.relay.open_channel(Open("http"), fin=True)
+    await link.accept()
+    for _ in range(2):
+        with pytest.raises(Draining):
+            link.relay.open_channel(Open("http"), fin=True)
+    await settle()
+    assert exhausted == [True]
+    drains = [f for f in link.frames_to_agent if f[0] == FrameType.DRAIN]
+    assert len(drains) == 1 and list(link.relay.channels) == [last.id]
+
+
+# -- the driver over a real WebSocket ------------------------------------------------------------
+
+
+@dataclass
+class SocketLink:
+    relay: TunnelSession
+    agent: TunnelSession
+    opened: asyncio.Queue[tuple[Channel, Open]]
+    server_ws: web.WebSocketResponse
+    client_ws: aiohttp.ClientWebSocketResponse
+
+
+async def _pump(ws: Any, session: TunnelSession) -> None:
+    async for msg in ws:
+        if msg.type is aiohttp.WSMsgType.BINARY:
+            session.feed(msg.data)
+    session.fail_all(int(CloseCode.TUNNEL_GONE), "the tunnel's socket closed")
+
+
+@contextlib.asynccontextmanager
+async def socket_link(settings: SessionSettings = SMALL) -> AsyncIterator[SocketLink]:
+    """A relay session and an agent session over a real WebSocket on 127.0.0.1."""
+    served: asyncio.Future[tuple[TunnelSession, web.WebSocketResponse]] = (
+        asyncio.get_running_loop().create_future())
+    opened: asyncio.Queue[tuple[Channel, Open]] = asyncio.Queue()
+
+    async def tunnel(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=frames.max_message(settings.max_frame))
+        await ws.prepare(request)
+        session = TunnelSession(ws.send_bytes, settings, role=Role.RELAY, name="relay")
+        session.start()
+        served.set_result((session, ws))
+        await _pump(ws, session)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/tunnel", tunnel)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    async with aiohttp.ClientSession() as client:
+        client_ws = await client.ws_connect(f"http://127.0.0.1:{port}/tunnel")
+        agent = TunnelSession(client_ws.send_bytes, settings, role=Role.AGENT, name="agent",
+                              on_open=lambda ch, head: opened.put_nowait((ch, head)))
+        agent.start()
+        reader = asyncio.ensure_future(_pump(client_ws, agent))
+        relay, server_ws = await asyncio.wait_for(served, 5)
+        try:
+            yield SocketLink(relay, agent, opened, server_ws, client_ws)
+        finally:
+            await agent.close()
+            await relay.close()
+            await client_ws.close()
+            await asyncio.wait_for(reader, 5)
+    await runner.cleanup()
+
+
+async def test_an_exchange_crosses_a_real_socket_byte_exact_under_flow_control() -> None:
+    payload = bytes(i % 251 for i in range(300_000))  # many windows, many frames
+    async with socket_link() as s:
+        relay_ch = s.relay.open_channel(Open("http", method="POST", path="/up"))
+        upload = asyncio.ensure_future(relay_ch.write(payload, fin=True))
+        agent_ch, head = await asyncio.wait_for(s.opened.get(), 5)
+        assert head.path == "/up"
+        assert await read_all(agent_ch) == payload
+        await asyncio.wait_for(upload, 5)
+        agent_ch.send_head(Head(200))
+        download = asyncio.ensure_future(agent_ch.write(payload[::-1], fin=True))
+        assert await asyncio.wait_for(relay_ch.head, 5) == Head(200)
+        assert await read_all(relay_ch) == payload[::-1]
+        await asyncio.wait_for(download, 5)
+        await eventually(lambda: s.relay.channels == {} and s.agent.channels == {})
+        assert s.relay.bytes_in == s.agent.bytes_out and s.agent.bytes_in == s.relay.bytes_out
+
+
+async def test_ws_messages_cross_a_real_socket_and_a_ping_gets_its_pong() -> None:
+    async with socket_link() as s:
+        relay_ch = s.relay.open_channel(Open("ws", path="/ws"))
+        agent_ch, _ = await asyncio.wait_for(s.opened.get(), 5)
+        agent_ch.send_head(Head(101))
+        await asyncio.wait_for(relay_ch.head, 5)
+        for size in (0, 1, 5000, 3 * SMALL.window):
+            sending = asyncio.ensure_future(relay_ch.write(b"m" * size, message=True))
+            assert await asyncio.wait_for(agent_ch.read_message(), 5) == (b"m" * size, False)
+            await sending
+        assert s.relay.keepalive_tick()
+        await eventually(lambda: s.relay.rtt_s is not None)
+
+
+async def test_the_socket_going_away_fails_every_channel_as_tunnel_lost() -> None:
+    async with socket_link() as s:
+        relay_ch = s.relay.open_channel(Open("http"), fin=True)
+        agent_ch, _ = await asyncio.wait_for(s.opened.get(), 5)
+        reading = asyncio.ensure_future(agent_ch.read())
+        assert await asyncio.wait_for(reading, 5) is None  # the OPEN's FIN
+        await s.client_ws.close()
+        with pytest.raises(ChannelClosed) as info:
+            await asyncio.wait_for(relay_ch.head, 5)
+        assert info.value.tunnel_lost
+        await eventually(lambda: not s.agent.alive)
+        with pytest.raises(ChannelClosed):
+            await agent_ch.write(b"late")
+
+
+async def test_flush_returns_once_queued_frames_reached_the_socket() -> None:
+    async with socket_link() as s:
+        for _ in range(50):
+            s.relay.send_drain(Drain("deploy", 0))
+        await asyncio.wait_for(s.relay.flush(timeout=5), 6)
+        assert s.relay.outbox_bytes == 0 and s.relay._flushed.is_set()
