@@ -537,15 +537,16 @@ class Mux(Generic[S]):
         if increment:
             self._queue(frames.encode_window(stream.id, increment))
 
-    def close_stream(self, stream: S, code: int = int(CloseCode.NORMAL), reason: str = ""
-                     ) -> None:
-        """End the stream now; tells the peer unless the stream is already over."""
+    def close_stream(self, stream: S, code: int = int(CloseCode.NORMAL), reason: str = "",
+                     *, even_if_finished: bool = False) -> None:
+        """End the stream now; tells the peer unless the stream is already over (both FINs),
+        or ``even_if_finished``: a verdict on what the peer sent (it ignores a late CLOSE)."""
         if stream.end is not None:
             return
         was_live = stream.state is not StreamState.CLOSED
         stream.end_with(StreamEnd(code, reason))
         self._forget(stream)
-        if was_live:
+        if was_live or even_if_finished:
             self._queue(frames.encode_close(stream.id, code, reason))
 
     # -- connection messages --------------------------------------------------------------------

@@ -109,6 +109,7 @@ async def proxy_http(
     upload: asyncio.Task[None] | None = None
     response: web.StreamResponse | None = None
     status = 0
+    complete = False  # the whole response went to the client
     try:
         if has_body:
             await send_continue(request)
@@ -155,15 +156,21 @@ async def proxy_http(
                                   headers=response.headers)
             exchange.bytes_down += len(whole)
             channel.consumed(len(whole))
+            complete = True
             return single
         if whole is not None:  # a length mismatch: stream it and let aiohttp police it
             channel.unread(whole)
-        if length is not None and length.isdigit():
-            response.content_length = int(length)
+        declared = int(length) if length is not None and length.isdigit() else None
+        if declared is not None:
+            response.content_length = declared
         await response.prepare(request)
         # aiohttp writes whatever it is given, even to a HEAD: a body there would be read as
         # the next response on a keep-alive connection. Drain what a host sends, write none.
         body_allowed = request.method != "HEAD"
+        # The agent must send exactly Content-Length bytes (aiohttp would silently drop the
+        # excess and end a short body as if it were whole).
+        exact = declared if body_allowed and status not in (204, 304) else None
+        received = 0
         while True:
             try:
                 chunk = await channel.read()
@@ -174,12 +181,24 @@ async def proxy_http(
                 status = 502
                 return response
             if chunk is None:
+                if exact is not None and received < exact:
+                    exchange_failed(request)  # FIN before Content-Length: truncated
+                    status = 502
+                    return response
                 break
+            received += len(chunk.data)
+            if exact is not None and received > exact:
+                channel.close(int(CloseCode.PROTOCOL_ERROR), "body longer than Content-Length",
+                              even_if_finished=True)
+                exchange_failed(request)
+                status = 502
+                return response
             if body_allowed:
                 await response.write(chunk.data)
                 exchange.bytes_down += len(chunk.data)
             channel.consumed(len(chunk.data))
         await response.write_eof()
+        complete = True
         return response
     except RelayError as error:
         status = error.status
@@ -191,7 +210,10 @@ async def proxy_http(
         if upload is not None and not upload.done():
             await cancel_and_wait([upload])
         if not channel.closed and channel.state.value != "closed":
-            channel.close(int(CloseCode.GOING_AWAY), "client went away")
+            if complete:  # the response ended before the request body: stop that body
+                channel.close(int(CloseCode.NORMAL), "exchange complete")
+            else:
+                channel.close(int(CloseCode.GOING_AWAY), "client went away")
         metrics.http_streams.dec()
         duration = time.monotonic() - exchange.started
         metrics.requests_with_status(status).inc()

@@ -228,9 +228,11 @@ class Channel(Stream):
         self.session._mux.send_head(self, head)
         self.session._queued()
 
-    def close(self, code: int = int(CloseCode.NORMAL), reason: str = "") -> None:
-        """End the stream now; tells the peer unless the stream is already over."""
-        self.session._mux.close_stream(self, code, reason)
+    def close(self, code: int = int(CloseCode.NORMAL), reason: str = "", *,
+              even_if_finished: bool = False) -> None:
+        """End the stream now; tells the peer unless the stream is already over (both FINs) or
+        ``even_if_finished`` (a verdict on what the peer sent)."""
+        self.session._mux.close_stream(self, code, reason, even_if_finished=even_if_finished)
         self.session._queued()
 
 
