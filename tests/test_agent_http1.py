@@ -174,6 +174,35 @@ async def test_an_idle_connection_the_origin_closed_leaves_the_pool() -> None:
         assert o.connections == 2 and len(o.requests) == 2
 
 
+async def test_idle_connections_are_closed_after_the_idle_timeout() -> None:
+    closed_by_us: list[int] = []
+
+    async def serve_until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                              o: Origin) -> None:
+        await keep_alive_ok(reader, writer, o)
+        closed_by_us.append(1)  # the pool hung up: the origin read EOF
+
+    async with origin(serve_until_eof) as (o, pool):
+        pool.idle_timeout_s = 0.2
+        first, second = await asyncio.gather(pool.request("GET", "/a", []),
+                                             pool.request("GET", "/b", []))
+        assert await body_of(first) == b"hello /a"
+        # Released later than the first: the sweep that ends the first must come back for it.
+        await asyncio.sleep(0.1)
+        assert await body_of(second) == b"hello /b"
+        assert pool.idle_connections == 2
+        async with asyncio.timeout(5):
+            while len(closed_by_us) < 2:  # noqa: ASYNC110 - polls the origin, bounded
+                await asyncio.sleep(0.01)
+        assert pool.idle_connections == 0
+        # The pool still serves (on a new connection) and expires that one too.
+        assert await body_of(await pool.request("GET", "/c", [])) == b"hello /c"
+        assert o.connections == 3
+        async with asyncio.timeout(5):
+            while len(closed_by_us) < 3:  # noqa: ASYNC110 - polls the origin, bounded
+                await asyncio.sleep(0.01)
+
+
 async def test_a_request_with_a_body_is_never_replayed() -> None:
     gate = asyncio.Event()
 

@@ -74,7 +74,7 @@ class ResponseInvalid(ExchangeFailed):
     """The origin's bytes are not a valid HTTP/1.1 response."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs a setattr call per field
 class ResponseHead:
     status: int
     reason: str
@@ -88,7 +88,7 @@ class _Connection(asyncio.Protocol):
         "_body", "_body_bytes", "_complete", "_drain", "_error", "_head", "_head_buffer",
         "_head_waiter", "_headers", "_idle", "_keep_alive", "_lost", "_parser", "_pool",
         "_reading_paused", "_reason", "_skip_body", "_waiter", "dirty", "exchanges",
-        "idle_timer", "transport",
+        "idle_since", "transport",
     )
 
     def __init__(self, pool: OriginPool) -> None:
@@ -99,18 +99,22 @@ class _Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self.dirty = False
         self.exchanges = 0  # responses completed on this connection
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # loop time it last went back to the pool
         self._idle = True
+        # Reused by every exchange: a connection is only reused once its body was drained.
+        self._body: collections.deque[bytes] = collections.deque()
+        self._head_buffer = bytearray()
         self._reset_exchange(skip_body=False)
 
     def _reset_exchange(self, *, skip_body: bool) -> None:
         self._skip_body = skip_body
-        self._head_buffer = bytearray()
+        if skip_body:
+            self._head_buffer = bytearray()
         self._reason = ""
         self._headers: list[tuple[str, str]] = []
         self._head: ResponseHead | None = None
         self._head_waiter: asyncio.Future[ResponseHead] | None = None
-        self._body: collections.deque[bytes] = collections.deque()
+        self._body.clear()
         self._body_bytes = 0
         self._complete = False
         self._waiter: asyncio.Future[None] | None = None
@@ -405,7 +409,11 @@ class OriginPool:
         self.host_header = host if port == default_port else f"{host}:{port}"
         if ":" in host and not host.startswith("["):
             self.host_header = f"[{host}]" + ("" if port == default_port else f":{port}")
+        # Oldest release first (connections are taken from the end), so the ones the idle
+        # timeout ends are always a prefix; one sweep timer serves them all instead of a timer
+        # armed and cancelled per request.
         self._idle: list[_Connection] = []
+        self._sweep: asyncio.TimerHandle | None = None
         self._open: set[_Connection] = set()
         self._closed = False
 
@@ -427,9 +435,6 @@ class OriginPool:
     def _take_idle(self) -> _Connection | None:
         while self._idle:
             conn = self._idle.pop()
-            if conn.idle_timer is not None:
-                conn.idle_timer.cancel()
-                conn.idle_timer = None
             if conn.usable:
                 return conn
             conn.close()
@@ -439,21 +444,31 @@ class OriginPool:
         if self._closed or not conn.finished() or len(self._idle) >= self.max_idle:
             conn.close()
             return
-        conn.idle_timer = asyncio.get_running_loop().call_later(
-            self.idle_timeout_s, self._expire, conn)
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
         self._idle.append(conn)
+        if self._sweep is None:
+            self._sweep = loop.call_at(conn.idle_since + self.idle_timeout_s, self._expire)
 
-    def _expire(self, conn: _Connection) -> None:
-        conn.idle_timer = None
-        if conn in self._idle:
-            self._idle.remove(conn)
-        conn.close()
+    def _expire(self) -> None:
+        """Close the connections idle for ``idle_timeout_s``; come back for the next one."""
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() - self.idle_timeout_s
+        expired = 0
+        for conn in self._idle:
+            if conn.idle_since > deadline:
+                break
+            expired += 1
+        stale, self._idle[:expired] = self._idle[:expired], []
+        for conn in stale:
+            conn.close()
+        if self._idle and not self._closed:
+            self._sweep = loop.call_at(self._idle[0].idle_since + self.idle_timeout_s,
+                                       self._expire)
 
     def _forget(self, conn: _Connection) -> None:
         self._open.discard(conn)
-        if conn.idle_timer is not None:
-            conn.idle_timer.cancel()
-            conn.idle_timer = None
         if conn in self._idle:
             self._idle.remove(conn)
 
@@ -463,6 +478,9 @@ class OriginPool:
 
     async def close(self) -> None:
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
@@ -470,12 +488,12 @@ class OriginPool:
     # -- requests ------------------------------------------------------------------------------
     def _head_bytes(self, method: str, target: str, headers: Iterable[tuple[str, str]],
                     framing: str) -> bytes:
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
-        for name, value in headers:
-            lines.append(f"{name}: {value}")
+        lines = [f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in headers]
         if framing:
-            lines.append(framing)
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            lines.append(framing + "\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1")
 
     async def request(self, method: str, target: str, headers: list[tuple[str, str]],
                       body: AsyncIterator[bytes] | None = None, *,
@@ -487,10 +505,11 @@ class OriginPool:
         request without a body that meets a stale pooled connection before any answer is
         sent once more on a fresh connection.
         """
-        if any(ch in target for ch in " \r\n") or not target.startswith("/"):
+        if " " in target or "\r" in target or "\n" in target or not target.startswith("/"):
             raise ValueError("request target must be an origin-form path")
-        declared = any(n.lower() == "content-length" for n, _ in headers)
-        framing = "" if body is None or declared else "Transfer-Encoding: chunked"
+        framing = ""
+        if body is not None and not any(n.lower() == "content-length" for n, _ in headers):
+            framing = "Transfer-Encoding: chunked"
         head = self._head_bytes(method, target, headers, framing)
         replayable = retry_idempotent and body is None and method in IDEMPOTENT
         conn = self._take_idle() or await self._connect()
