@@ -82,6 +82,11 @@ class BufferedStreamHandler(logging.StreamHandler[TextIO]):
             if self._pending_chars >= self.MAX_PENDING_CHARS:
                 self._write_pending()
                 return
+            scheduled = self._scheduled
+            if scheduled is not None and scheduled.is_running():
+                # Its flush is coming. Checked first: on Python 3.11 get_running_loop() costs
+                # a getpid() system call.
+                return
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
