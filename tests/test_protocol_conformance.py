@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 
 from relay.config import load_config
-from relay.server.app import drain
+from relay.server.drain import drain
 from tests.docs import REPO, table_under
 from tests.harness import RunningRelay, eventually, start_relay, write_config
 from tests.rawhttp import RawClient
