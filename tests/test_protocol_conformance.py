@@ -609,6 +609,38 @@ def body_of(response: bytes) -> bytes:
     return response.partition(b"\r\n\r\n")[2]
 
 
+async def test_a_body_longer_than_content_length_aborts_the_client_and_closes_the_stream_1002(
+    agent: Agent, client: Client,
+) -> None:
+    raw = await raw_get(client)
+    try:
+        opened = await agent.expect(OPEN)
+        await agent.send(jframe(HEAD, opened.stream, {"status": 200, "headers": [
+            ["Content-Length", "5"]]}), frame(DATA, opened.stream, b"0123456789", FIN))
+        closed = await agent.expect(CLOSE_F)
+        assert closed.stream == opened.stream and closed.close[0] == PROTOCOL_ERROR
+        got = await raw.read_until_closed()  # aborted: the connection does not stay open
+        assert len(body_of(got)) <= 5
+        assert await agent.is_alive()  # a stream error: the tunnel stays
+    finally:
+        raw.close()
+
+
+async def test_a_body_shorter_than_content_length_aborts_the_client(
+    agent: Agent, client: Client,
+) -> None:
+    raw = await raw_get(client)
+    try:
+        opened = await agent.expect(OPEN)
+        await agent.send(jframe(HEAD, opened.stream, {"status": 200, "headers": [
+            ["Content-Length", "10"]]}), frame(DATA, opened.stream, b"01234", FIN))
+        got = await raw.read_until_closed()  # never a clean end that looks complete
+        assert got.startswith(b"HTTP/1.1 200") and len(body_of(got)) < 10
+        assert await agent.is_alive()
+    finally:
+        raw.close()
+
+
 async def test_a_close_after_the_head_aborts_the_clients_connection(
     agent: Agent, client: Client,
 ) -> None:
@@ -620,6 +652,25 @@ async def test_a_close_after_the_head_aborts_the_clients_connection(
                          close_frame(opened.stream, 1011, b"host failed mid-response"))
         got = await raw.read_until_closed()
         assert got.startswith(b"HTTP/1.1 200") and not got.endswith(b"0\r\n\r\n")
+    finally:
+        raw.close()
+
+
+async def test_a_response_before_the_request_body_ends_gets_close_1000(
+    agent: Agent, client: Client,
+) -> None:
+    raw = await client.raw()
+    try:
+        await raw.send(f"POST /hosts/{HOST}/upload HTTP/1.1\r\nHost: relay\r\n"
+                       f"{client.auth_line()}Content-Length: 1000000\r\n\r\n".encode()
+                       + b"x" * 1000)
+        opened = await agent.expect(OPEN)
+        await agent.expect(DATA)
+        await answer_ok(agent, opened.stream, b"early")  # a whole response, FIN included
+        closed = await agent.expect(CLOSE_F, skip=(PING, PONG, DATA))
+        assert closed.stream == opened.stream and closed.close[0] == 1000
+        response = await raw.read_response()
+        assert (response.status, response.body) == (200, b"early")
     finally:
         raw.close()
 
@@ -687,6 +738,20 @@ async def test_fin_on_a_ws_stream_is_close_1000(agent: Agent, client: Client) ->
         await agent.send(frame(DATA, opened.stream, b"", FIN))
         closed = await ws.wait_closed()
         assert closed is not None and (closed.close_code, closed.close_reason) == (1000, b"")
+    finally:
+        ws.abort()
+
+
+@pytest.mark.parametrize("fragments", [
+    [(b"a", MORE), (b"b", FIN)], [(b"a", MORE | FIN)], [(b"", MORE)]],
+    ids=["FIN after MORE", "FIN with MORE", "empty fragment"])
+async def test_a_broken_fragment_on_a_ws_stream_is_1002(
+    agent: Agent, client: Client, fragments: list[tuple[bytes, int]],
+) -> None:
+    ws, opened = await open_channel(agent, client)
+    try:
+        await agent.send(*[frame(DATA, opened.stream, data, flags) for data, flags in fragments])
+        assert (await agent.wait_closed())[0] == PROTOCOL_ERROR
     finally:
         ws.abort()
 
@@ -859,7 +924,27 @@ async def test_a_ping_flood_is_1008(agent: Agent) -> None:
     assert (await agent.wait_closed())[0] == 1008
 
 
-# -- 6. DRAIN, 8. replacement --------------------------------------------------------------
+# -- 4.1 exhaustion, 6. DRAIN, 8. replacement --------------------------------------------------
+
+async def test_the_last_stream_id_is_2_31_minus_1_then_the_tunnel_drains(
+    relay: RunningRelay, agent: Agent, client: Client,
+) -> None:
+    tunnel = relay.state.registry.get(HOST)
+    assert tunnel is not None
+    tunnel.session.mux.next_stream_id = MAX_STREAM_ID  # a test cannot open 2^30 streams
+    first = client.request()
+    opened = await agent.expect(OPEN)
+    assert opened.stream == MAX_STREAM_ID
+    second = await asyncio.wait_for(client.request(), 10)
+    assert second.status == 503 and json.loads(second.body)["error"]["code"] == "draining"
+    assert "Retry-After" in second.headers
+    drained = await agent.expect(DRAIN)
+    assert drained.stream == 0 and drained.json() == {
+        "reason": "stream ids exhausted", "reconnectAfterS": 0}
+    await answer_ok(agent, opened.stream)
+    assert (await asyncio.wait_for(first, 10)).status == 200
+    code, _ = await agent.wait_closed(within=10)  # once its last stream has ended
+    assert code == 4503
 
 
 async def test_a_relay_drain_sends_drain_and_ws_channels_do_not_hold_it(tmp_path: Path) -> None:
