@@ -19,7 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
-from relay.config import DirectoryConfig
+from relay.config import DirectoryBackend, DirectoryConfig
 from relay.directory import RedisDirectory
 
 # The directory's own traffic: not the bench's INFO/CONFIG, nor the revocation subscriber's
@@ -81,7 +81,8 @@ class Result:
 
 def _config(url: str, instance: str, heartbeat_s: float, ttl_s: float) -> DirectoryConfig:
     return DirectoryConfig(
-        backend="redis", redis_url=url, instance_id=instance, peer_secret="bench-" * 4,
+        backend=DirectoryBackend.REDIS, redis_url=url, instance_id=instance,
+        peer_secret="bench-" * 4,
         advertise_url=f"http://{instance}.bench:8080", heartbeat_s=heartbeat_s, entry_ttl_s=ttl_s,
     )
 

@@ -7,6 +7,7 @@ file, the key and the problem, so start-up stops with one line instead of runnin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import ipaddress
@@ -15,6 +16,7 @@ import tomllib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,6 +32,34 @@ NON_KEY_VARIABLES = frozenset({"RELAY_CONFIG", "RELAY_ADMIN_URL"})
 SECRET_KEYS = frozenset({
     "directory.peer_secret", "admin.secret", "directory.redis_url", "auth.session_secret",
 })
+
+
+class AuthMode(StrEnum):
+    """``auth.mode``: where the keys that sign tokens come from."""
+
+    DEV = "dev"
+    JWKS = "jwks"
+    PUBLIC_KEY = "public_key"
+
+
+class AccessBackend(StrEnum):
+    """``access.backend``: who decides which subject may use which host."""
+
+    ORG = "org"
+    UPSTREAM = "upstream"
+    STATIC = "static"
+
+
+class DirectoryBackend(StrEnum):
+    """``directory.backend``: where the relay records which relay holds which tunnel."""
+
+    LOCAL = "local"
+    REDIS = "redis"
+
+
+class LogFormat(StrEnum):
+    JSON = "json"
+    CONSOLE = "console"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +79,7 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
-    mode: str = "dev"
+    mode: AuthMode = AuthMode.DEV
     jwks_url: str = ""
     public_key_file: str = ""
     issuer: str = ""
@@ -69,7 +99,7 @@ class AuthConfig:
 
 @dataclass(frozen=True, slots=True)
 class AccessConfig:
-    backend: str = "org"
+    backend: AccessBackend = AccessBackend.ORG
     upstream_url: str = ""
     allow_ttl_s: float = 900.0
     deny_ttl_s: float = 30.0
@@ -102,7 +132,7 @@ class TunnelConfig:
 
 @dataclass(frozen=True, slots=True)
 class DirectoryConfig:
-    backend: str = "local"
+    backend: DirectoryBackend = DirectoryBackend.LOCAL
     redis_url: str = ""
     instance_id: str = ""
     advertise_url: str = ""
@@ -151,7 +181,7 @@ class ProbeConfig:
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
-    format: str = "json"
+    format: LogFormat = LogFormat.JSON
     access_log: bool = True
 
 
@@ -230,6 +260,10 @@ def _coerce(source: str, key: str, value: Any, default: Any, from_env: bool) -> 
         raise ConfigError(source, key, f"must be a list of strings, got {value!r}")
     if not isinstance(value, str):
         raise ConfigError(source, key, f"must be a string, got {value!r}")
+    if isinstance(default, StrEnum):
+        # An unknown mode stays a string here: validation names the ones there are.
+        with contextlib.suppress(ValueError):
+            return type(default)(value)
     return value
 
 

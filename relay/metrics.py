@@ -6,6 +6,7 @@ process and lets the agent expose its own set without clashing.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from prometheus_client import (
@@ -20,7 +21,70 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["CONTENT_TYPE_LATEST", "STANDARD_PREFIXES", "Metrics"]
+__all__ = [
+    "CONTENT_TYPE_LATEST", "STANDARD_PREFIXES", "AccessOutcome", "AccessSource", "CredentialClose",
+    "FetchResult", "Metrics", "ProbeRun", "QueueOutcome", "StreamKind", "TokenResult", "WsOutcome",
+]
+
+
+# Label values, named once: dashboards and alert rules match on these strings.
+class StreamKind(StrEnum):
+    """``kind`` of relay_streams_active and relay_forwarded_requests_total."""
+
+    HTTP = "http"
+    WS = "ws"
+
+
+class AccessOutcome(StrEnum):
+    ALLOWED = "allowed"
+    DENIED = "denied"
+    UNAVAILABLE = "unavailable"
+
+
+class AccessSource(StrEnum):
+    LOCAL = "local"
+    CACHE = "cache"
+    UPSTREAM = "upstream"
+
+
+class TokenResult(StrEnum):
+    OK = "ok"
+    CACHED = "cached"
+    REJECTED = "rejected"
+
+
+class FetchResult(StrEnum):
+    """``result`` of relay_jwks_refreshes_total."""
+
+    OK = "ok"
+    ERROR = "error"
+
+
+class QueueOutcome(StrEnum):
+    """``outcome`` of relay_stream_queue_total."""
+
+    WAITED = "waited"
+    TIMED_OUT = "timed_out"
+    QUEUE_FULL = "queue_full"
+    TUNNEL_GONE = "tunnel_gone"
+
+
+class CredentialClose(StrEnum):
+    """``reason`` of relay_credential_closes_total."""
+
+    EXPIRED = "expired"  # 4401
+    REVOKED = "revoked"  # 4403
+
+
+class WsOutcome(StrEnum):
+    """``outcome`` of relay_ws_channels_total besides the error codes of refused channels."""
+
+    OPENED = "opened"
+
+
+class ProbeRun(StrEnum):
+    OK = "ok"
+    FAILED = "failed"
 
 # ``<counter>_created`` series would double every counter (and every labelled child) for a
 # timestamp nobody charts; prometheus_client decides this process-wide, at collection time.
@@ -149,8 +213,8 @@ class Metrics:
 
         # Labelled children looked up once: .labels() on every request was ~10% of the relay's
         # CPU under small-request load.
-        self.http_streams = self.streams_active.labels(kind="http")
-        self.ws_streams = self.streams_active.labels(kind="ws")
+        self.http_streams = self.streams_active.labels(kind=StreamKind.HTTP)
+        self.ws_streams = self.streams_active.labels(kind=StreamKind.WS)
         self.bytes_to_host = self.proxied_bytes_total.labels(direction="to_host")
         self.bytes_to_client = self.proxied_bytes_total.labels(direction="to_client")
         self._by_status: dict[int, Any] = {}

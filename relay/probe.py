@@ -31,6 +31,7 @@ from relay.agent.client import Agent, AgentOptions, client_ssl_context
 from relay.agent.tokens import TokenSource, TokenUnavailable
 from relay.aio import cancel_and_wait
 from relay.config import Config
+from relay.metrics import ProbeRun
 from relay.server.app import Service
 from relay.server.probe_guard import PROBE_ORG, probe_host_id
 from relay.server.state import RelayState
@@ -198,7 +199,7 @@ def record(state: RelayState, result: ProbeResult) -> None:
     metrics = state.metrics
     metrics.probe_success.set(1 if result.ok else 0)
     metrics.probe_duration_seconds.set(result.duration_s)
-    metrics.probe_runs_total.labels(result="ok" if result.ok else "failed").inc()
+    metrics.probe_runs_total.labels(result=ProbeRun.OK if result.ok else ProbeRun.FAILED).inc()
     duration_ms = round(result.duration_s * 1000, 2)
     if result.ok:
         log.debug("relay.probe_ok", duration_ms=duration_ms)

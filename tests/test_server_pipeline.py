@@ -4,11 +4,16 @@ forwarding rule written once, and the relay's tasks found through their groups."
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
+from relay.config import AccessBackend, AuthMode, DirectoryBackend, LogFormat, load_config
+from relay.errors import ConfigError
 from relay.server.forwarded import client_view, host_request_head, is_secure, throttle_address
+from tests.harness import write_config
 from tests.test_import_graph import PACKAGE, modules, offending
 
 
@@ -82,3 +87,13 @@ def test_the_host_sees_the_chain_extended_and_the_relay_prefix() -> None:
     assert "X-Real-IP" not in headers  # a client's own claim, without a trusted proxy
     assert headers["X-Forwarded-Prefix"] == "/hosts/acme:laptop"
     assert "203.0.113.7" not in headers.get("X-Forwarded-For", "")
+
+
+def test_config_modes_are_enums_with_the_same_values_on_the_wire(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path), env={"RELAY_DIRECTORY_BACKEND": "local"})
+    assert config.auth.mode is AuthMode.DEV and config.auth.mode == "dev"
+    assert config.access.backend is AccessBackend.ORG
+    assert config.directory.backend is DirectoryBackend.LOCAL
+    assert config.log.format is LogFormat.JSON
+    with pytest.raises(ConfigError, match="must be local or redis, got 'etcd'"):
+        load_config(write_config(tmp_path), env={"RELAY_DIRECTORY_BACKEND": "etcd"})

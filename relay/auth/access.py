@@ -41,9 +41,9 @@ from relay.aio import cancel_and_wait
 from relay.auth.hostid import HostId, HostPatterns, parse_host_pattern
 from relay.auth.tokens import Identity
 from relay.auth.ttlcache import TTLCache
-from relay.config import Config
+from relay.config import AccessBackend, Config
 from relay.errors import AccessUnavailable, ConfigError, ErrorCode, Forbidden
-from relay.metrics import Metrics
+from relay.metrics import AccessOutcome, AccessSource, Metrics
 from relay.protocol.close import MAX_REASON_BYTES, fit_reason
 
 __all__ = [
@@ -408,38 +408,38 @@ class AccessPolicy:
         ``role`` has no default on purpose: a tunnel checked as a client would be the hijack.
         """
         if host.org not in identity.orgs:
-            self._denied("not_in_org", identity, host, role, "local")
+            self._denied("not_in_org", identity, host, role, AccessSource.LOCAL)
             raise Forbidden(MSG_NOT_IN_ORG, code=ErrorCode.NOT_IN_ORG)
 
         backend = self._backend
         if not isinstance(backend, UpstreamAccessBackend):
             verdict = backend.allows(identity, host, role)
             if verdict is True:
-                self._record("allowed", "local")
-                return "local"
+                self._record(AccessOutcome.ALLOWED, AccessSource.LOCAL)
+                return AccessSource.LOCAL
             if isinstance(verdict, str):
-                self._denied("may_not_serve", identity, host, role, "local")
+                self._denied("may_not_serve", identity, host, role, AccessSource.LOCAL)
                 raise Forbidden(verdict, code=ErrorCode.NOT_REGISTERED)
-            self._denied("not_registered", identity, host, role, "local")
+            self._denied("not_registered", identity, host, role, AccessSource.LOCAL)
             raise Forbidden(MSG_NOT_REGISTERED, code=ErrorCode.NOT_REGISTERED)
 
         key: CacheKey = (identity.sub, str(host), role)
         if self._allow.get(key):
-            self._record("allowed", "cache")
-            return "cache"
+            self._record(AccessOutcome.ALLOWED, AccessSource.CACHE)
+            return AccessSource.CACHE
         if self._deny.get(key):
-            self._denied("not_registered", identity, host, role, "cache", level="debug")
+            self._denied("not_registered", identity, host, role, AccessSource.CACHE, level="debug")
             raise Forbidden(MSG_NOT_REGISTERED, code=ErrorCode.NOT_REGISTERED)
 
         try:
             allowed = await self._shared_call(backend, key, host, token)
         except AccessUnavailable:
-            self._record("unavailable", "upstream")
+            self._record(AccessOutcome.UNAVAILABLE, AccessSource.UPSTREAM)
             raise
         if allowed:
-            self._record("allowed", "upstream")
-            return "upstream"
-        self._denied("not_registered", identity, host, role, "upstream")
+            self._record(AccessOutcome.ALLOWED, AccessSource.UPSTREAM)
+            return AccessSource.UPSTREAM
+        self._denied("not_registered", identity, host, role, AccessSource.UPSTREAM)
         raise Forbidden(MSG_NOT_REGISTERED, code=ErrorCode.NOT_REGISTERED)
 
     async def _shared_call(
@@ -514,7 +514,7 @@ class AccessPolicy:
         self._inflight.clear()
         await cancel_and_wait(tasks, timeout=1.0)
 
-    def _record(self, outcome: str, source: str) -> None:
+    def _record(self, outcome: AccessOutcome, source: AccessSource) -> None:
         if self._metrics is not None:
             self._metrics.access_decisions_total.labels(outcome=outcome, source=source).inc()
 
@@ -524,10 +524,10 @@ class AccessPolicy:
         identity: Identity,
         host: HostId,
         role: AccessRole,
-        source: str,
+        source: AccessSource,
         level: str = "info",
     ) -> None:
-        self._record("denied", source)
+        self._record(AccessOutcome.DENIED, source)
         getattr(log, level)(
             "access.denied", reason=reason, sub=identity.sub, host=str(host), role=str(role),
             source=source,
@@ -547,11 +547,11 @@ def build_access_policy(
     """
     access = config.access
     backend: LocalBackend | UpstreamAccessBackend
-    if access.backend == "org":
+    if access.backend == AccessBackend.ORG:
         backend = OrgMembershipBackend(config.auth.agent_claim)
-    elif access.backend == "static":
+    elif access.backend == AccessBackend.STATIC:
         backend = StaticGrantsBackend.from_file(config.resolve_path(access.static_grants_file))
-    elif access.backend == "upstream":
+    elif access.backend == AccessBackend.UPSTREAM:
         if session is None:
             raise ValueError("access.backend upstream needs an aiohttp.ClientSession")
         backend = UpstreamAccessBackend(

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from relay.aio import SingleFlight
 from relay.errors import ConfigError
-from relay.metrics import Metrics
+from relay.metrics import FetchResult, Metrics
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
@@ -328,7 +328,7 @@ class JwksKeySource:
         if changed:
             self._generation += 1
         if self._metrics is not None:
-            self._metrics.jwks_refreshes_total.labels(result="ok").inc()
+            self._metrics.jwks_refreshes_total.labels(result=FetchResult.OK).inc()
         log.info(
             "auth.jwks_refreshed",
             keys=len(keys),
@@ -338,7 +338,7 @@ class JwksKeySource:
 
     def _fetch_failed(self, exc: BaseException, started: float) -> bool:
         if self._metrics is not None:
-            self._metrics.jwks_refreshes_total.labels(result="error").inc()
+            self._metrics.jwks_refreshes_total.labels(result=FetchResult.ERROR).inc()
         log.warning(
             "auth.jwks_refresh_failed",
             error="bad_response" if isinstance(exc, _FetchError) else type(exc).__name__,

@@ -53,9 +53,9 @@ from relay.auth.keys import (
     key_matches_alg,
 )
 from relay.auth.ttlcache import TTLCache
-from relay.config import Config
+from relay.config import AuthMode, Config
 from relay.errors import AccessUnavailable, ConfigError, Unauthorized
-from relay.metrics import Metrics
+from relay.metrics import Metrics, TokenResult
 
 __all__ = [
     "MAX_TOKEN_LENGTH",
@@ -217,7 +217,7 @@ class TokenVerifier:
         cached = self._cache.get(digest)
         if cached is not None:
             if cached.stamp == self._stamp() and now >= cached.not_before:
-                self._count("cached")
+                self._count(TokenResult.CACHED)
                 return cached.identity
             self._cache.pop(digest)
 
@@ -232,7 +232,7 @@ class TokenVerifier:
                 _Verified(identity, not_before, self._stamp()),
                 deadline=identity.expires_at,
             )
-        self._count("ok")
+        self._count(TokenResult.OK)
         return identity
 
     def _stamp(self) -> tuple[int, int]:
@@ -253,7 +253,7 @@ class TokenVerifier:
         except UnknownKey:
             self._reject("unknown_kid", MSG_INVALID, alg=alg, kid=_short(kid))
         except KeysUnavailable:
-            self._count("rejected")
+            self._count(TokenResult.REJECTED)
             log.warning("auth.token_rejected", reason="keys_unavailable")
             raise AccessUnavailable("token signing keys are unavailable; retry shortly") from None
         if not key_matches_alg(key, alg):
@@ -324,12 +324,12 @@ class TokenVerifier:
         )
         return identity, nbf - self._leeway
 
-    def _count(self, result: str) -> None:
+    def _count(self, result: TokenResult) -> None:
         if self._metrics is not None:
             self._metrics.token_verifications_total.labels(result=result).inc()
 
     def _reject(self, reason: str, message: str, *, level: str = "info", **fields: Any) -> NoReturn:
-        self._count("rejected")
+        self._count(TokenResult.REJECTED)
         getattr(log, level)("auth.token_rejected", reason=reason, **fields)
         raise Unauthorized(message)
 
@@ -374,9 +374,9 @@ def build_verifier(
     """
     auth = config.auth
     keys: KeySource
-    if auth.mode == "dev":
+    if auth.mode == AuthMode.DEV:
         keys = DevKeySource.from_state_dir(config.dev_state_path)
-    elif auth.mode == "public_key":
+    elif auth.mode == AuthMode.PUBLIC_KEY:
         path = config.resolve_path(auth.public_key_file)
         try:
             keys = StaticKeySource(path)
@@ -388,7 +388,7 @@ def build_verifier(
             raise ConfigError(
                 config.source, "auth.public_key_file", f"{path}: not a usable public key ({exc})"
             ) from None
-    elif auth.mode == "jwks":
+    elif auth.mode == AuthMode.JWKS:
         if session is None:
             raise ValueError("auth.mode jwks needs an aiohttp.ClientSession")
         keys = JwksKeySource(

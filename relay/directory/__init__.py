@@ -6,7 +6,7 @@ talks to the :class:`Directory` interface.
 
 from __future__ import annotations
 
-from relay.config import Config
+from relay.config import Config, DirectoryBackend
 from relay.directory.base import (
     Directory,
     LostCallback,
@@ -34,9 +34,9 @@ __all__ = [
 def build_directory(config: Config, metrics: Metrics | None = None) -> Directory:
     """The directory configured by ``config.directory`` (not started yet: call ``start()``)."""
     backend = config.directory.backend
-    if backend == "local":
+    if backend == DirectoryBackend.LOCAL:
         return LocalDirectory(config.directory)
-    if backend == "redis":
+    if backend == DirectoryBackend.REDIS:
         return RedisDirectory(config.directory, metrics)
     # load_config() validates the backend; this guards configs built by hand.
     raise ValueError(f"unknown directory backend {backend!r}")

@@ -19,7 +19,7 @@ from aiohttp import web
 from relay.auth.access import build_access_policy
 from relay.auth.session import SessionCookies, load_session_key
 from relay.auth.tokens import build_verifier
-from relay.config import Config
+from relay.config import Config, DirectoryBackend
 from relay.directory import build_directory
 from relay.errors import CloseCode
 from relay.metrics import Metrics
@@ -127,7 +127,7 @@ def build_app(config: Config, metrics: Metrics | None = None, *,
     state.idle.set()
     state.tls = build_tls(config)
     directory = config.directory
-    if directory.backend == "redis":
+    if directory.backend == DirectoryBackend.REDIS:
         state.signer = PeerSigner(directory.peer_secret, directory.instance_id,
                                   max_skew_s=directory.peer_max_skew_s)
     # The parser's own refusals (a line or field over these) are answered as JSON 414/431 by

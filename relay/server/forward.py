@@ -21,6 +21,7 @@ from yarl import URL
 
 from relay.aio import cancel_and_wait
 from relay.errors import UNSENDABLE_CLOSE_CODES, CloseCode, HostOffline, sendable_close_code
+from relay.metrics import StreamKind
 from relay.protocol.close import reason_bytes
 from relay.protocol.headers import (
     CLIENT_CREDENTIALS,
@@ -88,7 +89,7 @@ async def forward_http(state: RelayState, signer: PeerSigner, request: web.Reque
     target, headers = _signed_request(state, signer, request, host_id, path, query, subject,
                                       websocket=False)
     started = time.monotonic()
-    state.metrics.forwarded_requests_total.labels(kind="http").inc()
+    state.metrics.forwarded_requests_total.labels(kind=StreamKind.HTTP).inc()
     body = request.content if request.body_exists else None
     if body is not None:
         await send_continue(request)
@@ -147,7 +148,7 @@ async def forward_ws(state: RelayState, signer: PeerSigner, request: web.Request
     target, headers = _signed_request(state, signer, request, host_id, path, query, subject,
                                       websocket=True)
     offered = offered_protocols(request)
-    state.metrics.forwarded_requests_total.labels(kind="ws").inc()
+    state.metrics.forwarded_requests_total.labels(kind=StreamKind.WS).inc()
     ws_url = owner_url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + target
     try:
         upstream = await asyncio.wait_for(state.client.ws_connect(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from relay.errors import CloseCode
+from relay.metrics import CredentialClose
 
 log = structlog.get_logger("relay.leases")
 
@@ -144,14 +145,15 @@ class LeaseWatch:
         for lease in leases:
             self.book.remove(lease)
             log.info("lease.revoked", kind=lease.kind, sub=lease.sub, host_id=lease.host_id)
-            self._close(lease, int(CloseCode.FORBIDDEN), "access revoked", "revoked")
+            self._close(lease, int(CloseCode.FORBIDDEN), "access revoked", CredentialClose.REVOKED)
         return len(leases)
 
     def expire_due(self) -> int:
         expired = self.book.due(self._clock())
         for lease in expired:
             log.info("lease.expired", kind=lease.kind, sub=lease.sub, host_id=lease.host_id)
-            self._close(lease, int(CloseCode.UNAUTHORIZED), "token expired", "expired")
+            self._close(lease, int(CloseCode.UNAUTHORIZED), "token expired",
+                        CredentialClose.EXPIRED)
         return len(expired)
 
     async def run(self) -> None:
@@ -165,7 +167,7 @@ class LeaseWatch:
                 await asyncio.wait_for(self._wake.wait(),
                                        min(max(delay, 0.0) + 0.001, MAX_SLEEP_S))
 
-    def _close(self, lease: Lease, code: int, reason: str, why: str) -> None:
+    def _close(self, lease: Lease, code: int, reason: str, why: CredentialClose) -> None:
         if self.on_close is not None:
             self.on_close(lease.kind, why)
         try:

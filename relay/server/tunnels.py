@@ -27,6 +27,7 @@ from relay.errors import (
     ProtocolViolation,
     RelayError,
 )
+from relay.metrics import QueueOutcome
 from relay.protocol import frames
 from relay.protocol.close import fit_reason, reason_bytes
 from relay.protocol.frames import SUPPORTED_VERSIONS, negotiate_version
@@ -225,7 +226,7 @@ def _queue_observer(state: RelayState) -> Callable[[str, float], None]:
 
     def observe(outcome: str, waited_s: float) -> None:
         metrics.stream_queue_total.labels(outcome=outcome).inc()
-        if outcome != "queue_full":
+        if outcome != QueueOutcome.QUEUE_FULL:
             metrics.stream_queue_wait_seconds.observe(waited_s)
 
     return observe

@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from relay.errors import CloseCode, RelayError, TunnelClosed
+from relay.metrics import WsOutcome
 from relay.protocol.messages import Open
 from relay.server.forwarded import host_request_head
 from relay.server.state import RelayState
@@ -131,7 +132,7 @@ async def proxy_ws(
         chosen = head.protocol
         ws = client_ws(state, (str(chosen),) if chosen else ())
         await ws.prepare(request)
-        metrics.ws_channels_total.labels(outcome="opened").inc()
+        metrics.ws_channels_total.labels(outcome=WsOutcome.OPENED).inc()
         log.info("ws.opened", host_id=host_id, path=path, stream=channel.id)
         # Closing the channel with the lease's code ends the bridge, which closes the client's
         # socket with the same code; the host's socket gets it through the agent.

@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 from relay.errors import HostOffline, Overloaded
+from relay.metrics import QueueOutcome
 from relay.tunnel.admission import Admission, Ticket, TicketState
 
 # What became of an exchange that could not start at once (for metrics): outcome, seconds waited.
 Observer = Callable[[str, float], None]
-_OUTCOMES: Final = {TicketState.ADMITTED: "waited", TicketState.TIMED_OUT: "timed_out",
-                    TicketState.CLOSED: "tunnel_gone"}
+_OUTCOMES: Final = {TicketState.ADMITTED: QueueOutcome.WAITED,
+                    TicketState.TIMED_OUT: QueueOutcome.TIMED_OUT,
+                    TicketState.CLOSED: QueueOutcome.TUNNEL_GONE}
 
 
 def _ignore(outcome: str, waited_s: float) -> None:
@@ -55,7 +57,7 @@ class StreamGate:
         if first is TicketState.ADMITTED:
             return ticket
         if first is TicketState.REFUSED:
-            self._observe("queue_full", 0.0)
+            self._observe(QueueOutcome.QUEUE_FULL, 0.0)
             raise Overloaded("too many requests waiting for this host; retry shortly")
         queued_at = self.admission.now()
         waker = asyncio.get_running_loop().create_future()
