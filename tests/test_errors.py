@@ -205,3 +205,42 @@ async def test_a_websocket_forwarded_with_a_refused_signature_closes_4401(
             await entry.stop()
             await owner.stop()
             await host.stop()
+
+
+async def test_our_own_protocol_misuse_on_a_tunnel_closes_it_1011_not_1002(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fault injection: the relay's side of the tunnel hits a bug of its own while reading the
+    agent's frames. The agent is told 1011 (not the 1002 that would blame it)."""
+    config = load_config(write_config(tmp_path), env={})
+    relay_ = await start_relay(config)
+    host = await start_host()
+    agent = await start_agent(relay_.ws_url, "acme:laptop", host.url,
+                              token=relay_.agent_token())
+    try:
+        tunnel = relay_.state.registry.get("acme:laptop")
+        assert tunnel is not None
+
+        def broken_feed(data: bytes) -> None:
+            raise LocalProtocolError("the relay reused a stream id")
+
+        monkeypatch.setattr(tunnel.session, "feed", broken_feed)
+        with LogCapture() as capture:
+            # The agent's answer is the first frame the broken reader sees.
+            url = f"{relay_.url}/hosts/acme:laptop/small?size=10"
+            async with aiohttp.ClientSession() as client, client.get(
+                url, headers={"Authorization": f"Bearer {relay_.token()}"}
+            ):
+                pass
+            deadline = time.monotonic() + 10
+            while not (agent.agent.last_outcome and agent.agent.last_outcome.code):
+                assert time.monotonic() < deadline, "the agent never saw the tunnel close"
+                await asyncio.sleep(0.02)
+        assert agent.agent.last_outcome.code == CloseCode.INTERNAL_ERROR
+        events = _events(capture, "tunnel.local_protocol_error")
+        assert len(events) == 1 and events[0]["level"] == "error"
+        assert not _events(capture, "tunnel.protocol_violation")
+    finally:
+        await agent.stop()
+        await relay_.stop()
+        await host.stop()

@@ -24,6 +24,7 @@ from relay.errors import (
     CloseCode,
     Draining,
     Forbidden,
+    LocalProtocolError,
     ProtocolViolation,
     RelayError,
 )
@@ -192,6 +193,13 @@ async def serve_tunnel(
         reason = "protocol_violation"
         log.warning("tunnel.protocol_violation", host_id=host_id, error=exc.message)
         await _close_socket(ws, int(CloseCode.PROTOCOL_ERROR), fit_reason(exc.message),
+                            request.transport)
+    except LocalProtocolError as exc:
+        # Our own bug, not the agent's: 1011, and the traceback for whoever fixes it.
+        reason = "internal_error"
+        log.error("tunnel.local_protocol_error", host_id=host_id, error=exc.message,
+                  exc_info=exc)
+        await _close_socket(ws, int(CloseCode.INTERNAL_ERROR), "internal error",
                             request.transport)
     finally:
         # The handler is cancelled as soon as the agent's connection is gone (which our own
