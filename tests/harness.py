@@ -82,6 +82,14 @@ def write_config(directory: Path, sections: dict[str, dict[str, Any]] | None = N
     return path
 
 
+def abort_connections(runner: web.BaseRunner) -> None:
+    """Drop every connection ``runner`` serves, as the kernel does when a process exits."""
+    server = runner.server
+    for connection in server.connections if server is not None else ():
+        if connection.transport is not None:
+            connection.transport.abort()
+
+
 @dataclass
 class RunningRelay:
     config: Config
@@ -115,6 +123,13 @@ class RunningRelay:
         return agent_token(self.config, host_id, sub, **kwargs)
 
     async def stop(self) -> None:
+        """Stop as a process that goes away looks from outside: every open connection drops at
+        once. Without that, a tunnel whose agent is still connected keeps its handler (and so
+        the runner's cleanup) alive until the keepalive check closes it, ping interval times
+        misses later."""
+        for runner in (self.listeners.public, self.listeners.admin):
+            if runner is not None:
+                abort_connections(runner)
         await self.listeners.cleanup()
 
 

@@ -33,6 +33,7 @@ from tests.harness import (
     RunningAgent,
     RunningHost,
     RunningRelay,
+    abort_connections,
     eventually,
     free_port,
     start_agent,
@@ -136,6 +137,7 @@ class FakeRelay:
         """Close every connection at once (the agent's own close would wait on a black hole)."""
         runner, self.runner = self.runner, None
         if runner is not None:
+            abort_connections(runner)
             await runner.cleanup()
 
 

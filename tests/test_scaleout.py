@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import pytest_asyncio
 
 from relay.auth.devissuer import mint_token
 from relay.config import load_config
@@ -103,8 +104,15 @@ async def _ready(relay: RelayProc, timeout: float = 15.0) -> None:
     raise AssertionError(f"{relay.name} not ready:\n{relay.log.read_text()[-3000:]}")
 
 
-@pytest.fixture
-async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+# One fleet for the whole module: starting Redis and three relay processes costs seconds, and
+# every test leaves it as it found it (agents stopped; a relay or Redis a test killed is
+# started again, and every relay is ready, before the next test begins).
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet]:
+    tmp_path = tmp_path_factory.mktemp("fleet")
     async with RedisServer() as redis:
         shared_state = tmp_path / "shared-state"
         relays = []
@@ -137,9 +145,24 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
                         agent_token(load_config(relays[0].config_path, env={}), "acme:*"))
         finally:
             await client.close()
+            for relay in relays:  # all at once: each stop waits for its own exit
+                if relay.proc is not None and relay.proc.poll() is None:
+                    relay.proc.terminate()
             for relay in relays:
                 relay.stop()
             await host.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def fleet(shared_fleet: Fleet) -> Fleet:
+    """The shared fleet, whole again: Redis up and all three relays running and ready."""
+    await shared_fleet.redis.start()
+    for relay in shared_fleet.relays:
+        if relay.proc is None or relay.proc.poll() is not None:
+            relay.start()
+    for relay in shared_fleet.relays:
+        await _ready(relay, timeout=20)
+    return shared_fleet
 
 
 async def _agent_on(fleet: Fleet, relay_port: int) -> RunningAgent:
@@ -222,31 +245,6 @@ async def test_websocket_through_a_non_owner_relay_keeps_frames_and_close_codes(
         ) as ws:
             await ws.receive(timeout=5)
             assert ws.close_code == 4404
-    finally:
-        await agent.stop()
-
-
-async def test_a_forwarded_channel_closes_4410_when_the_owner_relay_is_killed(
-    fleet: Fleet,
-) -> None:
-    """The host's tunnel went away under the channel: the same 4410 as on a single relay, not
-    the 1011 of a peer socket that died without a close frame."""
-    a, b = fleet.relay("a"), fleet.relay("b")
-    agent = await _agent_on(fleet, a.port)
-    try:
-        await _wait_routable(fleet, fleet.relays)
-        url = f"{b.url}/hosts/{HOST}/ws?token={fleet.token}"
-        async with fleet.client.ws_connect(url) as ws:
-            await ws.send_str("hello")
-            assert (await ws.receive(timeout=5)).data == "hello"
-            a.kill()
-            killed_at = time.monotonic()
-            msg = await ws.receive(timeout=5)
-            took = time.monotonic() - killed_at
-            print(f"forwarded channel closed {msg.data} {took * 1000:.0f} ms after SIGKILL")
-            assert msg.type is aiohttp.WSMsgType.CLOSE
-            assert ws.close_code == CloseCode.TUNNEL_GONE
-            assert msg.extra == "the host's tunnel went away"
     finally:
         await agent.stop()
 
@@ -405,6 +403,7 @@ async def test_nginx_example_balances_a_fleet_and_every_entry_reaches_the_host(
     site.write_text(_balanced_variant(port, redirect_port, [r.port for r in fleet.relays],
                                       work / "access.log"))
     conf = wrapper(work, site, extra="daemon off;\nmaster_process off;")
+    before = [await _forwarded_count(fleet.client, relay) for relay in fleet.relays]
     with running_nginx(work, conf, port) as proc:
         await wait_listening(proc, port, work)
         # The agent, like every client, only knows the balancer's address.
@@ -424,4 +423,30 @@ async def test_nginx_example_balances_a_fleet_and_every_entry_reaches_the_host(
             await agent.stop()
     # Every relay took part: the ones without the tunnel forwarded to its owner.
     forwarded = [await _forwarded_count(fleet.client, relay) for relay in fleet.relays]
-    assert sum(1 for count in forwarded if count > 0) >= 1
+    assert sum(1 for count, was in zip(forwarded, before, strict=True) if count > was) >= 1
+
+
+# Last in the module: the relay it kills need not be started again for a test after it.
+async def test_a_forwarded_channel_closes_4410_when_the_owner_relay_is_killed(
+    fleet: Fleet,
+) -> None:
+    """The host's tunnel went away under the channel: the same 4410 as on a single relay, not
+    the 1011 of a peer socket that died without a close frame."""
+    a, b = fleet.relay("a"), fleet.relay("b")
+    agent = await _agent_on(fleet, a.port)
+    try:
+        await _wait_routable(fleet, fleet.relays)
+        url = f"{b.url}/hosts/{HOST}/ws?token={fleet.token}"
+        async with fleet.client.ws_connect(url) as ws:
+            await ws.send_str("hello")
+            assert (await ws.receive(timeout=5)).data == "hello"
+            a.kill()
+            killed_at = time.monotonic()
+            msg = await ws.receive(timeout=5)
+            took = time.monotonic() - killed_at
+            print(f"forwarded channel closed {msg.data} {took * 1000:.0f} ms after SIGKILL")
+            assert msg.type is aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == CloseCode.TUNNEL_GONE
+            assert msg.extra == "the host's tunnel went away"
+    finally:
+        await agent.stop()
