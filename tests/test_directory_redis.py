@@ -84,7 +84,7 @@ async def redis_server(shared_redis: RedisServer) -> RedisServer:
         await client.flushall()
         for user in await client.acl_users():
             if user != "default":
-                await client.acl_deluser(user)
+                await client.acl_deluser(str(user))
         await client.config_resetstat()
     finally:
         await client.aclose()
@@ -284,9 +284,8 @@ async def test_taken_entry_is_reported_lost_and_never_overwritten(
 async def test_crashed_relay_entries_expire_within_ttl(
     make_directory: MakeDirectory, raw: aioredis.Redis
 ) -> None:
-    quick = {"heartbeat_s": QUICK_HEARTBEAT_S, "entry_ttl_s": QUICK_TTL_S}
-    a = await make_directory("relay-a", **quick)
-    b = await make_directory("relay-b", **quick)
+    a = await make_directory("relay-a", heartbeat_s=QUICK_HEARTBEAT_S, entry_ttl_s=QUICK_TTL_S)
+    b = await make_directory("relay-b", heartbeat_s=QUICK_HEARTBEAT_S, entry_ttl_s=QUICK_TTL_S)
     await a.register("org:m1")
     await a.register("org:m2")
 
