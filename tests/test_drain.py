@@ -21,11 +21,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from relay.agent.backoff import Backoff
 from relay.agent.client import Outcome
 from relay.auth.devissuer import mint_token
 from relay.config import load_config
+from relay.devhost import build_app as build_host_app
 from relay.errors import CloseCode
 from tests.harness import (
     RunningAgent,
@@ -81,6 +83,7 @@ class Running:
     host: RunningHost
     agent: RunningAgent
     client: aiohttp.ClientSession
+    release: asyncio.Event  # answers the host's /held requests
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
 
@@ -102,6 +105,20 @@ class Running:
         return proc
 
 
+def host_app(release: asyncio.Event) -> web.Application:
+    """The sample host, plus ``/held``: a request answered when the test says so, not after a
+    delay long enough to outlast the checks made meanwhile."""
+
+    async def held(request: web.Request) -> web.Response:
+        async with asyncio.timeout(30):
+            await release.wait()
+        return web.Response(text="finally\n")
+
+    app = build_host_app()
+    app.router.add_get("/held", held)
+    return app
+
+
 @contextlib.asynccontextmanager
 async def running(tmp_path: Path, grace_s: float) -> AsyncIterator[Running]:
     config_path = write_config(tmp_path, {
@@ -111,9 +128,10 @@ async def running(tmp_path: Path, grace_s: float) -> AsyncIterator[Running]:
     })
     config = load_config(config_path, env={})
     token = mint_token(config, "alice", ["acme"])  # also creates the dev key the relay will use
-    host = await start_host()
+    release = asyncio.Event()
+    host = await start_host(host_app(release))
     client = aiohttp.ClientSession()
-    run = Running(config_path, config.server.port, token, host, None, client)  # type: ignore[arg-type]
+    run = Running(config_path, config.server.port, token, host, None, client, release)  # type: ignore[arg-type]
     try:
         await run.spawn(tmp_path / "relay-1.log")
         # Production-like backoff shape (base 0.2 s), capped low so the test stays short.
@@ -158,8 +176,7 @@ async def test_drain_lets_the_inflight_request_finish_and_the_agent_comes_back(
         channel = await run.client.ws_connect(run.hosts_url(f"/ws?token={run.token}"))
         await channel.send_str("before")
         assert (await channel.receive(timeout=5)).data == "before"
-        slow = asyncio.ensure_future(run.client.get(run.hosts_url("/slow?delay=3"),
-                                                    headers=run.auth))
+        slow = asyncio.ensure_future(run.client.get(run.hosts_url("/held"), headers=run.auth))
         await eventually(lambda: len(session.channels) == 2)  # the host has the request
         proc.send_signal(sig)
         signalled = time.monotonic()
@@ -181,10 +198,11 @@ async def test_drain_lets_the_inflight_request_finish_and_the_agent_comes_back(
         tunnel_code = await refused_ws_close_code(
             run.client, f"{run.url}/tunnel?hostId=acme:other&v=1&token={run.token}")
         assert tunnel_code == CloseCode.DRAINING
-        assert time.monotonic() - signalled < 2.5, "the request finished before the checks ran"
+        assert time.monotonic() - signalled < 2.5, "the checks ran well inside the grace"
         assert not slow.done()
 
         # The request that was in flight completes normally.
+        run.release.set()
         resp = await asyncio.wait_for(slow, 10)
         async with resp:
             assert resp.status == 200
@@ -231,7 +249,7 @@ async def start_slow_request(run: Running) -> asyncio.Future[aiohttp.ClientRespo
 async def test_request_outliving_the_grace_is_cut_and_the_process_still_exits(
     tmp_path: Path,
 ) -> None:
-    grace_s = 1.0
+    grace_s = 0.5
     async with running(tmp_path, grace_s=grace_s) as run:
         proc = run.procs[0]
         slow = await start_slow_request(run)
