@@ -160,9 +160,25 @@ class RunningHost:
         await self.runner.cleanup()
 
 
+def host_app_with_hold(release: asyncio.Event) -> web.Application:
+    """The sample host plus ``/hold``: answered ("finally") once ``release`` is set, for a
+    request that must stay in flight exactly as long as a test needs, not a guessed delay."""
+
+    async def hold(request: web.Request) -> web.Response:
+        async with asyncio.timeout(30):
+            await release.wait()
+        return web.Response(text="finally\n")
+
+    app = build_host_app()
+    app.router.add_get("/hold", hold)
+    return app
+
+
 async def start_host(app: web.Application | None = None, port: int | None = None) -> RunningHost:
+    # A short shutdown: tests end with requests the host is still "thinking" about
+    # (/slow?delay=30, /hold); waiting for them would only delay the teardown.
     runner = web.AppRunner(app or build_host_app(), access_log=None, handle_signals=False,
-                           shutdown_timeout=1.0)
+                           shutdown_timeout=0.1)
     await runner.setup()
     port = port or free_port()
     await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()

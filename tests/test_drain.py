@@ -21,19 +21,18 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from relay.agent.backoff import Backoff
 from relay.agent.client import Outcome
 from relay.auth.devissuer import mint_token
 from relay.config import load_config
-from relay.devhost import build_app as build_host_app
 from relay.errors import CloseCode
 from tests.harness import (
     RunningAgent,
     RunningHost,
     agent_token,
     eventually,
+    host_app_with_hold,
     spawn_relay_process,
     start_agent,
     start_host,
@@ -83,7 +82,7 @@ class Running:
     host: RunningHost
     agent: RunningAgent
     client: aiohttp.ClientSession
-    release: asyncio.Event  # answers the host's /held requests
+    release: asyncio.Event  # answers the host's /hold requests
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
 
@@ -105,20 +104,6 @@ class Running:
         return proc
 
 
-def host_app(release: asyncio.Event) -> web.Application:
-    """The sample host, plus ``/held``: a request answered when the test says so, not after a
-    delay long enough to outlast the checks made meanwhile."""
-
-    async def held(request: web.Request) -> web.Response:
-        async with asyncio.timeout(30):
-            await release.wait()
-        return web.Response(text="finally\n")
-
-    app = build_host_app()
-    app.router.add_get("/held", held)
-    return app
-
-
 @contextlib.asynccontextmanager
 async def running(tmp_path: Path, grace_s: float) -> AsyncIterator[Running]:
     config_path = write_config(tmp_path, {
@@ -129,7 +114,7 @@ async def running(tmp_path: Path, grace_s: float) -> AsyncIterator[Running]:
     config = load_config(config_path, env={})
     token = mint_token(config, "alice", ["acme"])  # also creates the dev key the relay will use
     release = asyncio.Event()
-    host = await start_host(host_app(release))
+    host = await start_host(host_app_with_hold(release))
     client = aiohttp.ClientSession()
     run = Running(config_path, config.server.port, token, host, None, client, release)  # type: ignore[arg-type]
     try:
@@ -176,7 +161,7 @@ async def test_drain_lets_the_inflight_request_finish_and_the_agent_comes_back(
         channel = await run.client.ws_connect(run.hosts_url(f"/ws?token={run.token}"))
         await channel.send_str("before")
         assert (await channel.receive(timeout=5)).data == "before"
-        slow = asyncio.ensure_future(run.client.get(run.hosts_url("/held"), headers=run.auth))
+        slow = asyncio.ensure_future(run.client.get(run.hosts_url("/hold"), headers=run.auth))
         await eventually(lambda: len(session.channels) == 2)  # the host has the request
         proc.send_signal(sig)
         signalled = time.monotonic()

@@ -21,7 +21,7 @@ from relay.devhost import STREAMS, Streams, pattern_bytes
 from relay.protocol import frames
 from relay.protocol.frames import Flags, FrameType
 from relay.tunnel.session import Role, SessionSettings, TunnelSession
-from tests.harness import Stack, eventually, stack, start_agent, start_host
+from tests.harness import Stack, eventually, host_app_with_hold, stack, start_agent, start_host
 
 MiB = 1 << 20
 
@@ -185,7 +185,7 @@ async def test_request_body_streams_so_the_host_answers_before_the_upload_ends(
 
 
 async def test_sse_events_arrive_as_the_host_sends_them(full_stack: Stack) -> None:
-    count, interval = 6, 0.25
+    count, interval = 6, 0.15
     started = time.monotonic()
     arrivals: list[float] = []
     async with full_stack.client.get(full_stack.url(f"/sse?count={count}&interval={interval}"),
@@ -309,7 +309,7 @@ async def test_host_offline_is_503_with_retry_after(full_stack: Stack) -> None:
 
 
 async def test_host_without_a_head_in_time_is_504_host_timeout(tmp_path: Path) -> None:
-    async with stack(tmp_path, sections={"tunnel": {"request_timeout_s": 1}}) as s:
+    async with stack(tmp_path, sections={"tunnel": {"request_timeout_s": 0.5}}) as s:
         started = time.monotonic()
         async with s.client.get(s.url("/slow?delay=10"), headers=s.auth()) as resp:
             assert resp.status == 504
@@ -323,15 +323,21 @@ async def test_past_the_stream_limit_a_request_waits_and_503s_when_its_wait_runs
     tmp_path: Path,
 ) -> None:
     tunnel = {"max_streams": 2, "max_streams_per_subject": 2, "queue_timeout_s": 0.3}
-    async with stack(tmp_path, sections={"tunnel": tunnel}) as s:
+    release = asyncio.Event()  # the host holds every request until the third one is refused
+    async with stack(tmp_path, sections={"tunnel": tunnel},
+                     host_app=host_app_with_hold(release)) as s:
         async def get() -> tuple[int, str]:
-            async with s.client.get(s.url("/slow?delay=1"), headers=s.auth()) as resp:
+            async with s.client.get(s.url("/hold"), headers=s.auth()) as resp:
                 if resp.status == 503:
                     assert resp.headers["Retry-After"].isdigit()
                     return resp.status, await error_code(resp)
                 return resp.status, await resp.text()
 
-        results = await asyncio.gather(get(), get(), get())
+        requests = [asyncio.ensure_future(get()) for _ in range(3)]
+        done, _ = await asyncio.wait(requests, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1
+        release.set()
+        results = await asyncio.wait_for(asyncio.gather(*requests), 10)
         assert sorted(results) == [(200, "finally\n"), (200, "finally\n"), (503, "overloaded")]
         assert await get() == (200, "finally\n")  # the streams were given back
 
