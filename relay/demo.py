@@ -53,7 +53,7 @@ async def _wait_ok(url: str, headers: dict[str, str] | None = None, timeout: flo
                         return
             except aiohttp.ClientError:
                 pass
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
     raise RuntimeError(f"{url} did not become ready")
 
 
@@ -99,13 +99,20 @@ async def _show(relay: str, token: str, host_id: str) -> None:
             print(resp.status, await resp.text())
 
 
+def _minted(proc: subprocess.Popen[str]) -> str:
+    out, _ = proc.communicate(timeout=30)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args, out)
+    return out.strip()
+
+
 def main() -> int:
     port, host_port = _free_port(), _free_port()
     relay = f"http://127.0.0.1:{port}"
     host_id = "acme:demo-laptop"
     env = {**os.environ, "RELAY_SERVER_PORT": str(port), "RELAY_LOG_LEVEL": "warning"}
     config = str(REPO / "config.toml")
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[subprocess.Popen[bytes] | subprocess.Popen[str]] = []
     workdir = tempfile.TemporaryDirectory(prefix="relay-demo-")
     try:
         _step(f"relay serve on {relay} (embedded default config)")
@@ -114,17 +121,19 @@ def main() -> int:
         _step(f"sample host service on http://127.0.0.1:{host_port}")
         procs.append(subprocess.Popen([sys.executable, "-m", "relay.devhost", "--port",
                                        str(host_port)], env=env))
-        asyncio.run(_wait_ok(f"{relay}/healthz"))
         mint = [sys.executable, "-m", "relay", "token", "--config", config, "--sub", "demo-user",
                 "--org", "acme"]
-        token = subprocess.run(mint, env=env, check=True, capture_output=True,
-                               text=True).stdout.strip()
+        # Minting needs the dev key, not the relay: both tokens are minted while it starts
+        # (whichever process creates the key first, all of them end up using that one).
+        # Serving a host takes more than reaching it: the agent's token names the host.
+        minting = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+                   for command in (mint, [*mint, "--agent-host", host_id])]
+        procs.extend(minting)  # the clean-up below owns them too, should one fail
+        token, agent_token = (_minted(proc) for proc in minting)
+        asyncio.run(_wait_ok(f"{relay}/healthz"))
         print(f"minted a dev token: relay token --config config.toml --sub demo-user --org acme"
               f" -> {token[:12]}…")
-        # Serving a host takes more than reaching it: the agent's token names the host. The
-        # agent reads it from a 0600 file: on its command line, ps would show it.
-        agent_token = subprocess.run([*mint, "--agent-host", host_id], env=env, check=True,
-                                     capture_output=True, text=True).stdout.strip()
+        # The agent reads its token from a 0600 file: on its command line, ps would show it.
         token_file = Path(workdir.name) / "agent-token"
         token_file.touch(mode=0o600)
         token_file.write_text(agent_token + "\n")
