@@ -556,17 +556,24 @@ async def _pingflood(args: argparse.Namespace) -> int:
     if line != "go":
         return 1
     until = time.monotonic() + args.duration
-    sent = connects = 0
+    sent = connects = refused = 0
     codes: collections.Counter[str] = collections.Counter()
     while time.monotonic() < until:
         host, port, request = handshake_request(url, args.token)
         try:
             _, flooder = await asyncio.wait_for(loop.create_connection(
                 functools.partial(PingFlooder, request, payload), host, port), 10)
-            await asyncio.wait_for(asyncio.shield(flooder.hello), 10)
+            # A refusal is a close before HELLO: try again at once, as an attacker would, rather
+            # than wait out a HELLO that never comes.
+            either: list[asyncio.Future[Any]] = [flooder.hello, flooder.closed]
+            await asyncio.wait_for(asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED), 10)
         except (OSError, TimeoutError, ConnectionError) as exc:
             codes[type(exc).__name__] += 1
             await asyncio.sleep(0.2)
+            continue
+        if not flooder.hello.done():
+            refused += 1
+            codes[f"refused {flooder.closed.result()}"] += 1
             continue
         connects += 1
         await flooder.flood(until)
@@ -575,7 +582,7 @@ async def _pingflood(args: argparse.Namespace) -> int:
             codes[str(flooder.closed.result())] += 1
         elif flooder.transport is not None:
             flooder.transport.abort()
-    emit({"pings_sent": sent, "connects": connects, "closes": dict(codes)})
+    emit({"pings_sent": sent, "connects": connects, "refused": refused, "closes": dict(codes)})
     return 0
 
 

@@ -468,7 +468,12 @@ class Bench:
                         ratio=False))
 
     def w6(self) -> None:
-        """Abuse: honest W1 throughput while hostile clients hold channels and flood PINGs."""
+        """Abuse: honest W1 throughput while hostile clients hold channels and flood PINGs.
+
+        Measured three times on the same relay, so the loss can be split: the idle channels
+        alone, the PING flood alone, then both (the headline row). Each run meters the CPU of
+        the relay, the agent, the host and both hostile processes.
+        """
         binary = self.ensure_wrk()
         if binary is None:
             self.report.notes.append(f"W6 skipped: {self.wrk_problem}")
@@ -480,57 +485,99 @@ class Bench:
         if alone_raw is not None:
             alone_rps = alone_raw["requests_per_s"]
             alone_errors = alone_raw["non_2xx"] + sum(alone_raw["socket_errors"].values())
+            alone_us = alone_raw["cpu_s"]["relay"] / alone_raw["requests"] * 1e6
         else:
             wrk.run(binary, url, token=self.token, seconds=d.w1_warmup_s)
-            alone = wrk.run(binary, url, token=self.token, seconds=d.w1_s)
+            with self.cpu_meter() as meter:
+                alone = wrk.run(binary, url, token=self.token, seconds=d.w1_s)
             alone_rps, alone_errors = alone.requests_per_s, alone.errors
+            alone_us = meter.used["relay"] / alone.requests * 1e6 if alone.requests else 0.0
+        phases = {name: self._w6_phase(binary, url, alone_rps, channels=name != "flood",
+                                       flood=name != "channels")
+                  for name in ("channels", "flood", "both")}
+        rows = self.report.rows
+        for name, phase in phases.items():
+            label = {"channels": "idle channels only", "flood": "PING flood only",
+                     "both": "both"}[name]
+            rows.append(Row("W6", f"honest 2xx req/s under abuse: {label}", alone_rps,
+                            phase["honest_rps"], "",
+                            *(("≥ 0.8 of alone", phase["ratio"] >= 0.8) if name == "both"
+                              else ("", None))))
+            rows.append(Row("W6", f"relay CPU per honest request: {label}", alone_us,
+                            phase["relay_us"], "µs"))
+            rows.append(Row("W6", f"hostile processes' CPU, share of a core: {label}", None,
+                            100 * phase["hostile_share"], "%", ratio=False))
+        both = phases["both"]
+        rows.append(Row("W6", "honest errors (non-2xx + socket)", alone_errors, both["errors"],
+                        "", "0", both["errors"] == 0, ratio=False))
+        rows.append(Row("W6", "relay RSS growth under abuse", None, both["rss_growth_mib"],
+                        "MiB", "≤ 64 MiB", both["rss_growth_mib"] <= 64, ratio=False))
+        self.report.raw["W6"] = {"alone_rps": alone_rps, "alone_errors": alone_errors,
+                                 "alone_relay_us": alone_us, "phases": phases}
+
+    def _w6_phase(self, binary: str, url: str, alone_rps: float, *, channels: bool,
+                  flood: bool) -> dict[str, Any]:
+        """One W6 measurement with the idle channels, the PING flood, or both."""
+        assert self.relay is not None
+        d = self.durations
         hold_s = d.w1_s + d.w1_warmup_s + 30
-        channels = self.loadgen("w6-channels", "idlechannels", "--url",
-                                self.relay.host_url(HOST_ID, "/ws", "ws"), "--count",
-                                str(W6_CHANNELS), "--deadline", str(hold_s + 30),
-                                token=self.hostile_token)
-        flood = self.loadgen("w6-pingflood", "pingflood", "--url", self.relay.ws,
-                             "--host-id", f"{ORG}:w6-flood", "--size", str(64 * 1024),
-                             "--duration", str(d.w1_warmup_s + d.w1_s + 1),
-                             "--deadline", str(hold_s + 30), token=self.hostile_token)
+        workers: dict[str, Worker] = {}
+        if channels:
+            workers["channels"] = self.loadgen(
+                "w6-channels", "idlechannels", "--url", self.relay.host_url(HOST_ID, "/ws", "ws"),
+                "--count", str(W6_CHANNELS), "--deadline", str(hold_s + 30),
+                token=self.hostile_token)
+        if flood:
+            workers["flood"] = self.loadgen(
+                "w6-pingflood", "pingflood", "--url", self.relay.ws,
+                "--host-id", f"{ORG}:w6-flood", "--size", str(64 * 1024),
+                "--duration", str(d.w1_warmup_s + d.w1_s + 1),
+                "--deadline", str(hold_s + 30), token=self.hostile_token)
         rss_before = settle_rss(self.relay.pid, 0.5)
+        held: dict[str, Any] = {}
+        held_after: dict[str, Any] = {}
+        flooded: dict[str, Any] = {}
         try:
-            held = channels.expect(60)
-            flood.expect(30)
-            flood.send("go")
+            if channels:
+                held = workers["channels"].expect(60)
+            if flood:
+                workers["flood"].expect(30)
+                workers["flood"].send("go")
+            pids = {"relay": self.relay.pid, "agent": self.agent_pid, "host": self.host_pid,
+                    **{f"hostile-{k}": w.popen.pid for k, w in workers.items()}}
             with RssSampler({"relay": self.relay.pid}) as rss:
                 wrk.run(binary, url, token=self.token, seconds=d.w1_warmup_s)
-                hostile = wrk.run(binary, url, token=self.token, seconds=d.w1_s)
-            channels.send("stop")
-            held_after = channels.expect(30)
-            flooded = flood.expect(30)
+                with CpuMeter(pids) as meter:
+                    hostile = wrk.run(binary, url, token=self.token, seconds=d.w1_s)
+            if channels:
+                workers["channels"].send("stop")
+                held_after = workers["channels"].expect(30)
+            if flood:
+                flooded = workers["flood"].expect(30)
         finally:
-            for worker in (channels, flood):
+            for worker in workers.values():
                 self.procs.stop(worker.popen)
         # Only answered requests count: a relay shedding the honest client with fast 503s must
         # not look faster than one serving it.
-        ok_share = 1 - hostile.errors / hostile.requests if hostile.requests else 0.0
-        honest_rps = hostile.requests_per_s * max(0.0, ok_share)
+        ok = hostile.requests - hostile.errors
+        honest_rps = hostile.requests_per_s * (max(0, ok) / hostile.requests
+                                               if hostile.requests else 0.0)
         ratio = honest_rps / alone_rps if alone_rps else 0.0
+        relay_us = meter.used["relay"] / ok * 1e6 if ok > 0 else float("nan")
+        hostile_share = sum(meter.share(k) for k in meter.used if k.startswith("hostile-"))
         growth_mib = (rss.peak["relay"] - rss_before) / 1024
-        print(f"  W6 alone {alone_rps:10,.0f} req/s; with hostile load "
-              f"{honest_rps:10,.0f} answered req/s (x{ratio:.2f}), errors {hostile.errors}; "
-              f"idle channels held {held.get('ready')} -> {held_after.get('held')}; "
-              f"pings sent {flooded.get('pings_sent')} over {flooded.get('connects')} "
-              f"tunnels, closes {flooded.get('closes')}; relay RSS +{growth_mib:.0f} MiB",
-              flush=True)
-        self.report.raw["W6"] = {"alone_rps": alone_rps, "alone_errors": alone_errors,
-                                 "hostile": {k: v for k, v in asdict(hostile).items()
-                                             if k != "raw"},
-                                 "channels": [held, held_after],
-                                 "pingflood": flooded, "rss_growth_mib": growth_mib}
-        rows = self.report.rows
-        rows.append(Row("W6", "honest 2xx req/s: alone | under abuse", alone_rps,
-                        honest_rps, "", "≥ 0.8 of alone", ratio >= 0.8))
-        rows.append(Row("W6", "honest errors (non-2xx + socket)", alone_errors, hostile.errors,
-                        "", "0", hostile.errors == 0, ratio=False))
-        rows.append(Row("W6", "relay RSS growth under abuse", None, growth_mib, "MiB",
-                        "≤ 64 MiB", growth_mib <= 64, ratio=False))
+        what = "+".join(workers)
+        print(f"  W6 {what:14s} {honest_rps:8,.0f} answered req/s (x{ratio:.2f}), errors "
+              f"{hostile.errors}, relay {relay_us:.0f} µs/req; CPU {meter.describe()}; "
+              f"channels held {held.get('ready')} -> {held_after.get('held')}; pings sent "
+              f"{flooded.get('pings_sent')} over {flooded.get('connects')} tunnels "
+              f"({flooded.get('refused')} attempts refused), closes "
+              f"{flooded.get('closes')}; relay RSS +{growth_mib:.0f} MiB", flush=True)
+        return {"honest_rps": honest_rps, "ratio": ratio, "errors": hostile.errors,
+                "relay_us": relay_us, "hostile_share": hostile_share,
+                "cpu_s": meter.used, "wall_s": meter.wall, "rss_growth_mib": growth_mib,
+                "wrk": {k: v for k, v in asdict(hostile).items() if k != "raw"},
+                "channels": [held, held_after], "pingflood": flooded}
 
     def w1t(self) -> None:
         """W1 with tracing off and on, side by side: a second relay + agent export every span."""
