@@ -123,6 +123,8 @@ class TunnelConfig:
     max_queued: int = 4096  # exchanges waiting per tunnel; more answer 503 at once
     max_outbox_bytes: int = 8 << 20  # bytes queued for an agent that does not read before 1008
     max_pings_per_s: float = 8.0  # PINGs an agent may send per second (burst 16+); 0 = any
+    # after a PING flood cut, the subject's new tunnels are refused 1013 this long; 0 = never
+    flood_lockout_s: float = 10.0
     stream_window_bytes: int = defaults.WINDOW  # flow-control credit per stream and direction
     max_frame_bytes: int = defaults.MAX_FRAME  # largest DATA payload on the tunnel
     max_ws_message_bytes: int = defaults.MAX_WS_MESSAGE
@@ -523,6 +525,8 @@ def validate(config: Config) -> None:
         raise ConfigError(src, "tunnel.queue_timeout_s", "must not be negative")
     if tunnel.max_pings_per_s < 0:
         raise ConfigError(src, "tunnel.max_pings_per_s", "must not be negative (0: no limit)")
+    if not 0 <= tunnel.flood_lockout_s <= 3600:
+        raise ConfigError(src, "tunnel.flood_lockout_s", "must be between 0 (off) and 3600")
     if tunnel.max_queued < 0:
         raise ConfigError(src, "tunnel.max_queued", "must not be negative")
     # Honest traffic may queue the data high-water mark plus a few of the largest frames.

@@ -1,10 +1,15 @@
-"""The PING budget's token bucket, on a fake clock."""
+"""The PING budget's token bucket on a fake clock, and the tunnel keys that bound a flood."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from relay.config import load_config
+from relay.errors import ConfigError
 from relay.protocol.budget import RateBudget, ping_burst
+from tests.harness import write_config
 
 
 def test_a_burst_passes_then_the_rate_holds() -> None:
@@ -37,3 +42,16 @@ def test_a_clock_going_backwards_grants_nothing() -> None:
 def test_a_budget_that_could_never_allow_is_refused(rate: float, burst: float) -> None:
     with pytest.raises(ValueError):
         RateBudget(rate, burst, 0.0)
+
+
+@pytest.mark.parametrize("lockout", [-1, 3601])
+def test_a_flood_lockout_out_of_range_is_refused_at_load(tmp_path: Path, lockout: float) -> None:
+    path = write_config(tmp_path, {"tunnel": {"flood_lockout_s": lockout}})
+    with pytest.raises(ConfigError, match=r"tunnel\.flood_lockout_s"):
+        load_config(path, env={})
+
+
+def test_the_flood_lockout_defaults_to_ten_seconds_and_zero_turns_it_off(tmp_path: Path) -> None:
+    assert load_config(write_config(tmp_path), env={}).tunnel.flood_lockout_s == 10
+    path = write_config(tmp_path, {"tunnel": {"flood_lockout_s": 0}})
+    assert load_config(path, env={}).tunnel.flood_lockout_s == 0

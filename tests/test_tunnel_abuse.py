@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import os
 import struct
@@ -24,6 +25,7 @@ from tests.harness import (
     Stack,
     agent_token,
     spawn_relay_process,
+    stack,
     wait_http,
     write_config,
 )
@@ -270,3 +272,120 @@ async def test_an_honest_burst_of_pings_is_answered_and_the_tunnel_stays(
         assert full_stack.relay.state.registry.get(ROGUE_HOST) is not None
     finally:
         await tunnel.close()
+
+
+async def read_server_frames(reader: asyncio.StreamReader, seen: collections.Counter[int],
+                             ) -> tuple[int | None, str]:
+    """Read the relay's (unmasked) WebSocket frames until it hangs up; its close code and
+    reason. ``seen`` counts the tunnel frame types that arrived."""
+    close: tuple[int | None, str] = (None, "")
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+        while True:
+            first, second = await reader.readexactly(2)
+            size = second & 0x7F
+            if size == 126:
+                size = struct.unpack("!H", await reader.readexactly(2))[0]
+            elif size == 127:
+                size = struct.unpack("!Q", await reader.readexactly(8))[0]
+            payload = await reader.readexactly(size)
+            if first & 0x0F == 0x8:
+                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+                close = (code, payload[2:].decode())
+            elif first & 0x0F == 0x2 and payload:
+                seen[payload[0]] += 1
+    return close
+
+
+async def _refusal_of(client: aiohttp.ClientSession, stack_: Stack, host_id: str,
+                      token: str) -> tuple[int | None, str]:
+    """Open a tunnel that the relay is expected to refuse; its close code and reason."""
+    tunnel = await RawTunnel.connect(client, stack_.relay, host_id, token, wait_hello=False,
+                                     heartbeat_s=None)
+    try:
+        return await tunnel.expect_close()
+    finally:
+        with contextlib.suppress(Exception):
+            await tunnel.close()
+
+
+async def test_a_subject_cut_off_for_a_ping_flood_may_not_come_straight_back(
+    tmp_path: Path,
+) -> None:
+    """A flooder that reconnects at once would make the relay pay for a whole registration
+    (and the start of another flood) per round trip: its subject is refused 1013 for
+    ``tunnel.flood_lockout_s``, on every host id it may serve, while other agents are served."""
+    async with stack(tmp_path, {"tunnel": {"flood_lockout_s": 6}}) as running:
+        config, client = running.relay.config, running.client
+        mallory = agent_token(config, ROGUE_HOST, "mallory")
+        flooder = await RawTunnel.connect(client, running.relay, ROGUE_HOST, mallory,
+                                          heartbeat_s=None)
+        for n in range(64):  # far past the burst
+            with contextlib.suppress(ConnectionError):
+                await flooder.send(frames.encode_ping(FrameType.PING, b"%08d" % n))
+        code, _ = await flooder.expect_close()
+        assert code == CloseCode.POLICY_VIOLATION
+        await flooder.close()
+
+        # The same subject, on the same host and on another it may serve: refused, and told
+        # why and when to come back.
+        other_host = "acme:rogue-two"
+        for host_id, token in ((ROGUE_HOST, mallory),
+                               (other_host, agent_token(config, other_host, "mallory"))):
+            code, reason = await _refusal_of(client, running, host_id, token)
+            assert code == CloseCode.TRY_AGAIN_LATER, (host_id, code, reason)
+            assert "PING flood" in reason and "retry in" in reason
+        # Someone else's agent is not held to mallory's lockout.
+        honest = await RawTunnel.connect(client, running.relay, "acme:bystander",
+                                         agent_token(config, "acme:bystander", "bob"))
+        assert honest.hello
+        await honest.close()
+        async with client.get(f"{running.relay.url}/metrics") as resp:
+            assert 'relay_tunnel_rejections_total{code="rate_limited"} 2.0' in await resp.text()
+
+        # Once the lockout is over the subject is served again (bounded wait, polled).
+        async with asyncio.timeout(10):
+            while True:
+                tunnel = await RawTunnel.connect(client, running.relay, ROGUE_HOST, mallory,
+                                                 wait_hello=False, heartbeat_s=None)
+                msg = await tunnel.ws.receive()
+                if msg.type is aiohttp.WSMsgType.BINARY:
+                    assert frames.decode(msg.data, 1 << 24).type is FrameType.HELLO
+                    await tunnel.close()
+                    break
+                assert msg.type is aiohttp.WSMsgType.CLOSE
+                assert msg.data == CloseCode.TRY_AGAIN_LATER
+                await tunnel.close()
+                await asyncio.sleep(0.2)
+
+
+async def test_a_refused_agent_that_keeps_sending_is_not_read(tmp_path: Path) -> None:
+    """No token, so 4401; then 64 KiB frames as fast as the socket takes them. The relay used
+    to read (and decode) all of it while it waited for a close frame, for up to 2 s; now it
+    stops reading once its close frame is out, so the sender stalls on full buffers."""
+    path = write_config(tmp_path)
+    config = load_config(path, env={})
+    proc = spawn_relay_process(path, log_file=tmp_path / "relay.log")
+    writer: asyncio.StreamWriter | None = None
+    try:
+        await wait_http(f"http://127.0.0.1:{config.server.port}/healthz")
+        reader, writer = await raw_tunnel_socket(config.server.port, ROGUE_HOST, "")
+        junk = ws_frame(frames.encode_ping(FrameType.PING, os.urandom(64 * KiB)))
+        sent = 0
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            while sent < 256 * MiB:
+                writer.write(junk)
+                await asyncio.wait_for(writer.drain(), 1.0)  # stalls once nothing is read
+                sent += len(junk)
+        seen: collections.Counter[int] = collections.Counter()
+        code, reason = await asyncio.wait_for(read_server_frames(reader, seen), 10)
+        print(f"refused and flooding: {sent / MiB:.1f} MiB taken before the sender stalled; "
+              f"closed {code} {reason!r}")
+        assert code == CloseCode.UNAUTHORIZED
+        # What the kernel's socket buffers hold on both sides, not what 2 s of reading takes.
+        assert sent < 48 * MiB
+        assert "Traceback" not in (tmp_path / "relay.log").read_text()
+    finally:
+        if writer is not None:
+            writer.close()
+        proc.terminate()
+        proc.wait(timeout=15)

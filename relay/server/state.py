@@ -69,6 +69,9 @@ class RelayState:
     admin_throttle: FailureThrottle | None = None  # wrong admin secrets per peer address
     tracing: Tracing | None = None  # set when [tracing] otlp_endpoint is
     tls: TlsContext | None = None  # set when the relay serves TLS itself
+    # Subjects whose tunnel was cut for a control flood, refused new tunnels for a while
+    # (relay.server.tunnels; created with the first flood).
+    flood_lockout: FailureThrottle | None = None
 
     def request_started(self) -> None:
         self.inflight_http += 1

@@ -2,7 +2,8 @@
 
 A tunnel lives no longer than its credential: it holds a lease that closes it 4401 at the
 token's ``exp`` (plus the auth leeway) unless a v2 agent renews in-band (RENEW), and 4403 when
-an operator revokes its subject or host. An agent that stops reading is cut off (1008).
+an operator revokes its subject or host. An agent that stops reading is cut off (1008), and so
+is one that floods PINGs; its subject may then register no tunnel for ``tunnel.flood_lockout_s``.
 """
 
 from __future__ import annotations
@@ -27,21 +28,26 @@ from relay.errors import (
     LocalProtocolError,
     ProtocolViolation,
     RelayError,
+    TooManyRequests,
 )
 from relay.metrics import QueueOutcome
 from relay.protocol import frames
-from relay.protocol.close import fit_reason, reason_bytes
+from relay.protocol.close import close_payload, fit_reason, reason_bytes
 from relay.protocol.frames import SUPPORTED_VERSIONS, negotiate_version
 from relay.protocol.messages import Hello, Renew, Renewed
 from relay.server.edge import Authorized, authorize, require_param
 from relay.server.registry import Tunnel
 from relay.server.state import STATE, TUNNEL_CLOSE, TUNNEL_RELEASE, RelayState
+from relay.server.throttle import FailureThrottle
 from relay.tunnel.gate import StreamGate
 from relay.tunnel.session import Role, TunnelSession
 
 log = structlog.get_logger("relay.tunnel")
 
 CLOSE_TIMEOUT_S = 2.0  # a black-holed agent never answers our close frame
+# How long a refusal for a flood lockout is held back (at most): no longer than a refused
+# close handshake may take anyway, so it holds a connection no longer than any refusal can.
+FLOOD_REFUSAL_HOLD_S = CLOSE_TIMEOUT_S
 
 
 async def close_refused(ws: web.WebSocketResponse, error: RelayError) -> web.WebSocketResponse:
@@ -51,6 +57,38 @@ async def close_refused(ws: web.WebSocketResponse, error: RelayError) -> web.Web
             ws.close(code=int(error.close_code), message=reason_bytes(error.message)),
             CLOSE_TIMEOUT_S,
         )
+    return ws
+
+
+async def hang_up_refused(ws: web.WebSocketResponse, error: RelayError,
+                          transport: asyncio.Transport | None) -> web.WebSocketResponse:
+    """Refuse a tunnel: the close frame, a grace for the agent to take it, then hang up, all
+    without reading another byte from the agent.
+
+    :func:`close_refused` (for browsers) waits for the peer's close frame by reading every
+    message before it, for up to ``CLOSE_TIMEOUT_S``: a refused, even unauthenticated, peer
+    that keeps sending made the relay read and decode all of it (tens of ms of CPU for each
+    attempt). Here the socket stops being read once the close frame is written; the agent can
+    still answer it (its reply lands in the kernel's buffer) before the relay drops the
+    connection, which clients such as aiohttp need to report the code rather than 1006 — the
+    lingering close nginx does for the same reason, minus the reading.
+    """
+    payload = close_payload(int(error.close_code), error.message)
+    try:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.send_frame(
+                payload.code.to_bytes(2, "big") + payload.reason_bytes, WSMsgType.CLOSE),
+                CLOSE_TIMEOUT_S)
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        # Bounded; a paused socket reports no hang-up, but another close of ours would show.
+        while (transport is not None and not transport.is_closing()  # noqa: ASYNC110
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.1)
+    finally:
+        if transport is not None and not transport.is_closing():
+            transport.abort()  # what the agent sent after its upgrade was never read
     return ws
 
 
@@ -82,14 +120,47 @@ async def handle_tunnel(request: web.Request) -> web.StreamResponse:
             raise BadRequest(f"unsupported protocol version; this relay speaks v={speaks}")
         auth = await authorize(state, request, host_raw, allow_query_token=True,
                                role=AccessRole.AGENT)
+        _check_flood_lockout(state, auth.identity.sub)
         assert state.directory is not None
         epoch = await state.directory.register(str(auth.host))
     except RelayError as error:
         state.metrics.tunnel_rejections_total.labels(code=str(error.code)).inc()
         log.info("tunnel.refused", code=str(error.code),
                  host_id=request.query.get("hostId", "")[:300], peer=peer_address(request))
-        return await close_refused(ws, error)
+        if isinstance(error, FloodLockedOut):
+            # Held before the refusal (nothing is read meanwhile), like nginx's limit_req
+            # delay: an agent looping on refusals gets one a while, not one per round trip.
+            await asyncio.sleep(min(error.retry_after_s or 1, FLOOD_REFUSAL_HOLD_S))
+        return await hang_up_refused(ws, error, request.transport)
     return await serve_tunnel(state, request, ws, auth, epoch, version)
+
+
+class FloodLockedOut(TooManyRequests):
+    """A tunnel of this subject was just cut for a control flood: no new one for a while."""
+
+
+def _check_flood_lockout(state: RelayState, subject: str) -> None:
+    lockout = state.flood_lockout
+    retry = lockout.retry_after(subject) if lockout is not None else None
+    if retry is not None:
+        raise FloodLockedOut(f"this agent's tunnel was cut for a PING flood; retry in {retry} s",
+                             retry_after_s=retry)
+
+
+def _strike_flood(state: RelayState, subject: str) -> None:
+    """A tunnel of ``subject`` was cut for a control flood: lock the subject out.
+
+    By subject, not host: a wildcard agent token could register another host id per attempt.
+    """
+    lockout_s = state.config.tunnel.flood_lockout_s
+    if lockout_s <= 0:
+        return
+    lockout = state.flood_lockout
+    if lockout is None or lockout.lockout_s != lockout_s:
+        lockout = state.flood_lockout = FailureThrottle(
+            max_failures=1, window_s=lockout_s, lockout_s=lockout_s, clock=time.monotonic)
+    if lockout.failed(subject) is not None:
+        log.info("tunnel.flood_lockout", sub=subject, lockout_s=lockout_s)
 
 
 def credential_deadline(state: RelayState, expires_at: float) -> float:
@@ -211,6 +282,8 @@ async def serve_tunnel(
         still_current = state.registry.unregister(tunnel)
         metrics.tunnels_connected.set(len(state.registry))
         metrics.tunnel_disconnects_total.labels(reason=_reason_label(closing, reason)).inc()
+        if closing.get("label") == "control_flood":
+            _strike_flood(state, subject)
         log.info("tunnel.disconnected", host_id=host_id, peer=tunnel.peer,
                  reason=_reason_label(closing, reason), replaced=not still_current)
         release = state.tasks.spawn(TUNNEL_RELEASE,
