@@ -127,7 +127,7 @@ async def handle_tunnel(request: web.Request) -> web.StreamResponse:
         state.metrics.tunnel_rejections_total.labels(code=str(error.code)).inc()
         log.info("tunnel.refused", code=str(error.code),
                  host_id=request.query.get("hostId", "")[:300], peer=peer_address(request))
-        if isinstance(error, FloodLockedOut):
+        if isinstance(error, TooManyRequests):  # the flood lockout
             # Held before the refusal (nothing is read meanwhile), like nginx's limit_req
             # delay: an agent looping on refusals gets one a while, not one per round trip.
             await asyncio.sleep(min(error.retry_after_s or 1, FLOOD_REFUSAL_HOLD_S))
@@ -135,15 +135,11 @@ async def handle_tunnel(request: web.Request) -> web.StreamResponse:
     return await serve_tunnel(state, request, ws, auth, epoch, version)
 
 
-class FloodLockedOut(TooManyRequests):
-    """A tunnel of this subject was just cut for a control flood: no new one for a while."""
-
-
 def _check_flood_lockout(state: RelayState, subject: str) -> None:
     lockout = state.flood_lockout
     retry = lockout.retry_after(subject) if lockout is not None else None
     if retry is not None:
-        raise FloodLockedOut(f"this agent's tunnel was cut for a PING flood; retry in {retry} s",
+        raise TooManyRequests(f"this agent's tunnel was cut for a PING flood; retry in {retry} s",
                              retry_after_s=retry)
 
 
