@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import os
 import socket
@@ -161,16 +162,31 @@ class RunningHost:
 
 
 def host_app_with_hold(release: asyncio.Event) -> web.Application:
-    """The sample host plus ``/hold``: answered ("finally") once ``release`` is set, for a
-    request that must stay in flight exactly as long as a test needs, not a guessed delay."""
+    """The sample host plus two routes that wait for ``release`` (30 s at most), for requests
+    that must stay in flight exactly as long as a test needs, not a guessed delay:
+    ``/hold`` then answers "finally"; ``/hold-sink`` reads a first piece of the upload, stops
+    reading until released, then answers the digest of it all as ``/sink`` does."""
 
     async def hold(request: web.Request) -> web.Response:
         async with asyncio.timeout(30):
             await release.wait()
         return web.Response(text="finally\n")
 
+    async def hold_sink(request: web.Request) -> web.Response:
+        hasher = hashlib.sha256()
+        first = await request.content.read(64 * 1024)
+        hasher.update(first)
+        size = len(first)
+        async with asyncio.timeout(30):
+            await release.wait()
+        async for data in request.content.iter_any():
+            hasher.update(data)
+            size += len(data)
+        return web.json_response({"sha256": hasher.hexdigest(), "size": size})
+
     app = build_host_app()
     app.router.add_get("/hold", hold)
+    app.router.add_post("/hold-sink", hold_sink)
     return app
 
 

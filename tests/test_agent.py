@@ -262,7 +262,7 @@ async def test_draining_relay_refusing_at_the_door_is_not_hammered() -> None:
         relay.url, "http://127.0.0.1:9", TokenSource(token="t"),
         backoff=Backoff(base=0.05, cap=2), wait=False,
     ) as agent:
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(0.75)  # a hot loop would have made hundreds of attempts by now
         assert 2 <= len(relay.connections) <= 10
         assert agent.agent.last_outcome is not None
         assert agent.agent.last_outcome.code == CloseCode.DRAINING
@@ -397,15 +397,15 @@ async def test_watchdog_abandons_a_black_holed_relay_and_reconnects() -> None:
 async def test_watchdog_leaves_a_quiet_but_live_relay_alone() -> None:
     async def pinging(ws: web.WebSocketResponse, relay: FakeRelay) -> None:
         """Sends nothing but PINGs and reads nothing: the agent's PONGs are not needed."""
-        await ws.send_bytes(hello(ping_interval_s=0.2, misses=2))
+        await ws.send_bytes(hello(ping_interval_s=0.1, misses=2))
         while True:
             await ws.send_bytes(frames.encode_ping(FrameType.PING, b"12345678"))
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
 
     async with fake_relay(pinging) as relay, agent_running(
         relay.url, "http://127.0.0.1:9", TokenSource(token="t"),
     ) as agent:
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(0.6)  # three times the 0.2 s silence limit
         assert len(relay.connections) == 1
         assert agent.agent.connected
         await relay.stop()

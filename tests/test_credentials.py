@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,6 +38,13 @@ from tests.test_rogue_agent import RawTunnel
 
 HOST = "acme:laptop"
 SECRET = "admin-secret-for-credential-tests"
+
+
+def short_ttl(at_least_s: float = 0.6) -> int:
+    """A token lifetime in whole seconds (exp is one) that ends ``at_least_s`` from now or up
+    to a second later: a plain ``ttl_s=2`` would leave anything between 1 and 2 s."""
+    now = time.time()
+    return math.ceil(now + at_least_s) - int(now)
 
 
 def exp_of(token: str) -> float:
@@ -108,7 +116,7 @@ async def test_a_channel_is_closed_4401_when_its_token_expires(creds: Setup) -> 
     agent = await start_agent(creds.relay.ws_url, HOST, creds.host.url,
                               token=creds.relay.agent_token(HOST, sub="agent"))
     try:
-        token = creds.relay.token(sub="alice", ttl_s=2)
+        token = creds.relay.token(sub="alice", ttl_s=short_ttl())
         ws = await creds.channel(token)
         code, reason, at = await closed_within(ws, 5)
         lag = at - exp_of(token)
@@ -259,7 +267,7 @@ async def test_a_v2_agent_renews_in_band_and_no_request_fails_across_the_renewal
 
 
 async def test_a_v2_tunnel_that_does_not_renew_is_closed_4401_at_exp(creds: Setup) -> None:
-    token = creds.relay.agent_token(HOST, sub="agent", ttl_s=2)
+    token = creds.relay.agent_token(HOST, sub="agent", ttl_s=short_ttl())
     tunnel = await RawTunnel.connect(creds.client, creds.relay, HOST, token,
                                      query=f"hostId={HOST}&v=1,2")
     try:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from relay.devhost import STREAMS, pattern_bytes
 from relay.tunnel.session import Channel
-from tests.harness import Stack, eventually
+from tests.harness import Stack, eventually, host_app_with_hold, stack
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -76,8 +77,13 @@ async def test_paused_download_keeps_buffers_bounded_and_the_agent_waits_on_cred
     await eventually(lambda: s.host.runner.app[STREAMS].finished == 1)
 
 
-async def test_host_reading_an_upload_slowly_holds_the_client_back(full_stack: Stack) -> None:
-    s = full_stack
+async def test_host_reading_an_upload_slowly_holds_the_client_back(tmp_path: Path) -> None:
+    release = asyncio.Event()  # the host stops reading the upload until the checks are done
+    async with stack(tmp_path, host_app=host_app_with_hold(release)) as s:
+        await _upload_to_a_host_not_reading(s, release)
+
+
+async def _upload_to_a_host_not_reading(s: Stack, release: asyncio.Event) -> None:
     window = s.relay.config.tunnel.stream_window_bytes
     max_frame = s.relay.config.tunnel.max_frame_bytes
     tunnel = s.relay.state.registry.get(s.host_id)
@@ -96,7 +102,7 @@ async def test_host_reading_an_upload_slowly_holds_the_client_back(full_stack: S
             yield piece
 
     request = asyncio.ensure_future(
-        s.client.post(s.url("/sink?pause=2"), data=upload(), headers=s.auth()))
+        s.client.post(s.url("/hold-sink"), data=upload(), headers=s.auth()))
     await eventually(lambda: len(tunnel.session.channels) == 1)
     relay_ch = only_channel(tunnel.session.channels)
     await eventually(lambda: len(agent_session.channels) == 1)
@@ -112,6 +118,7 @@ async def test_host_reading_an_upload_slowly_holds_the_client_back(full_stack: S
     assert sent_by_relay[-1] == sent_by_relay[-5]
     assert produced < size // 2  # the client itself was held back
 
+    release.set()
     async with await request as resp:
         assert resp.status == 200
         assert await resp.json() == {"sha256": payload_hash.hexdigest(), "size": size}
