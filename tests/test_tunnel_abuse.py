@@ -12,12 +12,14 @@ import collections
 import contextlib
 import os
 import struct
+import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 
-from relay.config import load_config
+from relay.config import Config, load_config
 from relay.errors import CloseCode
 from relay.protocol import frames
 from relay.protocol.frames import FrameType
@@ -70,6 +72,23 @@ async def raw_tunnel_socket(port: int, host_id: str, token: str
     return reader, writer
 
 
+@contextlib.asynccontextmanager
+async def relay_process(tmp_path: Path, tunnel: dict[str, object] | None = None,
+                        ) -> AsyncIterator[tuple[Config, str, subprocess.Popen[bytes]]]:
+    """A `relay serve` process of its own (so its memory and logs are its own), healthy;
+    its config, base URL and process. Stopped (bounded) on the way out."""
+    path = write_config(tmp_path, {"tunnel": tunnel} if tunnel else None)
+    config = load_config(path, env={})
+    url = f"http://127.0.0.1:{config.server.port}"
+    proc = spawn_relay_process(path, log_file=tmp_path / "relay.log")
+    try:
+        await wait_http(f"{url}/healthz")
+        yield config, url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
 async def metric(client: aiohttp.ClientSession, url: str, name: str) -> float:
     async with client.get(f"{url}/metrics") as resp:
         for line in (await resp.text()).splitlines():
@@ -87,54 +106,48 @@ async def test_ping_flood_without_reading_keeps_relay_memory_flat_and_is_cut_off
     # about what a peer that does not read can make the relay queue (the budget, on by
     # default, is tested below).
     ping_interval_s, misses = 1, 2
-    path = write_config(tmp_path, {"tunnel": {"ping_interval_s": ping_interval_s,
-                                              "keepalive_misses": misses,
-                                              "max_pings_per_s": 0}})
-    config = load_config(path, env={})
-    url = f"http://127.0.0.1:{config.server.port}"
-    proc = spawn_relay_process(path, log_file=tmp_path / "relay.log")
-    writer: asyncio.StreamWriter | None = None
-    try:
-        await wait_http(f"{url}/healthz")
-        token = agent_token(config, ROGUE_HOST, "mallory")
-        async with aiohttp.ClientSession() as client:
-            _, writer = await raw_tunnel_socket(config.server.port, ROGUE_HOST, token)
-            baseline = rss_bytes(proc.pid)
-            ping = ws_frame(frames.encode_ping(FrameType.PING, os.urandom(100 * KiB)))
-            peak, sent, cut = baseline, 0, False
-            started = time.monotonic()
-            last_sample = started
-            while time.monotonic() - started < 15:
-                try:
-                    writer.write(ping)
-                    await asyncio.wait_for(writer.drain(), 1.0)
-                    sent += 1
-                except (ConnectionError, TimeoutError):
-                    pass  # the relay stopped reading or hung up: see below
-                now = time.monotonic()
-                if now - last_sample >= 0.1:
-                    last_sample = now
-                    peak = max(peak, rss_bytes(proc.pid))
-                    if await metric(client, url, 'relay_tunnel_disconnects_total{reason="not_'
-                                                 'reading"}') == 1:
-                        cut = True
-                        break
-            flooded_s = time.monotonic() - started
-        growth = peak - baseline
-        print(f"ping flood: {sent} PINGs ({sent * 100 // 1024} MiB) in {flooded_s:.1f} s, "
-              f"relay RSS {baseline / MiB:.1f} MiB -> peak {peak / MiB:.1f} MiB "
-              f"(+{growth / MiB:.1f} MiB), cut off: {cut}")
-        # A real flood, for most of the silence limit at least (none is cut before it).
-        assert flooded_s >= 0.75 * ping_interval_s * misses and sent * 100 * KiB >= 32 * MiB
-        assert growth < 32 * MiB
-        assert cut, "the agent that does not read must be cut off"
-        log = (tmp_path / "relay.log").read_text()
-        assert "tunnel.peer_not_reading" in log and "Traceback" not in log
-    finally:
-        if writer is not None:
-            writer.close()
-        proc.terminate()
-        proc.wait(timeout=15)
+    tunnel: dict[str, object] = {"ping_interval_s": ping_interval_s, "keepalive_misses": misses,
+                                 "max_pings_per_s": 0}
+    async with relay_process(tmp_path, tunnel) as (config, url, proc):
+        writer: asyncio.StreamWriter | None = None
+        try:
+            token = agent_token(config, ROGUE_HOST, "mallory")
+            async with aiohttp.ClientSession() as client:
+                _, writer = await raw_tunnel_socket(config.server.port, ROGUE_HOST, token)
+                baseline = rss_bytes(proc.pid)
+                ping = ws_frame(frames.encode_ping(FrameType.PING, os.urandom(100 * KiB)))
+                peak, sent, cut = baseline, 0, False
+                started = time.monotonic()
+                last_sample = started
+                while time.monotonic() - started < 15:
+                    try:
+                        writer.write(ping)
+                        await asyncio.wait_for(writer.drain(), 1.0)
+                        sent += 1
+                    except (ConnectionError, TimeoutError):
+                        pass  # the relay stopped reading or hung up: see below
+                    now = time.monotonic()
+                    if now - last_sample >= 0.1:
+                        last_sample = now
+                        peak = max(peak, rss_bytes(proc.pid))
+                        if await metric(client, url, 'relay_tunnel_disconnects_total{reason="not_'
+                                                     'reading"}') == 1:
+                            cut = True
+                            break
+                flooded_s = time.monotonic() - started
+            growth = peak - baseline
+            print(f"ping flood: {sent} PINGs ({sent * 100 // 1024} MiB) in {flooded_s:.1f} s, "
+                  f"relay RSS {baseline / MiB:.1f} MiB -> peak {peak / MiB:.1f} MiB "
+                  f"(+{growth / MiB:.1f} MiB), cut off: {cut}")
+            # A real flood, for most of the silence limit at least (none is cut before it).
+            assert flooded_s >= 0.75 * ping_interval_s * misses and sent * 100 * KiB >= 32 * MiB
+            assert growth < 32 * MiB
+            assert cut, "the agent that does not read must be cut off"
+            log = (tmp_path / "relay.log").read_text()
+            assert "tunnel.peer_not_reading" in log and "Traceback" not in log
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 async def test_a_ping_of_the_documented_256_kib_gets_its_pong(full_stack: Stack) -> None:
@@ -187,68 +200,31 @@ async def test_a_ping_flood_is_cut_off_1008_by_the_ping_budget_within_its_burst(
 ) -> None:
     """Tiny PINGs as fast as the socket takes them (reading every PONG, so only the budget can
     stop it): the relay ends the tunnel with 1008 once the burst is spent, and stops reading."""
-    path = write_config(tmp_path, {"tunnel": {"max_pings_per_s": 8}})
-    config = load_config(path, env={})
-    url = f"http://127.0.0.1:{config.server.port}"
-    proc = spawn_relay_process(path, log_file=tmp_path / "relay.log")
-    writer: asyncio.StreamWriter | None = None
-    try:
-        await wait_http(f"{url}/healthz")
-        token = agent_token(config, ROGUE_HOST, "mallory")
-        reader, writer = await raw_tunnel_socket(config.server.port, ROGUE_HOST, token)
-        ping = ws_frame(frames.encode_ping(FrameType.PING, b"x" * 16))
-        writer.write(ping * 200)  # far beyond a burst of 16 at 8 per second
-        await writer.drain()
-        received = bytearray()
-        close_code: int | None = None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while close_code is None and loop.time() < deadline:
-            chunk = await asyncio.wait_for(reader.read(65536), 10)
-            if not chunk:
-                break
-            received += chunk
-            close_code = _close_code_in(bytes(received))
-        assert close_code == int(CloseCode.POLICY_VIOLATION)
-        async with aiohttp.ClientSession() as client:
-            name = 'relay_tunnel_disconnects_total{reason="control_flood"}'
-            polled_until = loop.time() + 10
-            while await metric(client, url, name) != 1:
-                assert loop.time() < polled_until, "the flood's disconnect was never counted"
-                await asyncio.sleep(0.02)
-        # The relay hung up: the socket reaches EOF without a close handshake from us.
-        rest = await asyncio.wait_for(reader.read(), 10)
-        assert rest is not None
-        log = (tmp_path / "relay.log").read_text()
-        assert "tunnel.control_flood" in log and "Traceback" not in log
-        assert token not in log
-    finally:
-        if writer is not None:
-            writer.close()
-        proc.terminate()
-        proc.wait(timeout=15)
-
-
-def _close_code_in(stream: bytes) -> int | None:
-    """The code of the first WebSocket close frame in the server's byte stream, if any."""
-    at = 0
-    while at + 2 <= len(stream):
-        opcode, size = stream[at] & 0x0F, stream[at + 1] & 0x7F
-        head = 2
-        if size == 126:
-            if at + 4 > len(stream):
-                return None
-            size, head = struct.unpack_from("!H", stream, at + 2)[0], 4
-        elif size == 127:
-            if at + 10 > len(stream):
-                return None
-            size, head = struct.unpack_from("!Q", stream, at + 2)[0], 10
-        if at + head + size > len(stream):
-            return None
-        if opcode == 0x8:
-            return int(struct.unpack_from("!H", stream, at + head)[0])
-        at += head + size
-    return None
+    async with relay_process(tmp_path, {"max_pings_per_s": 8}) as (config, url, _):
+        writer: asyncio.StreamWriter | None = None
+        try:
+            token = agent_token(config, ROGUE_HOST, "mallory")
+            reader, writer = await raw_tunnel_socket(config.server.port, ROGUE_HOST, token)
+            ping = ws_frame(frames.encode_ping(FrameType.PING, b"x" * 16))
+            writer.write(ping * 200)  # far beyond a burst of 16 at 8 per second
+            await writer.drain()
+            # Read to the end: the close code, and the hang-up (EOF, no close handshake awaited).
+            seen: collections.Counter[int] = collections.Counter()
+            code, _ = await asyncio.wait_for(read_server_frames(reader, seen), 10)
+            assert code == int(CloseCode.POLICY_VIOLATION)
+            loop = asyncio.get_running_loop()
+            async with aiohttp.ClientSession() as client:
+                name = 'relay_tunnel_disconnects_total{reason="control_flood"}'
+                polled_until = loop.time() + 10
+                while await metric(client, url, name) != 1:
+                    assert loop.time() < polled_until, "the flood's disconnect was never counted"
+                    await asyncio.sleep(0.02)
+            log = (tmp_path / "relay.log").read_text()
+            assert "tunnel.control_flood" in log and "Traceback" not in log
+            assert token not in log
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 async def test_an_honest_burst_of_pings_is_answered_and_the_tunnel_stays(
@@ -362,30 +338,25 @@ async def test_a_refused_agent_that_keeps_sending_is_not_read(tmp_path: Path) ->
     """No token, so 4401; then 64 KiB frames as fast as the socket takes them. The relay used
     to read (and decode) all of it while it waited for a close frame, for up to 2 s; now it
     stops reading once its close frame is out, so the sender stalls on full buffers."""
-    path = write_config(tmp_path)
-    config = load_config(path, env={})
-    proc = spawn_relay_process(path, log_file=tmp_path / "relay.log")
-    writer: asyncio.StreamWriter | None = None
-    try:
-        await wait_http(f"http://127.0.0.1:{config.server.port}/healthz")
-        reader, writer = await raw_tunnel_socket(config.server.port, ROGUE_HOST, "")
-        junk = ws_frame(frames.encode_ping(FrameType.PING, os.urandom(64 * KiB)))
-        sent = 0
-        with contextlib.suppress(ConnectionError, TimeoutError):
-            while sent < 256 * MiB:
-                writer.write(junk)
-                await asyncio.wait_for(writer.drain(), 1.0)  # stalls once nothing is read
-                sent += len(junk)
-        seen: collections.Counter[int] = collections.Counter()
-        code, reason = await asyncio.wait_for(read_server_frames(reader, seen), 10)
-        print(f"refused and flooding: {sent / MiB:.1f} MiB taken before the sender stalled; "
-              f"closed {code} {reason!r}")
-        assert code == CloseCode.UNAUTHORIZED
-        # What the kernel's socket buffers hold on both sides, not what 2 s of reading takes.
-        assert sent < 48 * MiB
-        assert "Traceback" not in (tmp_path / "relay.log").read_text()
-    finally:
-        if writer is not None:
-            writer.close()
-        proc.terminate()
-        proc.wait(timeout=15)
+    async with relay_process(tmp_path) as (config, _, _):
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await raw_tunnel_socket(config.server.port, ROGUE_HOST, "")
+            junk = ws_frame(frames.encode_ping(FrameType.PING, os.urandom(64 * KiB)))
+            sent = 0
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                while sent < 256 * MiB:
+                    writer.write(junk)
+                    await asyncio.wait_for(writer.drain(), 1.0)  # stalls once nothing is read
+                    sent += len(junk)
+            seen: collections.Counter[int] = collections.Counter()
+            code, reason = await asyncio.wait_for(read_server_frames(reader, seen), 10)
+            print(f"refused and flooding: {sent / MiB:.1f} MiB taken before the sender stalled; "
+                  f"closed {code} {reason!r}")
+            assert code == CloseCode.UNAUTHORIZED
+            # What the kernel's socket buffers hold on both sides, not what 2 s of reading takes.
+            assert sent < 48 * MiB
+            assert "Traceback" not in (tmp_path / "relay.log").read_text()
+        finally:
+            if writer is not None:
+                writer.close()
