@@ -415,9 +415,7 @@ class Agent:
 
     @staticmethod
     async def _leave_drained(ws: aiohttp.ClientWebSocketResponse, session: TunnelSession) -> None:
-        deadline = time.monotonic() + DRAIN_LINGER_S
-        while session.channels and time.monotonic() < deadline:  # noqa: ASYNC110 (no idle event)
-            await asyncio.sleep(0.05)
+        await session.wait_idle(DRAIN_LINGER_S)
         log.info("agent.leaving_drained_relay", streams_left=len(session.channels))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(

@@ -292,9 +292,7 @@ async def serve_tunnel(
 async def _close_when_idle(session: TunnelSession, close: Callable[[int, str], None],
                            tunnel_config: TunnelConfig) -> None:
     """Close a tunnel that can open no more streams once its last one ends (bounded)."""
-    deadline = time.monotonic() + tunnel_config.request_timeout_s
-    while session.channels and time.monotonic() < deadline:  # noqa: ASYNC110 (no idle event)
-        await asyncio.sleep(0.05)
+    await session.wait_idle(tunnel_config.request_timeout_s)
     close(int(CloseCode.DRAINING), "stream ids exhausted; reconnect")
 
 

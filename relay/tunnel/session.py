@@ -511,6 +511,13 @@ class TunnelSession:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._flushed.wait(), timeout)
 
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait (bounded) until no stream is open; True when none is. Drains wait on it."""
+        deadline = self._clock() + timeout
+        while self.channels and self._clock() < deadline:  # noqa: ASYNC110 (no idle event)
+            await asyncio.sleep(0.05)
+        return not self.channels
+
     # -- channels ----------------------------------------------------------------------------
     def open_channel(self, head: Open, *, fin: bool = False) -> Channel:
         """Open a stream for ``head``; raises before anything is allocated when it cannot."""
