@@ -53,6 +53,7 @@ class CloseCode(IntEnum):
     FORBIDDEN = 4403
     HOST_NOT_CONNECTED = 4404
     KEEPALIVE_MISSED = 4408
+    TIMED_OUT = 4408  # the same code on a stream: no response HEAD within requestTimeoutS
     REPLACED = 4409
     TUNNEL_GONE = 4410
     DRAINING = 4503

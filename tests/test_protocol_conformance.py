@@ -683,6 +683,23 @@ async def test_a_client_that_goes_away_is_close_1001(agent: Agent, client: Clien
     assert closed.stream == opened.stream and closed.close[0] == 1001
 
 
+async def test_no_head_within_the_request_timeout_is_504_and_close_4408(tmp_path: Path) -> None:
+    async with relay_with(tmp_path, request_timeout_s=0.3) as relay:
+        agent = await Agent.connect(relay)
+        client = Client(relay)
+        try:
+            request = client.request()
+            opened = await agent.expect(OPEN)
+            closed = await agent.expect(CLOSE_F)
+            assert closed.stream == opened.stream and closed.close[0] == 4408, closed
+            answer = await asyncio.wait_for(request, 10)
+            assert answer.status == 504
+            assert json.loads(answer.body)["error"]["code"] == "host_timeout"
+        finally:
+            await client.close()
+            await agent.close()
+
+
 async def test_an_agent_at_its_stream_limit_refuses_with_1013_and_the_client_gets_503(
     agent: Agent, client: Client,
 ) -> None:

@@ -110,6 +110,7 @@ async def proxy_http(
     response: web.StreamResponse | None = None
     status = 0
     complete = False  # the whole response went to the client
+    timed_out = False  # no HEAD within requestTimeoutS: the agent is told 4408, not 1001
     try:
         if has_body:
             await send_continue(request)
@@ -202,6 +203,7 @@ async def proxy_http(
         return response
     except RelayError as error:
         status = error.status
+        timed_out = isinstance(error, HostTimeout)
         raise
     except (asyncio.CancelledError, ConnectionResetError):
         status = 499  # the client went away
@@ -212,6 +214,8 @@ async def proxy_http(
         if not channel.closed and channel.state.value != "closed":
             if complete:  # the response ended before the request body: stop that body
                 channel.close(int(CloseCode.NORMAL), "exchange complete")
+            elif timed_out:
+                channel.close(int(CloseCode.TIMED_OUT), "no response head in time")
             else:
                 channel.close(int(CloseCode.GOING_AWAY), "client went away")
         metrics.http_streams.dec()
