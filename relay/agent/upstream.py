@@ -23,7 +23,7 @@ import aiohttp
 import structlog
 from yarl import URL
 
-from relay.agent.http1 import OriginError, OriginPool
+from relay.agent.http1 import OriginConnectionLost, OriginError, OriginPool
 from relay.errors import CloseCode, ErrorCode
 from relay.protocol.headers import WS_HANDSHAKE, strip_hop_by_hop
 from relay.protocol.hostpaths import localize_response_headers
@@ -194,8 +194,9 @@ class LocalOrigin:
                     reason=response.reason,
                     # Redirects to the host's own origin become root-relative, so the relay
                     # can keep them under the host's prefix (it does not know this origin).
-                    headers=tuple((k, v) for k, v in localize_response_headers(
-                        [[k, v] for k, v in response.headers], str(self.origin))),
+                    # Hop-by-hop fields describe the agent's own connection to the host.
+                    headers=tuple(strip_hop_by_hop((k, v) for k, v in localize_response_headers(
+                        [[k, v] for k, v in response.headers], str(self.origin)))),
                 ))
                 head_sent = True
                 while True:
@@ -218,7 +219,10 @@ class LocalOrigin:
             if head_sent:
                 # Mid-body: a second HEAD would break the whole tunnel; abort this stream so
                 # the relay cuts the client's connection instead of ending the body cleanly.
-                channel.close(int(CloseCode.INTERNAL_ERROR), "host failed mid-response")
+                if isinstance(exc, OriginConnectionLost):
+                    channel.close(int(CloseCode.GOING_AWAY), "host connection closed early")
+                else:
+                    channel.close(int(CloseCode.INTERNAL_ERROR), "host failed mid-response")
                 return
             await self._send_error(channel, 502, str(ErrorCode.HOST_UNAVAILABLE),
                                    "the host service did not answer")
