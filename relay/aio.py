@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 DEFAULT_CANCEL_TIMEOUT_S = 5.0
 
@@ -148,3 +149,48 @@ class SingleFlight(Generic[T]):
             # A cancelled call may end after a newer one started: leave that one in place.
             if self._inflight is asyncio.current_task():
                 self._inflight = None
+
+
+class KeyedSingleFlight(Generic[K, T]):
+    """At most one call in flight per key; concurrent callers for that key share its result.
+
+    Like :class:`SingleFlight`, a failure is shared by its waiters and not remembered. A call
+    can be *detached* (:meth:`detach`): it runs on for the callers already waiting, but a new
+    caller for its key starts a fresh one (a revocation must not be answered by a call that
+    began before it).
+    """
+
+    __slots__ = ("_inflight", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._inflight: dict[K, asyncio.Future[T]] = {}
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    async def __call__(self, key: K, fetch: Callable[[], Awaitable[T]]) -> T:
+        call = self._inflight.get(key)
+        if call is None:
+            call = asyncio.ensure_future(fetch())
+            if isinstance(call, asyncio.Task):
+                call.set_name(f"{self._name}:{key}")
+            self._inflight[key] = call
+            call.add_done_callback(lambda done: self._done(key, done))
+        # shield: one caller's cancellation must not cancel the call the others wait for.
+        return await asyncio.shield(call)
+
+    def _done(self, key: K, call: asyncio.Future[T]) -> None:
+        if self._inflight.get(key) is call:  # not detached and replaced meanwhile
+            del self._inflight[key]
+        _retrieve(call)
+
+    def detach(self, matches: Callable[[K], bool]) -> None:
+        for key in [key for key in self._inflight if matches(key)]:
+            del self._inflight[key]
+
+    async def cancel(self, timeout: float = DEFAULT_CANCEL_TIMEOUT_S) -> None:
+        """Cancel every call in flight and wait for them with a bound (shutdown)."""
+        calls = list(self._inflight.values())
+        self._inflight.clear()
+        await cancel_and_wait(calls, timeout)

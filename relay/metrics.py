@@ -23,7 +23,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = [
     "CONTENT_TYPE_LATEST", "STANDARD_PREFIXES", "AccessOutcome", "AccessSource", "CredentialClose",
-    "FetchResult", "Metrics", "ProbeRun", "QueueOutcome", "StreamKind", "TokenResult", "WsOutcome",
+    "DisconnectReason", "FetchResult", "Metrics", "ProbeRun", "QueueOutcome", "StreamKind",
+    "TokenResult", "WsOutcome",
 ]
 
 
@@ -74,6 +75,26 @@ class CredentialClose(StrEnum):
 
     EXPIRED = "expired"  # 4401
     REVOKED = "revoked"  # 4403
+
+
+class DisconnectReason(StrEnum):
+    """``reason`` of relay_tunnel_disconnects_total and of ``tunnel.disconnected``: a closed set,
+    so a close reason's free text can never mint a new series."""
+
+    AGENT_CLOSED = "agent_closed"  # the agent left (after a drain, on stop)
+    REPLACED = "replaced"  # 4409
+    KEEPALIVE_MISSED = "keepalive_missed"  # 4408
+    DRAINING = "draining"  # 4503: this relay is draining, or the tunnel ran out of stream ids
+    UNAUTHORIZED = "unauthorized"  # 4401: token expired unrenewed, or a renewal refused
+    FORBIDDEN = "forbidden"  # 4403: revoked, or a renewal for another subject
+    NOT_READING = "not_reading"  # 1008: the agent stopped reading
+    CONTROL_FLOOD = "control_flood"  # 1008: PINGs past tunnel.max_pings_per_s
+    PROTOCOL_VIOLATION = "protocol_violation"  # 1002
+    INTERNAL_ERROR = "internal_error"  # 1011: the relay's own fault
+    OPERATOR = "operator"  # DELETE /admin/tunnels/<hostId>
+    STOPPING = "stopping"  # 1001: this relay is shutting down
+    ERROR = "error"  # the connection failed under the relay (reset, broken frame)
+    OTHER = "other"
 
 
 class WsOutcome(StrEnum):

@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestServer
 
 from relay.config import load_config
 from relay.errors import CloseCode, DirectoryUnavailable
+from relay.metrics import DisconnectReason
 from tests.harness import (
     PYTHON,
     REPO,
@@ -200,6 +201,13 @@ async def test_delete_disconnects_a_tunnel_and_the_agent_comes_back(admin_setup:
         assert await resp.json() == {"disconnected": HOST_ID}
     await eventually(lambda: agent.connects == 2, timeout=5)
     assert agent.last_outcome is not None and agent.last_outcome.code == CloseCode.GOING_AWAY
+    # Counted as the operator's doing, under a label from the closed set (never the reason text).
+    reasons = {sample.labels["reason"]: sample.value
+               for family in relay.state.metrics.registry.collect()
+               if family.name == "relay_tunnel_disconnects"
+               for sample in family.samples if sample.name.endswith("_total")}
+    assert reasons == {"operator": 1.0}, reasons
+    assert set(reasons) <= {str(reason) for reason in DisconnectReason}
     new = relay.state.registry.get(HOST_ID)
     assert new is not None and new is not old
     [tunnel] = (await admin_setup.tunnels())["tunnels"]

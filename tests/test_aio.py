@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
-from relay.aio import SingleFlight, TaskOwner, cancel_and_wait
+from relay.aio import KeyedSingleFlight, SingleFlight, TaskOwner, cancel_and_wait
 
 
 async def test_cancel_and_wait_is_bounded_and_sees_errors() -> None:
@@ -90,3 +91,54 @@ async def test_a_cancelled_caller_does_not_cancel_the_shared_call() -> None:
         await impatient
     release.set()
     assert await asyncio.wait_for(patient, 1.0) == "doc"
+
+
+async def settle() -> None:
+    """Let the callers' tasks and the calls they start run up to their first real wait."""
+    for _ in range(4):
+        await asyncio.sleep(0)
+
+
+async def test_keyed_single_flight_shares_per_key_and_detached_calls_are_not_joined() -> None:
+    flights: KeyedSingleFlight[str, str] = KeyedSingleFlight("test")
+    gates = {"a": asyncio.Event(), "b": asyncio.Event()}
+    calls: list[str] = []
+
+    def fetch(key: str, answer: str) -> Callable[[], Awaitable[str]]:
+        async def run() -> str:
+            calls.append(key)
+            await gates[key].wait()
+            return answer
+        return run
+
+    first = [asyncio.ensure_future(flights("a", fetch("a", "one"))) for _ in range(3)]
+    other = asyncio.ensure_future(flights("b", fetch("b", "bee")))
+    await settle()
+    assert calls == ["a", "b"] and len(flights) == 2
+    flights.detach(lambda key: key == "a")  # e.g. a revocation
+    fresh = asyncio.ensure_future(flights("a", fetch("a", "two")))
+    await settle()
+    assert calls == ["a", "b", "a"]
+    gates["a"].set()
+    assert await asyncio.gather(*first) == ["one"] * 3  # its waiters still get the old answer
+    assert await fresh == "two"
+    cancelled = other
+    await flights.cancel(timeout=1)
+    assert len(flights) == 0
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+
+
+async def test_keyed_single_flight_forgets_a_failure() -> None:
+    flights: KeyedSingleFlight[int, int] = KeyedSingleFlight("test")
+    attempts = [0]
+
+    async def flaky() -> int:
+        attempts[0] += 1
+        if attempts[0] == 1:
+            raise ConnectionError("upstream down")
+        return 7
+
+    with pytest.raises(ConnectionError):
+        await flights(1, flaky)
+    assert await flights(1, flaky) == 7 and len(flights) == 0

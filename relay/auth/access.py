@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import aiohttp
 import structlog
 
-from relay.aio import cancel_and_wait
+from relay.aio import KeyedSingleFlight
 from relay.auth.hostid import HostId, HostPatterns, parse_host_pattern
 from relay.auth.tokens import Identity
 from relay.auth.ttlcache import TTLCache
@@ -385,7 +385,7 @@ class AccessPolicy:
         self._metrics = metrics
         self._allow: TTLCache[CacheKey, bool] = TTLCache(allow_cache_size, allow_ttl_s, clock)
         self._deny: TTLCache[CacheKey, bool] = TTLCache(deny_cache_size, deny_ttl_s, clock)
-        self._inflight: dict[CacheKey, asyncio.Task[bool]] = {}
+        self._calls: KeyedSingleFlight[CacheKey, bool] = KeyedSingleFlight("relay-access-check")
         # Bumped by revoke(): an upstream answer that was requested before a revocation must
         # not be cached after it.
         self._revocations = 0
@@ -432,7 +432,9 @@ class AccessPolicy:
             raise Forbidden(MSG_NOT_REGISTERED, code=ErrorCode.NOT_REGISTERED)
 
         try:
-            allowed = await self._shared_call(backend, key, host, token)
+            revocations = self._revocations
+            allowed = await self._calls(key, lambda: self._call_and_cache(
+                backend, key, host, token, revocations))
         except AccessUnavailable:
             self._record(AccessOutcome.UNAVAILABLE, AccessSource.UPSTREAM)
             raise
@@ -441,28 +443,6 @@ class AccessPolicy:
             return AccessSource.UPSTREAM
         self._denied("not_registered", identity, host, role, AccessSource.UPSTREAM)
         raise Forbidden(MSG_NOT_REGISTERED, code=ErrorCode.NOT_REGISTERED)
-
-    async def _shared_call(
-        self, backend: UpstreamAccessBackend, key: CacheKey, host: HostId, token: str
-    ) -> bool:
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(
-                self._call_and_cache(backend, key, host, token, self._revocations),
-                name=f"relay-access-check:{key[1]}:{key[2]}",
-            )
-            self._inflight[key] = task
-            task.add_done_callback(lambda t: self._call_done(key, t))
-        # shield: a waiter that is cancelled (client went away) must not cancel the call the
-        # other waiters share; the task itself always runs to completion or timeout.
-        return await asyncio.shield(task)
-
-    def _call_done(self, key: CacheKey, task: asyncio.Task[bool]) -> None:
-        # Identity check: revoke() may have detached this task and a newer one taken the key.
-        if self._inflight.get(key) is task:
-            del self._inflight[key]
-        if not task.cancelled():
-            task.exception()  # retrieved, so an all-waiters-gone failure is not "never retrieved"
 
     async def _call_and_cache(
         self,
@@ -494,8 +474,7 @@ class AccessPolicy:
             return (sub is None or key[0] == sub) and (host is None or key[1] == host)
 
         self._revocations += 1
-        for key in [k for k in self._inflight if matches(k)]:
-            del self._inflight[key]
+        self._calls.detach(matches)
         count = self._allow.remove_where(matches) + self._deny.remove_where(matches)
         log.info("access.revoked", sub=sub, host=host, entries=count)
         return count
@@ -510,9 +489,7 @@ class AccessPolicy:
 
     async def close(self) -> None:
         """Cancel upstream calls still in flight (shutdown)."""
-        tasks = list(self._inflight.values())
-        self._inflight.clear()
-        await cancel_and_wait(tasks, timeout=1.0)
+        await self._calls.cancel(timeout=1.0)
 
     def _record(self, outcome: AccessOutcome, source: AccessSource) -> None:
         if self._metrics is not None:

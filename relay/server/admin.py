@@ -26,6 +26,7 @@ from relay.errors import (
     TooManyRequests,
     Unauthorized,
 )
+from relay.metrics import DisconnectReason
 from relay.server.forwarded import throttle_address
 from relay.server.state import STATE, RelayState
 from relay.server.throttle import FailureThrottle
@@ -92,7 +93,8 @@ async def disconnect_tunnel(request: web.Request, state: RelayState) -> web.Resp
     tunnel = state.registry.get(host_id)
     if tunnel is None:
         raise NotFound(f"no tunnel for {host_id} on this relay")
-    tunnel.close(int(CloseCode.GOING_AWAY), "disconnected by an operator")
+    tunnel.close(int(CloseCode.GOING_AWAY), "disconnected by an operator",
+                 label=DisconnectReason.OPERATOR)
     log.info("admin.disconnected", host_id=host_id)
     return web.json_response({"disconnected": host_id})
 

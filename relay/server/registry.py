@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from relay.metrics import DisconnectReason
 from relay.server.leases import Lease
 from relay.tunnel.gate import StreamGate
 from relay.tunnel.session import TunnelSession
+
+
+class CloseTunnel(Protocol):
+    """Asks a tunnel's handler to close its socket; ``label`` says why on the metric and log
+    when the close code alone does not (e.g. an operator's 1001 from a stopping relay's)."""
+
+    def __call__(self, code: int, reason: str, *, label: DisconnectReason | None = None,
+                 patient: bool = True) -> None: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -20,7 +29,7 @@ class Tunnel:
     session: TunnelSession
     peer: str
     subject: str
-    close: Callable[[int, str], Any]  # asks the tunnel's handler to close its socket
+    close: CloseTunnel
     gate: StreamGate  # who may open a stream on it now (fair, bounded queue)
     epoch: str = ""
     connected_at: float = field(default_factory=time.time)

@@ -30,7 +30,7 @@ from relay.errors import (
     RelayError,
     TooManyRequests,
 )
-from relay.metrics import QueueOutcome
+from relay.metrics import DisconnectReason, QueueOutcome
 from relay.protocol import frames
 from relay.protocol.close import close_payload, fit_reason, reason_bytes
 from relay.protocol.frames import SUPPORTED_VERSIONS, negotiate_version
@@ -177,7 +177,8 @@ async def serve_tunnel(
     closing: dict[str, object] = {}
     renewal: list[asyncio.Task[None]] = []
 
-    def request_close(code: int, reason: str, *, label: str = "", patient: bool = True) -> None:
+    def request_close(code: int, reason: str, *, label: DisconnectReason | None = None,
+                      patient: bool = True) -> None:
         if closing:
             return
         closing.update(code=code, reason=reason, label=label)
@@ -193,7 +194,7 @@ async def serve_tunnel(
     def on_flood(frame: str) -> None:
         # A flooder is not owed a close handshake: every frame it sends meanwhile costs a read.
         request_close(int(CloseCode.POLICY_VIOLATION), f"too many {frame} frames",
-                      label="control_flood", patient=False)
+                      label=DisconnectReason.CONTROL_FLOOD, patient=False)
 
     def on_renew(renew: Renew) -> None:
         token = renew.token
@@ -245,7 +246,7 @@ async def serve_tunnel(
     ))
     session.start(keepalive=False)  # the relay-wide keepalive loop pings it (app.py)
     log.info("tunnel.connected", host_id=host_id, peer=tunnel.peer, sub=subject)
-    reason = "closed"
+    seen = DisconnectReason.AGENT_CLOSED
     try:
         async for msg in ws:
             if msg.type is WSMsgType.BINARY:
@@ -253,17 +254,16 @@ async def serve_tunnel(
             elif msg.type is WSMsgType.TEXT:
                 raise ProtocolViolation("text message on the tunnel")
             elif msg.type is WSMsgType.ERROR:
-                reason = "error"
+                seen = DisconnectReason.ERROR
                 break
-        reason = str(closing.get("reason", reason)) if closing else "agent_closed"
     except ProtocolViolation as exc:
-        reason = "protocol_violation"
+        seen = DisconnectReason.PROTOCOL_VIOLATION
         log.warning("tunnel.protocol_violation", host_id=host_id, error=exc.message)
         await _close_socket(ws, int(CloseCode.PROTOCOL_ERROR), fit_reason(exc.message),
                             request.transport)
     except LocalProtocolError as exc:
         # Our own bug, not the agent's: 1011, and the traceback for whoever fixes it.
-        reason = "internal_error"
+        seen = DisconnectReason.INTERNAL_ERROR
         log.error("tunnel.local_protocol_error", host_id=host_id, error=exc.message,
                   exc_info=exc)
         await _close_socket(ws, int(CloseCode.INTERNAL_ERROR), "internal error",
@@ -277,11 +277,12 @@ async def serve_tunnel(
         state.leases.end(tunnel.lease)
         still_current = state.registry.unregister(tunnel)
         metrics.tunnels_connected.set(len(state.registry))
-        metrics.tunnel_disconnects_total.labels(reason=_reason_label(closing, reason)).inc()
-        if closing.get("label") == "control_flood":
+        why = _reason_label(closing, seen)
+        metrics.tunnel_disconnects_total.labels(reason=why).inc()
+        if why is DisconnectReason.CONTROL_FLOOD:
             _strike_flood(state, subject)
-        log.info("tunnel.disconnected", host_id=host_id, peer=tunnel.peer,
-                 reason=_reason_label(closing, reason), replaced=not still_current)
+        log.info("tunnel.disconnected", host_id=host_id, peer=tunnel.peer, reason=str(why),
+                 close_reason=str(closing.get("reason", "")), replaced=not still_current)
         release = state.tasks.spawn(TUNNEL_RELEASE,
                                     _release(state, session, host_id, epoch, still_current),
                                     f"tunnel-release:{host_id}")
@@ -346,18 +347,27 @@ async def _release(
         await state.directory.unregister(host_id, epoch)
 
 
-def _reason_label(closing: dict[str, object], fallback: str) -> str:
-    if closing.get("label"):
-        return str(closing["label"])
+_REASON_BY_CODE = {
+    int(CloseCode.REPLACED): DisconnectReason.REPLACED,
+    int(CloseCode.KEEPALIVE_MISSED): DisconnectReason.KEEPALIVE_MISSED,
+    int(CloseCode.DRAINING): DisconnectReason.DRAINING,
+    int(CloseCode.UNAUTHORIZED): DisconnectReason.UNAUTHORIZED,
+    int(CloseCode.FORBIDDEN): DisconnectReason.FORBIDDEN,
+    int(CloseCode.POLICY_VIOLATION): DisconnectReason.NOT_READING,
+    int(CloseCode.GOING_AWAY): DisconnectReason.STOPPING,
+}
+
+
+def _reason_label(closing: dict[str, object], fallback: DisconnectReason) -> DisconnectReason:
+    """Why the tunnel ended: the label its closer gave, else its close code's, else ``fallback``
+    (what the read loop saw when nobody on this side closed it)."""
+    label = closing.get("label")
+    if isinstance(label, DisconnectReason):
+        return label
+    if not closing:
+        return fallback
     code = closing.get("code")
-    return {
-        int(CloseCode.REPLACED): "replaced",
-        int(CloseCode.KEEPALIVE_MISSED): "keepalive_missed",
-        int(CloseCode.DRAINING): "draining",
-        int(CloseCode.UNAUTHORIZED): "unauthorized",  # token expired or a renewal refused
-        int(CloseCode.FORBIDDEN): "forbidden",  # revoked, or a renewal for another subject
-        int(CloseCode.POLICY_VIOLATION): "not_reading",
-    }.get(code if isinstance(code, int) else -1, fallback)
+    return _REASON_BY_CODE.get(code if isinstance(code, int) else -1, DisconnectReason.OTHER)
 
 
 async def _close_socket(
