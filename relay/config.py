@@ -57,6 +57,22 @@ class DirectoryBackend(StrEnum):
     REDIS = "redis"
 
 
+class LogLevel(StrEnum):
+    """``log.level``, written in any case (``INFO`` is ``info``)."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+    @classmethod
+    def _missing_(cls, value: object) -> LogLevel | None:
+        if isinstance(value, str) and value.lower() != value:
+            return cls._value2member_map_.get(value.lower())  # type: ignore[return-value]
+        return None
+
+
 class LogFormat(StrEnum):
     JSON = "json"
     CONSOLE = "console"
@@ -182,7 +198,7 @@ class ProbeConfig:
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
-    level: str = "info"
+    level: LogLevel = LogLevel.INFO
     format: LogFormat = LogFormat.JSON
     access_log: bool = True
 
@@ -558,10 +574,9 @@ def validate(config: Config) -> None:
 
     _check_cors(src, config.cors)
 
-    if log.level.lower() not in {"debug", "info", "warning", "error", "critical"}:
-        raise ConfigError(
-            src, "log.level", f"must be debug, info, warning or error, got {log.level!r}"
-        )
+    if not isinstance(log.level, LogLevel):
+        names = ", ".join(level.value for level in LogLevel)
+        raise ConfigError(src, "log.level", f"must be one of {names}, got {log.level!r}")
     if log.format not in {"json", "console"}:
         raise ConfigError(src, "log.format", f"must be json or console, got {log.format!r}")
     _validate_tracing(config)
