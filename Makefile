@@ -63,7 +63,7 @@ typecheck: venv
 	$(BIN)/mypy
 
 bench: venv
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py --profile W1
 
 demo: venv
 	$(BIN)/python -m relay.demo
