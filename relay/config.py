@@ -158,6 +158,8 @@ class DirectoryConfig:
     heartbeat_s: float = 5.0
     entry_ttl_s: float = 20.0
     peer_max_skew_s: float = 30.0
+    # forward over one persistent multiplexed link per owner relay (else a request each)
+    peer_links: bool = True
 
 
 @dataclass(frozen=True, slots=True)

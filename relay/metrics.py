@@ -23,7 +23,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = [
     "CONTENT_TYPE_LATEST", "STANDARD_PREFIXES", "AccessOutcome", "AccessSource", "CredentialClose",
-    "DisconnectReason", "FetchResult", "Metrics", "ProbeRun", "QueueOutcome", "StreamKind",
+    "DisconnectReason", "FetchResult", "LinkOpen", "Metrics", "PeerSide", "ProbeRun",
+    "QueueOutcome", "StreamKind",
     "TokenResult", "WsOutcome",
 ]
 
@@ -101,6 +102,22 @@ class WsOutcome(StrEnum):
     """``outcome`` of relay_ws_channels_total besides the error codes of refused channels."""
 
     OPENED = "opened"
+
+
+class PeerSide(StrEnum):
+    """``side`` of relay_peer_links and relay_peer_link_streams_total."""
+
+    ENTRY = "entry"  # the relay the client reached, which opened the link
+    OWNER = "owner"  # the relay holding the host's tunnel, which answers the link's streams
+
+
+class LinkOpen(StrEnum):
+    """``outcome`` of relay_peer_link_opens_total."""
+
+    UP = "up"
+    NOT_OFFERED = "not_offered"  # an owner without peer links (older, or turned off): HTTP
+    REFUSED = "refused"  # the owner refused the upgrade (its signature check, draining)
+    UNREACHABLE = "unreachable"
 
 
 class ProbeRun(StrEnum):
@@ -189,6 +206,27 @@ class Metrics:
             "relay_forwarded_requests_total",
             "Requests and channels forwarded to the relay owning the tunnel, by kind",
             ["kind"], registry=r,
+        )
+        self.peer_links = Gauge(
+            "relay_peer_links",
+            "Peer links open, by side (entry: opened by this relay to an owner relay; owner: "
+            "opened by another relay to this one)", ["side"], registry=r,
+        )
+        self.peer_link_opens_total = Counter(
+            "relay_peer_link_opens_total",
+            "Attempts to open a peer link to an owner relay, by outcome (up, not_offered: "
+            "the owner has no links and requests go by HTTP, refused, unreachable)",
+            ["outcome"], registry=r,
+        )
+        self.peer_link_streams_total = Counter(
+            "relay_peer_link_streams_total",
+            "Requests (http) and channels (ws) carried over peer links, by side and kind",
+            ["side", "kind"], registry=r,
+        )
+        self.peer_links_refused_total = Counter(
+            "relay_peer_links_refused_total",
+            "Peer link upgrades refused by this relay (bad, stale or replayed signature)",
+            registry=r,
         )
         self.directory_errors_total = Counter(
             "relay_directory_errors_total", "Directory (Redis) operations that failed, by op",

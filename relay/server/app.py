@@ -30,7 +30,9 @@ from relay.server.health import handle_healthz, handle_metrics, handle_readyz
 from relay.server.httpedge import edge_limits, parser_args
 from relay.server.middleware import CORS, cors_headers, error_middleware
 from relay.server.observe import observe_middleware, wanted
-from relay.server.peers import PeerSigner
+from relay.server.peer_answer import close_answered_links, handle_peer_link
+from relay.server.peerlink import PeerLinks
+from relay.server.peers import LINK_PATH, PeerSigner
 from relay.server.routing import handle_hosts, handle_hosts_expect
 from relay.server.state import BACKGROUND, STATE, RelayState, session_settings
 from relay.server.tls import build_tls
@@ -103,6 +105,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             state.tasks.spawn(BACKGROUND, service.run(state), service.name)
         yield
     finally:
+        if state.links is not None:
+            await state.links.close()
+        await close_answered_links(state)
         await stop(state)
         if state.directory is not None:
             await state.directory.close()
@@ -130,6 +135,8 @@ def build_app(config: Config, metrics: Metrics | None = None, *,
     if directory.backend == DirectoryBackend.REDIS:
         state.signer = PeerSigner(directory.peer_secret, directory.instance_id,
                                   max_skew_s=directory.peer_max_skew_s)
+        if directory.peer_links:
+            state.links = PeerLinks(state)
     # The parser's own refusals (a line or field over these) are answered as JSON 414/431 by
     # relay.server.httpedge; the total header size is checked again per request (431).
     middlewares = [error_middleware]
@@ -148,6 +155,8 @@ def build_app(config: Config, metrics: Metrics | None = None, *,
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/tunnel", handle_tunnel)
+    if state.links is not None:
+        app.router.add_get(LINK_PATH, handle_peer_link)
     app.router.add_route("*", "/hosts/{tail:.*}", handle_hosts, expect_handler=handle_hosts_expect)
     if not config.admin.listen:
         # With a separate admin listener, /admin and /metrics live there only (as Envoy's

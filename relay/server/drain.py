@@ -58,6 +58,8 @@ async def drain(state: RelayState, grace_s: float) -> None:
     for tunnel in tunnels:
         tunnel.session.fail_all(int(CloseCode.DRAINING), "relay draining; reconnect at once")
         tunnel.close(int(CloseCode.DRAINING), "relay draining")
+    if state.links is not None:  # channels forwarded from here close 4503 like local ones
+        state.links.fail_all(int(CloseCode.DRAINING), "relay draining; reconnect at once")
     # Give the close frames a moment to leave (bounded: closes time out on their own).
     await state.tasks.group(TUNNEL_CLOSE).wait(timeout=3)
     log.info("relay.drained", duration_s=round(time.monotonic() - started, 3),

@@ -77,9 +77,12 @@ def throttle_address(request: web.Request, trust_forwarded: bool) -> str:
 def host_request_head(
     request: web.Request, path: str, query: str, trust_forwarded: bool,
     client_chain: str | None = None, *, websocket: bool = False, host_id: str = "",
-    protocols: tuple[str, ...] = (),
+    protocols: tuple[str, ...] = (), claims: tuple[tuple[str, str], ...] = (),
 ) -> Open:
-    """What the host sees of the request, for HTTP exchanges and WebSocket channels alike."""
+    """What the host sees of the request, for HTTP exchanges and WebSocket channels alike.
+
+    ``claims``: a peer link's per-stream claims, for the owner relay (it takes them out).
+    """
     view = client_view(request, trust_forwarded, client_chain, websocket=websocket)
     headers = request_headers_for_host(
         list(request.headers.items()), client_ip=view.ip, scheme=view.scheme, host=view.host,
@@ -88,4 +91,4 @@ def host_request_head(
         keep_client_identity=trust_forwarded,
     )
     return Open(kind="ws" if websocket else "http", method=request.method, path=path,
-                query=query, headers=tuple(headers), protocols=protocols)
+                query=query, headers=tuple(headers) + claims, protocols=protocols)

@@ -84,7 +84,7 @@ async def _await_head(channel: Channel, exchange: Exchange, upload: asyncio.Task
 
 async def proxy_http(
     state: RelayState, request: web.Request, session: TunnelSession, path: str, query: str,
-    host_id: str, client_chain: str | None = None,
+    host_id: str, client_chain: str | None = None, *, claims: tuple[tuple[str, str], ...] = (),
 ) -> web.StreamResponse:
     config = state.config
     metrics = state.metrics
@@ -94,7 +94,7 @@ async def proxy_http(
         raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
     has_body = request_has_body(request)
     head = host_request_head(request, path, query, config.server.trust_forwarded, client_chain,
-                             host_id=host_id)
+                             host_id=host_id, claims=claims)
     timer = timer_of(request)
     if timer is not None:
         head = trace_next_hop(timer, head)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from collections import OrderedDict
@@ -110,3 +111,61 @@ class PeerSigner:
             if seen_at >= horizon:
                 break
             self._seen.popitem(last=False)
+
+
+# -- peer links (relay.server.peerlink, relay.server.peer_answer) ---------------------------------
+# The link is authenticated once, at its upgrade, by the signed headers above (method GET, this
+# target, no host); its streams are trusted because the link is. Their claims ride in each
+# stream's OPEN as these headers, which the owner takes out before the host sees the request
+# (a client's own X-Relay-* headers never get that far: request_headers_for_host drops them).
+LINK_PATH = "/peer-link"
+H_HOST = "X-Relay-Host"
+H_EXPIRES = "X-Relay-Expires"  # the caller's token expiry (Unix seconds), held by the entry
+
+
+@dataclass(frozen=True, slots=True)
+class StreamClaims:
+    host_id: str
+    subject: str
+    origin: str
+    expires_at: float | None
+
+
+def sign_link(signer: PeerSigner) -> dict[str, str]:
+    return signer.sign("GET", LINK_PATH, "", "", "")
+
+
+def verify_link(signer: PeerSigner, target: str, headers: Mapping[str, str]) -> PeerClaims:
+    return signer.verify("GET", target, "", headers)
+
+
+def stream_claims(signer: PeerSigner, host_id: str, subject: str,
+                  expires_at: float) -> tuple[tuple[str, str], ...]:
+    claims = [(H_HOST, host_id), (H_SUBJECT, subject), (H_ORIGIN, signer.instance_id),
+              (H_HOPS, "1")]
+    if math.isfinite(expires_at):
+        claims.append((H_EXPIRES, f"{expires_at:.3f}"))
+    return tuple(claims)
+
+
+def split_claims(headers: tuple[tuple[str, str], ...]
+                 ) -> tuple[StreamClaims, tuple[tuple[str, str], ...]]:
+    """A link stream's claims and the host's headers (every X-Relay-* header taken out)."""
+    found: dict[str, str] = {}
+    rest = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower.startswith("x-relay-"):
+            found[lower] = value
+        else:
+            rest.append((name, value))
+    host_id = found.get(H_HOST.lower(), "")
+    if not host_id or found.get(H_HOPS.lower()) != "1":
+        raise PeerRejected("a peer link stream without its host or with another hop count")
+    expires = found.get(H_EXPIRES.lower())
+    try:
+        expires_at = float(expires) if expires is not None else None
+    except ValueError:
+        raise PeerRejected("a peer link stream with a malformed expiry") from None
+    return StreamClaims(host_id, found.get(H_SUBJECT.lower(), ""),
+                        found.get(H_ORIGIN.lower(), ""), expires_at), tuple(rest)

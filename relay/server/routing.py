@@ -36,7 +36,7 @@ from relay.server.edge import (
     error_response,
     parse_host_route,
 )
-from relay.server.forward import forward_http, forward_ws
+from relay.server.forward_link import forward_channel, forward_request
 from relay.server.forwarded import is_secure
 from relay.server.http_proxy import proxy_http
 from relay.server.httpedge import close_without_reading
@@ -167,8 +167,8 @@ async def _websocket(state: RelayState, request: web.Request,
     assert isinstance(routed, Routed)  # only an HTTP navigation is answered by a redirect
     if routed.tunnel is None:
         assert state.signer is not None and routed.owner_url
-        return await forward_ws(state, state.signer, request, routed.owner_url, routed.host_id,
-                                route.path, routed.query, routed.subject, routed.expires_at)
+        return await forward_channel(state, request, routed.owner_url, routed.host_id,
+                                     route.path, routed.query, routed.subject, routed.expires_at)
     gate = routed.tunnel.gate
     try:
         ticket = gate.open_channel(routed.subject)
@@ -192,8 +192,9 @@ async def _http(state: RelayState, request: web.Request, route: HostRoute) -> we
     try:
         if routed.tunnel is None:
             assert state.signer is not None and routed.owner_url
-            return await forward_http(state, state.signer, request, routed.owner_url,
-                                      routed.host_id, route.path, routed.query, routed.subject)
+            return await forward_request(state, request, routed.owner_url, routed.host_id,
+                                         route.path, routed.query, routed.subject,
+                                         routed.expires_at)
         # Past the tunnel's stream limit (or the subject's share of it) the exchange waits here,
         # bounded, rather than being shed at once.
         async with routed.tunnel.gate.http_slot(routed.subject):

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from relay.auth.session import SessionCookies
     from relay.auth.tokens import TokenVerifier
     from relay.directory.base import Directory
+    from relay.server.peerlink import PeerLinks
     from relay.server.peers import PeerSigner
     from relay.server.throttle import FailureThrottle
     from relay.server.tls import TlsContext
@@ -65,6 +66,9 @@ class RelayState:
     tasks: TaskOwner = field(default_factory=TaskOwner)  # every task the relay starts
     notifier: Any = None
     signer: PeerSigner | None = None  # set when relays forward to each other
+    links: PeerLinks | None = None  # the peer links this relay opened (relay.server.peerlink)
+    # The peer links other relays opened to this one (relay.server.peer_answer), their sockets.
+    answered_links: set[Any] = field(default_factory=set)
     sessions: SessionCookies | None = None  # browser navigation sessions (relay.auth.session)
     admin_throttle: FailureThrottle | None = None  # wrong admin secrets per peer address
     tracing: Tracing | None = None  # set when [tracing] otlp_endpoint is

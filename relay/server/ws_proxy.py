@@ -74,10 +74,11 @@ async def refuse_ws(
 
 
 def ws_open_head(request: web.Request, path: str, query: str, trust_forwarded: bool,
-                 client_chain: str | None, host_id: str = "") -> Open:
+                 client_chain: str | None, host_id: str = "",
+                 claims: tuple[tuple[str, str], ...] = ()) -> Open:
     return host_request_head(request, path, query, trust_forwarded, client_chain,
                              websocket=True, host_id=host_id,
-                             protocols=tuple(offered_protocols(request)))
+                             protocols=tuple(offered_protocols(request)), claims=claims)
 
 
 def offered_protocols(request: web.Request) -> list[str]:
@@ -89,11 +90,11 @@ def offered_protocols(request: web.Request) -> list[str]:
 async def proxy_ws(
     state: RelayState, request: web.Request, session: TunnelSession, path: str, query: str,
     host_id: str, client_chain: str | None = None, *, subject: str = "",
-    expires_at: float = math.inf,
+    expires_at: float = math.inf, claims: tuple[tuple[str, str], ...] = (),
 ) -> web.StreamResponse:
     metrics = state.metrics
     open_head = ws_open_head(request, path, query, state.config.server.trust_forwarded,
-                             client_chain, host_id)
+                             client_chain, host_id, claims)
     timer = timer_of(request)
     if timer is not None:
         open_head = trace_next_hop(timer, open_head)
