@@ -22,7 +22,7 @@ import aiohttp
 import structlog
 from yarl import URL
 
-from relay.aio import SingleFlight, TaskGroup
+from relay.aio import KeyedSingleFlight, TaskGroup
 from relay.errors import CloseCode, ProtocolViolation
 from relay.metrics import LinkOpen, PeerSide
 from relay.protocol import frames
@@ -76,7 +76,8 @@ class PeerLinks:
     def __init__(self, state: RelayState) -> None:
         self._state = state
         self._links: dict[str, PeerLink] = {}
-        self._opening: dict[str, SingleFlight[PeerLink | None]] = {}
+        self._opening: KeyedSingleFlight[str, PeerLink | None] = KeyedSingleFlight(
+            "peer-link-open")
         self._failures: dict[str, int] = {}
         self._retry_at: dict[str, float] = {}
         self._tasks = TaskGroup("peer-links")
@@ -102,10 +103,7 @@ class PeerLinks:
             self._tasks.spawn(self._retire(link), f"peer-link-retire:{owner_url}")
         if self._closed or time.monotonic() < self._retry_at.get(owner_url, 0.0):
             return None
-        flight = self._opening.get(owner_url)
-        if flight is None:
-            flight = self._opening[owner_url] = SingleFlight(partial(self._open, owner_url))
-        link = await flight()
+        link = await self._opening(owner_url, partial(self._open, owner_url))
         return link.session if link is not None and link.usable() else None
 
     async def _open(self, owner_url: str) -> PeerLink | None:
@@ -205,8 +203,7 @@ class PeerLinks:
     async def close(self) -> None:
         """Stopping: close every link (1001) and stop every task of theirs, bounded."""
         self._closed = True
-        for flight in list(self._opening.values()):
-            await flight.cancel()
+        await self._opening.cancel()
         links = list(self._links.values())
         for link in links:
             link.session.fail_all(int(CloseCode.GOING_AWAY), "relay stopping")
