@@ -728,6 +728,16 @@ class Bench:
 
         self.profile_run("W1", load)
 
+    def profile_w2(self, url: str) -> None:
+        def load(seconds: float) -> dict[str, Any]:
+            deadline = time.monotonic() + seconds
+            moved = 0
+            while time.monotonic() < deadline:
+                moved += sum(d[2] for d in self._downloads(url, 4, 1, "w2-profiled"))
+            return {"bytes": moved}
+
+        self.profile_run("W2", load)
+
     def w2(self) -> None:
         """Large downloads (4 x 16 MiB at once) and a slow reader."""
         assert self.relay is not None
@@ -769,6 +779,8 @@ class Bench:
                         "0", relay["bad"] == 0, ratio=False))
         results["slow_reader"] = self._slow_reader()
         self.report.raw["W2"] = results
+        if "W2" in self.profile_targets:
+            self.profile_w2(self.relay.host_url(HOST_ID, f"/bytes/{size}"))
 
     def _downloads(self, url: str, parallel: int, rounds: int, name: str) -> list[list[Any]]:
         workers = [self.loadgen(f"{name}-{i}", "download", "--url", url, "--rounds", str(rounds),
@@ -1264,7 +1276,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", dest="json_path", default="", help="also write results here")
     parser.add_argument("--profile", nargs="?", const="W1", default="",
                         help="record py-spy profiles of the relay and the agent during an extra "
-                             "run of these workloads (default W1; also W3; W4 = tracemalloc "
+                             "run of these workloads (default W1; also W2, W3; W4 = tracemalloc "
                              "of the relay's memory per idle tunnel)")
     # 20,000 is the target; one process here may hold at most 20,000 descriptors (hard limit).
     parser.add_argument("--tunnels", default="1000,19000", help="W4 stages (total tunnels)")
@@ -1291,8 +1303,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.w7_hosts = (small, large)
     if args.profile:
         profiled = {w.strip().upper() for w in args.profile.split(",")}
-        if not profiled <= {"W1", "W3", "W4"}:
-            parser.error("--profile takes W1, W3 and/or W4")
+        if not profiled <= {"W1", "W2", "W3", "W4"}:
+            parser.error("--profile takes W1, W2, W3 and/or W4")
         args.profile = ",".join(sorted(profiled))
     return args
 
