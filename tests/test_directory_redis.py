@@ -37,10 +37,34 @@ QUICK_HEARTBEAT_S = 0.15
 QUICK_TTL_S = 0.6
 
 
+class Beats:
+    """Stands in for a directory's wait between heartbeats: each ``step`` is one heartbeat
+    interval passing, so a test runs exactly the beats it counts instead of waiting for real
+    ones. Redis-side TTLs stay real: a stepped directory's lease lapses after entry_ttl_s
+    unless the test steps it."""
+
+    def __init__(self) -> None:
+        self._go: asyncio.Queue[asyncio.Event] = asyncio.Queue(maxsize=1)
+        self._done: asyncio.Event | None = None
+
+    async def sleep(self, seconds: float) -> None:
+        if self._done is not None:  # back for the next wait: the previous beat has finished
+            self._done.set()
+        self._done = await self._go.get()
+
+    async def step(self, count: int = 1) -> None:
+        for _ in range(count):
+            done = asyncio.Event()
+            self._go.put_nowait(done)
+            async with asyncio.timeout(5):
+                await done.wait()
+
+
 class MakeDirectory(Protocol):
     def __call__(
         self, instance_id: str = ..., *, start: bool = ..., metrics: Metrics | None = ...,
         heartbeat_s: float = ..., entry_ttl_s: float = ..., sweep_batch: int = ...,
+        op_timeout_s: float = ..., beats: Beats | None = ...,
     ) -> Awaitable[RedisDirectory]: ...
 
 
@@ -106,6 +130,7 @@ async def make_directory(redis_server: RedisServer) -> AsyncIterator[MakeDirecto
     async def make(
         instance_id: str = "relay-a", *, start: bool = True, metrics: Metrics | None = None,
         heartbeat_s: float = HEARTBEAT_S, entry_ttl_s: float = TTL_S, sweep_batch: int = 500,
+        op_timeout_s: float = 0.5, beats: Beats | None = None,
     ) -> RedisDirectory:
         config = DirectoryConfig(
             backend="redis", redis_url=redis_server.url, instance_id=instance_id,
@@ -113,7 +138,9 @@ async def make_directory(redis_server: RedisServer) -> AsyncIterator[MakeDirecto
             heartbeat_s=heartbeat_s, entry_ttl_s=entry_ttl_s,
         )
         directory = RedisDirectory(
-            config, metrics, key_prefix=PREFIX, op_timeout_s=0.5, sweep_batch=sweep_batch
+            config, metrics, key_prefix=PREFIX, op_timeout_s=op_timeout_s,
+            sweep_batch=sweep_batch,
+            heartbeat_sleep=asyncio.sleep if beats is None else beats.sleep,
         )
         created.append(directory)
         if start:
@@ -246,7 +273,8 @@ async def test_heartbeat_and_audit_cannot_resurrect_a_deleted_entry(
 async def test_relay_reregisters_an_entry_that_vanished_while_it_holds_the_tunnel(
     make_directory: MakeDirectory, raw: aioredis.Redis
 ) -> None:
-    a = await make_directory("relay-a")
+    beats = Beats()
+    a = await make_directory("relay-a", beats=beats)
     epoch = await a.register("org:m1")
     await a.register("org:m2")
 
@@ -255,9 +283,8 @@ async def test_relay_reregisters_an_entry_that_vanished_while_it_holds_the_tunne
     await raw.delete(f"{PREFIX}host:org:m1")
     await raw.srem(f"{PREFIX}instance:relay-a", "org:m1")
 
-    await wait_until(
-        lambda: raw.exists(f"{PREFIX}host:org:m1"), 3 * HEARTBEAT_S, "entry re-registered"
-    )
+    await beats.step()
+    assert await raw.exists(f"{PREFIX}host:org:m1")  # re-registered by that one heartbeat
     assert (await entry(raw, "org:m1"))["epoch"] == epoch  # same epoch: unregister still works
     assert await a.unregister("org:m1", epoch) is True
 
@@ -265,7 +292,8 @@ async def test_relay_reregisters_an_entry_that_vanished_while_it_holds_the_tunne
 async def test_taken_entry_is_reported_lost_and_never_overwritten(
     make_directory: MakeDirectory, raw: aioredis.Redis
 ) -> None:
-    a = await make_directory("relay-a")
+    beats = Beats()
+    a = await make_directory("relay-a", beats=beats)
     b = await make_directory("relay-b")
     lost: list[tuple[str, str]] = []
     a.on_lost(lambda host, epoch: lost.append((host, epoch)))
@@ -273,10 +301,10 @@ async def test_taken_entry_is_reported_lost_and_never_overwritten(
 
     new = await b.register("org:m1")
 
-    await wait_until(lambda: bool(lost), 3 * HEARTBEAT_S, "relay-a notices it lost org:m1")
+    await beats.step()  # relay-a's next heartbeat reads its lost list
     assert lost == [("org:m1", old)]
     assert "org:m1" not in a.registrations()
-    await asyncio.sleep(2 * HEARTBEAT_S)
+    await beats.step(2)
     owner = await a.lookup("org:m1")
     assert owner is not None and owner.epoch == new
 
@@ -366,7 +394,8 @@ async def test_clear_instance_reports_what_it_deleted(
 async def test_index_drops_members_whose_entry_is_gone_or_taken(
     make_directory: MakeDirectory, raw: aioredis.Redis
 ) -> None:
-    a = await make_directory("relay-a")
+    beats = Beats()
+    a = await make_directory("relay-a", beats=beats)
     b = await make_directory("relay-b")
     kept = await a.register("org:m1")
     await a.register("org:m2")
@@ -382,10 +411,7 @@ async def test_index_drops_members_whose_entry_is_gone_or_taken(
     )
     await raw.sadd(f"{PREFIX}instance:relay-a", "org:leftover", "org:expired")
 
-    async def pruned() -> bool:
-        return await raw.scard(f"{PREFIX}instance:relay-a") == 1
-
-    await wait_until(pruned, 3 * HEARTBEAT_S, "index pruned")
+    await beats.step()
     assert await raw.smembers(f"{PREFIX}instance:relay-a") == {"org:m1"}
     assert not await raw.exists(f"{PREFIX}host:org:leftover")
     assert (await entry(raw, "org:m1"))["epoch"] == kept
@@ -423,7 +449,8 @@ async def test_redis_crash_marks_unhealthy_and_refuses_registration_quickly(
 async def test_hung_redis_is_bounded_by_timeouts_and_recovers_on_resume(
     make_directory: MakeDirectory, redis_server: RedisServer
 ) -> None:
-    a = await make_directory("relay-a")
+    # Short operation timeouts: the bound is what is tested, not its length.
+    a = await make_directory("relay-a", op_timeout_s=0.2)
     epoch = await a.register("org:m1")
 
     await redis_server.pause()  # connections hang instead of being refused
@@ -448,14 +475,17 @@ async def test_hung_redis_is_bounded_by_timeouts_and_recovers_on_resume(
 async def test_redis_restart_recovers_and_reregisters_held_tunnels(
     make_directory: MakeDirectory, redis_server: RedisServer, raw: aioredis.Redis
 ) -> None:
-    a = await make_directory("relay-a")
-    b = await make_directory("relay-b")
+    beats_a, beats_b = Beats(), Beats()
+    a = await make_directory("relay-a", beats=beats_a)
+    b = await make_directory("relay-b", beats=beats_b)
     kept = await a.register("org:m1")
     closed = await a.register("org:m2")
     await b.register("org:m3")
 
     await redis_server.kill()
-    await wait_until(lambda: not a.healthy, 3 * HEARTBEAT_S, "relay-a notices the outage")
+    await beats_a.step()
+    await beats_b.step()
+    assert not a.healthy and not b.healthy  # each heartbeat noticed the outage
     assert await a.unregister("org:m2", closed) is False  # tunnel closed during the outage
     await redis_server.start()  # back on the same port, empty
 
@@ -481,7 +511,8 @@ async def test_relay_cut_off_from_redis_does_not_steal_back_a_host_that_moved(
         instance_id="relay-a", advertise_url=url_of("relay-a"), peer_secret="s" * 16,
         heartbeat_s=HEARTBEAT_S, entry_ttl_s=TTL_S,
     )
-    a = RedisDirectory(config, key_prefix=PREFIX, op_timeout_s=0.5)
+    beats = Beats()
+    a = RedisDirectory(config, key_prefix=PREFIX, op_timeout_s=0.5, heartbeat_sleep=beats.sleep)
     await a.start()
     b = await make_directory("relay-b")
     lost: list[tuple[str, str]] = []
@@ -490,7 +521,8 @@ async def test_relay_cut_off_from_redis_does_not_steal_back_a_host_that_moved(
         old = await a.register("org:m1")
         await raw.acl_setuser("relay-a", enabled=False)
         await raw.client_kill_filter(user="relay-a")
-        await wait_until(lambda: not a.healthy, 3 * HEARTBEAT_S, "relay-a is cut off")
+        await beats.step()
+        assert not a.healthy  # its heartbeat found itself cut off
         # Its lease lapsed meanwhile and a lookup swept its entry ...
         await raw.delete(f"{PREFIX}lease:relay-a", f"{PREFIX}host:org:m1")
         new = await b.register("org:m1")  # ... and the agent reconnected to relay-b
@@ -545,10 +577,16 @@ async def test_revocation_reaches_every_relay_exactly_once(make_directory: MakeD
     await wait_until(lambda: bool(seen_b), 2.0, "relay-b receives the revocation")
     await b.publish_revocation(None, "org:m2")
     await wait_until(lambda: len(seen_a) == 2, 2.0, "relay-a receives relay-b's revocation")
-    await asyncio.sleep(0.2)  # room for a duplicate echo to arrive, if there were one
+    # Fences: a subscriber gets a channel's messages in publish order, so a duplicate echo of
+    # anything published before a relay's fence arrived would have arrived before it.
+    await a.publish_revocation("fence-a", None)
+    await wait_until(lambda: len(seen_b) == 3, 2.0, "relay-b receives relay-a's fence")
+    await b.publish_revocation("fence-b", None)
+    await wait_until(lambda: len(seen_a) == 4, 2.0, "relay-a receives relay-b's fence")
 
-    assert seen_a == [("user-1", "org:m1"), (None, "org:m2")]
-    assert seen_b == [("user-1", "org:m1"), (None, "org:m2")]
+    sent = [("user-1", "org:m1"), (None, "org:m2"), ("fence-a", None), ("fence-b", None)]
+    assert seen_a == sent
+    assert seen_b == sent
 
 
 async def test_malformed_revocations_are_ignored(
@@ -712,27 +750,11 @@ def directory_commands(stats: dict[str, Any]) -> int:
     return sum(int(v["calls"]) for k, v in stats.items() if k not in ignored)
 
 
-async def commands_per_beat(directory: RedisDirectory, raw: aioredis.Redis, beats: int) -> float:
-    """Redis commands over ``beats`` whole heartbeat periods (sweeps included), per beat."""
-
-    def done() -> int:
-        return int(directory.describe()["heartbeats"])
-
-    def reached(count: int) -> Callable[[], bool]:
-        return lambda: done() >= count
-
-    for _ in range(3):  # a loaded machine may let a beat slip past a window's edge: retry
-        await wait_until(reached(done() + 1), 5 * HEARTBEAT_S, "a heartbeat")
-        # Just after a beat: the next one is a heartbeat interval away, so the window is clean.
-        first = done()
-        await raw.config_resetstat()
-        if done() != first:
-            continue
-        await wait_until(reached(first + beats), (beats + 5) * HEARTBEAT_S, "the beats")
-        stats = await raw.info("commandstats")
-        if done() == first + beats:
-            return directory_commands(stats) / beats
-    pytest.fail("could not count a window of exactly the beats counted")
+async def commands_per_beat(beats: Beats, raw: aioredis.Redis, count: int) -> float:
+    """Redis commands over ``count`` whole heartbeat periods (sweeps included), per beat."""
+    await raw.config_resetstat()
+    await beats.step(count)
+    return directory_commands(await raw.info("commandstats")) / count
 
 
 async def register_many(directory: RedisDirectory, count: int, start: int = 0) -> None:
@@ -747,21 +769,24 @@ async def register_many(directory: RedisDirectory, count: int, start: int = 0) -
 async def test_heartbeat_cost_does_not_grow_with_the_number_of_tunnels(
     make_directory: MakeDirectory, raw: aioredis.Redis
 ) -> None:
-    # Quick beats: each counted window is a lease lifetime long, and there are four of them.
-    heartbeat_s, ttl_s = 0.1, 0.6
+    # Stepped beats: each counted window is a lease lifetime of them (a sweep in each). The
+    # intervals are long in real time, so the lease cannot lapse between steps (a lapse would
+    # add a resync to a window).
+    heartbeat_s, ttl_s = 10.0, 60.0
     sweep_every = round(ttl_s / heartbeat_s)
-    a = await make_directory("relay-a", heartbeat_s=heartbeat_s, entry_ttl_s=ttl_s)
-    # Another live relay, so relay-a's sweep has a lease to check; its own heartbeats are
-    # slow enough to stay out of the counted windows.
-    await make_directory("relay-b", heartbeat_s=60, entry_ttl_s=240)
+    beats = Beats()
+    a = await make_directory("relay-a", heartbeat_s=heartbeat_s, entry_ttl_s=ttl_s, beats=beats)
+    # Another live relay, so relay-a's sweep has a lease to check; it never beats.
+    await make_directory("relay-b", heartbeat_s=heartbeat_s, entry_ttl_s=ttl_s, beats=Beats())
     await register_many(a, 20)
     # Warm-up: the first run of each script costs a SCRIPT LOAD once.
-    await commands_per_beat(a, raw, beats=sweep_every)
+    await commands_per_beat(beats, raw, count=sweep_every)
 
-    small = await commands_per_beat(a, raw, beats=sweep_every)
+    small = await commands_per_beat(beats, raw, count=sweep_every)
     await register_many(a, 1_980, start=20)
     assert len(a.registrations()) == 2_000
-    big = await commands_per_beat(a, raw, beats=sweep_every)
+    big = await commands_per_beat(beats, raw, count=sweep_every)
+    assert a.describe()["heartbeats"] == 3 * sweep_every
 
     # The same fixed handful of commands per beat for 20 and for 2,000 tunnels (one TTL
     # refresh per tunnel per beat would be ≥ 2,000).
@@ -810,20 +835,24 @@ async def test_killed_relay_reads_offline_within_ttl_and_is_swept_in_bounded_bat
 async def test_background_sweep_clears_a_dead_relay_nobody_looks_up(
     make_directory: MakeDirectory, raw: aioredis.Redis, redis_server: RedisServer
 ) -> None:
-    # Its heartbeat loop does the sweeping.
-    await make_directory("relay-b", sweep_batch=8, heartbeat_s=QUICK_HEARTBEAT_S,
-                         entry_ttl_s=QUICK_TTL_S)
-    async with child_relay(redis_server, "relay-dead", 30, ttl_s=QUICK_TTL_S,
-                           heartbeat_s=QUICK_HEARTBEAT_S) as child:
+    # Its heartbeat loop does the sweeping, stepped by the test; a sweep is due every fourth
+    # beat, and every beat while work remains.
+    beats = Beats()
+    b = await make_directory("relay-b", sweep_batch=8, heartbeat_s=5, entry_ttl_s=20,
+                             beats=beats)
+    # The dead relay's lease only has to outlive its start-up.
+    async with child_relay(redis_server, "relay-dead", 30, ttl_s=0.3, heartbeat_s=0.1) as child:
         await child.kill()
 
-    async def swept() -> bool:
-        return await raw.exists(f"{PREFIX}instance:relay-dead") == 0
+    async def lease_expired() -> bool:
+        return await raw.exists(f"{PREFIX}lease:relay-dead") == 0
 
-    # Lease expiry, then four batches of eight at one per heartbeat once work is found.
-    await wait_until(swept, 3 * QUICK_TTL_S + 6 * QUICK_HEARTBEAT_S,
-                     "relay-b sweeps the dead relay")
+    await wait_until(lease_expired, 0.3 + 0.5, "the dead relay's lease expires")
+    # Four batches of eight, at one per beat once the due sweep found work: seven beats.
+    await beats.step(7)
+    assert await raw.exists(f"{PREFIX}instance:relay-dead") == 0
     assert await raw.keys(f"{PREFIX}host:*") == []
+    assert b.describe()["heartbeats"] == 7
 
 
 async def test_restart_with_the_same_instance_id_does_not_resurrect_old_entries(
@@ -860,18 +889,18 @@ async def test_restart_with_the_same_instance_id_does_not_resurrect_old_entries(
 async def test_flushed_redis_gets_every_held_entry_back(
     make_directory: MakeDirectory, raw: aioredis.Redis
 ) -> None:
-    a = await make_directory("relay-a")
-    b = await make_directory("relay-b")
+    beats_a, beats_b = Beats(), Beats()
+    a = await make_directory("relay-a", beats=beats_a)
+    b = await make_directory("relay-b", beats=beats_b)
     epochs = {h: await a.register(h) for h in ("org:m1", "org:m2", "org:m3")}
     other = await b.register("org:m4")
 
     await raw.flushall()  # no disconnect: only the vanished lease tells the relays
 
-    async def back() -> bool:
-        owners = [await b.lookup(h) for h in (*epochs, "org:m4")]
-        return all(o is not None for o in owners)
-
-    await wait_until(back, 3 * HEARTBEAT_S, "every entry is reclaimed")
+    await beats_a.step()
+    await beats_b.step()
+    for host in (*epochs, "org:m4"):
+        assert await b.lookup(host) is not None, f"{host} is reclaimed by one heartbeat"
     for host, epoch in epochs.items():
         assert await b.lookup(host) == (await a.lookup(host))
         assert (await entry(raw, host))["epoch"] == epoch  # same epoch: unregister still works
@@ -882,7 +911,8 @@ async def test_flushed_redis_gets_every_held_entry_back(
 async def test_lapsed_lease_noticed_by_a_register_still_resyncs(
     make_directory: MakeDirectory, raw: aioredis.Redis
 ) -> None:
-    a = await make_directory("relay-a")
+    beats = Beats()
+    a = await make_directory("relay-a", beats=beats)
     b = await make_directory("relay-b")
     epoch = await a.register("org:m1")
 
@@ -892,10 +922,8 @@ async def test_lapsed_lease_noticed_by_a_register_still_resyncs(
     # ... and a new tunnel's registration, landing first, writes the lease back.
     await a.register("org:m2")
 
-    async def back() -> bool:
-        return await b.lookup("org:m1") is not None
-
-    await wait_until(back, 3 * HEARTBEAT_S, "the swept entry is reclaimed")
+    await beats.step()
+    assert await b.lookup("org:m1") is not None  # the next heartbeat reclaimed it
     assert (await entry(raw, "org:m1"))["epoch"] == epoch
 
 

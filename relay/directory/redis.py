@@ -71,7 +71,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -178,7 +178,8 @@ class RedisDirectory(Directory):
     """The shared directory (``directory.backend = "redis"``). See the module docstring.
 
     The keyword arguments are not in :class:`DirectoryConfig` (yet); their defaults suit
-    production, tests shrink them.
+    production, tests shrink them (and replace ``heartbeat_sleep``, the heartbeat loop's wait,
+    to run heartbeats one at a time).
     """
 
     def __init__(
@@ -194,6 +195,7 @@ class RedisDirectory(Directory):
         max_connections: int = 64,
         close_timeout_s: float = 2.0,
         sweep_batch: int = BATCH,
+        heartbeat_sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
         super().__init__(config.instance_id, config.advertise_url)
         if not config.instance_id:
@@ -215,6 +217,7 @@ class RedisDirectory(Directory):
         self._max_connections = max_connections
         self._close_timeout = close_timeout_s
         self._sweep_batch = max(1, sweep_batch)
+        self._heartbeat_sleep = heartbeat_sleep
         # Probe quickly after a failure, but never more often than every 0.1 s.
         self._probe_interval = min(1.0, max(0.1, config.heartbeat_s / 2))
         self._resubscribe_max_s = min(2.0, config.heartbeat_s * 2)
@@ -758,7 +761,7 @@ class RedisDirectory(Directory):
     async def _heartbeat_loop(self) -> None:
         beats = 0
         while not self._closed:
-            await asyncio.sleep(self._config.heartbeat_s)
+            await self._heartbeat_sleep(self._config.heartbeat_s)
             if not self._healthy:
                 continue  # the health loop owns an unhealthy directory
             try:
