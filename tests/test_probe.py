@@ -30,9 +30,15 @@ from tests.harness import (
 from tests.tcp_balancer import FailoverBalancer
 
 
+# Short probe intervals: each test waits for a first probe (one interval in) and some for a
+# second; the timeout, just under the interval, is far above a probe's loopback duration.
+INTERVAL_S, TIMEOUT_S = 0.3, 0.28
+
+
 def probe_sections(public_url: str, **extra: Any) -> dict[str, dict[str, Any]]:
     return {
-        "probe": {"public_url": public_url, "interval_s": 0.5, "timeout_s": 0.4, **extra},
+        "probe": {"public_url": public_url, "interval_s": INTERVAL_S, "timeout_s": TIMEOUT_S,
+                  **extra},
         "directory": {"instance_id": "relay-a"},
     }
 
@@ -58,8 +64,7 @@ async def test_probe_goes_from_0_to_1_through_the_balancer_and_back_to_0_when_it
 ) -> None:
     port = free_port()
     balancer = FailoverBalancer([port])
-    sections = probe_sections(f"ws://127.0.0.1:{balancer.port}",
-                              **{"interval_s": 1.0, "timeout_s": 0.9})
+    sections = probe_sections(f"ws://127.0.0.1:{balancer.port}")
     sections["server"] = {"port": port}
     config = load_config(write_config(tmp_path, sections), env={})
     with LogCapture() as capture:
@@ -69,7 +74,7 @@ async def test_probe_goes_from_0_to_1_through_the_balancer_and_back_to_0_when_it
             await balancer.start()
             await eventually(lambda: gauge(relay, "relay_probe_success") == 1, timeout=10)
             duration = gauge(relay, "relay_probe_duration_seconds")
-            assert duration is not None and 0 < duration < 0.9
+            assert duration is not None and 0 < duration < TIMEOUT_S
             assert events(capture, "relay.probe_ok")
             # The probe's tunnel is gone again: it tears down after its one request.
             await eventually(lambda: relay.state.registry.get("relay-probe:relay-a") is None)

@@ -239,8 +239,8 @@ async def test_the_probe_goes_through_wss_with_its_private_ca(tmp_path: Path) ->
     tls_files(tmp_path, ca)
     port = free_port()
     sections = {**tls_sections(port),
-                "probe": {"public_url": f"wss://127.0.0.1:{port}", "interval_s": 1.0,
-                          "timeout_s": 0.9, "ca_file": "ca.pem"}}
+                "probe": {"public_url": f"wss://127.0.0.1:{port}", "interval_s": 0.3,
+                          "timeout_s": 0.28, "ca_file": "ca.pem"}}
     relay = await start_relay(load_config(write_config(tmp_path, sections), env={}))
     registry = relay.state.metrics.registry
     try:
