@@ -30,12 +30,14 @@ from relay.protocol.frames import Flags, FrameType
 from relay.protocol.messages import Open
 from relay.server.drain import drain
 from tests.harness import (
+    LogCapture,
     RunningAgent,
     RunningHost,
     RunningRelay,
     abort_connections,
     eventually,
     free_port,
+    host_app_with_hold,
     start_agent,
     start_host,
     start_relay,
@@ -61,7 +63,7 @@ class Recorder:
 
 
 async def run_agent(relay_url: str, upstream: str, tokens: TokenSource, *,
-                    backoff: Backoff | None = None, recorder: Recorder | None = None,
+                    backoff: Backoff | None = None, recorder: Callable[[Agent], None] | None = None,
                     wait: bool = True) -> RunningAgent:
     return await start_agent(relay_url, HOST, upstream, tokens=tokens, backoff=backoff,
                              wait=wait, on_state=recorder)
@@ -72,6 +74,17 @@ async def host() -> AsyncIterator[RunningHost]:
     running = await start_host()
     try:
         yield running
+    finally:
+        await running.stop()
+
+
+@pytest.fixture
+async def held_host() -> AsyncIterator[tuple[RunningHost, asyncio.Event]]:
+    """The sample host whose ``/hold`` answers once the event is set."""
+    release = asyncio.Event()
+    running = await start_host(host_app_with_hold(release))
+    try:
+        yield running, release
     finally:
         await running.stop()
 
@@ -179,7 +192,9 @@ async def test_agent_reconnects_after_the_relay_restarts_on_the_same_port(
         assert relay.state.registry.get(HOST) is not None
         await relay.stop()
         await eventually(lambda: not agent.agent.connected)
-        await asyncio.sleep(0.3)  # a few refused connects while the port is closed
+        refused_from = agent.agent.attempts
+        # A few refused connects while the port is closed.
+        await eventually(lambda: agent.agent.attempts >= refused_from + 2)
         async with relay_on(config) as again:
             started = time.monotonic()
             await agent.wait_connected(timeout=3)
@@ -232,24 +247,31 @@ async def test_in_band_drain_alone_makes_the_agent_leave_at_once() -> None:
 
 
 async def test_drained_agent_lets_requests_in_flight_finish_before_leaving(
-    config: Config, host: RunningHost
+    config: Config, held_host: tuple[RunningHost, asyncio.Event]
 ) -> None:
+    host, release = held_host
     recorder = Recorder()
-    async with relay_on(config) as relay, agent_running(
-        relay.ws_url, host.url, TokenSource(token=relay.agent_token(HOST)), recorder=recorder,
-    ) as agent, aiohttp.ClientSession() as client:
-        session = agent.agent.session
-        assert session is not None
-        slow = asyncio.ensure_future(client.get(
-            f"{relay.url}/hosts/{HOST}/slow?delay=0.6",
-            headers={"Authorization": f"Bearer {relay.token()}"}))
-        await eventually(lambda: len(session.channels) == 1)
-        draining = asyncio.ensure_future(drain(relay.state, 5))
-        async with await asyncio.wait_for(slow, 5) as resp:
-            assert resp.status == 200
-            assert await resp.text() == "finally\n"
-        await asyncio.wait_for(draining, 3)
-        await eventually(lambda: any(o.drained for o in recorder.outcomes))
+    with LogCapture() as capture:
+        async with relay_on(config) as relay, agent_running(
+            relay.ws_url, host.url, TokenSource(token=relay.agent_token(HOST)),
+            recorder=recorder,
+        ) as agent, aiohttp.ClientSession() as client:
+            session = agent.agent.session
+            assert session is not None
+            held = asyncio.ensure_future(client.get(
+                f"{relay.url}/hosts/{HOST}/hold",
+                headers={"Authorization": f"Bearer {relay.token()}"}))
+            await eventually(lambda: len(session.channels) == 1)
+            draining = asyncio.ensure_future(drain(relay.state, 5))
+            # Held until the agent has taken the DRAIN: the request is in flight through it.
+            await eventually(lambda: "agent.drain_received" in capture.text)
+            assert not held.done()
+            release.set()
+            async with await asyncio.wait_for(held, 5) as resp:
+                assert resp.status == 200
+                assert await resp.text() == "finally\n"
+            await asyncio.wait_for(draining, 3)
+            await eventually(lambda: any(o.drained for o in recorder.outcomes))
 
 
 async def test_draining_relay_refusing_at_the_door_is_not_hammered() -> None:
@@ -262,8 +284,10 @@ async def test_draining_relay_refusing_at_the_door_is_not_hammered() -> None:
         relay.url, "http://127.0.0.1:9", TokenSource(token="t"),
         backoff=Backoff(base=0.05, cap=2), wait=False,
     ) as agent:
-        await asyncio.sleep(0.75)  # a hot loop would have made hundreds of attempts by now
-        assert 2 <= len(relay.connections) <= 10
+        await eventually(lambda: len(relay.connections) >= 4, timeout=3)
+        # The first refusal is retried at once, then the delays double from the base: the
+        # second to fourth attempts are at least 0.05 + 0.1 s apart (a hot loop: a few ms).
+        assert relay.connections[3] - relay.connections[1] >= 0.1
         assert agent.agent.last_outcome is not None
         assert agent.agent.last_outcome.code == CloseCode.DRAINING
 
@@ -271,9 +295,16 @@ async def test_draining_relay_refusing_at_the_door_is_not_hammered() -> None:
 async def test_replaced_agent_backs_off_slowly_instead_of_fighting(
     config: Config, host: RunningHost
 ) -> None:
+    attempted_at: list[float] = []
+
+    def on_state(agent: Agent) -> None:
+        if agent.attempts > len(attempted_at):
+            attempted_at.append(time.monotonic())
+
+    # Slow retries wait out half the cap (rng 0): 0.3 s, against 0.025 s for a plain retry.
     async with relay_on(config) as relay, agent_running(
         relay.ws_url, host.url, TokenSource(token=relay.agent_token(HOST)),
-        backoff=Backoff(base=0.05, cap=20, rng=lambda: 0.0),
+        backoff=Backoff(base=0.05, cap=0.6, rng=lambda: 0.0), recorder=on_state,
     ) as agent, aiohttp.ClientSession() as client:
         newer = await RawTunnel.connect(client, relay, HOST, relay.agent_token(HOST, sub="newer"))
         try:
@@ -281,11 +312,13 @@ async def test_replaced_agent_backs_off_slowly_instead_of_fighting(
             assert agent.agent.last_outcome is not None
             assert agent.agent.last_outcome.code == CloseCode.REPLACED
             next_attempt_at = agent.agent.next_attempt_at
-            assert next_attempt_at is not None and next_attempt_at - time.monotonic() > 9
-            await asyncio.sleep(1.0)
+            assert next_attempt_at is not None and next_attempt_at - time.monotonic() > 0.25
             assert agent.agent.attempts == 1
             current = relay.state.registry.get(HOST)
             assert current is not None and current.subject == "newer"
+            # The next attempt comes when it was scheduled, not before.
+            await eventually(lambda: len(attempted_at) >= 2, timeout=3)
+            assert attempted_at[1] >= next_attempt_at
         finally:
             await newer.close()
 
@@ -378,7 +411,7 @@ async def test_watchdog_abandons_a_black_holed_relay_and_reconnects() -> None:
     """HELLO, then total silence: no pings, no reads, no answer to a close frame, ever."""
 
     async def black_hole(ws: web.WebSocketResponse, relay: FakeRelay) -> None:
-        await ws.send_bytes(hello(ping_interval_s=0.2, misses=2))
+        await ws.send_bytes(hello(ping_interval_s=0.1, misses=2))
         await forever()
 
     recorder = Recorder()
@@ -387,8 +420,8 @@ async def test_watchdog_abandons_a_black_holed_relay_and_reconnects() -> None:
     ):
         await eventually(lambda: len(relay.connections) >= 2, timeout=3)
         gap = relay.connections[1] - relay.connections[0]
-        # Silence limit 0.4 s, then an immediate reconnect (the tunnel had said HELLO).
-        assert 0.35 <= gap < 0.4 + 0.6
+        # Silence limit 0.2 s, then an immediate reconnect (the tunnel had said HELLO).
+        assert 0.15 <= gap < 0.2 + 0.6
         first = recorder.outcomes[0]
         assert first.abandoned and first.hello
         await relay.stop()
