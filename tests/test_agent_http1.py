@@ -183,12 +183,12 @@ async def test_idle_connections_are_closed_after_the_idle_timeout() -> None:
         closed_by_us.append(1)  # the pool hung up: the origin read EOF
 
     async with origin(serve_until_eof) as (o, pool):
-        pool.idle_timeout_s = 0.2
+        pool.idle_timeout_s = 0.1
         first, second = await asyncio.gather(pool.request("GET", "/a", []),
                                              pool.request("GET", "/b", []))
         assert await body_of(first) == b"hello /a"
         # Released later than the first: the sweep that ends the first must come back for it.
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
         assert await body_of(second) == b"hello /b"
         assert pool.idle_connections == 2
         async with asyncio.timeout(5):
@@ -295,6 +295,7 @@ async def test_a_body_without_length_runs_to_the_end_of_the_connection() -> None
 
 async def test_a_slow_reader_pauses_the_origin_instead_of_buffering() -> None:
     size = 16 * 1024 * 1024
+    written = [0]  # blocks the origin got through
 
     async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                   o: Origin) -> None:
@@ -304,15 +305,21 @@ async def test_a_slow_reader_pauses_the_origin_instead_of_buffering() -> None:
         for _ in range(size // len(block)):
             writer.write(block)
             await writer.drain()
+            written[0] += 1
 
     async with origin(big) as (_o, pool):
         response = await pool.request("GET", "/big", [])
         async with response:
             assert len(await response.read()) > 0
-            # Nobody reads for a while: the client holds at most its high-water mark.
-            for _ in range(50):
-                await asyncio.sleep(0.01)
-                assert response._conn._body_bytes <= READ_HIGH_WATER + 256 * 1024
+            # Nobody reads: the origin ends up paused (no block written for 50 ms), and all
+            # along the client holds at most its high-water mark.
+            still, last = 0, -1
+            async with asyncio.timeout(5):
+                while still < 5:
+                    await asyncio.sleep(0.01)
+                    assert response._conn._body_bytes <= READ_HIGH_WATER + 256 * 1024
+                    still, last = (still + 1, last) if written[0] == last else (0, written[0])
+            assert written[0] < size // 65536
             total = 0
             while chunk := await response.read():
                 total += len(chunk)

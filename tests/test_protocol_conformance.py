@@ -787,7 +787,7 @@ async def test_a_refused_ws_channel_closes_the_client_1011(agent: Agent, client:
 
 
 async def test_an_unanswered_ws_open_is_close_1001_and_the_client_4410(tmp_path: Path) -> None:
-    async with relay_with(tmp_path, open_timeout_s=0.3) as relay:
+    async with relay_with(tmp_path, open_timeout_s=0.15) as relay:
         agent = await Agent.connect(relay)
         client = Client(relay)
         try:
@@ -925,7 +925,7 @@ async def test_a_ping_is_answered_with_its_payload(agent: Agent) -> None:
 
 
 async def test_the_relay_pings_and_a_silent_agent_is_closed_4408(tmp_path: Path) -> None:
-    async with relay_with(tmp_path, ping_interval_s=0.2, keepalive_misses=2) as relay:
+    async with relay_with(tmp_path, ping_interval_s=0.1, keepalive_misses=2) as relay:
         agent = await Agent.connect(relay, answer_pings=False)
         try:
             ping = await agent.expect(PING, skip=())

@@ -344,7 +344,7 @@ async def test_host_refusing_the_upgrade_fails_the_client(ws_stack: Stack) -> No
 async def test_agent_that_never_answers_open_fails_the_client_within_open_timeout(
     tmp_path: Path,
 ) -> None:
-    async with stack(tmp_path, sections={"tunnel": {"open_timeout_s": 0.5}}) as s:
+    async with stack(tmp_path, sections={"tunnel": {"open_timeout_s": 0.2}}) as s:
         mute = await RawTunnel.connect(s.client, s.relay, "acme:mute", s.agent_token("acme:mute"))
         try:
             started = time.monotonic()
@@ -355,7 +355,7 @@ async def test_agent_that_never_answers_open_fails_the_client_within_open_timeou
             code, _ = await asyncio.wait_for(client, 5)
             elapsed = time.monotonic() - started
             assert code == CloseCode.TUNNEL_GONE
-            assert 0.4 <= elapsed < 2.0
+            assert 0.15 <= elapsed < 2.0
             # The relay also ended the stream it had offered, so nothing is left half-open.
             closed = await mute.expect(FrameType.CLOSE)
             assert closed.stream_id == opened.stream_id
@@ -383,7 +383,7 @@ async def test_agent_gives_up_a_host_upgrade_the_relay_already_gave_up_on(
     server = await asyncio.start_server(mute, "127.0.0.1", 0)
     mute_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     try:
-        async with stack(tmp_path, sections={"tunnel": {"open_timeout_s": 0.5}}) as s:
+        async with stack(tmp_path, sections={"tunnel": {"open_timeout_s": 0.2}}) as s:
             agent = await start_agent(s.relay.ws_url, "acme:mute", mute_url,
                                       token=s.agent_token("acme:mute"))
             try:
