@@ -29,7 +29,6 @@ from tests.harness import (
 )
 from tests.tcp_balancer import FailoverBalancer
 
-
 # Short probe intervals: each test waits for a first probe (one interval in) and some for a
 # second; the timeout, just under the interval, is far above a probe's loopback duration.
 INTERVAL_S, TIMEOUT_S = 0.3, 0.28

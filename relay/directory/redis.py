@@ -179,7 +179,8 @@ class RedisDirectory(Directory):
 
     The keyword arguments are not in :class:`DirectoryConfig` (yet); their defaults suit
     production, tests shrink them (and replace ``heartbeat_sleep``, the heartbeat loop's wait,
-    to run heartbeats one at a time).
+    to run heartbeats one at a time, and ``clock``, by which ``check_ready`` ages the last
+    success).
     """
 
     def __init__(
@@ -196,6 +197,7 @@ class RedisDirectory(Directory):
         close_timeout_s: float = 2.0,
         sweep_batch: int = BATCH,
         heartbeat_sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(config.instance_id, config.advertise_url)
         if not config.instance_id:
@@ -218,6 +220,7 @@ class RedisDirectory(Directory):
         self._close_timeout = close_timeout_s
         self._sweep_batch = max(1, sweep_batch)
         self._heartbeat_sleep = heartbeat_sleep
+        self._clock = clock  # ages the last success for check_ready
         # Probe quickly after a failure, but never more often than every 0.1 s.
         self._probe_interval = min(1.0, max(0.1, config.heartbeat_s / 2))
         self._resubscribe_max_s = min(2.0, config.heartbeat_s * 2)
@@ -268,7 +271,7 @@ class RedisDirectory(Directory):
         by concurrent callers, bounded by the op timeout) confirms it."""
         if not self._healthy or self._closed or self._client is None:
             return False
-        if time.monotonic() - self._last_ok <= max_age_s:
+        if self._clock() - self._last_ok <= max_age_s:
             return True
         if self._ready_probe is None or self._ready_probe.done():
             self._ready_probe = asyncio.create_task(
@@ -583,7 +586,7 @@ class RedisDirectory(Directory):
             # arrives as the operation completes, and close() relies on cancellation.
             async with asyncio.timeout(limit):
                 result = await awaitable
-            self._last_ok = time.monotonic()
+            self._last_ok = self._clock()
             return result
         except (RedisError, OSError) as exc:  # OSError covers TimeoutError
             if self._metrics is not None:
