@@ -21,6 +21,7 @@ from relay.devhost import STREAMS, Streams, pattern_bytes
 from relay.protocol import frames
 from relay.protocol.frames import Flags, FrameType
 from relay.tunnel.session import Role, SessionSettings, TunnelSession
+from relay.tunnel.sink import WebSocketSink
 from tests.harness import Stack, eventually, host_app_with_hold, stack, start_agent, start_host
 
 MiB = 1 << 20
@@ -447,8 +448,9 @@ async def test_tunnel_lost_mid_body_aborts_the_clients_connection(
                     received += len(data)
                     if received >= 128 * 1024 and s.agent.agent.session is not None:
                         # The network drops under the agent: no close frame, nothing.
-                        ws = s.agent.agent.session._send_frame.__self__  # type: ignore[attr-defined]
-                        abandon(ws)
+                        sink = s.agent.agent.session.sink
+                        assert isinstance(sink, WebSocketSink)
+                        abandon(sink.ws)
         assert 0 < received < 64 * MiB
         await relay_still_serves_other_hosts(s)
 

@@ -25,6 +25,7 @@ from relay.tunnel.session import (
     SessionSettings,
     TunnelSession,
 )
+from relay.tunnel.sink import WebSocketSink
 from tests.clock import FakeClock
 from tests.harness import eventually
 
@@ -598,7 +599,7 @@ async def socket_link(settings: SessionSettings = SMALL) -> AsyncIterator[Socket
     async def tunnel(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=frames.max_message(settings.max_frame))
         await ws.prepare(request)
-        session = TunnelSession(ws.send_bytes, settings, role=Role.RELAY, name="relay")
+        session = TunnelSession(WebSocketSink(ws), settings, role=Role.RELAY, name="relay")
         session.start()
         served.set_result((session, ws))
         await _pump(ws, session)
@@ -613,7 +614,7 @@ async def socket_link(settings: SessionSettings = SMALL) -> AsyncIterator[Socket
     port = runner.addresses[0][1]
     async with aiohttp.ClientSession() as client:
         client_ws = await client.ws_connect(f"http://127.0.0.1:{port}/tunnel")
-        agent = TunnelSession(client_ws.send_bytes, settings, role=Role.AGENT, name="agent",
+        agent = TunnelSession(WebSocketSink(client_ws), settings, role=Role.AGENT, name="agent",
                               on_open=lambda ch, head: opened.put_nowait((ch, head)))
         agent.start()
         reader = asyncio.ensure_future(_pump(client_ws, agent))

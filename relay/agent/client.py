@@ -30,6 +30,7 @@ from relay.protocol import defaults
 from relay.protocol.frames import HEADER_SIZE, SUPPORTED_VERSIONS
 from relay.protocol.messages import Drain, Hello, Open, Renew, Renewed
 from relay.tunnel.session import Channel, Role, SessionSettings, TunnelSession
+from relay.tunnel.sink import WebSocketSink
 
 if TYPE_CHECKING:
     from relay.tracing import Tracing
@@ -357,7 +358,7 @@ class Agent:
             except TimeoutError:
                 return None
 
-        session = TunnelSession(ws.send_bytes, settings, role=Role.AGENT,
+        session = TunnelSession(WebSocketSink(ws), settings, role=Role.AGENT,
                                 name=self.options.host_id, on_open=self._on_open,
                                 on_drain=on_drain, on_silence=on_silence, on_hello=on_hello,
                                 on_backlog=on_backlog, on_renewed=on_renewed,

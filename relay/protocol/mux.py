@@ -264,11 +264,16 @@ class Mux(Generic[S]):
         self.outbox_bytes -= len(frame)
         return frame
 
-    def data_to_send(self) -> list[bytes]:
-        """Every queued frame, in order."""
+    def data_to_send(self, max_bytes: int | None = None) -> list[bytes]:
+        """The queued frames in order: all of them or, with ``max_bytes``, frames until they add
+        up to that many bytes (the last may go past it)."""
         out = []
+        total = 0
         while (frame := self.next_frame()) is not None:
             out.append(frame)
+            total += len(frame)
+            if max_bytes is not None and total >= max_bytes:
+                break
         return out
 
     def write_began(self, now: float) -> None:

@@ -41,6 +41,7 @@ from relay.server.state import STATE, TUNNEL_CLOSE, TUNNEL_RELEASE, RelayState
 from relay.server.throttle import FailureThrottle
 from relay.tunnel.gate import StreamGate
 from relay.tunnel.session import Role, TunnelSession
+from relay.tunnel.sink import WebSocketSink
 
 log = structlog.get_logger("relay.tunnel")
 
@@ -205,7 +206,7 @@ async def serve_tunnel(
         renewal[:] = [session.spawn(_renew(state, tunnel, token), f"tunnel-renew:{host_id}")]
 
     session = TunnelSession(
-        ws.send_bytes,
+        WebSocketSink(ws),
         state.settings,
         role=Role.RELAY,
         name=host_id,

@@ -3,10 +3,17 @@
 Shared by the relay and the agent. The protocol is the sans-I/O :class:`relay.protocol.mux.Mux`
 (stream ids and states, windows, keepalive verdicts, the outgoing queue); this layer only moves
 frames and wakes waiters. Inbound frames are dispatched synchronously by
-:meth:`TunnelSession.feed`, called by whoever reads the socket. One writer task drains the
-mux's queue, so frames leave in the order they were queued (a CLOSE never overtakes the DATA
-before it); a frame with nothing queued ahead of it is written directly. Time comes from one
-injected clock, keepalive round trips included.
+:meth:`TunnelSession.feed`, called by whoever reads the socket. Time comes from one injected
+clock, keepalive round trips included.
+
+Writing: every write takes the mux's whole queue, in order (a CLOSE never overtakes the DATA
+before it), to the sink (:mod:`relay.tunnel.sink`) in one socket write. The first frame queued
+in a loop iteration is written at once (latency); what the rest of that iteration queues waits
+for one flush at the start of the next, so 16 channels answering in the same iteration cost
+two writes, not 16. A HEAD waits for that flush too: the DATA that follows it in the same task
+carries it out in its own write. When the socket is full, the writer task waits for it to
+drain and writes what queued meanwhile; data senders wait once the queue passes its
+high-water mark.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import structlog
 
@@ -41,6 +48,7 @@ from relay.protocol.mux import (
     min_outbox_bound,
 )
 from relay.protocol.streams import CAN_SEND, Chunk, Stream, StreamKind
+from relay.tunnel.sink import CallbackSink, FrameSink
 
 __all__ = [
     "DEFAULT_MAX_OUTBOX", "OUTBOX_HIGH_WATER", "Channel", "ChannelClosed", "ChannelKind",
@@ -48,6 +56,10 @@ __all__ = [
 ]
 
 log = structlog.get_logger("relay.tunnel")
+
+# One socket write takes at most this much of the queue, so a write never parks much more than
+# this beyond the transport's own high-water mark.
+WRITE_BATCH_BYTES = 256 * 1024
 
 ChannelKind = StreamKind
 
@@ -113,7 +125,7 @@ class Channel(Stream):
         self._credit = Flag()
         self._readable = Flag()
         self._closed_with: ChannelClosed | None = None
-        self.head: asyncio.Future[Head] = asyncio.get_running_loop().create_future()
+        self.head: asyncio.Future[Head] = session.loop.create_future()
 
     # -- the mux's hooks ------------------------------------------------------------------------
     def _on_input(self) -> None:
@@ -210,7 +222,10 @@ class Channel(Stream):
                 self._credit.clear()
                 await self._credit.wait()
                 continue
-            await session._sent()
+            session._queued()
+            if not mux.alive:  # the write failed (or the peer was cut off): nothing arrives
+                raise self._closed_with or ChannelClosed(
+                    int(CloseCode.TUNNEL_GONE), "tunnel write failed", tunnel_lost=True)
             view = view[taken:]
             if not view:
                 return
@@ -225,8 +240,10 @@ class Channel(Stream):
             raise ChannelClosed(int(CloseCode.INTERNAL_ERROR), "stream already finished")
 
     def send_head(self, head: Head) -> None:
+        """Queue the HEAD; it leaves with the first DATA (or whatever else) written next, at
+        the latest at the start of the next loop iteration."""
         self.session._mux.send_head(self, head)
-        self.session._queued()
+        self.session._queued(defer=True)
 
     def close(self, code: int = int(CloseCode.NORMAL), reason: str = "", *,
               even_if_finished: bool = False) -> None:
@@ -237,6 +254,7 @@ class Channel(Stream):
 
 
 OpenHandler = Callable[[Channel, Open], None]
+SendFrame: TypeAlias = Callable[[bytes], Awaitable[None]]
 
 
 class TunnelSession:
@@ -244,7 +262,7 @@ class TunnelSession:
 
     def __init__(
         self,
-        send_frame: Callable[[bytes], Awaitable[None]],
+        sink: FrameSink | SendFrame,
         settings: SessionSettings,
         *,
         role: Role,
@@ -263,7 +281,9 @@ class TunnelSession:
     ) -> None:
         self.role = role
         self.name = name
-        self._send_frame = send_frame
+        # A plain ``async send(frame)`` (test doubles) writes one frame at a time.
+        self._sink: FrameSink = CallbackSink(sink) if callable(sink) else sink
+        self.loop = asyncio.get_running_loop()
         self._on_open = on_open
         self._on_drain = on_drain
         self._on_silence = on_silence
@@ -277,9 +297,13 @@ class TunnelSession:
         self.mux: Mux[Channel] = Mux(role, settings, self._new_channel, now=clock(),
                                      version=version)
         self._mux = self.mux
-        self._outbox_ready = Flag()
         self._outbox_room = Flag(True)
         self._flushed = Flag(True)  # nothing queued and nothing being written
+        # The flush at the start of the next loop iteration, when one is due.
+        self._flush_handle: asyncio.Handle | None = None
+        self._corked = False  # a write went out in this iteration: the rest waits for the flush
+        self._draining = False  # the socket is full: the writer task waits for it
+        self._drain_needed = Flag()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self.bytes_out = 0
@@ -290,6 +314,10 @@ class TunnelSession:
         return Channel(self, stream_id, kind, window, awaits_head)
 
     # -- the mux's state, as the rest of the relay reads it ------------------------------------
+    @property
+    def sink(self) -> FrameSink:
+        return self._sink
+
     @property
     def settings(self) -> SessionSettings:
         return self._mux.settings
@@ -346,6 +374,8 @@ class TunnelSession:
         self._spawn(self._writer(), f"tunnel-writer:{self.name}")
         if keepalive:
             self._spawn(self._keepalive(), f"tunnel-keepalive:{self.name}")
+        if self._mux.has_output:
+            self._schedule_flush()
 
     def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
@@ -375,16 +405,28 @@ class TunnelSession:
         self.closed.set()
         self._outbox_room.set()
         self._flushed.set()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
 
     # -- events ------------------------------------------------------------------------------
-    def _queued(self) -> None:
-        """The mux may have queued frames or events: dispatch the events, wake the writer."""
+    def _queued(self, *, defer: bool = False) -> None:
+        """The mux may have queued frames or events: dispatch the events, write the frames
+        (``defer``: at the next flush, unless something else writes first)."""
         mux = self._mux
         if mux.has_events:
             self._dispatch()
-        if mux.has_output:
-            self._outbox_ready.set()
-            self._flushed.clear()
+        if not mux.has_output:
+            return
+        self._flushed.clear()
+        if not self._started or self._draining:
+            return  # start() flushes; the writer task writes once the socket drained
+        if defer or self._corked:
+            self._schedule_flush()
+            return
+        self._corked = True
+        self._schedule_flush()
+        self._write_out()
 
     def _dispatch(self) -> None:
         mux = self._mux
@@ -436,54 +478,60 @@ class TunnelSession:
             self._outbox_room.clear()
             await self._outbox_room.wait()
 
-    async def _sent(self) -> None:
-        """A data frame was queued: write it now if nothing is ahead of it, else wake the
-        writer."""
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None and self._mux.alive:
+            self._flush_handle = self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """The start of a loop iteration after frames were queued: write them all."""
+        self._flush_handle = None
+        self._corked = False
+        if not self._draining and self._mux.alive:
+            self._write_out()
+
+    def _write_out(self) -> None:
+        """Hand everything queued to the sink, a batch a write, until the socket is full."""
         mux = self._mux
-        if mux.has_events:
-            self._dispatch()
-        if not mux.has_output:
-            return
-        if self._started and mux.writes_in_progress == 0 and mux.queued_frames == 1:
-            # Nothing queued ahead of this frame: write it now instead of waking the writer
-            # task, which costs a loop iteration per frame (round-trip latency on echo loads).
-            # Order holds because the socket takes the bytes before the first suspension point
-            # (uncompressed aiohttp WebSocket writes are synchronous; only the drain awaits).
-            frame = mux.next_frame()
-            assert frame is not None
-            self.bytes_out += len(frame)
-            mux.write_began(self._clock())
+        sink = self._sink
+        while True:
+            batch = mux.data_to_send(WRITE_BATCH_BYTES)
+            if not batch:
+                self._flushed.set()
+                return
+            if mux.outbox_bytes <= OUTBOX_HIGH_WATER:
+                self._outbox_room.set()
+            self.bytes_out += sum(map(len, batch))
+            now = self._clock()
+            mux.write_began(now)
             try:
-                await self._send_frame(frame)
+                ready = sink.write(batch)
             except (ConnectionError, RuntimeError) as exc:
+                mux.write_ended(now)
                 log.debug("tunnel.write_failed", tunnel=self.name, error=type(exc).__name__)
                 self.fail_all(int(CloseCode.TUNNEL_GONE), "tunnel write failed")
-                raise ChannelClosed(int(CloseCode.TUNNEL_GONE), "tunnel write failed",
-                                    tunnel_lost=True) from None
-            finally:
-                mux.write_ended(self._clock())
-            return
-        self._outbox_ready.set()
-        self._flushed.clear()
+                return
+            if not ready:
+                # The write is in progress until the socket drains (the mux's stall clock
+                # runs meanwhile); the writer task finishes it.
+                self._draining = True
+                self._drain_needed.set()
+                return
+            mux.write_ended(now)
 
     async def _writer(self) -> None:
+        """Wait out a full socket, then write what queued meanwhile."""
         mux = self._mux
         try:
             while True:
-                frame = mux.next_frame()
-                if frame is None:
-                    self._flushed.set()
-                    self._outbox_ready.clear()
-                    await self._outbox_ready.wait()
-                    continue
-                if mux.outbox_bytes <= OUTBOX_HIGH_WATER:
-                    self._outbox_room.set()
-                self.bytes_out += len(frame)
-                mux.write_began(self._clock())
+                await self._drain_needed.wait()
+                self._drain_needed.clear()
                 try:
-                    await self._send_frame(frame)
+                    await self._sink.drain()
                 finally:
                     mux.write_ended(self._clock())
+                self._draining = False
+                if mux.alive:
+                    self._write_out()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the socket is gone; the reader will notice too
@@ -538,13 +586,8 @@ class TunnelSession:
     # -- inbound -----------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         """Dispatch one inbound frame. Raises ProtocolViolation: the caller ends the tunnel."""
-        mux = self._mux
-        mux.receive(data, self._clock())
-        if mux.has_events:
-            self._dispatch()
-        if mux.has_output:
-            self._outbox_ready.set()
-            self._flushed.clear()
+        self._mux.receive(data, self._clock())
+        self._queued()
 
     # -- liveness ----------------------------------------------------------------------------
     def silent_for(self) -> float:

@@ -1,0 +1,116 @@
+"""Where a tunnel session's frames go: the tunnel's WebSocket, many messages per socket write.
+
+A session hands its sink every frame queued since the last write at once. On loopback a
+``send()`` costs the sender the receiver's TCP work too, so one write of 16 frames is far
+cheaper than 16 writes (bench W3), and the agent's HEAD and its last DATA leave in one
+segment, which the relay reads in one go (bench W0).
+
+- :class:`WebSocketSink` frames the messages itself and writes them straight to the
+  aiohttp WebSocket's transport: one binary message per tunnel frame, masked when it is the
+  client's side (RFC 6455 5.3), exactly what ``send_bytes`` would put on the wire. It reads
+  aiohttp's writer (``ws._writer``: its transport, protocol, mask and closing flag);
+  tests/test_session.py runs sessions over real sockets through it, so an aiohttp upgrade
+  that moves them fails there.
+- :class:`CallbackSink` adapts any ``async send(frame)`` (test doubles): every write waits
+  for :meth:`drain`, which sends the frames one at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from aiohttp._websocket.helpers import websocket_mask
+
+_BINARY_FIN = 0x82  # FIN + opcode 2 (binary): one whole message per frame, never fragmented
+_MASK_BIT = 0x80
+_LEN7 = struct.Struct("!BB")
+_LEN16 = struct.Struct("!BBH")
+_LEN64 = struct.Struct("!BBQ")
+_MASK_KEY = struct.Struct("!I")
+# Past this, the pieces go to the transport as they are (writelines) rather than joined: a
+# copy of a few small frames is cheaper than a vector of them, a copy of big DATA frames not.
+JOIN_BELOW = 64 * 1024
+
+
+class FrameSink(Protocol):
+    def write(self, frames: Sequence[bytes]) -> bool:
+        """Send each frame as one WebSocket message, in order, now. False: the socket is
+        full, and nothing more may be written before :meth:`drain` returns.
+
+        Raises ConnectionError (or RuntimeError) when the socket is gone or closing."""
+
+    async def drain(self) -> None:
+        """Wait until the socket takes more (bounded by the session's keepalive verdicts)."""
+
+
+def message_header(size: int, mask_bit: int = 0) -> bytes:
+    if size < 126:
+        return _LEN7.pack(_BINARY_FIN, size | mask_bit)
+    if size < 65536:
+        return _LEN16.pack(_BINARY_FIN, 126 | mask_bit, size)
+    return _LEN64.pack(_BINARY_FIN, 127 | mask_bit, size)
+
+
+class WebSocketSink:
+    """Binary messages straight onto an open aiohttp WebSocket (server or client side)."""
+
+    __slots__ = ("_protocol", "_random_bits", "_transport", "_use_mask", "_writer", "ws")
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        writer = ws._writer
+        if writer is None:
+            raise RuntimeError("the WebSocket is not open yet")
+        self._writer = writer
+        self._transport = writer.transport
+        self._protocol = writer.protocol
+        self._use_mask: bool = writer.use_mask
+        self._random_bits: Callable[[], int] = writer.get_random_bits
+
+    def write(self, frames: Sequence[bytes]) -> bool:
+        transport = self._transport
+        if self._writer._closing or transport.is_closing():
+            # What aiohttp's own send raises: nothing may follow our close frame.
+            raise ConnectionResetError("Cannot write to closing transport")
+        parts: list[bytes | bytearray] = []
+        size = 0
+        if self._use_mask:
+            for frame in frames:
+                key = _MASK_KEY.pack(self._random_bits())
+                masked = bytearray(frame)
+                websocket_mask(key, masked)
+                parts += (message_header(len(frame), _MASK_BIT), key, masked)
+                size += len(frame)
+        else:
+            for frame in frames:
+                parts += (message_header(len(frame)), frame)
+                size += len(frame)
+        if size < JOIN_BELOW:
+            transport.write(b"".join(parts))
+        else:
+            transport.writelines(parts)
+        return not self._protocol.writing_paused
+
+    async def drain(self) -> None:
+        await self._protocol._drain_helper()
+
+
+class CallbackSink:
+    """An ``async send(frame)`` as a sink; frames wait in a deque until :meth:`drain`."""
+
+    __slots__ = ("_pending", "_send")
+
+    def __init__(self, send: Callable[[bytes], Awaitable[None]]) -> None:
+        self._send = send
+        self._pending: collections.deque[bytes] = collections.deque()
+
+    def write(self, frames: Sequence[bytes]) -> bool:
+        self._pending.extend(frames)
+        return False
+
+    async def drain(self) -> None:
+        while self._pending:
+            await self._send(self._pending.popleft())

@@ -1,0 +1,179 @@
+"""How a session's frames reach the socket: batched per loop iteration, in order, and held
+while the socket is full (relay/tunnel/session.py, relay/tunnel/sink.py).
+
+The sink here records every write it is handed (one list of frames = one socket write); the
+last tests run the real WebSocket sink over real sockets, with frames past every length form
+of RFC 6455 (7-bit, 16-bit and 64-bit) in both directions, so masking and framing are checked
+byte for byte by aiohttp's own reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from relay.protocol import frames
+from relay.protocol.frames import FrameType
+from relay.protocol.messages import Head, Open
+from relay.tunnel.session import ChannelClosed, Role, SessionSettings, TunnelSession
+from tests.test_session import read_all, socket_link
+
+SETTINGS = SessionSettings(window=1 << 20, max_frame=1024, max_streams=64)
+
+
+class RecordingSink:
+    """A socket that takes everything (or, while ``full``, reports itself full)."""
+
+    def __init__(self) -> None:
+        self.writes: list[list[bytes]] = []
+        self.full = False
+        self.drained = asyncio.Event()
+
+    def write(self, batch: Sequence[bytes]) -> bool:
+        self.writes.append(list(batch))
+        return not self.full
+
+    async def drain(self) -> None:
+        await self.drained.wait()
+        self.full = False
+
+    def types(self) -> list[list[FrameType]]:
+        return [[frames.decode(f, 1 << 20).type for f in batch] for batch in self.writes]
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def agent(sink: RecordingSink) -> TunnelSession:
+    """An agent's session that serves its streams by leaving them to the test."""
+    session = TunnelSession(sink, SETTINGS, role=Role.AGENT, name="agent",
+                            on_open=lambda channel, head: None)
+    session.start(keepalive=False)
+    return session
+
+
+def agent_with_stream(sink: RecordingSink, stream_id: int = 1) -> TunnelSession:
+    session = agent(sink)
+    session.feed(frames.encode(FrameType.OPEN, stream_id, Open("http", path="/").encode(),
+                               int(frames.Flags.FIN)))
+    return session
+
+
+async def test_a_head_and_the_data_after_it_leave_in_one_write() -> None:
+    sink = RecordingSink()
+    session = agent_with_stream(sink)
+    try:
+        channel = session.channels[1]
+        channel.send_head(Head(200))
+        assert sink.writes == []  # the HEAD waits for what follows it
+        await channel.write(b"body", fin=True)
+        assert sink.types() == [[FrameType.HEAD, FrameType.DATA]]
+        await settle()
+        assert len(sink.writes) == 1  # the flush found nothing left
+    finally:
+        await session.close()
+
+
+async def test_a_head_alone_leaves_at_the_next_flush() -> None:
+    sink = RecordingSink()
+    session = agent_with_stream(sink)
+    try:
+        session.channels[1].send_head(Head(101))
+        await settle()
+        assert sink.types() == [[FrameType.HEAD]]
+    finally:
+        await session.close()
+
+
+async def test_frames_queued_in_one_iteration_cost_two_writes_in_order() -> None:
+    """The first frame leaves at once; the other channels' frames join one flush."""
+    sink = RecordingSink()
+    session = agent(sink)
+    try:
+        ids = list(range(1, 33, 2))
+        for stream_id in ids:
+            session.feed(frames.encode(FrameType.OPEN, stream_id,
+                                       Open("ws", path="/").encode()))
+        for stream_id in ids:
+            session.channels[stream_id].send_head(Head(101))
+        await settle()
+        sink.writes.clear()
+
+        async def answer(stream_id: int) -> None:
+            await session.channels[stream_id].write(b"%d" % stream_id, message=True)
+
+        await asyncio.gather(*(answer(i) for i in ids))
+        await settle()
+        assert len(sink.writes) == 2
+        sent = [frames.decode(f, 1024) for batch in sink.writes for f in batch]
+        assert [(f.stream_id, f.payload) for f in sent] == [(i, b"%d" % i) for i in ids]
+    finally:
+        await session.close()
+
+
+async def test_a_full_socket_holds_every_write_until_it_drains() -> None:
+    sink = RecordingSink()
+    session = agent_with_stream(sink)
+    try:
+        channel = session.channels[1]
+        channel.send_head(Head(200))
+        sink.full = True
+        await channel.write(b"first")
+        assert sink.types() == [[FrameType.HEAD, FrameType.DATA]]
+        for n in range(5):
+            await channel.write(b"more %d" % n)
+        session.feed(frames.encode_ping(FrameType.PING, b"p"))
+        await settle()
+        assert len(sink.writes) == 1  # nothing more while the socket is full
+        assert session.mux.writes_in_progress == 1  # the stall clock runs meanwhile
+        assert not session._flushed.is_set()
+        sink.drained.set()
+        await asyncio.wait_for(session.flush(timeout=5), 6)
+        assert len(sink.writes) == 2  # what queued meanwhile: one write, in order
+        rest = [frames.decode(f, 1024) for f in sink.writes[1]]
+        assert [f.payload for f in rest] == [b"more %d" % n for n in range(5)] + [b"p"]
+        assert rest[-1].type is FrameType.PONG
+        assert session.mux.writes_in_progress == 0
+    finally:
+        await session.close()
+
+
+async def test_a_failed_write_fails_the_writer_and_every_channel() -> None:
+    class Broken(RecordingSink):
+        def write(self, batch: Sequence[bytes]) -> bool:
+            raise ConnectionResetError
+
+    session = agent_with_stream(Broken())
+    try:
+        channel = session.channels[1]
+        channel.send_head(Head(200))
+        with pytest.raises(ChannelClosed) as info:
+            await channel.write(b"x", fin=True)  # its last frame: no later write would tell
+        assert info.value.tunnel_lost
+        assert not session.alive and session.closed.is_set()
+    finally:
+        await session.close()
+
+
+async def test_every_websocket_length_form_crosses_a_real_socket_byte_exact() -> None:
+    """Frames of 7-bit, 16-bit and 64-bit lengths, many per write, masked from the agent."""
+    settings = SessionSettings(window=1 << 20, max_frame=100_000)
+    payload = bytes(i % 253 for i in range(700_000))
+    async with socket_link(settings) as s:
+        relay_ch = s.relay.open_channel(Open("http", method="POST", path="/up"))
+        upload = asyncio.ensure_future(relay_ch.write(payload, fin=True))
+        agent_ch, _ = await asyncio.wait_for(s.opened.get(), 5)
+        assert await read_all(agent_ch) == payload
+        await asyncio.wait_for(upload, 5)
+        agent_ch.send_head(Head(200))
+        for size in (0, 1, 125, 126, 65535, 65536, 99_999):
+            await agent_ch.write(payload[:size])
+        await agent_ch.write(payload, fin=True)
+        assert await asyncio.wait_for(relay_ch.head, 5) == Head(200)
+        sizes = (0, 1, 125, 126, 65535, 65536, 99_999)
+        expected = b"".join(payload[:n] for n in sizes) + payload
+        assert await read_all(relay_ch) == expected
