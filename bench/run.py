@@ -1045,7 +1045,8 @@ class Bench:
                 relays.append(relay)
             owner, other = relays
             host_id = "acme:bench-w5"
-            started.append(self.start_agent("agent-w5", owner, host_id))
+            agent = self.start_agent("agent-w5", owner, host_id)
+            started.append(agent)
             headers = {"Authorization": f"Bearer {self.token}"}
             status, body = http_get(other.host_url(host_id, "/small"), headers, timeout=10)
             if status != 200:
@@ -1058,16 +1059,21 @@ class Bench:
                 self._w5_unavailable(self.wrk_problem)
                 return
             results = {}
+            meters: dict[str, CpuMeter] = {}
             for path, relay in (("owner", owner), ("non-owner", other)):
                 url = relay.host_url(host_id, "/small")
                 wrk.run(binary, url, token=self.token, seconds=1)
-                results[path] = wrk.run(binary, url, token=self.token,
-                                        seconds=self.durations.w5_s)
+                with CpuMeter({"owner": owner.popen.pid, "entry": other.popen.pid,
+                               "agent": agent.pid, "host": self.host_pid}) as meters[path]:
+                    results[path] = wrk.run(binary, url, token=self.token,
+                                            seconds=self.durations.w5_s)
                 r = results[path]
                 print(f"  W5 {path:9s} {r.requests_per_s:10,.0f} req/s  p50 {ms(r.p50_ms)}  "
-                      f"p99 {ms(r.p99_ms)}  errors {r.errors}", flush=True)
+                      f"p99 {ms(r.p99_ms)}  errors {r.errors}  CPU {meters[path].describe()}",
+                      flush=True)
             own, fwd = results["owner"], results["non-owner"]
-            self.report.raw["W5"] = {k: asdict(v) for k, v in results.items()}
+            self.report.raw["W5"] = {k: {**asdict(v), "cpu_s": meters[k].used}
+                                     for k, v in results.items()}
             rows = self.report.rows
             note = "direct = enters via the owner relay; via relay = via a non-owner relay"
             share = fwd.requests_per_s / own.requests_per_s if own.requests_per_s else 0.0
@@ -1079,6 +1085,19 @@ class Bench:
                             "ms"))
             rows.append(Row("W5", "errors (owner | non-owner)", own.errors, fwd.errors, "", "0",
                             fwd.errors == 0, ratio=False))
+
+            def per_request(path: str, *who: str) -> float | None:
+                n = results[path].requests
+                return sum(meters[path].used[w] for w in who) / n * 1e6 if n else None
+
+            # Through a non-owner, two relays share each request: the entry's half and the
+            # owner's (which, serving a peer link's stream, parses no HTTP).
+            rows.append(Row("W5", "relays' CPU per request (owner | non-owner)",
+                            per_request("owner", "owner"),
+                            per_request("non-owner", "owner", "entry"), "µs"))
+            rows.append(Row("W5", "non-owner path: entry | owner relay CPU per request",
+                            per_request("non-owner", "entry"), per_request("non-owner", "owner"),
+                            "µs", ratio=False))
         finally:
             for popen in reversed(started):
                 self.procs.stop(popen)

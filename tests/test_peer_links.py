@@ -23,7 +23,7 @@ from relay.devhost import pattern_bytes
 from relay.errors import CloseCode
 from relay.metrics import Metrics
 from relay.protocol.messages import Open
-from relay.server.peerlink import PeerLinks
+from relay.server.peerlink import OWNER_CACHE_S, PeerLinks
 from relay.server.peers import LINK_PATH, PeerSigner, sign_link, stream_claims
 from relay.tunnel.session import ChannelClosed, TunnelSession
 from tests.harness import (
@@ -351,3 +351,40 @@ async def test_a_paused_download_through_a_link_keeps_every_buffer_bounded(
         while data := await resp.content.read(MiB):
             received += len(data)
     assert received == size
+
+
+async def test_an_owner_that_says_not_here_is_forgotten_and_the_host_found_where_it_went(
+    fleet: Fleet,
+) -> None:
+    """B remembers where a host's tunnel is while its link to the owner is up. The tunnel
+    leaves A: A answers 503 host_offline over the link (as B would with no owner), B forgets
+    A, and once the agent is on C, B's next request reaches it there."""
+    a, b, c = fleet.a, fleet.b, fleet.c
+    links = fleet.links()
+    mover = "acme:mover"
+    links.owners.ttl = 60.0  # what is checked is the forgetting, not the expiry
+    try:
+        agent = await start_agent(a.ws_url, mover, fleet.host.url, token=a.agent_token(mover))
+        try:
+            await _routable(fleet, mover)
+            owner = links.owner(mover)
+            assert owner is not None and owner.url == a.url
+        finally:
+            await agent.stop()
+        await eventually(lambda: a.state.registry.get(mover) is None)
+        answered = _metric(a.state.metrics, "relay_peer_link_streams_total", side="owner",
+                           kind="http")
+        async with fleet.client.get(fleet.url(b, mover, "/"), headers=fleet.auth()) as r:
+            assert r.status == 503
+            assert (await r.json())["error"]["code"] == "host_offline"
+        assert _metric(a.state.metrics, "relay_peer_link_streams_total", side="owner",
+                       kind="http") == answered + 1  # A said it, over the link
+        assert links.owner(mover) is None
+        agent = await start_agent(c.ws_url, mover, fleet.host.url, token=c.agent_token(mover))
+        try:
+            async with fleet.client.get(fleet.url(b, mover, "/"), headers=fleet.auth()) as r:
+                assert r.status == 200
+        finally:
+            await agent.stop()
+    finally:
+        links.owners.ttl = OWNER_CACHE_S

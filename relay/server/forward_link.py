@@ -14,6 +14,7 @@ import math
 import structlog
 from aiohttp import web
 
+from relay.directory.base import Owner
 from relay.errors import HostOffline, TunnelClosed
 from relay.metrics import PeerSide, StreamKind
 from relay.server.forward import forward_http, forward_ws
@@ -37,6 +38,19 @@ async def _link_session(state: RelayState, owner_url: str, kind: StreamKind
     return session
 
 
+async def lookup_owner(state: RelayState, host_id: str) -> Owner | None:
+    """Which relay holds ``host_id``'s tunnel: the directory, or what a live link to the
+    owner remembers of it from a moment ago (relay.server.peerlink)."""
+    assert state.directory is not None
+    links = state.links
+    if links is not None and (known := links.owner(host_id)) is not None:
+        return known
+    owner = await state.directory.lookup(host_id)
+    if owner is not None and links is not None:
+        links.remember(host_id, owner)
+    return owner
+
+
 async def forward_request(state: RelayState, request: web.Request, owner_url: str,
                           host_id: str, path: str, query: str, subject: str,
                           expires_at: float = math.inf) -> web.StreamResponse:
@@ -47,12 +61,17 @@ async def forward_request(state: RelayState, request: web.Request, owner_url: st
                                   subject)
     claims = stream_claims(state.signer, host_id, subject, expires_at)
     try:
-        return await proxy_http(state, request, session, path, query, host_id, claims=claims)
+        response = await proxy_http(state, request, session, path, query, host_id,
+                                    claims=claims)
     except TunnelClosed:
         if session.alive:
             raise
         log.warning("forward.failed", host_id=host_id, owner=owner_url, error="PeerLinkLost")
         raise HostOffline("the relay holding this host's tunnel is unreachable; retry") from None
+    if response.status == 503 and state.links is not None:
+        # The owner may have said "not here" (a stale entry): ask the directory next time.
+        state.links.forget(host_id)
+    return response
 
 
 async def forward_channel(state: RelayState, request: web.Request, owner_url: str,

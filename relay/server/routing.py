@@ -36,7 +36,7 @@ from relay.server.edge import (
     error_response,
     parse_host_route,
 )
-from relay.server.forward_link import forward_channel, forward_request
+from relay.server.forward_link import forward_channel, forward_request, lookup_owner
 from relay.server.forwarded import is_secure
 from relay.server.http_proxy import proxy_http
 from relay.server.httpedge import close_without_reading
@@ -142,7 +142,7 @@ async def _locate(state: RelayState, auth: Authorized, query: str) -> Routed:
         return Routed(host_id, identity.sub, query, tunnel=tunnel,
                       expires_at=identity.expires_at)
     if state.signer is not None and state.directory is not None:
-        owner = await state.directory.lookup(host_id)
+        owner = await lookup_owner(state, host_id)
         if owner is not None and owner.instance_id != state.directory.instance_id:
             return Routed(host_id, identity.sub, query, owner_url=owner.url,
                           expires_at=identity.expires_at)
