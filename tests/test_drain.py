@@ -119,10 +119,11 @@ async def running(tmp_path: Path, grace_s: float) -> AsyncIterator[Running]:
     run = Running(config_path, config.server.port, token, host, None, client, release)  # type: ignore[arg-type]
     try:
         await run.spawn(tmp_path / "relay-1.log")
-        # Production-like backoff shape (base 0.2 s), capped low so the test stays short.
+        # Production-like backoff shape (base 0.2 s), capped low so the test stays short: the
+        # agent retries a relay that is gone every 0.4 s at most.
         run.agent = await start_agent(f"ws://127.0.0.1:{run.port}", HOST_ID, host.url,
                                       token=agent_token(config, HOST_ID),
-                                      backoff=Backoff(base=0.2, cap=1.0))
+                                      backoff=Backoff(base=0.2, cap=0.4))
         agent = run.agent.agent
         original = agent._delay_after
 

@@ -260,7 +260,7 @@ async def test_upstream_outage_is_503_never_cached_as_denial_and_recovers(
     # The upstream was not hammered: the concurrent misses and the fail-fast window share calls.
     assert len(check.calls) <= 2
     check.status, check.delay_s = 200, 0.0
-    await asyncio.sleep(0.6)  # failure_backoff_s = 0.5
+    # Polled: fail-fast answers 503 for failure_backoff_s (0.5 s), then a call goes out again.
     deadline = time.monotonic() + 5
     while await _get(st, token) != (200, ""):
         assert time.monotonic() < deadline, "access did not recover"

@@ -68,21 +68,23 @@ async def test_a_connection_that_sends_nothing_is_closed_silently(tmp_path: Path
 async def test_an_idle_keepalive_connection_is_closed_and_a_slow_next_head_is_cut(
     tmp_path: Path,
 ) -> None:
-    sections = {"server": {"header_timeout_s": 0.5, "keepalive_timeout_s": 1.0}}
+    head_s, keepalive_s = 0.3, 0.7
+    sections = {"server": {"header_timeout_s": head_s, "keepalive_timeout_s": keepalive_s}}
     async with stack(tmp_path, sections) as st:
         port = st.relay.config.server.port
         # Two requests on one connection: keep-alive works, then the idle socket is closed.
         client = await RawClient.connect(port)
         await client.send(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
         assert (await client.read_response()).status == 200
-        await asyncio.sleep(0.7)  # longer than the head timeout: idle is not a slow head
+        # Idle longer than the head timeout (not as long as the keep-alive): not a slow head.
+        await asyncio.sleep((head_s + keepalive_s) / 2)
         await client.send(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
         assert (await client.read_response()).status == 200
         idle_from = time.monotonic()
         assert await client.read_until_closed(timeout=5) == b""
         idle_s = time.monotonic() - idle_from
         client.close()
-        assert 0.8 <= idle_s < 4, idle_s
+        assert 0.8 * keepalive_s <= idle_s < 4, idle_s
 
         # On a kept-alive socket, the next head's first byte starts the head clock.
         client = await RawClient.connect(port)

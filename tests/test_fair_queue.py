@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 
 from relay.errors import CloseCode
-from tests.harness import Stack, eventually, stack
+from tests.harness import Stack, eventually, host_app_with_hold, stack
 
 
 async def test_a_burst_of_1500_concurrent_requests_to_one_host_all_complete(
@@ -103,27 +103,31 @@ async def test_one_client_holding_300_idle_channels_cannot_lock_out_another(
 
 async def test_a_subject_at_its_share_queues_its_http_while_others_pass(tmp_path: Path) -> None:
     tunnel_limits = {"max_streams": 4, "max_streams_per_subject": 2, "queue_timeout_s": 5}
-    async with stack(tmp_path, sections={"tunnel": tunnel_limits}) as s:
+    release = asyncio.Event()  # the host holds alice's requests until bob has been answered
+    async with stack(tmp_path, sections={"tunnel": tunnel_limits},
+                     host_app=host_app_with_hold(release)) as s:
         alice, bob = s.auth(s.token(sub="alice")), s.auth(s.token(sub="bob"))
 
-        async def slow(headers: dict[str, str]) -> float:
-            async with s.client.get(s.url("/slow?delay=0.5"), headers=headers) as resp:
+        async def held(headers: dict[str, str]) -> None:
+            async with s.client.get(s.url("/hold"), headers=headers) as resp:
                 assert resp.status == 200
                 await resp.read()
-            return time.monotonic()
 
-        started = time.monotonic()
-        alice_done = [asyncio.ensure_future(slow(alice)) for _ in range(4)]
+        alice_done = [asyncio.ensure_future(held(alice)) for _ in range(4)]
         tunnel = s.relay.state.registry.get(s.host_id)
         assert tunnel is not None
-        await eventually(lambda: tunnel.gate.admission.queued == 2)
+        admission = tunnel.gate.admission
+        await eventually(lambda: admission.queued == 2)
+        agent_session = s.agent.agent.session
+        assert agent_session is not None
+        await eventually(lambda: len(agent_session.channels) == 2)
         async with s.client.get(s.url("/"), headers=bob) as resp:
-            assert resp.status == 200  # bob is not behind alice's queue
-        bob_took = time.monotonic() - started
-        finished = sorted(await asyncio.gather(*alice_done))
-        assert bob_took < 0.45
-        # Alice's last two waited for her first two: about two rounds of 0.5 s.
-        assert finished[-1] - started >= 0.95
+            assert resp.status == 200  # bob is not behind alice's queue...
+        # ...which is still there: her first two are at the host, her last two wait for them.
+        assert not any(done.done() for done in alice_done)
+        assert (admission.in_flight, admission.queued) == (2, 2)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*alice_done), 10)
         metrics = s.relay.state.metrics.registry
         assert metrics.get_sample_value("relay_stream_queue_total", {"outcome": "waited"}) == 2
         assert metrics.get_sample_value("relay_stream_queue_wait_seconds_count") == 2

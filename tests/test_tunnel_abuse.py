@@ -101,11 +101,11 @@ async def test_ping_flood_without_reading_keeps_relay_memory_flat_and_is_cut_off
     tmp_path: Path,
 ) -> None:
     """100 KiB PINGs as fast as the socket takes them, never reading a PONG."""
-    # Silence limit 1 s x 2: the flood runs the 2 s a write may stall (hundreds of MiB on
+    # Silence limit 0.5 s x 2: the flood runs the 1 s a write may stall (hundreds of MiB on
     # loopback) before the stalled writes cut it off. The PING budget is off here: this is
     # about what a peer that does not read can make the relay queue (the budget, on by
     # default, is tested below).
-    ping_interval_s, misses = 1, 2
+    ping_interval_s, misses = 0.5, 2
     tunnel: dict[str, object] = {"ping_interval_s": ping_interval_s, "keepalive_misses": misses,
                                  "max_pings_per_s": 0}
     async with relay_process(tmp_path, tunnel) as (config, url, proc):
@@ -290,7 +290,9 @@ async def test_a_subject_cut_off_for_a_ping_flood_may_not_come_straight_back(
     """A flooder that reconnects at once would make the relay pay for a whole registration
     (and the start of another flood) per round trip: its subject is refused 1013 for
     ``tunnel.flood_lockout_s``, on every host id it may serve, while other agents are served."""
-    async with stack(tmp_path, {"tunnel": {"flood_lockout_s": 6}}) as running:
+    # A lockout of 2 s: each refusal is held min(retry in, 2 s) before its close, so the two
+    # refusals (held side by side) end about when the lockout does.
+    async with stack(tmp_path, {"tunnel": {"flood_lockout_s": 2}}) as running:
         config, client = running.relay.config, running.client
         mallory = agent_token(config, ROGUE_HOST, "mallory")
         flooder = await RawTunnel.connect(client, running.relay, ROGUE_HOST, mallory,
@@ -305,9 +307,11 @@ async def test_a_subject_cut_off_for_a_ping_flood_may_not_come_straight_back(
         # The same subject, on the same host and on another it may serve: refused, and told
         # why and when to come back.
         other_host = "acme:rogue-two"
-        for host_id, token in ((ROGUE_HOST, mallory),
-                               (other_host, agent_token(config, other_host, "mallory"))):
-            code, reason = await _refusal_of(client, running, host_id, token)
+        attempts = ((ROGUE_HOST, mallory),
+                    (other_host, agent_token(config, other_host, "mallory")))
+        refusals = await asyncio.gather(*(_refusal_of(client, running, host_id, token)
+                                          for host_id, token in attempts))
+        for (host_id, _), (code, reason) in zip(attempts, refusals, strict=True):
             assert code == CloseCode.TRY_AGAIN_LATER, (host_id, code, reason)
             assert "PING flood" in reason and "retry in" in reason
         # Someone else's agent is not held to mallory's lockout.
