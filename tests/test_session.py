@@ -512,7 +512,8 @@ async def test_keepalive_does_not_fire_while_pongs_flow() -> None:
     try:
         for _ in range(30):  # 30 intervals: ten times the silence limit
             clock.now += settings.ping_interval_s
-            await eventually(lambda: link.relay.last_pong == clock.now)
+            # Polled finely: each round is one keepalive tick (10 ms) of the relay's session.
+            await eventually(lambda: link.relay.last_pong == clock.now, interval=0.002)
             assert link.relay.silent_for() == 0
         assert fired == []
         assert link.relay.rtt_s is not None
