@@ -16,6 +16,7 @@ from relay.errors import CloseCode
 from relay.protocol import frames
 from relay.protocol.frames import FrameType
 from relay.server.drain import drain
+from tests.clock import FakeClock
 from tests.harness import (
     RunningRelay,
     Stack,
@@ -279,16 +280,34 @@ async def test_silent_tunnel_is_closed_4408_and_unregistered(
         await tunnel.close()
 
 
+async def next_frame(tunnel: RawTunnel) -> frames.Frame:
+    """The next frame the relay sends, liveness included."""
+    msg = await tunnel.ws.receive(timeout=5)
+    assert msg.type is aiohttp.WSMsgType.BINARY, msg
+    return frames.decode(msg.data, 1 << 24)
+
+
 async def test_tunnel_answering_pings_stays_registered(
     client: aiohttp.ClientSession, fast_ping_relay: RunningRelay
 ) -> None:
     relay = fast_ping_relay
+    clock = FakeClock(time.monotonic())  # the tunnel's keepalive runs on it
+    relay.state.clock = clock
     tunnel = await RawTunnel.connect(client, relay, HOST, relay.agent_token(HOST), heartbeat_s=None)
     try:
-        # recv() answers every PING; nothing else arrives, so it times out after 1.5 s.
-        with pytest.raises(TimeoutError):
-            await tunnel.recv(within=1.5)
-        assert relay.state.registry.get(HOST) is not None
+        registered = relay.state.registry.get(HOST)
+        assert registered is not None
+        session, interval = registered.session, relay.config.tunnel.ping_interval_s
+        # Ten intervals on the relay's clock, over three times the silence limit (3 x 0.2 s):
+        # each PING the relay sends when it is due is answered, and nothing else arrives.
+        for _ in range(10):
+            ping = await next_frame(tunnel)
+            assert ping.type is FrameType.PING, ping.type
+            await tunnel.send(frames.encode_ping(FrameType.PONG, ping.payload))
+            await eventually(lambda: session.silent_for() == 0, interval=0.005)
+            clock.advance(interval)
+        assert (await next_frame(tunnel)).type is FrameType.PING  # the relay ticked on: alive
+        assert relay.state.registry.get(HOST) is registered
     finally:
         await tunnel.close()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +78,9 @@ class RelayState:
     # Subjects whose tunnel was cut for a control flood, refused new tunnels for a while
     # (relay.server.tunnels; created with the first flood).
     flood_lockout: FailureThrottle | None = None
+    # The monotonic clock that tunnels opened from now on (keepalive, stalled writes, the PING
+    # budget) and the flood lockout read: a test moves a fake one instead of waiting it out.
+    clock: Callable[[], float] = time.monotonic
 
     def request_started(self) -> None:
         self.inflight_http += 1

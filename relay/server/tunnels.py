@@ -155,7 +155,7 @@ def _strike_flood(state: RelayState, subject: str) -> None:
     lockout = state.flood_lockout
     if lockout is None or lockout.lockout_s != lockout_s:
         lockout = state.flood_lockout = FailureThrottle(
-            max_failures=1, window_s=lockout_s, lockout_s=lockout_s, clock=time.monotonic)
+            max_failures=1, window_s=lockout_s, lockout_s=lockout_s, clock=state.clock)
     if lockout.failed(subject) is not None:
         log.info("tunnel.flood_lockout", sub=subject, lockout_s=lockout_s)
 
@@ -211,6 +211,7 @@ async def serve_tunnel(
         role=Role.RELAY,
         name=host_id,
         version=version,
+        clock=state.clock,
         on_silence=lambda: request_close(int(CloseCode.KEEPALIVE_MISSED), "keepalive missed"),
         on_backlog=lambda why: request_close(int(CloseCode.POLICY_VIOLATION),
                                              "tunnel peer not reading"),
