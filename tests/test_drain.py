@@ -235,7 +235,7 @@ async def start_slow_request(run: Running) -> asyncio.Future[aiohttp.ClientRespo
 async def test_request_outliving_the_grace_is_cut_and_the_process_still_exits(
     tmp_path: Path,
 ) -> None:
-    grace_s = 0.5
+    grace_s = 0.3
     async with running(tmp_path, grace_s=grace_s) as run:
         proc = run.procs[0]
         slow = await start_slow_request(run)

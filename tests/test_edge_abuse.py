@@ -28,7 +28,8 @@ def _events(text: str) -> list[dict[str, object]]:
 
 
 async def test_a_trickled_request_head_is_cut_with_408(tmp_path: Path) -> None:
-    async with stack(tmp_path, {"server": {"header_timeout_s": 0.6}}) as st:
+    head_s = 0.4
+    async with stack(tmp_path, {"server": {"header_timeout_s": head_s}}) as st:
         client = await RawClient.connect(st.relay.config.server.port)
         started = time.monotonic()
         await client.send(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n")
@@ -52,17 +53,18 @@ async def test_a_trickled_request_head_is_cut_with_408(tmp_path: Path) -> None:
     [response] = parse_responses(data)
     assert response.status == 408
     assert response.json()["error"]["code"] == "request_timeout"
-    assert 0.5 <= cut_after < 3, cut_after  # generous upper bound: shared CI cores
+    assert 0.8 * head_s <= cut_after < 3, cut_after  # generous upper bound: shared CI cores
 
 
 async def test_a_connection_that_sends_nothing_is_closed_silently(tmp_path: Path) -> None:
-    async with stack(tmp_path, {"server": {"header_timeout_s": 0.5}}) as st:
+    head_s = 0.3
+    async with stack(tmp_path, {"server": {"header_timeout_s": head_s}}) as st:
         client = await RawClient.connect(st.relay.config.server.port)
         started = time.monotonic()
         data = await client.read_until_closed(timeout=5)
         client.close()
     assert data == b""  # no stray 408 for a preconnected socket to misread
-    assert 0.4 <= time.monotonic() - started < 3
+    assert 0.8 * head_s <= time.monotonic() - started < 3
 
 
 async def test_an_idle_keepalive_connection_is_closed_and_a_slow_next_head_is_cut(
@@ -99,14 +101,14 @@ async def test_an_idle_keepalive_connection_is_closed_and_a_slow_next_head_is_cu
 
 
 async def test_a_slow_upload_is_not_a_slow_head(tmp_path: Path) -> None:
-    async with stack(tmp_path, {"server": {"header_timeout_s": 0.3}}) as st:
+    async with stack(tmp_path, {"server": {"header_timeout_s": 0.2}}) as st:
         client = await RawClient.connect(st.relay.config.server.port)
         await client.send(
             f"POST /hosts/{HOST}/digest HTTP/1.1\r\nHost: relay\r\n"
             f"Authorization: Bearer {st.token()}\r\nContent-Length: 10\r\n\r\n".encode()
         )
         for _ in range(5):  # the body takes longer than the head timeout: fine
-            await asyncio.sleep(0.15)
+            await asyncio.sleep(0.1)
             await client.send(b"xx")
         response = await client.read_response()
         client.close()
@@ -388,7 +390,7 @@ async def test_a_message_of_exactly_the_limit_passes_one_more_is_1009(
 
 async def test_the_edge_holds_in_a_relay_serve_process_on_uvloop(tmp_path: Path) -> None:
     """`relay serve` runs on uvloop, whose transports are not asyncio's: same behaviour."""
-    path = write_config(tmp_path, {"server": {"header_timeout_s": 0.5,
+    path = write_config(tmp_path, {"server": {"header_timeout_s": 0.3,
                                               "max_body_bytes": 1 << 20}})
     port = load_config(path, env={}).server.port
     proc = spawn_relay_process(path)

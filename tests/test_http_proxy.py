@@ -310,7 +310,7 @@ async def test_host_offline_is_503_with_retry_after(full_stack: Stack) -> None:
 
 
 async def test_host_without_a_head_in_time_is_504_host_timeout(tmp_path: Path) -> None:
-    async with stack(tmp_path, sections={"tunnel": {"request_timeout_s": 0.5}}) as s:
+    async with stack(tmp_path, sections={"tunnel": {"request_timeout_s": 0.3}}) as s:
         started = time.monotonic()
         async with s.client.get(s.url("/slow?delay=10"), headers=s.auth()) as resp:
             assert resp.status == 504
@@ -347,7 +347,7 @@ async def test_past_the_stream_limit_requests_wait_their_turn_and_complete(tmp_p
     tunnel = {"max_streams": 2, "max_streams_per_subject": 2, "queue_timeout_s": 5}
     async with stack(tmp_path, sections={"tunnel": tunnel}) as s:
         async def get() -> int:
-            async with s.client.get(s.url("/slow?delay=0.2"), headers=s.auth()) as resp:
+            async with s.client.get(s.url("/slow?delay=0.1"), headers=s.auth()) as resp:
                 await resp.read()
                 return resp.status
 
