@@ -277,12 +277,22 @@ class Metrics:
         self.bytes_to_host = self.proxied_bytes_total.labels(direction="to_host")
         self.bytes_to_client = self.proxied_bytes_total.labels(direction="to_client")
         self._by_status: dict[int, Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
 
     def requests_with_status(self, status: int) -> Any:
         child = self._by_status.get(status)
         if child is None:
             child = self._by_status[status] = self.http_requests_total.labels(status=str(status))
         return child
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once per label set: the metrics counted on
+        every request have closed sets of label values, so this stays small."""
+        key = (id(metric), *values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -683,3 +683,22 @@ async def test_flush_returns_once_queued_frames_reached_the_socket() -> None:
             s.relay.send_drain(Drain("deploy", 0))
         await asyncio.wait_for(s.relay.flush(timeout=5), 6)
         assert s.relay.outbox_bytes == 0 and s.relay._flushed.is_set()
+
+
+async def test_wait_head_is_bounded_and_wakes_on_the_head_or_the_end(link: Link) -> None:
+    channel = link.relay.open_channel(Open("http"), fin=True)
+    agent_ch, _ = await asyncio.wait_for(link.opened.get(), 5)
+    assert not await channel.wait_head(0.01)  # nothing yet: the bound holds
+    waiting = asyncio.ensure_future(channel.wait_head(5))
+    await settle()
+    assert not waiting.done()
+    agent_ch.send_head(Head(204))
+    assert await asyncio.wait_for(waiting, 5)
+    assert channel.head.result() == Head(204)
+    ended = link.relay.open_channel(Open("http"), fin=True)
+    waiting = asyncio.ensure_future(ended.wait_head(5))
+    await settle()
+    ended.close(1001, "gone")
+    assert await asyncio.wait_for(waiting, 5)
+    with pytest.raises(ChannelClosed):
+        ended.head.result()

@@ -493,7 +493,8 @@ class AccessPolicy:
 
     def _record(self, outcome: AccessOutcome, source: AccessSource) -> None:
         if self._metrics is not None:
-            self._metrics.access_decisions_total.labels(outcome=outcome, source=source).inc()
+            metrics = self._metrics
+            metrics.child(metrics.access_decisions_total, outcome, source).inc()
 
     def _denied(
         self,

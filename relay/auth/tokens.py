@@ -326,7 +326,8 @@ class TokenVerifier:
 
     def _count(self, result: TokenResult) -> None:
         if self._metrics is not None:
-            self._metrics.token_verifications_total.labels(result=result).inc()
+            metrics = self._metrics
+            metrics.child(metrics.token_verifications_total, result).inc()
 
     def _reject(self, reason: str, message: str, *, level: str = "info", **fields: Any) -> NoReturn:
         self._count(TokenResult.REJECTED)

@@ -73,8 +73,7 @@ async def _await_head(channel: Channel, exchange: Exchange, upload: asyncio.Task
                       limit_s: float) -> Head:
     """The host's response head; the clock runs while the upload makes no progress."""
     while True:
-        done, _ = await asyncio.wait({channel.head}, timeout=limit_s / 4 if upload else limit_s)
-        if done:
+        if await channel.wait_head(limit_s / 4 if upload else limit_s):
             return channel.head.result()
         # upload_progress starts at the request's arrival and moves with every chunk sent.
         idle_since = exchange.upload_progress if upload is not None else exchange.started

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Final
 
 from relay.errors import HostOffline, Overloaded
@@ -28,6 +28,26 @@ def _ignore(outcome: str, waited_s: float) -> None:
     return None
 
 
+class HttpSlot:
+    """``async with gate.http_slot(subject)``: a class, not a generator-based context manager,
+    since every proxied request enters one (the generator's machinery cost more than the
+    admission decision itself)."""
+
+    __slots__ = ("_gate", "_subject", "_ticket")
+
+    def __init__(self, gate: StreamGate, subject: str) -> None:
+        self._gate = gate
+        self._subject = subject
+        self._ticket: Ticket | None = None
+
+    async def __aenter__(self) -> None:
+        self._ticket = await self._gate.acquire(self._subject)
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._ticket is not None:
+            self._gate.release(self._ticket)
+
+
 class StreamGate:
     def __init__(self, admission: Admission, observe: Observer = _ignore) -> None:
         self.admission = admission
@@ -41,14 +61,9 @@ class StreamGate:
         return cls(Admission(max_streams, per_subject=per_subject, max_queued=max_queued,
                              queue_timeout_s=queue_timeout_s, clock=clock), observe)
 
-    @contextlib.asynccontextmanager
-    async def http_slot(self, subject: str) -> AsyncIterator[None]:
+    def http_slot(self, subject: str) -> HttpSlot:
         """Hold a stream slot for one HTTP exchange; waits (bounded) or raises Overloaded."""
-        ticket = await self.acquire(subject)
-        try:
-            yield
-        finally:
-            self.release(ticket)
+        return HttpSlot(self, subject)
 
     async def acquire(self, subject: str) -> Ticket:
         ticket = self.admission.request(subject)

@@ -112,11 +112,16 @@ class Flag:
                 self._waiters.remove(waiter)
 
 
+def _release(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Channel(Stream):
     """One stream of a session, as seen by the code serving it: the mux's stream state plus
     the waits (data to read, credit to write, the peer's HEAD)."""
 
-    __slots__ = ("_closed_with", "_credit", "_readable", "head", "session")
+    __slots__ = ("_closed_with", "_credit", "_head_waiter", "_readable", "head", "session")
 
     def __init__(self, session: TunnelSession, stream_id: int, kind: StreamKind, window: int,
                  awaits_head: bool) -> None:
@@ -126,6 +131,7 @@ class Channel(Stream):
         self._readable = Flag()
         self._closed_with: ChannelClosed | None = None
         self.head: asyncio.Future[Head] = session.loop.create_future()
+        self._head_waiter: asyncio.Future[None] | None = None  # see wait_head
 
     # -- the mux's hooks ------------------------------------------------------------------------
     def _on_input(self) -> None:
@@ -137,6 +143,7 @@ class Channel(Stream):
     def _on_head(self) -> None:
         if not self.head.done() and self.peer_head is not None:
             self.head.set_result(self.peer_head)
+            self._wake_head_waiter()
 
     def _on_end(self) -> None:
         end = self.end
@@ -147,10 +154,36 @@ class Channel(Stream):
             self.head.set_exception(error)
             # Nobody may be waiting on the head (the agent side never does).
             self.head.exception()
+            self._wake_head_waiter()
         self._readable.set()
         self._credit.set()
 
+    def _wake_head_waiter(self) -> None:
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     # -- the serving side's API ----------------------------------------------------------------
+    async def wait_head(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for the peer's HEAD (or the stream's end, which
+        fails :attr:`head`); True once ``head`` is done.
+
+        The hooks wake this waiter directly: ``asyncio.wait`` on ``head`` would take one more
+        loop iteration (its done-callback runs first) and build sets every time.
+        """
+        if self.head.done():
+            return True
+        loop = self.session.loop
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._head_waiter = waiter
+        timer = loop.call_later(timeout, _release, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._head_waiter = None
+        return self.head.done()
+
     @property
     def buffered_bytes(self) -> int:
         """Payload bytes received and not yet read: at most one window."""
