@@ -1,7 +1,7 @@
 """A real headless Chromium, driven over the DevTools protocol with aiohttp's WebSocket client.
 
 Only what the browser tests need: navigate and wait for the load, evaluate script (awaiting
-promises), read and set cookies. The fixture always kills the browser, pass or fail.
+promises), read and set cookies. The fixtures always kill the browser, pass or fail.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import shutil
 import signal
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import pytest_asyncio
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = (
@@ -143,32 +145,61 @@ async def _devtools_port(profile: Path, proc: asyncio.subprocess.Process) -> int
     raise TimeoutError("chromium did not open its DevTools port")
 
 
+@dataclass
+class Browser:
+    """One Chromium process. Each page opens in a browser context of its own (cookies, storage
+    and cache apart, as in a fresh profile), so tests can share the process and its start-up."""
+
+    control: Page  # the browser target: contexts and targets are made through it
+    port: int
+    session: aiohttp.ClientSession
+
+    @contextlib.asynccontextmanager
+    async def page(self) -> AsyncIterator[Page]:
+        created = await self.control.call("Target.createBrowserContext")
+        context = created["browserContextId"]
+        page: Page | None = None
+        try:
+            target = await self.control.call("Target.createTarget", url="about:blank",
+                                             browserContextId=context)
+            ws = await self.session.ws_connect(
+                f"ws://127.0.0.1:{self.port}/devtools/page/{target['targetId']}",
+                max_msg_size=64 << 20, timeout=aiohttp.ClientWSTimeout(ws_close=2))
+            page = Page(ws)
+            await page.call("Page.enable")
+            await page.call("Network.enable")
+            yield page
+        finally:
+            if page is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(page.close(), 3)
+            with contextlib.suppress(Exception):
+                await self.control.call("Target.disposeBrowserContext", browserContextId=context)
+
+
 @contextlib.asynccontextmanager
-async def chromium_page(profile: Path) -> AsyncIterator[Page]:
-    """A fresh browser profile in ``profile`` and its one page; killed however the test ends."""
+async def chromium_browser(profile: Path) -> AsyncIterator[Browser]:
+    """A browser on a fresh profile in ``profile``; killed however the tests end."""
     proc = await asyncio.create_subprocess_exec(
         CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         start_new_session=True,
     )
     session = aiohttp.ClientSession()
-    page: Page | None = None
+    control: Page | None = None
     try:
         port = await _devtools_port(profile, proc)
-        async with session.get(f"http://127.0.0.1:{port}/json/list",
+        async with session.get(f"http://127.0.0.1:{port}/json/version",
                                timeout=aiohttp.ClientTimeout(total=10)) as resp:
-            targets = await resp.json()
-        target = next(t for t in targets if t.get("type") == "page")
-        ws = await session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=64 << 20,
+            version = await resp.json()
+        ws = await session.ws_connect(version["webSocketDebuggerUrl"], max_msg_size=64 << 20,
                                       timeout=aiohttp.ClientWSTimeout(ws_close=2))
-        page = Page(ws)
-        await page.call("Page.enable")
-        await page.call("Network.enable")
-        yield page
+        control = Page(ws)
+        yield Browser(control, port, session)
     finally:
-        if page is not None:
+        if control is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(page.close(), 3)
+                await asyncio.wait_for(control.close(), 3)
         await session.close()
         if proc.returncode is None:
             # The whole process group we started: renderers and the zygote go with it.
@@ -178,7 +209,15 @@ async def chromium_page(profile: Path) -> AsyncIterator[Page]:
             await asyncio.wait_for(proc.wait(), 10)
 
 
-@pytest.fixture
-async def chromium(tmp_path: Path) -> AsyncIterator[Page]:
-    async with chromium_page(tmp_path / "chromium-profile") as page:
+# One browser for a module (its start-up is most of a browser test's time), a fresh context
+# for each test. A module using these runs its tests in the module's event loop.
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def chromium_process(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Browser]:
+    async with chromium_browser(tmp_path_factory.mktemp("chromium-profile")) as browser:
+        yield browser
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def chromium(chromium_process: Browser) -> AsyncIterator[Page]:
+    async with chromium_process.page() as page:
         yield page

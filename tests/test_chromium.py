@@ -13,16 +13,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 from aiohttp import web
 
 from tests.browser_host import browser_stack
-from tests.chromium import Page, chromium  # noqa: F401  (the fixture)
+from tests.chromium import Page, chromium, chromium_process  # noqa: F401  (the fixtures)
 from tests.harness import RunningHost, free_port, start_host
 
 APP_PAGE = "<!doctype html><html><body><h1>app</h1></body></html>"
 
+# One browser for the module (tests.chromium): its tests and fixtures share the module's loop.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-@pytest.fixture
+
+@pytest_asyncio.fixture(loop_scope="module")
 async def app_site() -> AsyncIterator[RunningHost]:
     """The browser app's own origin: a blank page on localhost (not the relay's 127.0.0.1)."""
     app = web.Application()
