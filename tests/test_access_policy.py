@@ -308,7 +308,7 @@ async def test_slow_upstream_times_out_as_unavailable(
 ) -> None:
     state, server = upstream
     state.delay = 3
-    policy = make_policy(session, server, FakeClock(5000.0), timeout_s=0.2)
+    policy = make_policy(session, server, FakeClock(5000.0), timeout_s=0.1)
     started = time.monotonic()
     with capture_logs() as logs, pytest.raises(AccessUnavailable):
         await policy.check(ALICE, HOST, TOKEN, role=CLIENT)

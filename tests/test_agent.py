@@ -581,8 +581,9 @@ async def test_open_frames_from_the_relay_cannot_send_the_agent_elsewhere(
 
     host = await start_host(catch_all_host())
     try:
+        # Quick reconnects: each violation closes the tunnel, the next connection meets another.
         async with fake_relay(hostile) as relay, agent_running(
-            relay.url, host.url, TokenSource(token="t")
+            relay.url, host.url, TokenSource(token="t"), backoff=Backoff(base=0.01, cap=0.05)
         ):
             results = [await asyncio.wait_for(answers.get(), 5) for _ in range(len(paths) * 2)]
             for _ in outside:

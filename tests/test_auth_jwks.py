@@ -248,7 +248,7 @@ async def test_fetch_times_out(
     state.keys = [jwk(rsa_a, "a")]
     state.delay = 5
     metrics = Metrics()
-    keys = source(session, url, FakeClock(1000.0), metrics, timeout_s=0.2)
+    keys = source(session, url, FakeClock(1000.0), metrics, timeout_s=0.1)
     started = time.monotonic()
     await keys.start()
     assert time.monotonic() - started < 2

@@ -684,7 +684,7 @@ async def test_a_client_that_goes_away_is_close_1001(agent: Agent, client: Clien
 
 
 async def test_no_head_within_the_request_timeout_is_504_and_close_4408(tmp_path: Path) -> None:
-    async with relay_with(tmp_path, request_timeout_s=0.3) as relay:
+    async with relay_with(tmp_path, request_timeout_s=0.1) as relay:
         agent = await Agent.connect(relay)
         client = Client(relay)
         try:
