@@ -314,7 +314,11 @@ async def relay_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int,
 
 async def test_relay_status_prints_a_table(admin_setup: Setup) -> None:
     url = admin_setup.relay.url
-    code, out, err = await relay_cli("status", "--url", url, "--secret", SECRET)
+    flag, from_env = await asyncio.gather(
+        relay_cli("status", "--url", url, "--secret", SECRET),
+        relay_cli("status", "--url", url, env={"RELAY_ADMIN_SECRET": SECRET}),
+    )
+    code, out, err = flag
     assert (code, err) == (0, "")
     lines = out.splitlines()
     assert "1 tunnels" in lines[0] and "serving" in lines[0]
@@ -323,7 +327,7 @@ async def test_relay_status_prints_a_table(admin_setup: Setup) -> None:
     assert "127.0.0.1:" in lines[2]
 
     # The secret from the environment works the same.
-    code, out, _ = await relay_cli("status", "--url", url, env={"RELAY_ADMIN_SECRET": SECRET})
+    code, out, _ = from_env
     assert code == 0 and HOST_ID in out
 
 
@@ -337,16 +341,22 @@ async def test_relay_status_json(admin_setup: Setup) -> None:
 
 async def test_relay_status_errors_are_one_line(admin_setup: Setup) -> None:
     url = admin_setup.relay.url
-    code, out, err = await relay_cli("status", "--url", url)
+    # Side by side: independent processes, whose start-ups would otherwise add up.
+    no_secret, wrong, unreachable = await asyncio.gather(
+        relay_cli("status", "--url", url),
+        relay_cli("status", "--url", url, "--secret", "wrong"),
+        relay_cli("status", "--url", "http://127.0.0.1:1", "--secret", SECRET),
+    )
+    code, out, err = no_secret
     assert code == 2 and out == ""
     assert len(err.splitlines()) == 1 and "--secret" in err and "RELAY_ADMIN_SECRET" in err
 
-    code, out, err = await relay_cli("status", "--url", url, "--secret", "wrong")
+    code, out, err = wrong
     assert code == 1 and out == ""
     assert len(err.splitlines()) == 1 and "401" in err
     assert "wrong" not in err
 
-    code, out, err = await relay_cli("status", "--url", "http://127.0.0.1:1", "--secret", SECRET)
+    code, out, err = unreachable
     assert code == 1 and out == ""
     assert len(err.splitlines()) == 1 and "cannot reach" in err
     assert "Traceback" not in err

@@ -11,6 +11,8 @@ import json
 import os
 import socket
 import subprocess
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,13 @@ def relay_cli(*args: str, env: dict[str, str] | None = None,
     )
 
 
+def relay_cli_all(*calls: Sequence[str]) -> list[subprocess.CompletedProcess[str]]:
+    """``relay_cli`` for each argument list, the processes run side by side (they are
+    independent; one after another, their start-ups added up)."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return list(pool.map(lambda args: relay_cli(*args), calls))
+
+
 def assert_one_line_config_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert result.stdout == ""
@@ -51,12 +60,12 @@ def assert_one_line_config_error(result: subprocess.CompletedProcess[str], *need
 
 
 def test_help_works() -> None:
-    result = relay_cli("--help")
+    commands = ("serve", "agent", "token", "check-config", "status")
+    result, *subs = relay_cli_all(["--help"], *([command, "--help"] for command in commands))
     assert result.returncode == 0 and result.stderr == ""
-    for command in ("serve", "agent", "token", "check-config", "status"):
+    for command in commands:
         assert command in result.stdout
-    for command in ("serve", "agent", "token", "check-config", "status"):
-        sub = relay_cli(command, "--help")
+    for command, sub in zip(commands, subs, strict=True):
         assert sub.returncode == 0 and "usage: relay" in sub.stdout, command
 
 
@@ -135,12 +144,14 @@ def test_bad_config_is_one_line_naming_file_key_and_problem(
 
 
 def test_serve_refuses_a_bad_config_the_same_way(tmp_path: Path) -> None:
-    path = write_config(tmp_path, {"server": {"host": "0.0.0.0"}})
-    assert_one_line_config_error(relay_cli("serve", "--config", str(path)),
-                                 str(path), "server.host", "loopback")
-    path = write_config(tmp_path, {"server": {"port": "abc"}})
-    assert_one_line_config_error(relay_cli("serve", "--config", str(path)),
-                                 str(path), "server.port")
+    (tmp_path / "host").mkdir()
+    (tmp_path / "port").mkdir()
+    host = write_config(tmp_path / "host", {"server": {"host": "0.0.0.0"}})
+    port = write_config(tmp_path / "port", {"server": {"port": "abc"}})
+    bad_host, bad_port = relay_cli_all(["serve", "--config", str(host)],
+                                       ["serve", "--config", str(port)])
+    assert_one_line_config_error(bad_host, str(host), "server.host", "loopback")
+    assert_one_line_config_error(bad_port, str(port), "server.port")
 
 
 def test_serve_on_a_taken_port_exits_1_with_one_error_event(tmp_path: Path) -> None:
@@ -160,12 +171,12 @@ def test_serve_on_a_taken_port_exits_1_with_one_error_event(tmp_path: Path) -> N
 
 def test_missing_and_undecodable_files(tmp_path: Path) -> None:
     missing = tmp_path / "nope.toml"
-    assert_one_line_config_error(relay_cli("check-config", "--config", str(missing)),
-                                 str(missing), "file not found")
     binary = tmp_path / "binary.toml"
     binary.write_bytes(b"\xff\xfe[server]\n")
-    assert_one_line_config_error(relay_cli("check-config", "--config", str(binary)),
-                                 str(binary), "UTF-8")
+    not_found, undecodable = relay_cli_all(["check-config", "--config", str(missing)],
+                                           ["check-config", "--config", str(binary)])
+    assert_one_line_config_error(not_found, str(missing), "file not found")
+    assert_one_line_config_error(undecodable, str(binary), "UTF-8")
 
 
 @pytest.mark.parametrize("name, value, key", [

@@ -19,7 +19,7 @@ from pathlib import Path
 from relay import __version__
 from relay.cli import self_command
 from tests.harness import PYTHON, REPO, free_port, start_relay, write_config
-from tests.test_cli import assert_one_line_config_error, relay_cli
+from tests.test_cli import assert_one_line_config_error, relay_cli, relay_cli_all
 
 VENV_BIN = Path(PYTHON).parent
 
@@ -40,11 +40,11 @@ def test_version() -> None:
 
 
 def test_help_is_written_for_people() -> None:
-    result = relay_cli("--help")
+    result, token = relay_cli_all(["--help"], ["token", "--help"])
     assert result.returncode == 0
     assert "Entry points only" not in result.stdout and "``" not in result.stdout
     assert "first steps:" in result.stdout and "--token-file" in result.stdout
-    token_help = relay_cli("token", "--help").stdout
+    token_help = token.stdout
     assert "ps" in token_help and "--ttl" in token_help
 
 
@@ -58,13 +58,14 @@ def test_token_ttl_zero_is_one_line(tmp_path: Path) -> None:
 
 
 def test_agent_upstream_without_a_scheme_is_one_line() -> None:
-    result = relay_cli("agent", "--relay", "ws://127.0.0.1:9", "--host-id", "acme:laptop",
-                       "--upstream", "127.0.0.1:3000", "--token", "t")
-    line = assert_one_line(result, 2, "did you mean http://127.0.0.1:3000?")
+    upstream, relay = relay_cli_all(
+        ["agent", "--relay", "ws://127.0.0.1:9", "--host-id", "acme:laptop",
+         "--upstream", "127.0.0.1:3000", "--token", "t"],
+        ["agent", "--relay", "127.0.0.1:8080", "--host-id", "acme:laptop",
+         "--upstream", "http://127.0.0.1:3000", "--token", "t"])
+    line = assert_one_line(upstream, 2, "did you mean http://127.0.0.1:3000?")
     assert json.loads(line)["event"] == "agent.bad_option"
-    result = relay_cli("agent", "--relay", "127.0.0.1:8080", "--host-id", "acme:laptop",
-                       "--upstream", "http://127.0.0.1:3000", "--token", "t")
-    assert json.loads(assert_one_line(result, 2, "ws(s)://"))["event"] == "agent.bad_option"
+    assert json.loads(assert_one_line(relay, 2, "ws(s)://"))["event"] == "agent.bad_option"
 
 
 def test_devhost_on_a_taken_port_is_one_line() -> None:
