@@ -14,10 +14,12 @@ import os
 import struct
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from relay.config import Config, load_config
 from relay.errors import CloseCode
@@ -73,21 +75,57 @@ async def raw_tunnel_socket(port: int, host_id: str, token: str
     return reader, writer
 
 
+@dataclass
+class RelayProcess:
+    """A `relay serve` process of its own (so its memory and logs are its own) in
+    ``directory``, spawned on the first :meth:`running`; stopped (bounded) by :meth:`stop`."""
+
+    directory: Path
+    tunnel: dict[str, object] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "relay.log"
+
+    async def running(self) -> tuple[Config, str, subprocess.Popen[bytes]]:
+        """Its config, base URL and process, healthy."""
+        path = self.directory / "config.toml"
+        if self.proc is None:
+            write_config(self.directory, {"tunnel": self.tunnel} if self.tunnel else None)
+            self.proc = spawn_relay_process(path, log_file=self.log)
+        config = load_config(path, env={})
+        url = f"http://127.0.0.1:{config.server.port}"
+        await wait_http(f"{url}/healthz")
+        return config, url, self.proc
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=15)
+
+
 @contextlib.asynccontextmanager
 async def relay_process(tmp_path: Path, tunnel: dict[str, object] | None = None,
                         ) -> AsyncIterator[tuple[Config, str, subprocess.Popen[bytes]]]:
-    """A `relay serve` process of its own (so its memory and logs are its own), healthy;
-    its config, base URL and process. Stopped (bounded) on the way out."""
-    path = write_config(tmp_path, {"tunnel": tunnel} if tunnel else None)
-    config = load_config(path, env={})
-    url = f"http://127.0.0.1:{config.server.port}"
-    proc = spawn_relay_process(path, log_file=tmp_path / "relay.log")
+    """A relay process for one test: its config, base URL and process."""
+    relay = RelayProcess(tmp_path, tunnel)
     try:
-        await wait_http(f"{url}/healthz")
-        yield config, url, proc
+        yield await relay.running()
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+        relay.stop()
+
+
+@pytest.fixture(scope="module")
+def budget_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    """One relay process with a PING budget of 8 a second for the tests that can share it:
+    each reads only what its own connection caused (its close, a counter of its own kind)
+    and that nothing in the log is a traceback. Spawned by the first that runs."""
+    relay = RelayProcess(tmp_path_factory.mktemp("budget-relay"), {"max_pings_per_s": 8})
+    try:
+        yield relay
+    finally:
+        relay.stop()
 
 
 async def metric(client: aiohttp.ClientSession, url: str, name: str) -> float:
@@ -197,35 +235,35 @@ async def test_a_data_frame_over_max_frame_is_a_protocol_violation(full_stack: S
 
 
 async def test_a_ping_flood_is_cut_off_1008_by_the_ping_budget_within_its_burst(
-    tmp_path: Path,
+    budget_relay: RelayProcess,
 ) -> None:
     """Tiny PINGs as fast as the socket takes them (reading every PONG, so only the budget can
     stop it): the relay ends the tunnel with 1008 once the burst is spent, and stops reading."""
-    async with relay_process(tmp_path, {"max_pings_per_s": 8}) as (config, url, _):
-        writer: asyncio.StreamWriter | None = None
-        try:
-            token = agent_token(config, ROGUE_HOST, "mallory")
-            reader, writer = await raw_tunnel_socket(config.server.port, ROGUE_HOST, token)
-            ping = ws_frame(frames.encode_ping(FrameType.PING, b"x" * 16))
-            writer.write(ping * 200)  # far beyond a burst of 16 at 8 per second
-            await writer.drain()
-            # Read to the end: the close code, and the hang-up (EOF, no close handshake awaited).
-            seen: collections.Counter[int] = collections.Counter()
-            code, _ = await asyncio.wait_for(read_server_frames(reader, seen), 10)
-            assert code == int(CloseCode.POLICY_VIOLATION)
-            loop = asyncio.get_running_loop()
-            async with aiohttp.ClientSession() as client:
-                name = 'relay_tunnel_disconnects_total{reason="control_flood"}'
-                polled_until = loop.time() + 10
-                while await metric(client, url, name) != 1:
-                    assert loop.time() < polled_until, "the flood's disconnect was never counted"
-                    await asyncio.sleep(0.02)
-            log = (tmp_path / "relay.log").read_text()
-            assert "tunnel.control_flood" in log and "Traceback" not in log
-            assert token not in log
-        finally:
-            if writer is not None:
-                writer.close()
+    config, url, _ = await budget_relay.running()
+    writer: asyncio.StreamWriter | None = None
+    try:
+        token = agent_token(config, ROGUE_HOST, "mallory")
+        reader, writer = await raw_tunnel_socket(config.server.port, ROGUE_HOST, token)
+        ping = ws_frame(frames.encode_ping(FrameType.PING, b"x" * 16))
+        writer.write(ping * 200)  # far beyond a burst of 16 at 8 per second
+        await writer.drain()
+        # Read to the end: the close code, and the hang-up (EOF, no close handshake awaited).
+        seen: collections.Counter[int] = collections.Counter()
+        code, _ = await asyncio.wait_for(read_server_frames(reader, seen), 10)
+        assert code == int(CloseCode.POLICY_VIOLATION)
+        loop = asyncio.get_running_loop()
+        async with aiohttp.ClientSession() as client:
+            name = 'relay_tunnel_disconnects_total{reason="control_flood"}'
+            polled_until = loop.time() + 10
+            while await metric(client, url, name) != 1:
+                assert loop.time() < polled_until, "the flood's disconnect was never counted"
+                await asyncio.sleep(0.02)
+        log = budget_relay.log.read_text()
+        assert "tunnel.control_flood" in log and "Traceback" not in log
+        assert token not in log
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 async def test_an_honest_burst_of_pings_is_answered_and_the_tunnel_stays(
@@ -336,29 +374,32 @@ async def test_a_subject_cut_off_for_a_ping_flood_may_not_come_straight_back(
         await tunnel.close()
 
 
-async def test_a_refused_agent_that_keeps_sending_is_not_read(tmp_path: Path) -> None:
+async def test_a_refused_agent_that_keeps_sending_is_not_read(
+    budget_relay: RelayProcess,
+) -> None:
     """No token, so 4401; then 64 KiB frames as fast as the socket takes them. The relay used
     to read (and decode) all of it while it waited for a close frame, for up to 2 s; now it
     stops reading once its close frame is out, so the sender stalls on full buffers."""
-    async with relay_process(tmp_path) as (config, _, _):
-        writer: asyncio.StreamWriter | None = None
-        try:
-            reader, writer = await raw_tunnel_socket(config.server.port, ROGUE_HOST, "")
-            junk = ws_frame(frames.encode_ping(FrameType.PING, os.urandom(64 * KiB)))
-            sent = 0
-            with contextlib.suppress(ConnectionError, TimeoutError):
-                while sent < 256 * MiB:
-                    writer.write(junk)
-                    await asyncio.wait_for(writer.drain(), 1.0)  # stalls once nothing is read
-                    sent += len(junk)
-            seen: collections.Counter[int] = collections.Counter()
-            code, reason = await asyncio.wait_for(read_server_frames(reader, seen), 10)
-            print(f"refused and flooding: {sent / MiB:.1f} MiB taken before the sender stalled; "
-                  f"closed {code} {reason!r}")
-            assert code == CloseCode.UNAUTHORIZED
-            # What the kernel's socket buffers hold on both sides, not what 2 s of reading takes.
-            assert sent < 48 * MiB
-            assert "Traceback" not in (tmp_path / "relay.log").read_text()
-        finally:
-            if writer is not None:
-                writer.close()
+    # The budget is not in play: an agent without a token is refused before it counts.
+    config, _, _ = await budget_relay.running()
+    writer: asyncio.StreamWriter | None = None
+    try:
+        reader, writer = await raw_tunnel_socket(config.server.port, ROGUE_HOST, "")
+        junk = ws_frame(frames.encode_ping(FrameType.PING, os.urandom(64 * KiB)))
+        sent = 0
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            while sent < 256 * MiB:
+                writer.write(junk)
+                await asyncio.wait_for(writer.drain(), 1.0)  # stalls once nothing is read
+                sent += len(junk)
+        seen: collections.Counter[int] = collections.Counter()
+        code, reason = await asyncio.wait_for(read_server_frames(reader, seen), 10)
+        print(f"refused and flooding: {sent / MiB:.1f} MiB taken before the sender stalled; "
+              f"closed {code} {reason!r}")
+        assert code == CloseCode.UNAUTHORIZED
+        # What the kernel's socket buffers hold on both sides, not what 2 s of reading takes.
+        assert sent < 48 * MiB
+        assert "Traceback" not in budget_relay.log.read_text()
+    finally:
+        if writer is not None:
+            writer.close()
