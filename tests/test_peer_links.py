@@ -7,6 +7,7 @@ links, C is configured as an older relay without them), a real agent and host se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -18,11 +19,13 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from relay.aio import cancel_and_wait
 from relay.config import load_config
 from relay.devhost import pattern_bytes
 from relay.errors import CloseCode
 from relay.metrics import Metrics
 from relay.protocol.messages import Open
+from relay.server.drain import drain
 from relay.server.peerlink import OWNER_CACHE_S, PeerLinks
 from relay.server.peers import LINK_PATH, PeerSigner, sign_link, stream_claims
 from relay.tunnel.session import ChannelClosed, TunnelSession
@@ -388,3 +391,78 @@ async def test_an_owner_that_says_not_here_is_forgotten_and_the_host_found_where
             await agent.stop()
     finally:
         links.owners.ttl = OWNER_CACHE_S
+
+
+@contextlib.asynccontextmanager
+async def _pair(tmp_path: Path, host: RunningHost) -> AsyncIterator[tuple[RunningRelay, ...]]:
+    """A fresh owner and entry on their own Redis, the agent for OWNED on the owner."""
+    async with RedisServer() as redis:
+        relays = [await _relay(tmp_path, name, redis, links=True) for name in ("owner", "entry")]
+        owner, _entry = relays
+        agent = await start_agent(owner.ws_url, OWNED, host.url, token=owner.agent_token(OWNED))
+        try:
+            yield tuple(relays)
+        finally:
+            await agent.stop()
+            for relay in relays:
+                await relay.stop()
+
+
+async def _wait_routable(client: aiohttp.ClientSession, entry: RunningRelay,
+                         headers: dict[str, str]) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        async with client.get(f"{entry.url}/hosts/{OWNED}/", headers=headers) as r:
+            if r.status == 200:
+                return
+        assert time.monotonic() < deadline, "the entry relay cannot reach the host"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_draining_owner_finishes_its_link_requests_and_refuses_new_ones(
+    tmp_path: Path, fleet: Fleet,
+) -> None:
+    async with _pair(tmp_path, fleet.host) as (owner, entry):
+        headers = {"Authorization": f"Bearer {entry.token()}"}
+        await _wait_routable(fleet.client, entry, headers)
+        fleet.release.clear()
+
+        async def held() -> tuple[int, bytes]:
+            async with fleet.client.get(f"{entry.url}/hosts/{OWNED}/hold",
+                                        headers=headers) as r:
+                return r.status, await r.read()
+
+        pending = asyncio.ensure_future(held())
+        draining = None
+        try:
+            tunnel = owner.state.registry.get(OWNED)
+            assert tunnel is not None
+            await eventually(lambda: bool(tunnel.session.channels))
+            draining = asyncio.ensure_future(drain(owner.state, grace_s=10))
+            await eventually(lambda: owner.state.draining)
+            async with fleet.client.get(f"{entry.url}/hosts/{OWNED}/",
+                                        headers=headers) as r:
+                assert r.status == 503
+                assert (await r.json())["error"]["code"] == "draining"
+            fleet.release.set()
+            assert await asyncio.wait_for(pending, 10) == (200, b"finally\n")
+            await asyncio.wait_for(draining, 15)
+        finally:
+            fleet.release.set()
+            await cancel_and_wait([t for t in (pending, draining) if t is not None])
+
+
+async def test_a_draining_entry_closes_the_channels_it_forwards_4503(
+    tmp_path: Path, fleet: Fleet,
+) -> None:
+    async with _pair(tmp_path, fleet.host) as (_owner, entry):
+        token = entry.token()
+        await _wait_routable(fleet.client, entry, {"Authorization": f"Bearer {token}"})
+        async with fleet.client.ws_connect(
+                f"{entry.ws_url}/hosts/{OWNED}/ws?token={token}") as ws:
+            await ws.send_str("hello")
+            assert (await ws.receive(timeout=5)).data == "hello"
+            await asyncio.wait_for(drain(entry.state, grace_s=0.1), 10)
+            msg = await ws.receive(timeout=5)
+            assert msg.type is aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == CloseCode.DRAINING

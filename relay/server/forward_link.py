@@ -33,8 +33,8 @@ async def _link_session(state: RelayState, owner_url: str, kind: StreamKind
     session = await links.session_for(owner_url) if links is not None else None
     if session is not None:
         metrics = state.metrics
-        metrics.forwarded_requests_total.labels(kind=kind).inc()
-        metrics.peer_link_streams_total.labels(side=PeerSide.ENTRY, kind=kind).inc()
+        metrics.child(metrics.forwarded_requests_total, kind).inc()
+        metrics.child(metrics.peer_link_streams_total, PeerSide.ENTRY, kind).inc()
     return session
 
 

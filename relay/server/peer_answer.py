@@ -43,6 +43,7 @@ from relay.server.state import STATE, TUNNEL_RELEASE, RelayState
 from relay.server.tunnels import CLOSE_TIMEOUT_S, peer_address
 from relay.tracing import Tracing, trace_headers, with_trace_headers
 from relay.tunnel.session import Channel, ChannelClosed, Role, SessionSettings
+from relay.tunnel.sink import WebSocketSink
 from relay.tunnel.splice import SplicedChannel, SplicingSession, copy_body, copy_messages
 
 log = structlog.get_logger("relay.peer")
@@ -106,7 +107,7 @@ async def _serve_link(state: RelayState, ws: web.WebSocketResponse, origin: str,
         session.settings = adopt_hello(session.settings, hello)
 
     session = SplicingSession(
-        ws.send_bytes, state.settings, role=Role.AGENT, name=f"peer-link:{origin}",
+        WebSocketSink(ws), state.settings, role=Role.AGENT, name=f"peer-link:{origin}",
         on_open=on_open, on_hello=on_hello,
         on_silence=lambda: close(int(CloseCode.KEEPALIVE_MISSED), "keepalive missed"),
         on_backlog=lambda why: close(int(CloseCode.POLICY_VIOLATION), "peer not reading"))
@@ -156,7 +157,8 @@ async def close_answered_links(state: RelayState) -> None:
 async def answer(state: RelayState, link: SplicedChannel, head: Open) -> None:
     """Serve one stream of a link from the local tunnel to its host, or refuse it."""
     kind = StreamKind(head.kind)
-    state.metrics.peer_link_streams_total.labels(side=PeerSide.OWNER, kind=kind).inc()
+    metrics = state.metrics
+    metrics.child(metrics.peer_link_streams_total, PeerSide.OWNER, kind).inc()
     link.lost_code = _client_gone
     tracing = state.tracing
     span = None

@@ -34,6 +34,7 @@ from relay.server.peers import LINK_PATH, sign_link
 from relay.server.state import RelayState
 from relay.server.tunnels import CLOSE_TIMEOUT_S
 from relay.tunnel.session import Role, SessionSettings, TunnelSession
+from relay.tunnel.sink import WebSocketSink
 
 log = structlog.get_logger("relay.peer")
 
@@ -158,7 +159,7 @@ class PeerLinks:
             await _close_ws(ws, int(CloseCode.GOING_AWAY), "relay stopping")
             return None
         link = PeerLink(owner_url, TunnelSession(
-            ws.send_bytes, settings, role=Role.RELAY, name=f"peer-link:{owner_url}",
+            WebSocketSink(ws), settings, role=Role.RELAY, name=f"peer-link:{owner_url}",
             on_silence=lambda: self._close_soon(link, int(CloseCode.KEEPALIVE_MISSED),
                                                 "keepalive missed"),
             on_backlog=lambda why: self._close_soon(link, int(CloseCode.POLICY_VIOLATION),
