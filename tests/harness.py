@@ -89,6 +89,11 @@ def abort_connections(runner: web.BaseRunner) -> None:
     for connection in server.connections if server is not None else ():
         if connection.transport is not None:
             connection.transport.abort()
+    # A relay's tunnels are no longer aiohttp's connections once taken over.
+    app = getattr(runner, "app", None)
+    if isinstance(app, web.Application) and STATE in app:
+        for socket in list(app[STATE].tunnel_sockets):
+            socket.abort()
 
 
 @dataclass

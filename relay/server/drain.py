@@ -15,7 +15,7 @@ import structlog
 from relay.errors import CloseCode
 from relay.protocol.messages import Drain
 from relay.server.registry import Tunnel
-from relay.server.state import TUNNEL_CLOSE, RelayState
+from relay.server.state import TUNNEL_CLOSE, TUNNEL_RELEASE, RelayState
 
 log = structlog.get_logger("relay.server")
 
@@ -75,4 +75,9 @@ async def stop(state: RelayState) -> None:
     await state.tasks.group(TUNNEL_CLOSE).wait(timeout=2.5)
     for tunnel in list(state.registry):
         await tunnel.session.close(int(CloseCode.GOING_AWAY), "relay stopping")
+    # The closed tunnels' directory entries: released by tasks (no handler awaits them now
+    # that aiohttp does not serve the tunnels), which the cancel below must not cut short.
+    await state.tasks.group(TUNNEL_RELEASE).wait(timeout=2)
     await state.tasks.cancel(timeout=5)
+    for socket in list(state.tunnel_sockets):  # whatever did not close in time
+        socket.abort()

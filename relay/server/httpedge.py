@@ -235,6 +235,39 @@ class EdgeProtocol(RequestHandler):
         response.force_close()
         return response
 
+    # -------------------------------------------------------------- handing the socket over
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """Give up the connection (an upgraded tunnel the relay serves itself): returns its
+        transport and what the peer sent after the upgrade request. From here aiohttp holds
+        no reference to the transport, never writes to or closes it, and its server no longer
+        lists the connection (nor waits for it at shutdown); the request being handled ends
+        with its handler (``start()`` sees ``_force_close`` and leaves its loop).
+
+        What ``connection_lost`` would have released is released here, without touching the
+        transport: the new protocol gets that callback, this one never will.
+        """
+        transport = self.transport
+        if transport is None or self._manager is None:
+            raise ConnectionResetError("the connection is already gone")
+        tail, self._message_tail = self._message_tail, b""
+        self._disarm_head_timer()
+        if self._drop_timer is not None:
+            self._drop_timer.cancel()
+            self._drop_timer = None
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        self._manager._connections.pop(self, None)
+        self._manager = None  # a stray connection_lost is a no-op now
+        self._force_close = True  # start() leaves its loop once this request is done
+        self.transport = None  # force_close() and friends check it before closing
+        self._parser = None
+        self._payload_parser = None
+        if not transport.is_reading():  # paused for aiohttp's own buffers
+            transport.resume_reading()
+        return transport, tail
+
     # -------------------------------------------------------------- 413 without reading
 
     def refuse_body(self) -> None:

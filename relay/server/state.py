@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from relay.server.peers import PeerSigner
     from relay.server.throttle import FailureThrottle
     from relay.server.tls import TlsContext
+    from relay.server.tunnel_socket import TunnelSocket
     from relay.tracing import Tracing
 
 
@@ -71,6 +72,9 @@ class RelayState:
     links: PeerLinks | None = None  # the peer links this relay opened (relay.server.peerlink)
     # The peer links other relays opened to this one (relay.server.peer_answer), their sockets.
     answered_links: set[Any] = field(default_factory=set)
+    # The tunnels' sockets, taken over from aiohttp's server (relay.server.tunnels): the relay's
+    # stop hangs up what is left of them, as aiohttp's shutdown did for its connections.
+    tunnel_sockets: set[TunnelSocket] = field(default_factory=set)
     sessions: SessionCookies | None = None  # browser navigation sessions (relay.auth.session)
     admin_throttle: FailureThrottle | None = None  # wrong admin secrets per peer address
     tracing: Tracing | None = None  # set when [tracing] otlp_endpoint is

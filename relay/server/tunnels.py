@@ -1,5 +1,10 @@
 """``GET /tunnel``: accept an agent's WebSocket, register it (directory first), serve its frames.
 
+An authorized tunnel is taken over from aiohttp (:func:`take_over`): the relay answers the
+upgrade itself and serves the connection on a :class:`relay.server.tunnel_socket.TunnelSocket`,
+so an idle tunnel holds no HTTP request, handler task or WebSocketResponse. Refusals still go
+through aiohttp's WebSocket (a close code is all a browser can read).
+
 A tunnel lives no longer than its credential: it holds a lease that closes it 4401 at the
 token's ``exp`` (plus the auth leeway) unless a v2 agent renews in-band (RENEW), and 4403 when
 an operator revokes its subject or host. An agent that stops reading is cut off (1008), and so
@@ -36,12 +41,13 @@ from relay.protocol.close import close_payload, fit_reason, reason_bytes
 from relay.protocol.frames import SUPPORTED_VERSIONS, negotiate_version
 from relay.protocol.messages import Hello, Renew, Renewed
 from relay.server.edge import Authorized, authorize, require_param
+from relay.server.httpedge import EdgeProtocol
 from relay.server.registry import Tunnel
 from relay.server.state import STATE, TUNNEL_CLOSE, TUNNEL_RELEASE, RelayState
 from relay.server.throttle import FailureThrottle
+from relay.server.tunnel_socket import TunnelSocket, switching_protocols
 from relay.tunnel.gate import StreamGate
 from relay.tunnel.session import Role, TunnelSession
-from relay.tunnel.sink import WebSocketSink
 
 log = structlog.get_logger("relay.tunnel")
 
@@ -101,16 +107,21 @@ def peer_address(request: web.Request) -> str:
 async def handle_tunnel(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     config = state.config
+    max_message = frames.max_message(config.tunnel.max_frame_bytes) + frames.MESSAGE_SLACK
+    # Only a refusal is answered through aiohttp's WebSocket; an authorized tunnel is taken
+    # over (take_over). The upgrade is checked first, so a request that is no WebSocket
+    # handshake still meets aiohttp's 400 before anything else.
     ws = web.WebSocketResponse(
         compress=False,
         autoping=True,
         timeout=CLOSE_TIMEOUT_S,
         # Room for the largest legal frame (a 256 KiB PING too), and a little more so a frame
         # just over its bound meets the codec's 1002 rather than the WebSocket layer's 1009.
-        max_msg_size=frames.max_message(config.tunnel.max_frame_bytes) + frames.MESSAGE_SLACK,
+        max_msg_size=max_message,
         writer_limit=1 << 20,
     )
-    await ws.prepare(request)
+    if not ws.can_prepare(request).ok:
+        await ws.prepare(request)  # raises aiohttp's refusal of the handshake
     try:
         if state.draining:
             raise Draining()
@@ -128,12 +139,54 @@ async def handle_tunnel(request: web.Request) -> web.StreamResponse:
         state.metrics.tunnel_rejections_total.labels(code=str(error.code)).inc()
         log.info("tunnel.refused", code=str(error.code),
                  host_id=request.query.get("hostId", "")[:300], peer=peer_address(request))
+        await ws.prepare(request)
         if isinstance(error, TooManyRequests):  # the flood lockout
             # Held before the refusal (nothing is read meanwhile), like nginx's limit_req
             # delay: an agent looping on refusals gets one a while, not one per round trip.
             await asyncio.sleep(min(error.retry_after_s or 1, FLOOD_REFUSAL_HOLD_S))
         return await hang_up_refused(ws, error, request.transport)
-    return await serve_tunnel(state, request, ws, auth, epoch, version)
+    return take_over(state, request, auth, epoch, version, max_message)
+
+
+class TakenOver(web.StreamResponse):
+    """What the tunnel handler returns once the connection is the relay's: aiohttp has
+    nothing left to write (the 101 is out) and no connection to write it to."""
+
+    def __init__(self) -> None:
+        super().__init__(status=101)
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+def take_over(state: RelayState, request: web.Request, auth: Authorized, epoch: str,
+              version: int, max_message: int) -> web.StreamResponse:
+    """Answer the authorized upgrade ourselves and serve the tunnel on a :class:`TunnelSocket`:
+    aiohttp's handler, parser, request and WebSocketResponse are all let go."""
+    protocol = request.protocol
+    peer = peer_address(request)
+    key = request.headers["Sec-WebSocket-Key"]
+    try:
+        if not isinstance(protocol, EdgeProtocol):
+            raise ConnectionResetError("the tunnel needs the relay's connection edge")
+        transport, tail = protocol.detach()
+    except ConnectionResetError:
+        # The agent left while it was being authorized: only its directory entry is left.
+        state.tasks.spawn(TUNNEL_RELEASE, _unregister(state, str(auth.host), epoch),
+                          f"tunnel-release:{auth.host}")
+        raise
+    transport.write(switching_protocols(key))
+    served = ServedTunnel(state, str(auth.host), epoch, peer)
+    socket = TunnelSocket(transport, served, max_message=max_message,
+                          sockets=state.tunnel_sockets)
+    transport.set_protocol(socket)
+    served.start(socket, version, auth.identity.sub, auth.identity.expires_at)
+    if tail:
+        socket.data_received(tail)
+    return TakenOver()
 
 
 def _check_flood_lockout(state: RelayState, subject: str) -> None:
@@ -165,131 +218,171 @@ def credential_deadline(state: RelayState, expires_at: float) -> float:
     return expires_at + state.config.auth.leeway_s
 
 
-async def serve_tunnel(
-    state: RelayState,
-    request: web.Request,
-    ws: web.WebSocketResponse,
-    auth: Authorized,
-    epoch: str,
-    version: int,
-) -> web.WebSocketResponse:
-    metrics = state.metrics
-    host_id, subject = str(auth.host), auth.identity.sub
-    closing: dict[str, object] = {}
-    renewal: list[asyncio.Task[None]] = []
+class ServedTunnel:
+    """One authorized tunnel on its :class:`TunnelSocket`: the session fed from the socket, its
+    registration and lease, and what its end releases. It replaces the handler coroutine that
+    lived as long as the tunnel (with aiohttp's request around it)."""
 
-    def request_close(code: int, reason: str, *, label: DisconnectReason | None = None,
+    __slots__ = ("_close_code", "_close_label", "_close_reason", "_closing", "_over", "_seen",
+                 "epoch", "gate", "host_id", "peer", "renewal", "session", "socket", "state",
+                 "tunnel")
+
+    def __init__(self, state: RelayState, host_id: str, epoch: str, peer: str) -> None:
+        self.state = state
+        self.host_id = host_id
+        self.epoch = epoch
+        self.peer = peer
+        self._close_code: int | None = None  # what request_close asked for (the label's source)
+        self._close_reason = ""
+        self._close_label: DisconnectReason | None = None
+        self._closing = False  # our CLOSE is out (whoever sent it)
+        self._over = False  # the disconnect ran
+        self._seen = DisconnectReason.AGENT_CLOSED  # why, when nobody on this side closed it
+        self.renewal: asyncio.Task[None] | None = None
+
+    def start(self, socket: TunnelSocket, version: int, subject: str, expires_at: float) -> None:
+        state, host_id = self.state, self.host_id
+        metrics = state.metrics
+        self.socket = socket
+        self.session = session = TunnelSession(
+            socket,
+            state.settings,
+            role=Role.RELAY,
+            name=host_id,
+            version=version,
+            clock=state.clock,
+            on_silence=self._on_silence,
+            on_backlog=self._on_backlog,
+            on_renew=self._on_renew,
+            on_flood=self._on_flood,
+            on_exhausted=self._on_exhausted,
+        )
+        tunnel_config = state.config.tunnel
+        self.gate = StreamGate.build(tunnel_config.max_streams,
+                                     per_subject=tunnel_config.max_streams_per_subject,
+                                     max_queued=tunnel_config.max_queued,
+                                     queue_timeout_s=tunnel_config.queue_timeout_s,
+                                     observe=_queue_observer(state))
+        self.tunnel = tunnel = Tunnel(host_id=host_id, session=session, peer=self.peer,
+                                      subject=subject, close=self.request_close, gate=self.gate,
+                                      epoch=self.epoch)
+        deadline = credential_deadline(state, expires_at)
+        tunnel.lease = state.leases.hold(subject, host_id, deadline, "tunnel", self.request_close)
+        replaced = state.registry.register(tunnel)
+        if replaced is not None:
+            log.info("tunnel.replaced", host_id=host_id, old_peer=replaced.peer,
+                     new_peer=tunnel.peer)
+            replaced.close(int(CloseCode.REPLACED), "replaced by a newer tunnel")
+        metrics.tunnels_connected.set(len(state.registry))
+        metrics.tunnel_connects_total.inc()
+        settings = state.settings
+        session.send_hello(Hello(
+            version=version, host_id=host_id, window=settings.window,
+            max_frame=settings.max_frame, max_streams=settings.max_streams,
+            ping_interval_s=settings.ping_interval_s, keepalive_misses=settings.keepalive_misses,
+            max_ws_message=settings.max_ws_message,
+            open_timeout_s=tunnel_config.open_timeout_s,
+            request_timeout_s=tunnel_config.request_timeout_s,
+            # What v2 adds: RENEW, and when this tunnel closes (4401) unless it renews.
+            renew=version >= 2, expires_at=deadline if version >= 2 else None,
+        ))
+        session.start(keepalive=False)  # the relay-wide keepalive loop pings it (app.py)
+        log.info("tunnel.connected", host_id=host_id, peer=tunnel.peer, sub=subject)
+
+    # -- closing ---------------------------------------------------------------------------------
+    def request_close(self, code: int, reason: str, *, label: DisconnectReason | None = None,
                       patient: bool = True) -> None:
-        if closing:
+        if self._close_code is not None:
             return
-        closing.update(code=code, reason=reason, label=label)
-        state.tasks.spawn(TUNNEL_CLOSE, _close_socket(ws, code, reason, request.transport,
-                                                      patient=patient), f"tunnel-close:{host_id}")
+        self._close_code, self._close_reason, self._close_label = code, reason, label
+        self._close(code, reason, patient=patient)
 
-    def on_exhausted() -> None:
+    def _close(self, code: int, reason: str, *, patient: bool = True) -> None:
+        """Our CLOSE now; the wait for the agent's (bounded, then a hang-up) in a task of the
+        relay's, which drain and stop wait for."""
+        if self._closing:
+            return
+        self._closing = True
+        self.socket.send_close(code, reason_bytes(reason))
+        self.state.tasks.spawn(TUNNEL_CLOSE, _finish_close(self.socket, patient=patient),
+                               f"tunnel-close:{self.host_id}")
+
+    def _on_silence(self) -> None:
+        self.request_close(int(CloseCode.KEEPALIVE_MISSED), "keepalive missed")
+
+    def _on_backlog(self, why: str) -> None:
+        self.request_close(int(CloseCode.POLICY_VIOLATION), "tunnel peer not reading")
+
+    def _on_exhausted(self) -> None:
         # No id is left for a new stream: the session sent DRAIN so the agent comes back on a
         # fresh tunnel. It leaves once its streams are done; if not, the tunnel closes 4503.
-        session.spawn(_close_when_idle(session, request_close, state.config.tunnel),
-                      f"tunnel-exhausted:{host_id}")
+        self.session.spawn(_close_when_idle(self.session, self.request_close,
+                                            self.state.config.tunnel),
+                           f"tunnel-exhausted:{self.host_id}")
 
-    def on_flood(frame: str) -> None:
+    def _on_flood(self, frame: str) -> None:
         # A flooder is not owed a close handshake: every frame it sends meanwhile costs a read.
-        request_close(int(CloseCode.POLICY_VIOLATION), f"too many {frame} frames",
-                      label=DisconnectReason.CONTROL_FLOOD, patient=False)
+        self.request_close(int(CloseCode.POLICY_VIOLATION), f"too many {frame} frames",
+                           label=DisconnectReason.CONTROL_FLOOD, patient=False)
 
-    def on_renew(renew: Renew) -> None:
-        token = renew.token
-        if renewal and not renewal[-1].done():
+    def _on_renew(self, renew: Renew) -> None:
+        if self.renewal is not None and not self.renewal.done():
             # The agent gave up waiting and sent a newer one: only the latest is answered, so
             # one tunnel never has more than one check running.
-            renewal[-1].cancel()
-        renewal[:] = [session.spawn(_renew(state, tunnel, token), f"tunnel-renew:{host_id}")]
+            self.renewal.cancel()
+        self.renewal = self.session.spawn(_renew(self.state, self.tunnel, renew.token),
+                                          f"tunnel-renew:{self.host_id}")
 
-    session = TunnelSession(
-        WebSocketSink(ws),
-        state.settings,
-        role=Role.RELAY,
-        name=host_id,
-        version=version,
-        clock=state.clock,
-        on_silence=lambda: request_close(int(CloseCode.KEEPALIVE_MISSED), "keepalive missed"),
-        on_backlog=lambda why: request_close(int(CloseCode.POLICY_VIOLATION),
-                                             "tunnel peer not reading"),
-        on_renew=on_renew,
-        on_flood=on_flood,
-        on_exhausted=on_exhausted,
-    )
-    tunnel_config = state.config.tunnel
-    gate = StreamGate.build(tunnel_config.max_streams,
-                            per_subject=tunnel_config.max_streams_per_subject,
-                            max_queued=tunnel_config.max_queued,
-                            queue_timeout_s=tunnel_config.queue_timeout_s,
-                            observe=_queue_observer(state))
-    tunnel = Tunnel(host_id=host_id, session=session, peer=peer_address(request),
-                    subject=subject, close=request_close, gate=gate, epoch=epoch)
-    deadline = credential_deadline(state, auth.identity.expires_at)
-    tunnel.lease = state.leases.hold(subject, host_id, deadline, "tunnel", request_close)
-    replaced = state.registry.register(tunnel)
-    if replaced is not None:
-        log.info("tunnel.replaced", host_id=host_id, old_peer=replaced.peer, new_peer=tunnel.peer)
-        replaced.close(int(CloseCode.REPLACED), "replaced by a newer tunnel")
-    metrics.tunnels_connected.set(len(state.registry))
-    metrics.tunnel_connects_total.inc()
-    settings = state.settings
-    session.send_hello(Hello(
-        version=version, host_id=host_id, window=settings.window,
-        max_frame=settings.max_frame, max_streams=settings.max_streams,
-        ping_interval_s=settings.ping_interval_s, keepalive_misses=settings.keepalive_misses,
-        max_ws_message=settings.max_ws_message,
-        open_timeout_s=tunnel_config.open_timeout_s,
-        request_timeout_s=tunnel_config.request_timeout_s,
-        # What v2 adds: RENEW, and when this tunnel closes (4401) unless it renews.
-        renew=version >= 2, expires_at=deadline if version >= 2 else None,
-    ))
-    session.start(keepalive=False)  # the relay-wide keepalive loop pings it (app.py)
-    log.info("tunnel.connected", host_id=host_id, peer=tunnel.peer, sub=subject)
-    seen = DisconnectReason.AGENT_CLOSED
-    try:
-        async for msg in ws:
-            if msg.type is WSMsgType.BINARY:
-                session.feed(msg.data)
-            elif msg.type is WSMsgType.TEXT:
-                raise ProtocolViolation("text message on the tunnel")
-            elif msg.type is WSMsgType.ERROR:
-                seen = DisconnectReason.ERROR
-                break
-    except ProtocolViolation as exc:
-        seen = DisconnectReason.PROTOCOL_VIOLATION
-        log.warning("tunnel.protocol_violation", host_id=host_id, error=exc.message)
-        await _close_socket(ws, int(CloseCode.PROTOCOL_ERROR), fit_reason(exc.message),
-                            request.transport)
-    except LocalProtocolError as exc:
-        # Our own bug, not the agent's: 1011, and the traceback for whoever fixes it.
-        seen = DisconnectReason.INTERNAL_ERROR
-        log.error("tunnel.local_protocol_error", host_id=host_id, error=exc.message,
-                  exc_info=exc)
-        await _close_socket(ws, int(CloseCode.INTERNAL_ERROR), "internal error",
-                            request.transport)
-    finally:
-        # The handler is cancelled as soon as the agent's connection is gone (which our own
-        # close causes), so everything that must happen runs before the first await, and the
-        # asynchronous rest in a task the relay owns, which a cancelled handler cannot cut short.
+    # -- the socket's reports (SocketOwner) ------------------------------------------------------
+    def received(self, data: bytes) -> None:
+        try:
+            self.session.feed(data)
+        except ProtocolViolation as exc:
+            self._violation(exc.message)
+        except LocalProtocolError as exc:
+            # Our own bug, not the agent's: 1011, and the traceback for whoever fixes it.
+            self._seen = DisconnectReason.INTERNAL_ERROR
+            log.error("tunnel.local_protocol_error", host_id=self.host_id, error=exc.message,
+                      exc_info=exc)
+            self._close(int(CloseCode.INTERNAL_ERROR), "internal error")
+
+    def received_text(self) -> None:
+        self._violation("text message on the tunnel")
+
+    def _violation(self, message: str) -> None:
+        self._seen = DisconnectReason.PROTOCOL_VIOLATION
+        log.warning("tunnel.protocol_violation", host_id=self.host_id, error=message)
+        self._close(int(CloseCode.PROTOCOL_ERROR), fit_reason(message))
+
+    def ended(self, error: bool) -> None:
+        if error:
+            self._seen = DisconnectReason.ERROR
+            self._closing = True  # the socket sent its CLOSE and hung up itself
+        # Not from inside the socket's callback (a feed may be on the stack): next iteration.
+        asyncio.get_running_loop().call_soon(self._disconnect)
+
+    def _disconnect(self) -> None:
+        """The tunnel is over: everything that must happen, now; the asynchronous rest in a
+        task the relay owns."""
+        if self._over:
+            return
+        self._over = True
+        state, session, tunnel = self.state, self.session, self.tunnel
+        metrics = state.metrics
         session.fail_all(int(CloseCode.TUNNEL_GONE), "the host's tunnel went away")
-        gate.close()
+        self.gate.close()
         state.leases.end(tunnel.lease)
         still_current = state.registry.unregister(tunnel)
         metrics.tunnels_connected.set(len(state.registry))
-        why = _reason_label(closing, seen)
+        why = _reason_label(self._close_code, self._close_label, self._seen)
         metrics.tunnel_disconnects_total.labels(reason=why).inc()
         if why is DisconnectReason.CONTROL_FLOOD:
-            _strike_flood(state, subject)
-        log.info("tunnel.disconnected", host_id=host_id, peer=tunnel.peer, reason=str(why),
-                 close_reason=str(closing.get("reason", "")), replaced=not still_current)
-        release = state.tasks.spawn(TUNNEL_RELEASE,
-                                    _release(state, session, host_id, epoch, still_current),
-                                    f"tunnel-release:{host_id}")
-        await asyncio.shield(release)
-    return ws
+            _strike_flood(state, tunnel.subject)
+        log.info("tunnel.disconnected", host_id=self.host_id, peer=tunnel.peer, reason=str(why),
+                 close_reason=self._close_reason, replaced=not still_current)
+        state.tasks.spawn(TUNNEL_RELEASE,
+                          _release(state, session, self.host_id, self.epoch, still_current),
+                          f"tunnel-release:{self.host_id}")
 
 
 async def _close_when_idle(session: TunnelSession, close: Callable[[int, str], None],
@@ -340,13 +433,18 @@ async def _renew(state: RelayState, tunnel: Tunnel, token: str) -> None:
              expires_in_s=round(deadline - time.time(), 1))
 
 
+async def _unregister(state: RelayState, host_id: str, epoch: str) -> None:
+    if state.directory is not None:
+        await state.directory.unregister(host_id, epoch)
+
+
 async def _release(
     state: RelayState, session: TunnelSession, host_id: str, epoch: str, still_current: bool
 ) -> None:
     """Stop the session's tasks and, if this tunnel was still current, its directory entry."""
     await session.close(int(CloseCode.TUNNEL_GONE), "the host's tunnel went away")
-    if still_current and state.directory is not None:
-        await state.directory.unregister(host_id, epoch)
+    if still_current:
+        await _unregister(state, host_id, epoch)
 
 
 _REASON_BY_CODE = {
@@ -360,39 +458,29 @@ _REASON_BY_CODE = {
 }
 
 
-def _reason_label(closing: dict[str, object], fallback: DisconnectReason) -> DisconnectReason:
+def _reason_label(code: int | None, label: DisconnectReason | None,
+                  fallback: DisconnectReason) -> DisconnectReason:
     """Why the tunnel ended: the label its closer gave, else its close code's, else ``fallback``
-    (what the read loop saw when nobody on this side closed it)."""
-    label = closing.get("label")
-    if isinstance(label, DisconnectReason):
+    (what the socket saw when nobody on this side closed it)."""
+    if label is not None:
         return label
-    if not closing:
+    if code is None:
         return fallback
-    code = closing.get("code")
-    return _REASON_BY_CODE.get(code if isinstance(code, int) else -1, DisconnectReason.OTHER)
+    return _REASON_BY_CODE.get(code, DisconnectReason.OTHER)
 
 
-async def _close_socket(
-    ws: web.WebSocketResponse, code: int, reason: str, transport: asyncio.Transport | None,
-    *, patient: bool = True,
-) -> None:
-    """Close with a code, but never wait on a peer that may be gone for good.
+async def _finish_close(socket: TunnelSocket, *, patient: bool) -> None:
+    """After our CLOSE: wait for the agent's, but never on a peer that may be gone for good.
 
-    ``patient=False``: send the close frame and drop the connection at once.
+    ``patient=False``: drop the connection at once.
     """
     clean = False
     try:
-        if not patient:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.send_frame(
-                    code.to_bytes(2, "big") + reason_bytes(reason), WSMsgType.CLOSE), 0.1)
-            return
-        await asyncio.wait_for(ws.close(code=code, message=reason_bytes(reason)),
-                               CLOSE_TIMEOUT_S)
-        clean = True
-    except Exception:
+        if patient:
+            clean = await asyncio.wait_for(socket.wait_closed(), CLOSE_TIMEOUT_S)
+    except TimeoutError:
         pass
     finally:
         # On a black-holed path the close handshake never completes: drop the socket.
-        if not clean and transport is not None and not transport.is_closing():
-            transport.abort()
+        if not clean:
+            socket.abort()

@@ -17,6 +17,7 @@ segment, which the relay reads in one go (bench W0).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import struct
 from collections.abc import Awaitable, Callable, Sequence
@@ -54,6 +55,24 @@ def message_header(size: int, mask_bit: int = 0) -> bytes:
     return _LEN64.pack(_BINARY_FIN, 127 | mask_bit, size)
 
 
+def write_messages(transport: asyncio.WriteTransport, frames: Sequence[bytes]) -> None:
+    """Each frame as one unmasked binary message (a server's side), in one transport write."""
+    parts: list[bytes | bytearray] = []
+    size = 0
+    for frame in frames:
+        parts += (message_header(len(frame)), frame)
+        size += len(frame)
+    _write_parts(transport, parts, size)
+
+
+def _write_parts(transport: asyncio.WriteTransport, parts: list[bytes | bytearray],
+                 size: int) -> None:
+    if size < JOIN_BELOW:
+        transport.write(b"".join(parts))
+    else:
+        transport.writelines(parts)
+
+
 class WebSocketSink:
     """Binary messages straight onto an open aiohttp WebSocket (server or client side)."""
 
@@ -75,23 +94,18 @@ class WebSocketSink:
         if self._writer._closing or transport.is_closing():
             # What aiohttp's own send raises: nothing may follow our close frame.
             raise ConnectionResetError("Cannot write to closing transport")
+        if not self._use_mask:
+            write_messages(transport, frames)
+            return not self._protocol.writing_paused
         parts: list[bytes | bytearray] = []
         size = 0
-        if self._use_mask:
-            for frame in frames:
-                key = _MASK_KEY.pack(self._random_bits())
-                masked = bytearray(frame)
-                websocket_mask(key, masked)
-                parts += (message_header(len(frame), _MASK_BIT), key, masked)
-                size += len(frame)
-        else:
-            for frame in frames:
-                parts += (message_header(len(frame)), frame)
-                size += len(frame)
-        if size < JOIN_BELOW:
-            transport.write(b"".join(parts))
-        else:
-            transport.writelines(parts)
+        for frame in frames:
+            key = _MASK_KEY.pack(self._random_bits())
+            masked = bytearray(frame)
+            websocket_mask(key, masked)
+            parts += (message_header(len(frame), _MASK_BIT), key, masked)
+            size += len(frame)
+        _write_parts(transport, parts, size)
         return not self._protocol.writing_paused
 
     async def drain(self) -> None:

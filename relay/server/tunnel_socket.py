@@ -1,0 +1,329 @@
+"""The relay's side of an agent's tunnel WebSocket once the relay took it over from aiohttp.
+
+Served by aiohttp, an idle tunnel kept its whole HTTP machinery alive: the request handler and
+its parser, the parsed upgrade request, the handler's tasks and the coroutine frames of the
+middleware chain, the WebSocketResponse with its reader queue and parser: about half of an idle
+tunnel's memory (bench W4). After an *authorized* upgrade :func:`relay.server.tunnels.take_over`
+writes the ``101`` itself and moves the transport to a :class:`TunnelSocket`. Frames are parsed
+in :meth:`TunnelSocket.data_received` and every binary message goes synchronously to the
+socket's owner (the tunnel's session): no reader task, no queue.
+
+What it keeps of aiohttp's server WebSocket (tests/test_tunnel_socket.py pins it):
+
+- a PING is answered with a PONG carrying its payload; a PONG is ignored;
+- fragments are joined into one message; a message reaching ``max_message`` bytes is 1009,
+  refused from its frame header, before its payload is buffered;
+- bad framing is 1002: reserved bits (no extension is negotiated), an unknown opcode, a
+  control frame fragmented or over 125 bytes, a continuation with no message begun, a new
+  message inside a fragmented one, a malformed close payload, and a client frame that is not
+  masked (RFC 6455 5.1: the server must close; aiohttp let those through);
+- the peer's CLOSE is answered with 1000 and the connection closed; after our own CLOSE
+  nothing but the peer's CLOSE is read, and the caller bounds the wait for it;
+- it is the session's :class:`relay.tunnel.sink.FrameSink`: a batch of frames leaves in one
+  transport write, unmasked, one FIN binary message per frame; ``pause_writing`` makes
+  :meth:`TunnelSocket.write` answer False and the session wait in :meth:`TunnelSocket.drain`
+  (so its write-stall verdict, 1008 "not reading", still sees a peer that stops reading).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import struct
+from collections.abc import Sequence
+from typing import Protocol
+
+from aiohttp._websocket.helpers import websocket_mask
+
+from relay.errors import CloseCode
+from relay.tunnel.sink import write_messages
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_DATA_OPCODES = frozenset((CONTINUATION, TEXT, BINARY))
+_CONTROL_OPCODES = frozenset((CLOSE, PING, PONG))
+MAX_CONTROL_PAYLOAD = 125
+_LEN64 = struct.Struct("!BBQ")
+_CODE = struct.Struct("!H")
+# Close codes a peer may send (RFC 6455 7.4): the defined ones and the registered/private
+# ranges; 1005, 1006 and 1015 must never appear on the wire.
+_PEER_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012,
+                               1013, 1014))
+
+
+def accept_key(key: str) -> str:
+    """``Sec-WebSocket-Accept`` for a client's ``Sec-WebSocket-Key`` (RFC 6455 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.encode("latin-1") + WS_GUID).digest()).decode()
+
+
+def switching_protocols(key: str) -> bytes:
+    """The whole ``101`` answer: no subprotocol, no extension (no compression), as before."""
+    return ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n"
+            f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n").encode("latin-1")
+
+
+class SocketOwner(Protocol):
+    """Who the socket reports to (the tunnel)."""
+
+    def received(self, data: bytes) -> None:
+        """One whole binary message."""
+
+    def received_text(self) -> None:
+        """A text message (which the tunnel protocol does not allow)."""
+
+    def ended(self, error: bool) -> None:
+        """Nothing more will be read (called once): the peer's CLOSE, our own CLOSE or the
+        connection lost (``error`` False), or framing the socket refused (True)."""
+
+
+class FramingError(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class TunnelSocket(asyncio.Protocol):
+    """One tunnel WebSocket, server side, on a transport taken from aiohttp."""
+
+    __slots__ = ("_buffer", "_close_waiter", "_closing", "_drain_waiter", "_ended",
+                 "_fragments", "_fragments_size", "_lost", "_max_message", "_paused",
+                 "_peer_closed", "_sockets", "_stopped", "_text", "owner", "transport")
+
+    def __init__(self, transport: asyncio.Transport, owner: SocketOwner, *, max_message: int,
+                 sockets: set[TunnelSocket] | None = None) -> None:
+        self.transport = transport
+        self.owner = owner
+        self._max_message = max_message
+        self._sockets = sockets
+        self._buffer: bytearray | None = None  # an incomplete frame (none, mostly)
+        self._fragments: list[bytearray] | None = None  # a fragmented message being joined
+        self._fragments_size = 0
+        self._text = False
+        self._closing = False  # our CLOSE was sent: nothing more may be written
+        self._peer_closed = False
+        self._ended = False  # the owner was told nothing more will be read
+        self._stopped = False  # nothing more is parsed: the peer's CLOSE, bad framing, or lost
+        self._lost = False
+        self._paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._close_waiter: asyncio.Future[bool] | None = None
+        if sockets is not None:
+            sockets.add(self)
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        buffer = self._buffer
+        if buffer is not None:
+            buffer += data
+            used = self._parse(buffer)
+            if self._buffer is buffer:  # not dropped meanwhile
+                del buffer[:used]
+                if not buffer:
+                    self._buffer = None
+            return
+        used = self._parse(data)
+        if used < len(data) and not self._stopped:
+            self._buffer = bytearray(memoryview(data)[used:])
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes itself; connection_lost follows
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._lost = self._stopped = True
+        self._buffer = self._fragments = None
+        if self._sockets is not None:
+            self._sockets.discard(self)
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("the tunnel's connection is gone"))
+        self._wake_closer()
+        self._end(error=False)
+
+    # -- reading --------------------------------------------------------------------------------
+    def _parse(self, data: bytes | bytearray) -> int:
+        """Handle every whole frame in ``data``; returns how many bytes were used."""
+        pos, size = 0, len(data)
+        try:
+            while not self._stopped and size - pos >= 2:
+                first, second = data[pos], data[pos + 1]
+                length = second & 0x7F
+                head = 2
+                if length == 126:
+                    if size - pos < 4:
+                        break
+                    length = _CODE.unpack_from(data, pos + 2)[0]
+                    head = 4
+                elif length == 127:
+                    if size - pos < 10:
+                        break
+                    length = _LEN64.unpack_from(data, pos)[2]
+                    head = 10
+                opcode = first & 0x0F
+                self._check_header(first, second, opcode, length)
+                end = pos + head + 4 + length
+                if end > size:
+                    break
+                key = bytes(data[pos + head:pos + head + 4])
+                payload = bytearray(memoryview(data)[pos + head + 4:end])
+                if length:
+                    websocket_mask(key, payload)
+                pos = end
+                self._frame(first & 0x80 != 0, opcode, payload)
+        except FramingError as exc:
+            self._buffer = self._fragments = None
+            self._refuse(exc.code)
+            return size
+        return pos
+
+    def _check_header(self, first: int, second: int, opcode: int, length: int) -> None:
+        if first & 0x70:
+            raise FramingError(int(CloseCode.PROTOCOL_ERROR), "reserved bits set")
+        if not second & 0x80:
+            raise FramingError(int(CloseCode.PROTOCOL_ERROR), "client frame not masked")
+        if opcode in _CONTROL_OPCODES:
+            if not first & 0x80 or length > MAX_CONTROL_PAYLOAD:
+                raise FramingError(int(CloseCode.PROTOCOL_ERROR), "bad control frame")
+        elif opcode not in _DATA_OPCODES:
+            raise FramingError(int(CloseCode.PROTOCOL_ERROR), f"unknown opcode {opcode}")
+        elif length >= self._max_message - self._fragments_size:
+            raise FramingError(int(CloseCode.MESSAGE_TOO_BIG), "message too big")
+
+    def _frame(self, fin: bool, opcode: int, payload: bytearray) -> None:
+        if opcode == PING:
+            if not self._closing and not self.transport.is_closing():
+                self._write_control(PONG, payload)
+            return
+        if opcode == PONG:
+            return
+        if opcode == CLOSE:
+            self._close_received(payload)
+            return
+        fragments = self._fragments
+        if opcode == CONTINUATION:
+            if fragments is None:
+                raise FramingError(int(CloseCode.PROTOCOL_ERROR), "continuation of nothing")
+            fragments.append(payload)
+            self._fragments_size += len(payload)
+            if not fin:
+                return
+            message: bytes = b"".join(fragments)
+            text = self._text
+            self._fragments, self._fragments_size = None, 0
+        else:
+            if fragments is not None:
+                raise FramingError(int(CloseCode.PROTOCOL_ERROR), "message inside a message")
+            if not fin:
+                self._fragments, self._fragments_size = [payload], len(payload)
+                self._text = opcode == TEXT
+                return
+            message, text = bytes(payload), opcode == TEXT
+        if self._closing:
+            return  # after our CLOSE, messages are dropped unread until the peer's CLOSE
+        if text:
+            self.owner.received_text()
+        else:
+            self.owner.received(message)
+
+    def _close_received(self, payload: bytearray) -> None:
+        if len(payload) == 1 or (len(payload) >= 2 and not _valid_peer_code(
+                _CODE.unpack_from(payload)[0])):
+            raise FramingError(int(CloseCode.PROTOCOL_ERROR), "bad close frame")
+        self._peer_closed = self._stopped = True
+        if not self._closing:
+            self._send_close(int(CloseCode.NORMAL), b"")  # the answer, as aiohttp's autoclose
+        self.transport.close()  # the handshake is complete; what is buffered still leaves
+        self._wake_closer()
+        self._end(error=False)
+
+    def _refuse(self, code: int) -> None:
+        """Framing the socket refuses: close with ``code`` (no reason) and hang up without
+        waiting for the peer's CLOSE, as aiohttp did: the stream cannot be parsed any further."""
+        self._stopped = True
+        if not self._closing:
+            self._send_close(code, b"")
+        self.transport.close()
+        self._end(error=True)
+
+    def _end(self, *, error: bool) -> None:
+        if not self._ended:
+            self._ended = True
+            self.owner.ended(error)
+
+    # -- writing --------------------------------------------------------------------------------
+    def _write_control(self, opcode: int, payload: bytes | bytearray) -> None:
+        """A PONG or CLOSE: FIN, unmasked, at most 125 bytes (so a one-byte length)."""
+        self.transport.write(bytes((0x80 | opcode, len(payload))) + payload)
+
+    def _check_open(self) -> None:
+        if self._closing or self.transport.is_closing():
+            raise ConnectionResetError("Cannot write to closing transport")
+
+    def write(self, frames: Sequence[bytes]) -> bool:
+        """Each frame as one binary message, in one write (a FrameSink); False when the socket
+        is full: the session waits for :meth:`drain` before it writes more."""
+        self._check_open()
+        write_messages(self.transport, frames)
+        return not self._paused
+
+    async def drain(self) -> None:
+        """Wait until the socket takes more (returns at once when it does)."""
+        if self._lost:
+            raise ConnectionResetError("the tunnel's connection is gone")
+        if not self._paused:
+            return
+        waiter = self._drain_waiter
+        if waiter is None:
+            waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
+        await asyncio.shield(waiter)
+
+    # -- closing --------------------------------------------------------------------------------
+    def _send_close(self, code: int, reason: bytes) -> None:
+        self._closing = True
+        if not self.transport.is_closing():
+            self._write_control(CLOSE, _CODE.pack(code) + reason)
+
+    def send_close(self, code: int, reason: bytes) -> None:
+        """Send our CLOSE now (once); nothing is read or written after it but the peer's."""
+        if not self._closing:
+            self._send_close(code, reason)
+        self._end(error=False)
+
+    async def wait_closed(self) -> bool:
+        """After :meth:`send_close`: wait for the peer's CLOSE (True) or the connection's end
+        (False). Unbounded: the caller bounds it and aborts."""
+        if self._peer_closed or self._lost:
+            return self._peer_closed
+        waiter = self._close_waiter
+        if waiter is None:
+            waiter = self._close_waiter = asyncio.get_running_loop().create_future()
+        return await asyncio.shield(waiter)
+
+    def _wake_closer(self) -> None:
+        waiter, self._close_waiter = self._close_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(self._peer_closed)
+
+    def abort(self) -> None:
+        """Drop the connection at once (connection_lost follows)."""
+        if not self._lost:
+            self.transport.abort()
+
+    @property
+    def closed(self) -> bool:
+        return self._lost or self.transport.is_closing()
+
+
+def _valid_peer_code(code: int) -> bool:
+    return code in _PEER_CLOSE_CODES or 3000 <= code <= 4999
