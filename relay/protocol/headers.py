@@ -56,22 +56,38 @@ def _connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
     return tokens
 
 
+# HOP_BY_HOP plus each ``extra`` set callers pass (a handful of constants): every proxied
+# request strips headers, and building the union each time cost more than the stripping.
+_DROP: dict[frozenset[str], frozenset[str]] = {}
+
+
 def strip_hop_by_hop(
     headers: Iterable[tuple[str, str]], *, extra: frozenset[str] = frozenset()
 ) -> Headers:
     """Drop hop-by-hop fields (and Proxy-*), anything listed in Connection, and ``extra`` names."""
     items = list(headers)
-    drop = HOP_BY_HOP | _connection_tokens(items) | extra
-    return [
-        (n, v) for n, v in items
-        if n.lower() not in drop and not n.lower().startswith(HOP_BY_HOP_PREFIX)
-    ]
+    drop = _DROP.get(extra)
+    if drop is None:
+        drop = _DROP[extra] = HOP_BY_HOP | extra
+    lowered = [n.lower() for n, _ in items]
+    if "connection" in lowered:
+        drop = drop | _connection_tokens(items)
+    return [item for item, lower in zip(items, lowered, strict=True)
+            if lower not in drop and not lower.startswith(HOP_BY_HOP_PREFIX)]
 
 
 def is_client_identity(name: str) -> bool:
     """A client-supplied identity or original-URL header (see :data:`CLIENT_IDENTITY`)."""
-    lower = name.lower()
+    return _is_identity(name.lower())
+
+
+def _is_identity(lower: str) -> bool:
     return lower in CLIENT_IDENTITY or lower.startswith(CLIENT_IDENTITY_PREFIX)
+
+
+_TO_CLIENT = frozenset({"content-length"})
+_TO_HOST_HTTP = CLIENT_CREDENTIALS | EDGE_HANDLED | {"host"}
+_TO_HOST_WS = _TO_HOST_HTTP | WS_HANDSHAKE
 
 
 def request_headers_for_host(
@@ -93,14 +109,14 @@ def request_headers_for_host(
     ``X-Real-IP``, ``X-Forwarded-Port`` etc. through; the relay's own forwarding headers are
     set last either way.
     """
-    extra = (CLIENT_CREDENTIALS | EDGE_HANDLED | (WS_HANDSHAKE if websocket else frozenset())
-             | {"host"})
-    out = [
-        (n, v) for n, v in strip_session_cookie(strip_hop_by_hop(headers, extra=extra))
-        if not n.lower().startswith(RELAY_INTERNAL_PREFIX)
-        and n.lower() not in RELAY_SET
-        and (keep_client_identity or not is_client_identity(n))
-    ]
+    extra = _TO_HOST_WS if websocket else _TO_HOST_HTTP
+    out = []
+    for name, value in strip_session_cookie(strip_hop_by_hop(headers, extra=extra)):
+        lower = name.lower()
+        if (lower.startswith(RELAY_INTERNAL_PREFIX) or lower in RELAY_SET
+                or (not keep_client_identity and _is_identity(lower))):
+            continue
+        out.append((name, value))
     # A chain from a trusted reverse proxy is extended; otherwise the client cannot forge one.
     chain = [p for p in (prior_forwarded_for, client_ip) if p]
     out.append(("X-Forwarded-For", ", ".join(chain)))
@@ -134,7 +150,7 @@ def response_headers_for_client(
 
     With ``prefix``, the host's cookies and redirects are kept under it (relay.protocol.hostpaths).
     """
-    out = strip_hop_by_hop(headers, extra=frozenset({"content-length"}))
+    out = strip_hop_by_hop(headers, extra=_TO_CLIENT)
     return rewrite_for_client(out, prefix, public_origin) if prefix else out
 
 

@@ -23,6 +23,10 @@ Headers = tuple[tuple[str, str], ...]
 # RFC 9110 token: a header name or method.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
+_FORBIDDEN_IN_PATH = re.compile(r"[\r\n\x00 ]")
+_FORBIDDEN_IN_QUERY = re.compile(r"[\r\n\x00 #]")
+# One encoder for every frame: json.dumps with separators builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 KINDS = ("http", "ws")
 
 
@@ -108,7 +112,7 @@ def _headers(body: dict[str, Any], what: str) -> Headers:
 
 
 def _encode(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
+    return _ENCODER.encode(body).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,10 +202,10 @@ class Open:
         if not _TOKEN.match(method):
             raise ProtocolViolation("OPEN method is not a token")
         path = _str(body, "path", "OPEN", "/")
-        if not path.startswith("/") or re.search(r"[\r\n\x00 ]", path):
+        if not path.startswith("/") or _FORBIDDEN_IN_PATH.search(path):
             raise ProtocolViolation("OPEN path must start with / and hold no space, CR, LF, NUL")
         query = _str(body, "query", "OPEN", "")
-        if re.search(r"[\r\n\x00 #]", query):
+        if _FORBIDDEN_IN_QUERY.search(query):
             raise ProtocolViolation("OPEN query holds a space, #, CR, LF or NUL")
         raw_protocols = body.get("protocols") or []
         if not isinstance(raw_protocols, list) or not all(
@@ -213,7 +217,7 @@ class Open:
     def encode(self) -> bytes:
         body: dict[str, Any] = {"kind": self.kind, "method": self.method, "path": self.path,
                                 "query": self.query,
-                                "headers": [list(pair) for pair in self.headers]}
+                                "headers": list(self.headers)}  # tuples encode as arrays
         if self.kind == "ws":
             body["protocols"] = list(self.protocols)
         return _encode(body)
@@ -251,7 +255,7 @@ class Head:
         if self.reason:
             body["reason"] = self.reason
         if self.headers:
-            body["headers"] = [list(pair) for pair in self.headers]
+            body["headers"] = list(self.headers)  # tuples encode as arrays
         if self.protocol is not None or self.status == 101:
             body["protocol"] = self.protocol
         return _encode(body)
