@@ -24,6 +24,7 @@ from relay.config import load_config
 from relay.devhost import pattern_bytes
 from relay.errors import CloseCode
 from relay.metrics import Metrics
+from relay.protocol.frames import MAX_STREAM_ID
 from relay.protocol.messages import Open
 from relay.server.drain import drain
 from relay.server.peerlink import OWNER_CACHE_S, PeerLinks
@@ -466,3 +467,15 @@ async def test_a_draining_entry_closes_the_channels_it_forwards_4503(
             msg = await ws.receive(timeout=5)
             assert msg.type is aiohttp.WSMsgType.CLOSE
             assert ws.close_code == CloseCode.DRAINING
+
+
+async def test_a_link_out_of_stream_ids_is_replaced_and_retired_once_idle(fleet: Fleet) -> None:
+    """Stream ids are never reused: a link that has used them all hands over to a new one."""
+    await _routable(fleet, OWNED)
+    old = _link_to_a(fleet)
+    opened = fleet.links().opened
+    old.mux.next_stream_id = MAX_STREAM_ID + 2  # as after 2^30 streams
+    async with fleet.client.get(fleet.url(fleet.b, OWNED, "/small"), headers=fleet.auth()) as r:
+        assert r.status == 200
+    assert fleet.links().opened == opened + 1 and _link_to_a(fleet) is not old
+    await eventually(lambda: not old.alive)  # it had no stream left: closed at once

@@ -18,7 +18,7 @@ import dataclasses
 from typing import Any
 
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from relay.aio import cancel_and_wait
 from relay.errors import (
@@ -42,6 +42,7 @@ from relay.server.registry import Tunnel
 from relay.server.state import STATE, TUNNEL_RELEASE, RelayState
 from relay.server.tunnels import CLOSE_TIMEOUT_S, peer_address
 from relay.tracing import Tracing, trace_headers, with_trace_headers
+from relay.tunnel.feed import close_ws, feed_from
 from relay.tunnel.session import Channel, ChannelClosed, Role, SessionSettings
 from relay.tunnel.sink import WebSocketSink
 from relay.tunnel.splice import SplicedChannel, SplicingSession, copy_body, copy_messages
@@ -96,7 +97,7 @@ async def _serve_link(state: RelayState, ws: web.WebSocketResponse, origin: str,
 
     def close(code: int, reason: str) -> None:
         if not closing:
-            closing.append(state.tasks.spawn(TUNNEL_RELEASE, _close(ws, code, reason),
+            closing.append(state.tasks.spawn(TUNNEL_RELEASE, close_ws(ws, code, reason),
                                              f"peer-link-close:{origin}"))
 
     def on_open(channel: Channel, head: Open) -> None:
@@ -117,14 +118,8 @@ async def _serve_link(state: RelayState, ws: web.WebSocketResponse, origin: str,
     session.start()
     reason = "closed"
     try:
-        async for msg in ws:
-            if msg.type is WSMsgType.BINARY:
-                session.feed(msg.data)
-            elif msg.type is WSMsgType.TEXT:
-                raise ProtocolViolation("text message on a peer link")
-            elif msg.type is WSMsgType.ERROR:
-                reason = "error"
-                break
+        if await feed_from(ws, session, "a peer link"):
+            reason = "error"
     except ProtocolViolation as exc:
         reason = "protocol_violation"
         log.warning("peer.link_protocol_violation", origin=origin, error=exc.message)
@@ -141,14 +136,9 @@ async def _serve_link(state: RelayState, ws: web.WebSocketResponse, origin: str,
     return ws
 
 
-async def _close(ws: Any, code: int, reason: str) -> None:
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT_S)
-
-
 async def close_answered_links(state: RelayState) -> None:
     """Stopping: every link other relays opened to this one is closed (1001), bounded."""
-    await asyncio.gather(*(_close(ws, int(CloseCode.GOING_AWAY), "relay stopping")
+    await asyncio.gather(*(close_ws(ws, int(CloseCode.GOING_AWAY), "relay stopping")
                            for ws in list(state.answered_links)))
 
 

@@ -13,7 +13,6 @@ forward (relay.server.forward): :meth:`PeerLinks.session_for` answers None.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 from functools import partial
@@ -33,6 +32,7 @@ from relay.protocol.messages import Hello
 from relay.server.peers import LINK_PATH, sign_link
 from relay.server.state import RelayState
 from relay.server.tunnels import CLOSE_TIMEOUT_S
+from relay.tunnel.feed import close_ws, feed_from
 from relay.tunnel.session import Role, SessionSettings, TunnelSession
 from relay.tunnel.sink import WebSocketSink
 
@@ -156,7 +156,7 @@ class PeerLinks:
             self._failed(owner_url, LinkOpen.UNREACHABLE, error=type(exc).__name__)
             return None
         if self._closed:
-            await _close_ws(ws, int(CloseCode.GOING_AWAY), "relay stopping")
+            await close_ws(ws, int(CloseCode.GOING_AWAY), "relay stopping")
             return None
         link = PeerLink(owner_url, TunnelSession(
             WebSocketSink(ws), settings, role=Role.RELAY, name=f"peer-link:{owner_url}",
@@ -194,18 +194,12 @@ class PeerLinks:
         unreachable owner) and the next forward opens a new one."""
         reason = "closed"
         try:
-            async for msg in link.ws:
-                if msg.type is aiohttp.WSMsgType.BINARY:
-                    link.session.feed(msg.data)
-                elif msg.type is aiohttp.WSMsgType.TEXT:
-                    raise ProtocolViolation("text message on a peer link")
-                elif msg.type is aiohttp.WSMsgType.ERROR:
-                    reason = "error"
-                    break
+            if await feed_from(link.ws, link.session, "a peer link"):
+                reason = "error"
         except ProtocolViolation as exc:
             reason = "protocol_violation"
             log.warning("peer.link_protocol_violation", owner=link.owner_url, error=exc.message)
-            await _close_ws(link.ws, int(CloseCode.PROTOCOL_ERROR), "protocol violation")
+            await close_ws(link.ws, int(CloseCode.PROTOCOL_ERROR), "protocol violation")
         finally:
             link.session.fail_all(int(CloseCode.TUNNEL_GONE), "the peer link closed")
             if self._links.get(link.owner_url) is link:
@@ -213,15 +207,14 @@ class PeerLinks:
             self._state.metrics.peer_links.labels(side=PeerSide.ENTRY).dec()
             log.info("peer.link_down", side=str(PeerSide.ENTRY), owner=link.owner_url,
                      reason=reason, close_code=link.ws.close_code)
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(link.session.close())
+            await asyncio.shield(link.session.close())
 
     def _close_soon(self, link: PeerLink, code: int, reason: str) -> None:
-        self._tasks.spawn(_close_ws(link.ws, code, reason), f"peer-link-close:{link.owner_url}")
+        self._tasks.spawn(close_ws(link.ws, code, reason), f"peer-link-close:{link.owner_url}")
 
     async def _retire(self, link: PeerLink) -> None:
         await link.session.wait_idle(self._state.config.tunnel.request_timeout_s)
-        await _close_ws(link.ws, int(CloseCode.NORMAL), "stream ids exhausted")
+        await close_ws(link.ws, int(CloseCode.NORMAL), "stream ids exhausted")
 
     def fail_all(self, code: int, reason: str) -> None:
         """End every stream of every link now (a drain's end: 4503 to forwarded channels)."""
@@ -235,13 +228,8 @@ class PeerLinks:
         links = list(self._links.values())
         for link in links:
             link.session.fail_all(int(CloseCode.GOING_AWAY), "relay stopping")
-        await asyncio.gather(*(_close_ws(link.ws, int(CloseCode.GOING_AWAY), "relay stopping")
+        await asyncio.gather(*(close_ws(link.ws, int(CloseCode.GOING_AWAY), "relay stopping")
                                for link in links))
         await self._tasks.cancel()
         for link in links:
             await link.session.close()
-
-
-async def _close_ws(ws: aiohttp.ClientWebSocketResponse, code: int, reason: str) -> None:
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT_S)
