@@ -702,3 +702,43 @@ async def test_wait_head_is_bounded_and_wakes_on_the_head_or_the_end(link: Link)
     assert await asyncio.wait_for(waiting, 5)
     with pytest.raises(ChannelClosed):
         ended.head.result()
+
+
+async def test_whole_messages_go_to_deliver_while_the_reader_waits(link: Link) -> None:
+    """Offered in the tunnel's read, in order; refused ones come back from read_message and
+    the messages after them wait behind it; fragments are always the reader's to join."""
+    relay_ch = link.relay.open_channel(Open("ws"))
+    agent_ch, _ = await link.accept()
+    delivered: list[tuple[bytes, bool]] = []
+    accepting = True
+
+    def deliver(data: bytes, text: bool) -> bool:
+        if accepting:
+            delivered.append((data, text))
+        return accepting
+
+    reading = asyncio.ensure_future(agent_ch.read_message(deliver))
+    # Several windows' worth: the writes complete only if credit goes back as each message is
+    # handed on (nobody reads them).
+    count = 4 * SMALL.window // WS_FRAME_COST
+    for n in range(count):
+        await asyncio.wait_for(relay_ch.write(b"m%d" % n, text=n % 2 == 0, message=True), 5)
+    await eventually(lambda: len(delivered) == count)
+    assert delivered == [(b"m%d" % n, n % 2 == 0) for n in range(count)]
+    assert not reading.done()  # never woken for them
+    accepting = False
+    await relay_ch.write(b"refused", message=True)
+    assert await asyncio.wait_for(reading, 5) == (b"refused", False)
+    accepting = True
+    for n in range(3):
+        await relay_ch.write(b"after %d" % n, message=True)
+    await settle()
+    assert len(delivered) == count  # the reader is not waiting: they queue for it, in order
+    for n in range(3):
+        assert await asyncio.wait_for(agent_ch.read_message(deliver), 5) == (b"after %d" % n,
+                                                                              False)
+    big = b"f" * (3 * link.relay.settings.max_frame)  # crosses as MORE fragments
+    sending = asyncio.ensure_future(relay_ch.write(big, message=True))
+    assert await asyncio.wait_for(agent_ch.read_message(deliver), 5) == (big, False)
+    await sending
+    assert len(delivered) == count

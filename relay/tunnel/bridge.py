@@ -17,6 +17,7 @@ from relay.aio import cancel_and_wait
 from relay.errors import CloseCode, ProtocolViolation, sendable_close_code
 from relay.protocol.close import reason_bytes
 from relay.tunnel.session import Channel, ChannelClosed
+from relay.tunnel.sink import WebSocketSink
 
 CLOSE_TIMEOUT_S = 2.0
 
@@ -69,10 +70,20 @@ async def bridge(
                 break
         channel.close(sendable_close_code(code if code is not None else ws.close_code), reason)
 
+    direct = WebSocketSink(ws)
+
+    def deliver(data: bytes, text: bool) -> bool:
+        # A message that arrives while the socket can take it goes out from the tunnel's read
+        # (no wake-up of this direction's task); a full or closing socket takes the waiting way.
+        if direct.try_message(data, text):
+            on_inbound(len(data))
+            return True
+        return False
+
     async def channel_to_socket() -> None:
         try:
             while True:
-                message = await channel.read_message()
+                message = await channel.read_message(deliver)
                 if message is None:
                     await _close(ws, int(CloseCode.NORMAL), "")
                     return

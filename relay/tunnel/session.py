@@ -121,7 +121,8 @@ class Channel(Stream):
     """One stream of a session, as seen by the code serving it: the mux's stream state plus
     the waits (data to read, credit to write, the peer's HEAD)."""
 
-    __slots__ = ("_closed_with", "_credit", "_head_waiter", "_readable", "head", "session")
+    __slots__ = ("_closed_with", "_credit", "_deliver", "_head_waiter", "_readable", "head",
+                 "session")
 
     def __init__(self, session: TunnelSession, stream_id: int, kind: StreamKind, window: int,
                  awaits_head: bool) -> None:
@@ -132,9 +133,23 @@ class Channel(Stream):
         self._closed_with: ChannelClosed | None = None
         self.head: asyncio.Future[Head] = session.loop.create_future()
         self._head_waiter: asyncio.Future[None] | None = None  # see wait_head
+        self._deliver: Deliver | None = None  # see read_message
 
     # -- the mux's hooks ------------------------------------------------------------------------
     def _on_input(self) -> None:
+        deliver = self._deliver
+        if deliver is not None and len(self._inbox) == 1:
+            # The reader is parked between messages and this one is whole: hand it on from
+            # here, in the tunnel's read, instead of waking the reader for it.
+            chunk = self._inbox[0]
+            if (type(chunk) is Chunk and not chunk.more
+                    and len(chunk.data) <= self.session.settings.max_ws_message
+                    and deliver(chunk.data, chunk.text)):
+                self._inbox.popleft()
+                self.buffered -= len(chunk.data)
+                # Only queued: feed() writes it once the frame is processed.
+                self.session._mux.consumed(self, len(chunk.data) + self.frame_cost)
+                return
         self._readable.set()
 
     def _on_credit(self) -> None:
@@ -202,17 +217,29 @@ class Channel(Stream):
             self._readable.clear()
             await self._readable.wait()
 
-    async def read_message(self) -> tuple[bytes, bool] | None:
+    async def read_message(self, deliver: Deliver | None = None) -> tuple[bytes, bool] | None:
         """A whole WebSocket message (fragments joined), bounded by max_ws_message.
 
         Credit goes back per fragment, as it is taken: a message bigger than the window would
         otherwise deadlock.
+
+        ``deliver(data, text)``: while this waits between messages, each whole message that
+        arrives is offered to it first, synchronously, as it is received; True means it was
+        sent on (its credit goes back at once) and this keeps waiting. False leaves the
+        message to be returned here, in order: what follows waits behind it.
         """
         parts: list[bytes] = []
         total = 0
         limit = self.session.settings.max_ws_message
         while True:
-            chunk = await self.read()
+            if deliver is not None and not parts and not self._inbox:
+                self._deliver = deliver
+                try:
+                    chunk = await self.read()
+                finally:
+                    self._deliver = None
+            else:
+                chunk = await self.read()
             if chunk is None:
                 if parts:
                     raise ProtocolViolation("stream finished inside a fragmented message")
@@ -287,6 +314,7 @@ class Channel(Stream):
 
 
 OpenHandler = Callable[[Channel, Open], None]
+Deliver: TypeAlias = Callable[[bytes, bool], bool]
 SendFrame: TypeAlias = Callable[[bytes], Awaitable[None]]
 
 

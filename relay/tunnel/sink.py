@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from aiohttp._websocket.helpers import websocket_mask
 
 _BINARY_FIN = 0x82  # FIN + opcode 2 (binary): one whole message per frame, never fragmented
+_TEXT_FIN = 0x81
 _MASK_BIT = 0x80
 _LEN7 = struct.Struct("!BB")
 _LEN16 = struct.Struct("!BBH")
@@ -47,12 +48,12 @@ class FrameSink(Protocol):
         """Wait until the socket takes more (bounded by the session's keepalive verdicts)."""
 
 
-def message_header(size: int, mask_bit: int = 0) -> bytes:
+def message_header(size: int, mask_bit: int = 0, first: int = _BINARY_FIN) -> bytes:
     if size < 126:
-        return _LEN7.pack(_BINARY_FIN, size | mask_bit)
+        return _LEN7.pack(first, size | mask_bit)
     if size < 65536:
-        return _LEN16.pack(_BINARY_FIN, 126 | mask_bit, size)
-    return _LEN64.pack(_BINARY_FIN, 127 | mask_bit, size)
+        return _LEN16.pack(first, 126 | mask_bit, size)
+    return _LEN64.pack(first, 127 | mask_bit, size)
 
 
 def write_messages(transport: asyncio.WriteTransport, frames: Sequence[bytes]) -> None:
@@ -110,6 +111,25 @@ class WebSocketSink:
 
     async def drain(self) -> None:
         await self._protocol._drain_helper()
+
+    def try_message(self, data: bytes, text: bool) -> bool:
+        """Write one whole message now if the socket takes it at once: open, not closing, not
+        full. False: nothing was written (the caller sends it the ordinary, waiting way)."""
+        transport = self._transport
+        if (self._writer._closing or transport.is_closing()
+                or self._protocol.writing_paused):
+            return False
+        first = _TEXT_FIN if text else _BINARY_FIN
+        if self._use_mask:
+            key = _MASK_KEY.pack(self._random_bits())
+            masked = bytearray(data)
+            websocket_mask(key, masked)
+            transport.write(b"".join((message_header(len(data), _MASK_BIT, first), key, masked)))
+        elif len(data) < JOIN_BELOW:
+            transport.write(message_header(len(data), 0, first) + data)
+        else:
+            transport.writelines((message_header(len(data), 0, first), data))
+        return True
 
 
 class CallbackSink:
