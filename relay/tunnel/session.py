@@ -364,7 +364,6 @@ class TunnelSession:
         self._flush_handle: asyncio.Handle | None = None
         self._corked = False  # a write went out in this iteration: the rest waits for the flush
         self._draining = False  # the socket is full: the writer task waits for it
-        self._drain_needed = Flag()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self.bytes_out = 0
@@ -432,7 +431,6 @@ class TunnelSession:
         """Start writing; ``keepalive=False`` when the owner calls :meth:`keepalive_tick`
         itself (the relay runs one loop for all its tunnels rather than a task each)."""
         self._started = True
-        self._spawn(self._writer(), f"tunnel-writer:{self.name}")
         if keepalive:
             self._spawn(self._keepalive(), f"tunnel-keepalive:{self.name}")
         if self._mux.has_output:
@@ -573,26 +571,25 @@ class TunnelSession:
                 return
             if not ready:
                 # The write is in progress until the socket drains (the mux's stall clock
-                # runs meanwhile); the writer task finishes it.
+                # runs meanwhile); a writer task finishes it. Only then: an idle tunnel's
+                # parked writer task was a kilobyte of its memory (bench W4).
                 self._draining = True
-                self._drain_needed.set()
+                self._spawn(self._writer(), f"tunnel-writer:{self.name}")
                 return
             mux.write_ended(now)
 
     async def _writer(self) -> None:
-        """Wait out a full socket, then write what queued meanwhile."""
+        """Wait out a full socket, then write what queued meanwhile (which may start the next
+        writer task, when the socket fills up again)."""
         mux = self._mux
         try:
-            while True:
-                await self._drain_needed.wait()
-                self._drain_needed.clear()
-                try:
-                    await self._sink.drain()
-                finally:
-                    mux.write_ended(self._clock())
-                self._draining = False
-                if mux.alive:
-                    self._write_out()
+            try:
+                await self._sink.drain()
+            finally:
+                mux.write_ended(self._clock())
+            self._draining = False
+            if mux.alive:
+                self._write_out()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the socket is gone; the reader will notice too
