@@ -35,6 +35,10 @@ TTL_S = 1.2
 # For tests that wait out lease lifetimes: half as long, the same four beats to a lease.
 QUICK_HEARTBEAT_S = 0.15
 QUICK_TTL_S = 0.6
+# For tests that wait for a dead relay's lease to lapse: shorter again, still four beats to a
+# lease (a live one keeps 0.3 s of slack between renewals).
+LAPSING_HEARTBEAT_S = 0.1
+LAPSING_TTL_S = 0.4
 
 
 class Beats:
@@ -235,10 +239,10 @@ async def test_heartbeat_keeps_entries_alive_past_ttl(make_directory: MakeDirect
     epoch = await a.register("org:m1")
     beats = a.describe()["heartbeats"]
 
-    # Several lease lifetimes: only the lease renewals keep the entry alive.
+    # Past the lease's lifetime, by half of one again: only its renewals kept the entry alive.
     await wait_until(
-        lambda: a.describe()["heartbeats"] >= beats + 2 * QUICK_TTL_S / QUICK_HEARTBEAT_S,
-        4 * QUICK_TTL_S, "two lease lifetimes of heartbeats",
+        lambda: a.describe()["heartbeats"] >= beats + 1.5 * QUICK_TTL_S / QUICK_HEARTBEAT_S,
+        4 * QUICK_TTL_S, "a lease lifetime and a half of heartbeats",
     )
 
     owner = await b.lookup("org:m1")
@@ -312,8 +316,10 @@ async def test_taken_entry_is_reported_lost_and_never_overwritten(
 async def test_crashed_relay_entries_expire_within_ttl(
     make_directory: MakeDirectory, raw: aioredis.Redis
 ) -> None:
-    a = await make_directory("relay-a", heartbeat_s=QUICK_HEARTBEAT_S, entry_ttl_s=QUICK_TTL_S)
-    b = await make_directory("relay-b", heartbeat_s=QUICK_HEARTBEAT_S, entry_ttl_s=QUICK_TTL_S)
+    a = await make_directory("relay-a", heartbeat_s=LAPSING_HEARTBEAT_S,
+                             entry_ttl_s=LAPSING_TTL_S)
+    b = await make_directory("relay-b", heartbeat_s=LAPSING_HEARTBEAT_S,
+                             entry_ttl_s=LAPSING_TTL_S)
     await a.register("org:m1")
     await a.register("org:m2")
 
@@ -323,7 +329,7 @@ async def test_crashed_relay_entries_expire_within_ttl(
     async def offline() -> bool:
         return await b.lookup("org:m1") is None
 
-    await wait_until(offline, QUICK_TTL_S + 0.3, "the crashed relay's hosts read offline")
+    await wait_until(offline, LAPSING_TTL_S + 0.3, "the crashed relay's hosts read offline")
     assert await b.lookup("org:m2") is None
     assert not await raw.exists(f"{PREFIX}lease:relay-a")
 
@@ -337,7 +343,8 @@ async def test_crashed_relay_entries_expire_within_ttl(
     async def forgotten() -> bool:
         return await raw.smembers(f"{PREFIX}instances") == {"relay-b"}
 
-    await wait_until(forgotten, QUICK_TTL_S + QUICK_HEARTBEAT_S, "relay-b's sweep forgets relay-a")
+    await wait_until(forgotten, LAPSING_TTL_S + LAPSING_HEARTBEAT_S,
+                     "relay-b's sweep forgets relay-a")
 
 
 async def test_graceful_close_releases_entries_at_once(
@@ -802,8 +809,8 @@ async def test_killed_relay_reads_offline_within_ttl_and_is_swept_in_bounded_bat
 ) -> None:
     # relay-b's own loop stays out of the way (long intervals): the test drives its sweep.
     b = await make_directory("relay-b", heartbeat_s=5, entry_ttl_s=20, sweep_batch=10)
-    async with child_relay(redis_server, "relay-dead", 45, ttl_s=QUICK_TTL_S,
-                           heartbeat_s=QUICK_HEARTBEAT_S) as child:
+    async with child_relay(redis_server, "relay-dead", 45, ttl_s=LAPSING_TTL_S,
+                           heartbeat_s=LAPSING_HEARTBEAT_S) as child:
         assert (await b.sweep()).removed == 0  # alive: nothing to sweep
         owner = await b.lookup("org:c0")
         assert owner is not None and owner.epoch == child.epochs["org:c0"]
@@ -814,8 +821,8 @@ async def test_killed_relay_reads_offline_within_ttl_and_is_swept_in_bounded_bat
         async def offline() -> bool:
             return await b.lookup("org:c0") is None
 
-        await wait_until(offline, QUICK_TTL_S + 0.5, "the killed relay's host reads offline")
-        assert time.monotonic() - killed <= QUICK_TTL_S + 0.5
+        await wait_until(offline, LAPSING_TTL_S + 0.5, "the killed relay's host reads offline")
+        assert time.monotonic() - killed <= LAPSING_TTL_S + 0.5
         assert not await raw.exists(f"{PREFIX}host:org:c0")  # the lookup deleted it
 
     assert await raw.scard(f"{PREFIX}instance:relay-dead") == 44
@@ -950,7 +957,7 @@ async def test_entry_of_the_older_layout_reads_alive_until_its_own_ttl(
     b = await make_directory("relay-b")
     key = f"{PREFIX}host:org:legacy"
     await raw.hset(key, mapping={"instance": "relay-old", "url": url_of("relay-old"), "epoch": "e"})
-    await raw.pexpire(key, 300)
+    await raw.pexpire(key, 150)
 
     owner = await b.lookup("org:legacy")
     assert owner is not None and owner.instance_id == "relay-old"
