@@ -35,7 +35,7 @@ TTL_S = 1.2
 # For tests that wait out lease lifetimes: half as long, the same four beats to a lease.
 QUICK_HEARTBEAT_S = 0.15
 QUICK_TTL_S = 0.6
-# For tests that wait for a dead relay's lease to lapse: shorter again, still four beats to a
+# For a test that waits for a killed relay's lease to lapse: shorter again, still four beats to a
 # lease (a live one keeps 0.3 s of slack between renewals).
 LAPSING_HEARTBEAT_S = 0.1
 LAPSING_TTL_S = 0.4
@@ -316,10 +316,8 @@ async def test_taken_entry_is_reported_lost_and_never_overwritten(
 async def test_crashed_relay_entries_expire_within_ttl(
     make_directory: MakeDirectory, raw: aioredis.Redis
 ) -> None:
-    a = await make_directory("relay-a", heartbeat_s=LAPSING_HEARTBEAT_S,
-                             entry_ttl_s=LAPSING_TTL_S)
-    b = await make_directory("relay-b", heartbeat_s=LAPSING_HEARTBEAT_S,
-                             entry_ttl_s=LAPSING_TTL_S)
+    a = await make_directory("relay-a", heartbeat_s=QUICK_HEARTBEAT_S, entry_ttl_s=QUICK_TTL_S)
+    b = await make_directory("relay-b", heartbeat_s=QUICK_HEARTBEAT_S, entry_ttl_s=QUICK_TTL_S)
     await a.register("org:m1")
     await a.register("org:m2")
 
@@ -329,7 +327,7 @@ async def test_crashed_relay_entries_expire_within_ttl(
     async def offline() -> bool:
         return await b.lookup("org:m1") is None
 
-    await wait_until(offline, LAPSING_TTL_S + 0.3, "the crashed relay's hosts read offline")
+    await wait_until(offline, QUICK_TTL_S + 0.3, "the crashed relay's hosts read offline")
     assert await b.lookup("org:m2") is None
     assert not await raw.exists(f"{PREFIX}lease:relay-a")
 
@@ -343,8 +341,7 @@ async def test_crashed_relay_entries_expire_within_ttl(
     async def forgotten() -> bool:
         return await raw.smembers(f"{PREFIX}instances") == {"relay-b"}
 
-    await wait_until(forgotten, LAPSING_TTL_S + LAPSING_HEARTBEAT_S,
-                     "relay-b's sweep forgets relay-a")
+    await wait_until(forgotten, QUICK_TTL_S + QUICK_HEARTBEAT_S, "relay-b's sweep forgets relay-a")
 
 
 async def test_graceful_close_releases_entries_at_once(
