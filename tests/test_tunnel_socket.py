@@ -88,12 +88,21 @@ def max_message(relay: RunningRelay) -> int:
     return frames.max_message(relay.config.tunnel.max_frame_bytes) + frames.MESSAGE_SLACK
 
 
+def aiohttp_request_tasks() -> list[asyncio.Task[object]]:
+    """aiohttp's per-connection tasks: its request loop and the handler task it starts."""
+    names = ("RequestHandler.start", "RequestHandler._handle_request")
+    return [task for task in asyncio.all_tasks()
+            if getattr(task.get_coro(), "__qualname__", "").endswith(names)]
+
+
 async def test_aiohttps_server_forgets_the_tunnels_connection(relay: RunningRelay) -> None:
     server = relay.listeners.public.server
     assert server is not None
     ws = await connect(relay)
-    # Only the relay holds it now: aiohttp neither lists nor waits for it.
+    # Only the relay holds it now: aiohttp neither lists nor waits for it, and the request
+    # that carried the upgrade is over (its handler returned, its loop ended).
     assert server.connections == []
+    await eventually(lambda: not aiohttp_request_tasks())
     assert len(relay.state.tunnel_sockets) == 1
     await assert_alive(ws)
     ws.abort()
