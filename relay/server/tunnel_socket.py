@@ -36,7 +36,7 @@ from typing import Protocol
 
 from aiohttp._websocket.helpers import websocket_mask
 
-from relay.errors import CloseCode
+from relay.errors import CloseCode, PayloadTooLarge, ProtocolViolation
 from relay.tunnel.sink import write_messages
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -75,12 +75,6 @@ class SocketOwner(Protocol):
     def ended(self, error: bool) -> None:
         """Nothing more will be read (called once): the peer's CLOSE, our own CLOSE or the
         connection lost (``error`` False), or framing the socket refused (True)."""
-
-
-class FramingError(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
 
 
 class TunnelSocket(asyncio.Protocol):
@@ -181,24 +175,24 @@ class TunnelSocket(asyncio.Protocol):
                     websocket_mask(key, payload)
                 pos = end
                 self._frame(first & 0x80 != 0, opcode, payload)
-        except FramingError as exc:
+        except (ProtocolViolation, PayloadTooLarge) as exc:
             self._buffer = self._fragments = None
-            self._refuse(exc.code)
+            self._refuse(int(exc.close_code))
             return size
         return pos
 
     def _check_header(self, first: int, second: int, opcode: int, length: int) -> None:
         if first & 0x70:
-            raise FramingError(int(CloseCode.PROTOCOL_ERROR), "reserved bits set")
+            raise ProtocolViolation("reserved bits set")
         if not second & 0x80:
-            raise FramingError(int(CloseCode.PROTOCOL_ERROR), "client frame not masked")
+            raise ProtocolViolation("client frame not masked")
         if opcode in _CONTROL_OPCODES:
             if not first & 0x80 or length > MAX_CONTROL_PAYLOAD:
-                raise FramingError(int(CloseCode.PROTOCOL_ERROR), "bad control frame")
+                raise ProtocolViolation("bad control frame")
         elif opcode not in _DATA_OPCODES:
-            raise FramingError(int(CloseCode.PROTOCOL_ERROR), f"unknown opcode {opcode}")
+            raise ProtocolViolation(f"unknown opcode {opcode}")
         elif length >= self._max_message - self._fragments_size:
-            raise FramingError(int(CloseCode.MESSAGE_TOO_BIG), "message too big")
+            raise PayloadTooLarge("WebSocket message too big")
 
     def _frame(self, fin: bool, opcode: int, payload: bytearray) -> None:
         if opcode == PING:
@@ -213,7 +207,7 @@ class TunnelSocket(asyncio.Protocol):
         fragments = self._fragments
         if opcode == CONTINUATION:
             if fragments is None:
-                raise FramingError(int(CloseCode.PROTOCOL_ERROR), "continuation of nothing")
+                raise ProtocolViolation("continuation of nothing")
             fragments.append(payload)
             self._fragments_size += len(payload)
             if not fin:
@@ -223,7 +217,7 @@ class TunnelSocket(asyncio.Protocol):
             self._fragments, self._fragments_size = None, 0
         else:
             if fragments is not None:
-                raise FramingError(int(CloseCode.PROTOCOL_ERROR), "message inside a message")
+                raise ProtocolViolation("message inside a message")
             if not fin:
                 self._fragments, self._fragments_size = [payload], len(payload)
                 self._text = opcode == TEXT
@@ -239,7 +233,7 @@ class TunnelSocket(asyncio.Protocol):
     def _close_received(self, payload: bytearray) -> None:
         if len(payload) == 1 or (len(payload) >= 2 and not _valid_peer_code(
                 _CODE.unpack_from(payload)[0])):
-            raise FramingError(int(CloseCode.PROTOCOL_ERROR), "bad close frame")
+            raise ProtocolViolation("bad close frame")
         self._peer_closed = self._stopped = True
         if not self._closing:
             self._send_close(int(CloseCode.NORMAL), b"")  # the answer, as aiohttp's autoclose
