@@ -266,8 +266,8 @@ async def test_a_failed_link_fails_its_request_as_an_unreachable_owner_then_reop
         assert tunnel is not None
         # In flight: on the link and on A's tunnel to the host, which holds it.
         await eventually(lambda: bool(link.channels) and bool(tunnel.session.channels))
-        for ws in list(a.state.answered_links):  # the owner's end of the link breaks
-            await ws.close(code=int(CloseCode.INTERNAL_ERROR))
+        for answered in list(a.state.answered_links):  # the owner's end of the link breaks
+            answered.close(int(CloseCode.INTERNAL_ERROR), "broken on purpose")
         status, body = await asyncio.wait_for(pending, 10)
     finally:
         fleet.release.set()

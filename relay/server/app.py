@@ -107,7 +107,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     finally:
         if state.links is not None:
             await state.links.close()
-        await close_answered_links(state)
+        close_answered_links(state)
         await stop(state)
         if state.directory is not None:
             await state.directory.close()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from typing import Any
 
 import structlog
 from aiohttp import web
@@ -33,18 +32,17 @@ from relay.errors import (
 )
 from relay.metrics import PeerSide
 from relay.protocol import frames
-from relay.protocol.close import fit_reason
+from relay.protocol.close import fit_reason, reason_bytes
 from relay.protocol.messages import Head, Hello, Open
 from relay.protocol.streams import StreamKind, StreamState
 from relay.server.edge import error_response
 from relay.server.peers import H_ORIGIN, StreamClaims, split_claims, verify_link
 from relay.server.registry import Tunnel
-from relay.server.state import STATE, TUNNEL_RELEASE, RelayState
-from relay.server.tunnels import CLOSE_TIMEOUT_S, peer_address
+from relay.server.state import STATE, TUNNEL_CLOSE, TUNNEL_RELEASE, RelayState
+from relay.server.tunnel_socket import TunnelSocket
+from relay.server.tunnels import CLOSE_TIMEOUT_S, finish_close, peer_address, serve_upgraded
 from relay.tracing import Tracing, trace_headers, with_trace_headers
-from relay.tunnel.feed import close_ws, feed_from
 from relay.tunnel.session import Channel, ChannelClosed, Role, SessionSettings
-from relay.tunnel.sink import WebSocketSink
 from relay.tunnel.splice import SplicedChannel, SplicingSession, copy_body, copy_messages
 
 log = structlog.get_logger("relay.peer")
@@ -80,66 +78,97 @@ async def handle_peer_link(request: web.Request) -> web.StreamResponse:
         return error_response(error)
     except RelayError as error:
         return error_response(error)
-    ws = web.WebSocketResponse(
-        compress=False, autoping=True, timeout=CLOSE_TIMEOUT_S, writer_limit=1 << 20,
-        max_msg_size=frames.max_message(state.config.tunnel.max_frame_bytes)
-        + frames.MESSAGE_SLACK)
-    if not ws.can_prepare(request).ok:
+    if not web.WebSocketResponse().can_prepare(request).ok:
         return error_response(BadRequest("a peer link is a WebSocket upgrade"))
-    await ws.prepare(request)
-    return await _serve_link(state, ws, claims.origin, peer_address(request))
+    # Taken over from aiohttp as a tunnel is: frames parsed as they arrive, fed to the session
+    # synchronously, many written per socket write.
+    link = AnsweredLink(state, claims.origin, peer_address(request))
+    max_message = frames.max_message(state.config.tunnel.max_frame_bytes) + frames.MESSAGE_SLACK
+    return serve_upgraded(state, request, link, max_message, link.start)
 
 
-async def _serve_link(state: RelayState, ws: web.WebSocketResponse, origin: str,
-                      peer: str) -> web.WebSocketResponse:
-    metrics = state.metrics
-    closing: list[asyncio.Task[Any]] = []
+class AnsweredLink:
+    """The owner's end of one peer link, on its :class:`TunnelSocket` (a SocketOwner)."""
 
-    def close(code: int, reason: str) -> None:
-        if not closing:
-            closing.append(state.tasks.spawn(TUNNEL_RELEASE, close_ws(ws, code, reason),
-                                             f"peer-link-close:{origin}"))
+    def __init__(self, state: RelayState, origin: str, peer: str) -> None:
+        self.state = state
+        self.origin = origin
+        self.peer = peer
+        self.reason = "closed"
+        self._closing = False
+        self._over = False
 
-    def on_open(channel: Channel, head: Open) -> None:
+    def start(self, socket: TunnelSocket) -> None:
+        state = self.state
+        self.socket = socket
+        self.session = SplicingSession(
+            socket, state.settings, role=Role.AGENT, name=f"peer-link:{self.origin}",
+            clock=state.clock, on_open=self._on_open, on_hello=self._on_hello,
+            on_silence=lambda: self.close(int(CloseCode.KEEPALIVE_MISSED), "keepalive missed"),
+            on_backlog=lambda why: self.close(int(CloseCode.POLICY_VIOLATION),
+                                              "peer not reading"))
+        state.answered_links.add(self)
+        state.metrics.peer_links.labels(side=PeerSide.OWNER).inc()
+        log.info("peer.link_up", side=str(PeerSide.OWNER), origin=self.origin, peer=self.peer)
+        self.session.start()
+
+    def _on_open(self, channel: Channel, head: Open) -> None:
         assert isinstance(channel, SplicedChannel)
-        session.spawn(answer(state, channel, head), f"peer-answer:{origin}:{channel.id}")
+        self.session.spawn(answer(self.state, channel, head),
+                           f"peer-answer:{self.origin}:{channel.id}")
 
-    def on_hello(hello: Hello) -> None:
-        session.settings = adopt_hello(session.settings, hello)
+    def _on_hello(self, hello: Hello) -> None:
+        self.session.settings = adopt_hello(self.session.settings, hello)
 
-    session = SplicingSession(
-        WebSocketSink(ws), state.settings, role=Role.AGENT, name=f"peer-link:{origin}",
-        on_open=on_open, on_hello=on_hello,
-        on_silence=lambda: close(int(CloseCode.KEEPALIVE_MISSED), "keepalive missed"),
-        on_backlog=lambda why: close(int(CloseCode.POLICY_VIOLATION), "peer not reading"))
-    state.answered_links.add(ws)
-    metrics.peer_links.labels(side=PeerSide.OWNER).inc()
-    log.info("peer.link_up", side=str(PeerSide.OWNER), origin=origin, peer=peer)
-    session.start()
-    reason = "closed"
-    try:
-        if await feed_from(ws, session, "a peer link"):
-            reason = "error"
-    except ProtocolViolation as exc:
-        reason = "protocol_violation"
-        log.warning("peer.link_protocol_violation", origin=origin, error=exc.message)
-        close(int(CloseCode.PROTOCOL_ERROR), fit_reason(exc.message))
-    finally:
-        # As for a tunnel: what must happen runs before the first await (the handler is
-        # cancelled once the connection is gone), the rest in a task the relay owns.
-        session.fail_all(int(CloseCode.TUNNEL_GONE), "the peer link closed")
-        state.answered_links.discard(ws)
-        metrics.peer_links.labels(side=PeerSide.OWNER).dec()
-        log.info("peer.link_down", side=str(PeerSide.OWNER), origin=origin, reason=reason)
-        release = state.tasks.spawn(TUNNEL_RELEASE, session.close(), f"peer-link-end:{origin}")
-        await asyncio.shield(release)
-    return ws
+    def close(self, code: int, reason: str) -> None:
+        """Our CLOSE now; the bounded wait for the entry's in a task drain and stop wait for."""
+        if self._closing:
+            return
+        self._closing = True
+        self.socket.send_close(code, reason_bytes(reason))
+        self.state.tasks.spawn(TUNNEL_CLOSE, finish_close(self.socket, patient=True),
+                               f"peer-link-close:{self.origin}")
+
+    # -- the socket's reports ------------------------------------------------------------------
+    def received(self, data: bytes) -> None:
+        try:
+            self.session.feed(data)
+        except ProtocolViolation as exc:
+            self._violation(exc.message)
+
+    def received_text(self) -> None:
+        self._violation("text message on a peer link")
+
+    def _violation(self, message: str) -> None:
+        self.reason = "protocol_violation"
+        log.warning("peer.link_protocol_violation", origin=self.origin, error=message)
+        self.close(int(CloseCode.PROTOCOL_ERROR), fit_reason(message))
+
+    def ended(self, error: bool) -> None:
+        if error:
+            self.reason = "error"
+            self._closing = True  # the socket sent its CLOSE and hung up itself
+        # Not from inside the socket's callback (a feed may be on the stack): next iteration.
+        asyncio.get_running_loop().call_soon(self._disconnect)
+
+    def _disconnect(self) -> None:
+        if self._over:
+            return
+        self._over = True
+        state = self.state
+        self.session.fail_all(int(CloseCode.TUNNEL_GONE), "the peer link closed")
+        state.answered_links.discard(self)
+        state.metrics.peer_links.labels(side=PeerSide.OWNER).dec()
+        log.info("peer.link_down", side=str(PeerSide.OWNER), origin=self.origin,
+                 reason=self.reason)
+        state.tasks.spawn(TUNNEL_RELEASE, self.session.close(), f"peer-link-end:{self.origin}")
 
 
-async def close_answered_links(state: RelayState) -> None:
-    """Stopping: every link other relays opened to this one is closed (1001), bounded."""
-    await asyncio.gather(*(close_ws(ws, int(CloseCode.GOING_AWAY), "relay stopping")
-                           for ws in list(state.answered_links)))
+def close_answered_links(state: RelayState) -> None:
+    """Stopping: every link other relays opened to this one is closed (1001); stop waits for
+    the close handshakes (bounded) with the tunnels'."""
+    for link in list(state.answered_links):
+        link.close(int(CloseCode.GOING_AWAY), "relay stopping")
 
 
 # -- one stream ----------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from relay.server.httpedge import EdgeProtocol
 from relay.server.registry import Tunnel
 from relay.server.state import STATE, TUNNEL_CLOSE, TUNNEL_RELEASE, RelayState
 from relay.server.throttle import FailureThrottle
-from relay.server.tunnel_socket import TunnelSocket, switching_protocols
+from relay.server.tunnel_socket import SocketOwner, TunnelSocket, switching_protocols
 from relay.tunnel.gate import StreamGate
 from relay.tunnel.session import Role, TunnelSession
 
@@ -166,24 +166,33 @@ def take_over(state: RelayState, request: web.Request, auth: Authorized, epoch: 
               version: int, max_message: int) -> web.StreamResponse:
     """Answer the authorized upgrade ourselves and serve the tunnel on a :class:`TunnelSocket`:
     aiohttp's handler, parser, request and WebSocketResponse are all let go."""
-    protocol = request.protocol
-    peer = peer_address(request)
-    key = request.headers["Sec-WebSocket-Key"]
+    served = ServedTunnel(state, str(auth.host), epoch, peer_address(request))
     try:
-        if not isinstance(protocol, EdgeProtocol):
-            raise ConnectionResetError("the tunnel needs the relay's connection edge")
-        transport, tail = protocol.detach()
+        return serve_upgraded(state, request, served, max_message, lambda socket: served.start(
+            socket, version, auth.identity.sub, auth.identity.expires_at))
     except ConnectionResetError:
         # The agent left while it was being authorized: only its directory entry is left.
         state.tasks.spawn(TUNNEL_RELEASE, _unregister(state, str(auth.host), epoch),
                           f"tunnel-release:{auth.host}")
         raise
+
+
+def serve_upgraded(state: RelayState, request: web.Request, owner: SocketOwner,
+                   max_message: int, start: Callable[[TunnelSocket], None]
+                   ) -> web.StreamResponse:
+    """Write the ``101`` ourselves and move the connection to a :class:`TunnelSocket` reporting
+    to ``owner`` (a tunnel, or a peer link's answering end); ``start`` sets the owner up on it
+    before the first frame is read. Raises ConnectionResetError when the peer already left."""
+    protocol = request.protocol
+    key = request.headers["Sec-WebSocket-Key"]
+    if not isinstance(protocol, EdgeProtocol):
+        raise ConnectionResetError("a taken-over WebSocket needs the relay's connection edge")
+    transport, tail = protocol.detach()
     transport.write(switching_protocols(key))
-    served = ServedTunnel(state, str(auth.host), epoch, peer)
-    socket = TunnelSocket(transport, served, max_message=max_message,
+    socket = TunnelSocket(transport, owner, max_message=max_message,
                           sockets=state.tunnel_sockets)
     transport.set_protocol(socket)
-    served.start(socket, version, auth.identity.sub, auth.identity.expires_at)
+    start(socket)
     if tail:
         socket.data_received(tail)
     return TakenOver()
@@ -304,7 +313,7 @@ class ServedTunnel:
             return
         self._closing = True
         self.socket.send_close(code, reason_bytes(reason))
-        self.state.tasks.spawn(TUNNEL_CLOSE, _finish_close(self.socket, patient=patient),
+        self.state.tasks.spawn(TUNNEL_CLOSE, finish_close(self.socket, patient=patient),
                                f"tunnel-close:{self.host_id}")
 
     def _on_silence(self) -> None:
@@ -469,7 +478,7 @@ def _reason_label(code: int | None, label: DisconnectReason | None,
     return _REASON_BY_CODE.get(code, DisconnectReason.OTHER)
 
 
-async def _finish_close(socket: TunnelSocket, *, patient: bool) -> None:
+async def finish_close(socket: TunnelSocket, *, patient: bool) -> None:
     """After our CLOSE: wait for the agent's, but never on a peer that may be gone for good.
 
     ``patient=False``: drop the connection at once.
