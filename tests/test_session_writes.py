@@ -23,6 +23,7 @@ from relay.protocol.frames import FrameType
 from relay.protocol.messages import Head, Open
 from relay.tunnel.session import ChannelClosed, Role, SessionSettings, TunnelSession
 from relay.tunnel.sink import WebSocketSink
+from tests.harness import start_host
 from tests.test_session import read_all, socket_link
 
 SETTINGS = SessionSettings(window=1 << 20, max_frame=1024, max_streams=64)
@@ -53,25 +54,26 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def agent(sink: RecordingSink) -> TunnelSession:
-    """An agent's session that serves its streams by leaving them to the test."""
+@contextlib.asynccontextmanager
+async def agent(sink: RecordingSink, *, http_stream: bool = True
+                ) -> AsyncIterator[TunnelSession]:
+    """An agent's session that leaves its streams to the test; with stream 1 (an HTTP GET
+    the relay opened) unless ``http_stream`` is False. Closed at the end."""
     session = TunnelSession(sink, SETTINGS, role=Role.AGENT, name="agent",
                             on_open=lambda channel, head: None)
     session.start(keepalive=False)
-    return session
-
-
-def agent_with_stream(sink: RecordingSink, stream_id: int = 1) -> TunnelSession:
-    session = agent(sink)
-    session.feed(frames.encode(FrameType.OPEN, stream_id, Open("http", path="/").encode(),
-                               int(frames.Flags.FIN)))
-    return session
+    if http_stream:
+        session.feed(frames.encode(FrameType.OPEN, 1, Open("http", path="/").encode(),
+                                   int(frames.Flags.FIN)))
+    try:
+        yield session
+    finally:
+        await session.close()
 
 
 async def test_a_head_and_the_data_after_it_leave_in_one_write() -> None:
     sink = RecordingSink()
-    session = agent_with_stream(sink)
-    try:
+    async with agent(sink) as session:
         channel = session.channels[1]
         channel.send_head(Head(200))
         assert sink.writes == []  # the HEAD waits for what follows it
@@ -79,26 +81,20 @@ async def test_a_head_and_the_data_after_it_leave_in_one_write() -> None:
         assert sink.types() == [[FrameType.HEAD, FrameType.DATA]]
         await settle()
         assert len(sink.writes) == 1  # the flush found nothing left
-    finally:
-        await session.close()
 
 
 async def test_a_head_alone_leaves_at_the_next_flush() -> None:
     sink = RecordingSink()
-    session = agent_with_stream(sink)
-    try:
+    async with agent(sink) as session:
         session.channels[1].send_head(Head(101))
         await settle()
         assert sink.types() == [[FrameType.HEAD]]
-    finally:
-        await session.close()
 
 
 async def test_frames_queued_in_one_iteration_cost_two_writes_in_order() -> None:
     """The first frame leaves at once; the other channels' frames join one flush."""
     sink = RecordingSink()
-    session = agent(sink)
-    try:
+    async with agent(sink, http_stream=False) as session:
         ids = list(range(1, 33, 2))
         for stream_id in ids:
             session.feed(frames.encode(FrameType.OPEN, stream_id,
@@ -116,14 +112,11 @@ async def test_frames_queued_in_one_iteration_cost_two_writes_in_order() -> None
         assert len(sink.writes) == 2
         sent = [frames.decode(f, 1024) for batch in sink.writes for f in batch]
         assert [(f.stream_id, f.payload) for f in sent] == [(i, b"%d" % i) for i in ids]
-    finally:
-        await session.close()
 
 
 async def test_a_full_socket_holds_every_write_until_it_drains() -> None:
     sink = RecordingSink()
-    session = agent_with_stream(sink)
-    try:
+    async with agent(sink) as session:
         channel = session.channels[1]
         channel.send_head(Head(200))
         sink.full = True
@@ -143,8 +136,6 @@ async def test_a_full_socket_holds_every_write_until_it_drains() -> None:
         assert [f.payload for f in rest] == [b"more %d" % n for n in range(5)] + [b"p"]
         assert rest[-1].type is FrameType.PONG
         assert session.mux.writes_in_progress == 0
-    finally:
-        await session.close()
 
 
 async def test_a_failed_write_fails_the_writer_and_every_channel() -> None:
@@ -152,16 +143,13 @@ async def test_a_failed_write_fails_the_writer_and_every_channel() -> None:
         def write(self, batch: Sequence[bytes]) -> bool:
             raise ConnectionResetError
 
-    session = agent_with_stream(Broken())
-    try:
+    async with agent(Broken()) as session:
         channel = session.channels[1]
         channel.send_head(Head(200))
         with pytest.raises(ChannelClosed) as info:
             await channel.write(b"x", fin=True)  # its last frame: no later write would tell
         assert info.value.tunnel_lost
         assert not session.alive and session.closed.is_set()
-    finally:
-        await session.close()
 
 
 async def test_every_websocket_length_form_crosses_a_real_socket_byte_exact() -> None:
@@ -199,20 +187,16 @@ async def ws_pair() -> AsyncIterator[tuple[web.WebSocketResponse, aiohttp.Client
 
     app = web.Application()
     app.router.add_get("/ws", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    host = await start_host(app)
     try:
         async with aiohttp.ClientSession() as client:
-            client_ws = await client.ws_connect(f"http://127.0.0.1:{port}/ws")
+            client_ws = await client.ws_connect(f"{host.url}/ws")
             server_ws = await asyncio.wait_for(served, 5)
             yield server_ws, client_ws
             await client_ws.close()
     finally:
         done.set()
-        await runner.cleanup()
+        await host.stop()
 
 
 async def test_a_direct_message_goes_only_to_a_socket_that_takes_it_now() -> None:
