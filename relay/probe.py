@@ -16,8 +16,10 @@ each other, and the layers that assemble a relay (relay.cli, the tests' harness)
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,12 +151,20 @@ class Probe:
                 await cancel_and_wait([runner])
 
 
-def probe_services(config: Config) -> tuple[Service, ...]:
-    """The probe as a service of the relay, when ``probe.public_url`` asks for one."""
-    return (Service("relay-probe", run_probe),) if config.probe.public_url else ()
+Sleep = Callable[[float], Awaitable[Any]]
 
 
-async def run_probe(state: RelayState) -> None:
+def probe_services(config: Config, *, sleep: Sleep = asyncio.sleep) -> tuple[Service, ...]:
+    """The probe as a service of the relay, when ``probe.public_url`` asks for one.
+
+    ``sleep`` is the loop's wait between probes (tests replace it to run probes one at a time).
+    """
+    if not config.probe.public_url:
+        return ()
+    return (Service("relay-probe", functools.partial(run_probe, sleep=sleep)),)
+
+
+async def run_probe(state: RelayState, *, sleep: Sleep = asyncio.sleep) -> None:
     """The probe loop: owned by the relay (``relay-probe`` task), cancelled when it stops."""
     config = state.config
     metrics = state.metrics
@@ -180,7 +190,7 @@ async def run_probe(state: RelayState) -> None:
         log.info("relay.probe_started", url=config.probe.public_url, host_id=probe.host_id,
                  interval_s=config.probe.interval_s)
         # The relay starts listening only after its resources are up: give it a moment.
-        await asyncio.sleep(min(config.probe.interval_s, 1.0))
+        await sleep(min(config.probe.interval_s, 1.0))
         while True:
             if not state.draining:  # a draining relay refuses tunnels by design
                 try:
@@ -189,7 +199,7 @@ async def run_probe(state: RelayState) -> None:
                     log.exception("relay.probe_crashed")
                     result = ProbeResult(False, "crashed", 0.0)
                 record(state, result)
-            await asyncio.sleep(config.probe.interval_s)
+            await sleep(config.probe.interval_s)
     finally:
         await client.close()
         await runner.cleanup()

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,9 +139,12 @@ class RunningRelay:
         await self.listeners.cleanup()
 
 
-async def start_relay(config: Config) -> RunningRelay:
-    """The relay as ``relay serve`` runs it (same connection edge and listeners), in-process."""
-    app = build_app(config, services=probe_services(config))
+async def start_relay(config: Config, *,
+                      probe_sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                      ) -> RunningRelay:
+    """The relay as ``relay serve`` runs it (same connection edge and listeners), in-process.
+    ``probe_sleep``: the probe loop's wait between probes (see tests.clock.SteppedSleep)."""
+    app = build_app(config, services=probe_services(config, sleep=probe_sleep))
     listeners = Listeners.create(app, config, shutdown_timeout=2.0)
     try:
         await listeners.setup()

@@ -27,6 +27,7 @@ from relay.config import DirectoryConfig
 from relay.directory import Owner, RedisDirectory
 from relay.errors import CloseCode, DirectoryUnavailable
 from relay.metrics import Metrics
+from tests.clock import SteppedSleep
 from tests.redis_server import RedisServer
 
 PREFIX = "test:"
@@ -41,27 +42,10 @@ LAPSING_HEARTBEAT_S = 0.1
 LAPSING_TTL_S = 0.4
 
 
-class Beats:
-    """Stands in for a directory's wait between heartbeats: each ``step`` is one heartbeat
-    interval passing, so a test runs exactly the beats it counts instead of waiting for real
-    ones. Redis-side TTLs stay real: a stepped directory's lease lapses after entry_ttl_s
-    unless the test steps it."""
-
-    def __init__(self) -> None:
-        self._go: asyncio.Queue[asyncio.Event] = asyncio.Queue(maxsize=1)
-        self._done: asyncio.Event | None = None
-
-    async def sleep(self, seconds: float) -> None:
-        if self._done is not None:  # back for the next wait: the previous beat has finished
-            self._done.set()
-        self._done = await self._go.get()
-
-    async def step(self, count: int = 1) -> None:
-        for _ in range(count):
-            done = asyncio.Event()
-            self._go.put_nowait(done)
-            async with asyncio.timeout(5):
-                await done.wait()
+# A directory's wait between heartbeats, replaced: each step is one heartbeat interval passing.
+# Redis-side TTLs stay real: a stepped directory's lease lapses after entry_ttl_s unless the
+# test steps it.
+Beats = SteppedSleep
 
 
 class MakeDirectory(Protocol):

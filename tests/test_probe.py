@@ -17,6 +17,7 @@ from relay.config import load_config
 from relay.errors import ConfigError
 from relay.probe import public_http_url
 from relay.server.probe_guard import PROBE_ORG, probe_host_id
+from tests.clock import SteppedSleep
 from tests.harness import (
     LogCapture,
     RunningRelay,
@@ -29,9 +30,9 @@ from tests.harness import (
 )
 from tests.tcp_balancer import FailoverBalancer
 
-# Short probe intervals: each test waits for a first probe (one interval in) and some for a
-# second; the timeout, just under the interval, is far above a probe's loopback duration.
-INTERVAL_S, TIMEOUT_S = 0.3, 0.28
+# The tests step the probe loop (tests.clock.SteppedSleep): one step, one probe. The interval
+# is never waited for; the timeout is real, and far above a probe's loopback duration.
+INTERVAL_S, TIMEOUT_S = 60.0, 10.0
 
 
 def probe_sections(public_url: str, **extra: Any) -> dict[str, dict[str, Any]]:
@@ -66,12 +67,14 @@ async def test_probe_goes_from_0_to_1_through_the_balancer_and_back_to_0_when_it
     sections = probe_sections(f"ws://127.0.0.1:{balancer.port}")
     sections["server"] = {"port": port}
     config = load_config(write_config(tmp_path, sections), env={})
+    probes = SteppedSleep()
     with LogCapture() as capture:
-        relay = await start_relay(config)
+        relay = await start_relay(config, probe_sleep=probes.sleep)
         try:
             assert gauge(relay, "relay_probe_success") == 0
             await balancer.start()
-            await eventually(lambda: gauge(relay, "relay_probe_success") == 1, timeout=10)
+            await probes.step(timeout_s=2 * TIMEOUT_S)
+            assert gauge(relay, "relay_probe_success") == 1
             duration = gauge(relay, "relay_probe_duration_seconds")
             assert duration is not None and 0 < duration < TIMEOUT_S
             assert events(capture, "relay.probe_ok")
@@ -79,7 +82,8 @@ async def test_probe_goes_from_0_to_1_through_the_balancer_and_back_to_0_when_it
             await eventually(lambda: relay.state.registry.get("relay-probe:relay-a") is None)
 
             await balancer.stop()
-            await eventually(lambda: gauge(relay, "relay_probe_success") == 0, timeout=10)
+            await probes.step(timeout_s=2 * TIMEOUT_S)
+            assert gauge(relay, "relay_probe_success") == 0
             failures = events(capture, "relay.probe_failed")
             assert failures and failures[-1]["reason"] == "connect_failed"
             assert failures[-1]["level"] == "warning"
@@ -93,10 +97,11 @@ async def test_a_wrong_public_url_reports_0_with_the_reason_in_the_log(tmp_path:
     unused = free_port()
     config = load_config(write_config(tmp_path, probe_sections(f"ws://127.0.0.1:{unused}")),
                          env={})
+    probes = SteppedSleep()
     with LogCapture() as capture:
-        relay = await start_relay(config)
+        relay = await start_relay(config, probe_sleep=probes.sleep)
         try:
-            await eventually(lambda: bool(events(capture, "relay.probe_failed")), timeout=10)
+            await probes.step(timeout_s=2 * TIMEOUT_S)
             assert gauge(relay, "relay_probe_success") == 0
             failure = events(capture, "relay.probe_failed")[0]
             assert failure["reason"] == "connect_failed"
@@ -117,10 +122,11 @@ async def test_a_relay_that_refuses_the_probes_token_is_a_failure_with_the_close
     other = await start_relay(load_config(write_config(tmp_path / "other"), env={}))
     (tmp_path / "me").mkdir()
     config = load_config(write_config(tmp_path / "me", probe_sections(other.ws_url)), env={})
+    probes = SteppedSleep()
     with LogCapture() as capture:
-        relay = await start_relay(config)
+        relay = await start_relay(config, probe_sleep=probes.sleep)
         try:
-            await eventually(lambda: bool(events(capture, "relay.probe_failed")), timeout=10)
+            await probes.step(timeout_s=2 * TIMEOUT_S)
             assert events(capture, "relay.probe_failed")[0]["reason"] == "tunnel_closed_4401"
         finally:
             await relay.stop()
@@ -235,14 +241,16 @@ async def test_outside_dev_mode_the_probe_reads_its_token_file_on_every_probe(
                         "issuer": "https://idp.example", "audience": "relay"}
     config = load_config(write_config(tmp_path, sections), env={})
     host_id = probe_host_id("relay-a")
+    probes = SteppedSleep()
     with LogCapture() as capture:
-        relay = await start_relay(config)
+        relay = await start_relay(config, probe_sleep=probes.sleep)
         try:
-            await eventually(lambda: bool(events(capture, "relay.probe_failed")), timeout=10)
+            await probes.step(timeout_s=2 * TIMEOUT_S)
             assert events(capture, "relay.probe_failed")[0]["reason"] == "tunnel_closed_4401"
             # The operator drops a real token in place; the next probe uses it.
             token_file.write_text(mint_token(config, "relay-probe", [PROBE_ORG],
                                              agent_hosts=[host_id], key=key) + "\n")
-            await eventually(lambda: gauge(relay, "relay_probe_success") == 1, timeout=10)
+            await probes.step(timeout_s=2 * TIMEOUT_S)
+            assert gauge(relay, "relay_probe_success") == 1
         finally:
             await relay.stop()

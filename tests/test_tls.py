@@ -19,6 +19,7 @@ from relay.config import load_config
 from relay.errors import ConfigError
 from relay.server.app import build_app
 from tests.certs import PrivateCA, make_ca
+from tests.clock import SteppedSleep
 from tests.harness import (
     eventually,
     free_port,
@@ -239,11 +240,14 @@ async def test_the_probe_goes_through_wss_with_its_private_ca(tmp_path: Path) ->
     tls_files(tmp_path, ca)
     port = free_port()
     sections = {**tls_sections(port),
-                "probe": {"public_url": f"wss://127.0.0.1:{port}", "interval_s": 0.3,
-                          "timeout_s": 0.28, "ca_file": "ca.pem"}}
-    relay = await start_relay(load_config(write_config(tmp_path, sections), env={}))
+                "probe": {"public_url": f"wss://127.0.0.1:{port}", "interval_s": 60,
+                          "timeout_s": 10, "ca_file": "ca.pem"}}
+    probes = SteppedSleep()  # one step, one probe
+    relay = await start_relay(load_config(write_config(tmp_path, sections), env={}),
+                              probe_sleep=probes.sleep)
     registry = relay.state.metrics.registry
     try:
-        await eventually(lambda: registry.get_sample_value("relay_probe_success") == 1, timeout=10)
+        await probes.step(timeout_s=20)
+        assert registry.get_sample_value("relay_probe_success") == 1
     finally:
         await relay.stop()
