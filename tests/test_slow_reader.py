@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +19,20 @@ SIZE = 64 * MiB
 def only_channel(channels: dict[int, Channel]) -> Channel:
     assert len(channels) == 1
     return next(iter(channels.values()))
+
+
+async def stalled(sender: Channel, max_frame: int, timeout: float = 10.0) -> None:
+    """Until ``sender`` is out of credit and has sent nothing for 0.1 s. Credit first runs out
+    while the kernel's socket buffers further down still take bytes: the credit those bytes
+    return must be spent before what is asserted next holds (polled, bounded)."""
+    deadline = time.monotonic() + timeout
+    sent = sender.bytes_out
+    while True:
+        await asyncio.sleep(0.1)
+        if sender.bytes_out == sent and sender.send_window.credit < max_frame:
+            return
+        assert time.monotonic() < deadline, "the stream never stalled"
+        sent = sender.bytes_out
 
 
 async def test_paused_download_keeps_buffers_bounded_and_the_agent_waits_on_credit(
@@ -44,7 +59,7 @@ async def test_paused_download_keeps_buffers_bounded_and_the_agent_waits_on_cred
         agent_ch = only_channel(agent_session.channels)
 
         # Stop reading for a while: everything between the host and the client fills up.
-        await eventually(lambda: agent_ch.send_window.credit < max_frame)
+        await stalled(agent_ch, max_frame)
         sent_by_agent = []
         for _ in range(20):
             await asyncio.sleep(0.05)
@@ -107,7 +122,7 @@ async def _upload_to_a_host_not_reading(s: Stack, release: asyncio.Event) -> Non
     relay_ch = only_channel(tunnel.session.channels)
     await eventually(lambda: len(agent_session.channels) == 1)
     agent_ch = only_channel(agent_session.channels)
-    await eventually(lambda: relay_ch.send_window.credit < max_frame)
+    await stalled(relay_ch, max_frame)
     sent_by_relay = []
     for _ in range(12):  # while the host is not reading
         await asyncio.sleep(0.05)
