@@ -86,6 +86,7 @@ def parse_origin(origin: str) -> URL:
     return url.origin()
 
 
+_HOST = frozenset({"host"})
 # What the relay forwards percent-encoded: raw, it would corrupt the request line to the host.
 _MUST_BE_ENCODED = re.compile(r"[\x00-\x20\x7f#]")
 
@@ -177,7 +178,7 @@ class LocalOrigin:
                           span: Span | None = None) -> None:
         method = head.method
         # Host is the pool's (the one origin); the relay sends none, a foreign relay might.
-        headers = strip_hop_by_hop(head.headers, extra=frozenset({"host"}))
+        headers = strip_hop_by_hop(head.headers, extra=_HOST)
         # The OPEN's FIN says "no body". Not the stream's current state: a small body and its
         # FIN may already have arrived by the time this task runs.
         has_body = not channel.fin_on_open
@@ -202,7 +203,7 @@ class LocalOrigin:
                     # can keep them under the host's prefix (it does not know this origin).
                     # Hop-by-hop fields describe the agent's own connection to the host.
                     headers=tuple(strip_hop_by_hop((k, v) for k, v in localize_response_headers(
-                        [[k, v] for k, v in response.headers], str(self.origin)))),
+                        [[k, v] for k, v in response.headers], self._bases[False][0]))),
                 ))
                 head_sent = True
                 while True:
