@@ -120,6 +120,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             await state.tracing.shutdown(timeout_s=3.0)  # bounded: a hung collector loses spans
 
 
+async def _hang_up_refusals(app: web.Application) -> None:
+    """Before aiohttp waits for its handlers: a refused tunnel's lingering close would hold a
+    stopping relay for its whole grace, for a peer that is owed nothing more."""
+    for transport in list(app[STATE].refusing):
+        transport.abort()
+
+
 def build_app(config: Config, metrics: Metrics | None = None, *,
               services: Sequence[Service] = ()) -> web.Application:
     """The relay's public app. ``services`` run beside it, owned and cancelled at stop; the
@@ -152,6 +159,7 @@ def build_app(config: Config, metrics: Metrics | None = None, *,
         # would see them. Without CORS configured it is not installed (and costs nothing).
         app.on_response_prepare.append(cors_headers)
     app.cleanup_ctx.append(_resources)
+    app.on_shutdown.append(_hang_up_refusals)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/tunnel", handle_tunnel)

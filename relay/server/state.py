@@ -75,6 +75,9 @@ class RelayState:
     # The tunnels' sockets, taken over from aiohttp's server (relay.server.tunnels): the relay's
     # stop hangs up what is left of them, as aiohttp's shutdown did for its connections.
     tunnel_sockets: set[TunnelSocket] = field(default_factory=set)
+    # Refused tunnels in their lingering close (relay.server.tunnels.hang_up_refused): a
+    # stopping relay hangs them up at once rather than wait out the grace.
+    refusing: set[asyncio.Transport] = field(default_factory=set)
     sessions: SessionCookies | None = None  # browser navigation sessions (relay.auth.session)
     admin_throttle: FailureThrottle | None = None  # wrong admin secrets per peer address
     tracing: Tracing | None = None  # set when [tracing] otlp_endpoint is

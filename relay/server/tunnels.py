@@ -68,7 +68,9 @@ async def close_refused(ws: web.WebSocketResponse, error: RelayError) -> web.Web
 
 
 async def hang_up_refused(ws: web.WebSocketResponse, error: RelayError,
-                          transport: asyncio.Transport | None) -> web.WebSocketResponse:
+                          transport: asyncio.Transport | None,
+                          held: set[asyncio.Transport] | None = None,
+                          ) -> web.WebSocketResponse:
     """Refuse a tunnel: the close frame, a grace for the agent to take it, then hang up, all
     without reading another byte from the agent.
 
@@ -88,12 +90,16 @@ async def hang_up_refused(ws: web.WebSocketResponse, error: RelayError,
                 CLOSE_TIMEOUT_S)
         if transport is not None and not transport.is_closing():
             transport.pause_reading()
+            if held is not None:
+                held.add(transport)
         deadline = time.monotonic() + CLOSE_TIMEOUT_S
         # Bounded; a paused socket reports no hang-up, but another close of ours would show.
         while (transport is not None and not transport.is_closing()  # noqa: ASYNC110
                and time.monotonic() < deadline):
             await asyncio.sleep(0.1)
     finally:
+        if held is not None and transport is not None:
+            held.discard(transport)
         if transport is not None and not transport.is_closing():
             transport.abort()  # what the agent sent after its upgrade was never read
     return ws
@@ -144,7 +150,7 @@ async def handle_tunnel(request: web.Request) -> web.StreamResponse:
             # Held before the refusal (nothing is read meanwhile), like nginx's limit_req
             # delay: an agent looping on refusals gets one a while, not one per round trip.
             await asyncio.sleep(min(error.retry_after_s or 1, FLOOD_REFUSAL_HOLD_S))
-        return await hang_up_refused(ws, error, request.transport)
+        return await hang_up_refused(ws, error, request.transport, state.refusing)
     return take_over(state, request, auth, epoch, version, max_message)
 
 
