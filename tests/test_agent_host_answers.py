@@ -19,7 +19,7 @@ from aiohttp import WSMsgType, web
 
 from relay.protocol import frames
 from relay.protocol.frames import Flags, FrameType
-from tests.harness import abort_connections, free_port, start_agent
+from tests.harness import RunningHost, abort_connections, start_agent, start_host
 
 HOST = "acme:answers"
 
@@ -42,9 +42,13 @@ class Reply:
 class ScriptedRelay:
     """Sends HELLO, then one OPEN (GET /x, no body), and records the agent's reply."""
 
-    port: int = field(default_factory=free_port)
     replies: asyncio.Queue[Reply] = field(default_factory=lambda: asyncio.Queue(maxsize=8))
-    runner: web.AppRunner | None = None
+    host: RunningHost | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.host is not None
+        return self.host.port
 
     async def _tunnel(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(autoping=False)
@@ -81,16 +85,13 @@ class ScriptedRelay:
     async def start(self) -> ScriptedRelay:
         app = web.Application()
         app.router.add_get("/tunnel", self._tunnel)
-        self.runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
-                                    shutdown_timeout=0.5)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.host = await start_host(app)
         return self
 
     async def stop(self) -> None:
-        if self.runner is not None:
-            abort_connections(self.runner)
-            await self.runner.cleanup()
+        if self.host is not None:
+            abort_connections(self.host.runner)
+            await self.host.stop()
 
 
 @contextlib.asynccontextmanager
