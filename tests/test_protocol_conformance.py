@@ -177,6 +177,20 @@ async def relay_with(tmp_path: Path, **tunnel: Any) -> AsyncIterator[RunningRela
         await relay.stop()
 
 
+@contextlib.asynccontextmanager
+async def agent_and_client(tmp_path: Path, **tunnel: Any
+                           ) -> AsyncIterator[tuple[Agent, Client]]:
+    """A relay with these tunnel settings, an agent on it and a client of it."""
+    async with relay_with(tmp_path, **tunnel) as relay:
+        agent = await Agent.connect(relay)
+        client = Client(relay)
+        try:
+            yield agent, client
+        finally:
+            await client.close()
+            await agent.close()
+
+
 @pytest.fixture
 async def relay(tmp_path: Path) -> AsyncIterator[RunningRelay]:
     async with relay_with(tmp_path) as running:
@@ -454,19 +468,14 @@ async def test_a_stream_frame_outside_its_row_is_1002(
 
 
 async def test_data_beyond_the_credit_held_is_1002(tmp_path: Path) -> None:
-    async with relay_with(tmp_path, stream_window_bytes=2048, max_frame_bytes=1024) as relay:
-        agent = await Agent.connect(relay)
-        client = Client(relay)
-        try:
-            client.request()
-            opened = await agent.expect(OPEN)
-            # 3072 bytes against a 2048-byte window, all in one go.
-            await agent.send(jframe(HEAD, opened.stream, {"status": 200}),
-                             *[frame(DATA, opened.stream, b"x" * 1024)] * 3)
-            assert (await agent.wait_closed())[0] == PROTOCOL_ERROR
-        finally:
-            await client.close()
-            await agent.close()
+    async with agent_and_client(tmp_path, stream_window_bytes=2048, max_frame_bytes=1024
+                                ) as (agent, client):
+        client.request()
+        opened = await agent.expect(OPEN)
+        # 3072 bytes against a 2048-byte window, all in one go.
+        await agent.send(jframe(HEAD, opened.stream, {"status": 200}),
+                         *[frame(DATA, opened.stream, b"x" * 1024)] * 3)
+        assert (await agent.wait_closed())[0] == PROTOCOL_ERROR
 
 
 async def test_integral_numbers_and_unknown_fields_are_accepted(
@@ -684,20 +693,14 @@ async def test_a_client_that_goes_away_is_close_1001(agent: Agent, client: Clien
 
 
 async def test_no_head_within_the_request_timeout_is_504_and_close_4408(tmp_path: Path) -> None:
-    async with relay_with(tmp_path, request_timeout_s=0.1) as relay:
-        agent = await Agent.connect(relay)
-        client = Client(relay)
-        try:
-            request = client.request()
-            opened = await agent.expect(OPEN)
-            closed = await agent.expect(CLOSE_F)
-            assert closed.stream == opened.stream and closed.close[0] == 4408, closed
-            answer = await asyncio.wait_for(request, 10)
-            assert answer.status == 504
-            assert json.loads(answer.body)["error"]["code"] == "host_timeout"
-        finally:
-            await client.close()
-            await agent.close()
+    async with agent_and_client(tmp_path, request_timeout_s=0.1) as (agent, client):
+        request = client.request()
+        opened = await agent.expect(OPEN)
+        closed = await agent.expect(CLOSE_F)
+        assert closed.stream == opened.stream and closed.close[0] == 4408, closed
+        answer = await asyncio.wait_for(request, 10)
+        assert answer.status == 504
+        assert json.loads(answer.body)["error"]["code"] == "host_timeout"
 
 
 async def test_an_agent_at_its_stream_limit_refuses_with_1013_and_the_client_gets_503(
@@ -787,40 +790,29 @@ async def test_a_refused_ws_channel_closes_the_client_1011(agent: Agent, client:
 
 
 async def test_an_unanswered_ws_open_is_close_1001_and_the_client_4410(tmp_path: Path) -> None:
-    async with relay_with(tmp_path, open_timeout_s=0.15) as relay:
-        agent = await Agent.connect(relay)
-        client = Client(relay)
-        try:
-            connecting = asyncio.ensure_future(client.websocket())
-            opened = await agent.expect(OPEN)
-            closed = await agent.expect(CLOSE_F)
-            assert closed.stream == opened.stream and closed.close[0] == 1001
-            ws = await asyncio.wait_for(connecting, 5)
-            refused = await ws.wait_closed()
-            assert refused is not None and refused.close_code == 4410
-            ws.abort()
-        finally:
-            await client.close()
-            await agent.close()
+    async with agent_and_client(tmp_path, open_timeout_s=0.15) as (agent, client):
+        connecting = asyncio.ensure_future(client.websocket())
+        opened = await agent.expect(OPEN)
+        closed = await agent.expect(CLOSE_F)
+        assert closed.stream == opened.stream and closed.close[0] == 1001
+        ws = await asyncio.wait_for(connecting, 5)
+        refused = await ws.wait_closed()
+        assert refused is not None and refused.close_code == 4410
+        ws.abort()
 
 
 async def test_a_ws_dataframe_costs_its_payload_plus_64(tmp_path: Path) -> None:
-    async with relay_with(tmp_path, stream_window_bytes=4096, max_frame_bytes=4096) as relay:
-        agent = await Agent.connect(relay)
-        client = Client(relay)
-        try:
-            ws, opened = await open_channel(agent, client)
-            await agent.send(frame(DATA, opened.stream, b"x" * (4096 - WS_FRAME_COST)))
-            assert (await ws.receive()).data == b"x" * (4096 - WS_FRAME_COST)  # fits exactly
-            ws.abort()
-            assert (await agent.expect(CLOSE_F, skip=(PING, PONG, WINDOW))).stream == opened.stream
-            ws, opened = await open_channel(agent, client)
-            await agent.send(frame(DATA, opened.stream, b"x" * (4096 - WS_FRAME_COST + 1)))
-            assert (await agent.wait_closed())[0] == PROTOCOL_ERROR
-            ws.abort()
-        finally:
-            await client.close()
-            await agent.close()
+    async with agent_and_client(tmp_path, stream_window_bytes=4096, max_frame_bytes=4096
+                                ) as (agent, client):
+        ws, opened = await open_channel(agent, client)
+        await agent.send(frame(DATA, opened.stream, b"x" * (4096 - WS_FRAME_COST)))
+        assert (await ws.receive()).data == b"x" * (4096 - WS_FRAME_COST)  # fits exactly
+        ws.abort()
+        assert (await agent.expect(CLOSE_F, skip=(PING, PONG, WINDOW))).stream == opened.stream
+        ws, opened = await open_channel(agent, client)
+        await agent.send(frame(DATA, opened.stream, b"x" * (4096 - WS_FRAME_COST + 1)))
+        assert (await agent.wait_closed())[0] == PROTOCOL_ERROR
+        ws.abort()
 
 
 # -- 5. credit per fragment --------------------------------------------------------------------
