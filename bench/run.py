@@ -377,7 +377,8 @@ class Bench:
         rows.append(Row("W1", "errors (non-2xx + socket)", direct.errors, relay.errors, "",
                         "0", relay.errors == 0, ratio=False))
         self.cpu_rows("W1", "request", meters, {"direct": direct.requests,
-                                                "relay": relay.requests})
+                                                "relay": relay.requests},
+                      ceiling_target=("≥ 15,000", 15000.0))
         self.w1_access_log(binary)
         self.w1_cors(binary, relay, meters["relay"])
         if "W1" in self.profile_targets:
@@ -652,7 +653,8 @@ class Bench:
 
     def cpu_rows(self, workload: str, unit: str, meters: dict[str, CpuMeter],
                  counts: dict[str, int], *,
-                 relay_target: tuple[str, float] | None = None) -> None:
+                 relay_target: tuple[str, float] | None = None,
+                 ceiling_target: tuple[str, float] | None = None) -> None:
         """Where the CPU went: relay and agent per operation, host and load generator shares."""
         rows = self.report.rows
         relay, direct = meters["relay"], meters["direct"]
@@ -667,11 +669,38 @@ class Bench:
         for who, label in (("host", "host service"), ("loadgen", "load generator")):
             rows.append(Row(workload, f"{label} CPU, share of a core", 100 * direct.share(who),
                             100 * relay.share(who), "%", ratio=False))
+        if ceiling_target is not None:
+            self.ceiling_rows(workload, unit, meters, counts, ceiling_target)
         for path, meter in meters.items():
             if meter.share("other") > 0.15:
                 self.report.notes.append(
                     f"{workload} {path}: other processes used {100 * meter.share('other'):.0f}% "
                     f"of a core during the run; its numbers are likely low")
+
+    def ceiling_rows(self, workload: str, unit: str, meters: dict[str, CpuMeter],
+                     counts: dict[str, int], target: tuple[str, float]) -> None:
+        """The rate this machine could reach if CPU were the only limit: its cores divided by
+        the CPU one operation costs every process on the path (load generator, host service,
+        loopback interrupts, and for the relayed path the relay and the agent). A throughput
+        target above it cannot be met on this machine whatever the relay does; the second row
+        shows the ceiling with a relay that cost nothing."""
+        cores = os.cpu_count() or 1
+        label, bound = target
+
+        def ceiling(path: str, *without: str) -> float | None:
+            used = meters[path].used
+            cpu = sum(v for k, v in used.items() if k != "other" and k not in without)
+            return cores * counts[path] / cpu if counts[path] and cpu > 0 else None
+
+        relayed = ceiling("relay")
+        rows = self.report.rows
+        rows.append(Row(workload, f"CPU ceiling: {unit}s/s if {cores} cores did only this",
+                        ceiling("direct"), relayed, "", label,
+                        relayed is not None and relayed >= bound, ratio=False,
+                        note="cores / CPU per operation of every process on the path"))
+        rows.append(Row(workload, "CPU ceiling with a relay that cost nothing", None,
+                        ceiling("relay", "relay"), "", ratio=False,
+                        note="the same, leaving the relay's own CPU out"))
 
     @property
     def profile_targets(self) -> set[str]:
@@ -849,7 +878,7 @@ class Bench:
                         "0", relay["bad"] == 0, ratio=False))
         self.cpu_rows("W3", "round trip", meters, {"direct": direct["count"],
                                                    "relay": relay["count"]},
-                      relay_target=("< 30 µs", 30.0))
+                      relay_target=("< 30 µs", 30.0), ceiling_target=("≥ 35,000", 35000.0))
         if "W3" in self.profile_targets:
             self.profile_run("W3", lambda s: self._ws_echo(
                 self.relay.host_url(HOST_ID, "/ws", "ws") if self.relay else "", "w3-profile",
