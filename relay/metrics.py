@@ -94,7 +94,7 @@ class DisconnectReason(StrEnum):
     INTERNAL_ERROR = "internal_error"  # 1011: the relay's own fault
     OPERATOR = "operator"  # DELETE /admin/tunnels/<hostId>
     STOPPING = "stopping"  # 1001: this relay is shutting down
-    ERROR = "error"  # the connection failed under the relay (reset, broken frame)
+    ERROR = "error"  # the connection failed under the relay (reset)
     OTHER = "other"
 
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import json
 import os
 import socket
 import subprocess
@@ -316,6 +317,16 @@ class LogCapture:
     @property
     def text(self) -> str:
         return self.stream.getvalue()
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Every JSON event written so far."""
+        return json_events(self.text)
+
+
+def json_events(text: str) -> list[dict[str, Any]]:
+    """The JSON events in a log text (lines that are not JSON, e.g. a banner, left out)."""
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
 def spawn_relay_process(config_path: Path, *, env: dict[str, str] | None = None,

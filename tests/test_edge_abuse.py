@@ -14,14 +14,19 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from relay.config import load_config
-from tests.harness import LogCapture, spawn_relay_process, stack, wait_http, write_config
+from tests.harness import (
+    LogCapture,
+    json_events,
+    spawn_relay_process,
+    stack,
+    wait_http,
+    write_config,
+)
 from tests.rawhttp import RawClient, parse_responses
 
 HOST = "acme:laptop"
 
 
-def _events(text: str) -> list[dict[str, object]]:
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
 # --------------------------------------------------------------------------- slowloris
@@ -288,13 +293,13 @@ async def test_parser_refusals_are_our_json_and_one_info_event(tmp_path: Path) -
         assert got[name][:2] == (status, code), name
         assert TOKEN_MARK.encode() not in got[name][2], name
     text = capture.text
-    refused = [e for e in _events(text) if e["event"] == "http.parse_refused"]
+    refused = [e for e in json_events(text) if e["event"] == "http.parse_refused"]
     assert len(refused) == len(MALFORMED)
     assert all(e["level"] == "info" and e["peer"] == "127.0.0.1" for e in refused)
     assert {e["status"] for e in refused} == {400, 414, 431}
     assert TOKEN_MARK not in text
     assert "Traceback" not in text
-    assert not [e for e in _events(text) if e["level"] in ("error", "critical")]
+    assert not [e for e in json_events(text) if e["level"] in ("error", "critical")]
 
 
 # --------------------------------------------------------------------------- identity headers

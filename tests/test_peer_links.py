@@ -42,6 +42,7 @@ from tests.harness import (
     start_relay,
     write_config,
 )
+from tests.rawws import RawWebSocket
 from tests.redis_server import RedisServer, free_port
 
 SECRET = "a-peer-secret-for-the-link-tests"
@@ -245,6 +246,31 @@ async def test_a_forged_or_replayed_link_is_refused_401_and_logged(fleet: Fleet)
     assert "replayed" in logs.text
     assert fleet.token not in logs.text
     await eventually(lambda: len(a.state.answered_links) == answered)
+
+
+async def test_bad_framing_on_an_answered_link_is_1002_and_logged_as_a_violation(
+    fleet: Fleet,
+) -> None:
+    """A signed link whose peer then breaks RFC 6455 (an unmasked frame) is refused 1002, and
+    the owner logs it as the peer's protocol violation, naming the rule."""
+    a = fleet.a
+    answered = len(a.state.answered_links)
+    with LogCapture() as logs:
+        ws = await RawWebSocket.connect(a.config.server.port, LINK_PATH,
+                                        sign_link(PeerSigner(SECRET, "relay-x")))
+        try:
+            await eventually(lambda: len(a.state.answered_links) == answered + 1)
+            await ws.send_raw(bytes((0x82, 1)) + b"x")  # FIN + binary, no mask bit
+            closed = await ws.wait_closed(within=5)
+            assert closed is not None and closed.close_code == 1002
+        finally:
+            ws.abort()
+        await eventually(lambda: len(a.state.answered_links) == answered)
+        await eventually(lambda: '"peer.link_down"' in logs.text)
+    violations = [e for e in logs.events if e["event"] == "peer.link_protocol_violation"]
+    assert [e["error"] for e in violations] == ["client frame not masked"]
+    assert [e["reason"] for e in logs.events if e["event"] == "peer.link_down"] == [
+        "protocol_violation"]
 
 
 async def test_a_failed_link_fails_its_request_as_an_unreachable_owner_then_reopens(

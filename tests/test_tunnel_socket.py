@@ -11,12 +11,14 @@ import base64
 import contextlib
 import hashlib
 import os
+import socket
 import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from relay.config import load_config
 from relay.protocol import frames
@@ -162,12 +164,47 @@ async def test_frames_split_across_reads_and_sent_with_the_upgrade_arrive(
     ws.abort()
 
 
+def disconnects(relay: RunningRelay, reason: str) -> float:
+    value = relay.state.metrics.registry.get_sample_value(
+        "relay_tunnel_disconnects_total", {"reason": reason})
+    return value or 0.0
+
+
 async def test_an_unmasked_client_frame_is_1002(relay: RunningRelay) -> None:
     ws = await connect(relay)
     payload = tunnel_frame(T_PING, b"x")
-    await ws.send_raw(struct.pack("!BB", 0x80 | BINARY, len(payload)) + payload)
-    assert await close_code(ws) == 1002
+    with capture_logs() as logs:
+        await ws.send_raw(struct.pack("!BB", 0x80 | BINARY, len(payload)) + payload)
+        assert await close_code(ws) == 1002
+        await eventually(lambda: relay.state.registry.get(HOST) is None)
+        await eventually(lambda: disconnects(relay, "protocol_violation") == 1)
+    # Counted and logged as the agent's violation, naming the rule, not as a failed connection.
+    assert disconnects(relay, "error") == 0
+    violations = [(e["log_level"], e["error"]) for e in logs
+                  if e["event"] == "tunnel.protocol_violation"]
+    assert violations == [("warning", "client frame not masked")]
+    assert [e["reason"] for e in logs if e["event"] == "tunnel.disconnected"] == [
+        "protocol_violation"]
+
+
+async def test_a_tunnel_reset_by_the_agent_is_counted_as_an_error(relay: RunningRelay) -> None:
+    ws = await connect(relay)
+    sock = ws.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with capture_logs() as logs:
+        ws.abort()  # with a zero linger: a reset, not a FIN
+        await eventually(lambda: relay.state.registry.get(HOST) is None)
+        await eventually(lambda: disconnects(relay, "error") == 1)
+    assert disconnects(relay, "agent_closed") == 0
+    assert [e["reason"] for e in logs if e["event"] == "tunnel.disconnected"] == ["error"]
+
+
+async def test_a_tunnel_the_agent_hangs_up_is_agent_closed(relay: RunningRelay) -> None:
+    ws = await connect(relay)
+    ws.abort()  # a FIN without a CLOSE frame: the agent went away, nothing failed
     await eventually(lambda: relay.state.registry.get(HOST) is None)
+    await eventually(lambda: disconnects(relay, "agent_closed") == 1)
+    assert disconnects(relay, "error") == 0
 
 
 @pytest.mark.parametrize("case", ["reserved bit", "unknown opcode", "continuation of nothing",
@@ -187,6 +224,7 @@ async def test_bad_framing_is_1002(relay: RunningRelay, case: str) -> None:
     await ws.send_raw(data)
     assert await close_code(ws) == 1002
     await eventually(lambda: relay.state.registry.get(HOST) is None)
+    await eventually(lambda: disconnects(relay, "protocol_violation") == 1)
 
 
 async def test_a_message_of_the_size_limit_is_1009_from_its_header(relay: RunningRelay) -> None:
@@ -195,6 +233,7 @@ async def test_a_message_of_the_size_limit_is_1009_from_its_header(relay: Runnin
     await ws.send_raw(masked_header(BINARY, max_message(relay)) + b"\0\0\0\0")
     assert await close_code(ws) == 1009
     await eventually(lambda: relay.state.registry.get(HOST) is None)
+    await eventually(lambda: disconnects(relay, "protocol_violation") == 1)
 
 
 async def test_fragments_adding_up_to_the_size_limit_are_1009(relay: RunningRelay) -> None:

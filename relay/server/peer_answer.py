@@ -144,10 +144,14 @@ class AnsweredLink:
         log.warning("peer.link_protocol_violation", origin=self.origin, error=message)
         self.close(int(CloseCode.PROTOCOL_ERROR), fit_reason(message))
 
+    def refused(self, message: str) -> None:
+        self.reason = "protocol_violation"
+        self._closing = True  # the socket sent its CLOSE and hung up itself
+        log.warning("peer.link_protocol_violation", origin=self.origin, error=message)
+
     def ended(self, error: bool) -> None:
         if error:
             self.reason = "error"
-            self._closing = True  # the socket sent its CLOSE and hung up itself
         # Not from inside the socket's callback (a feed may be on the stack): next iteration.
         asyncio.get_running_loop().call_soon(self._disconnect)
 

@@ -72,9 +72,14 @@ class SocketOwner(Protocol):
     def received_text(self) -> None:
         """A text message (which the tunnel protocol does not allow)."""
 
+    def refused(self, message: str) -> None:
+        """Framing the socket refused (``message`` says which rule): it has sent its CLOSE
+        (1002, or 1009 for a message over the limit) and hung up; :meth:`ended` follows."""
+
     def ended(self, error: bool) -> None:
-        """Nothing more will be read (called once): the peer's CLOSE, our own CLOSE or the
-        connection lost (``error`` False), or framing the socket refused (True)."""
+        """Nothing more will be read (called once): the peer's CLOSE, our own CLOSE, the
+        connection closed or refused framing (``error`` False), or the connection failed
+        under us, e.g. reset by the peer (True)."""
 
 
 class TunnelSocket(asyncio.Protocol):
@@ -143,7 +148,7 @@ class TunnelSocket(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("the tunnel's connection is gone"))
         self._wake_closer()
-        self._end(error=False)
+        self._end(error=exc is not None)
 
     # -- reading --------------------------------------------------------------------------------
     def _parse(self, data: bytes | bytearray) -> int:
@@ -177,7 +182,7 @@ class TunnelSocket(asyncio.Protocol):
                 self._frame(first & 0x80 != 0, opcode, payload)
         except (ProtocolViolation, PayloadTooLarge) as exc:
             self._buffer = self._fragments = None
-            self._refuse(int(exc.close_code))
+            self._refuse(int(exc.close_code), exc.message)
             return size
         return pos
 
@@ -241,14 +246,16 @@ class TunnelSocket(asyncio.Protocol):
         self._wake_closer()
         self._end(error=False)
 
-    def _refuse(self, code: int) -> None:
+    def _refuse(self, code: int, message: str) -> None:
         """Framing the socket refuses: close with ``code`` (no reason) and hang up without
         waiting for the peer's CLOSE, as aiohttp did: the stream cannot be parsed any further."""
         self._stopped = True
         if not self._closing:
             self._send_close(code, b"")
         self.transport.close()
-        self._end(error=True)
+        if not self._ended:
+            self.owner.refused(message)
+        self._end(error=False)
 
     def _end(self, *, error: bool) -> None:
         if not self._ended:

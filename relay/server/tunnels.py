@@ -369,10 +369,14 @@ class ServedTunnel:
         log.warning("tunnel.protocol_violation", host_id=self.host_id, error=message)
         self._close(int(CloseCode.PROTOCOL_ERROR), fit_reason(message))
 
+    def refused(self, message: str) -> None:
+        self._seen = DisconnectReason.PROTOCOL_VIOLATION
+        self._closing = True  # the socket sent its CLOSE and hung up itself
+        log.warning("tunnel.protocol_violation", host_id=self.host_id, error=message)
+
     def ended(self, error: bool) -> None:
         if error:
             self._seen = DisconnectReason.ERROR
-            self._closing = True  # the socket sent its CLOSE and hung up itself
         # Not from inside the socket's callback (a feed may be on the stack): next iteration.
         asyncio.get_running_loop().call_soon(self._disconnect)
 
