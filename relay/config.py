@@ -186,6 +186,7 @@ class TracingConfig:
     max_export_batch_size: int = 512
     schedule_delay_s: float = 1.0  # how often the background exporter sends a batch
     export_timeout_s: float = 5.0  # one export to the collector, retries included
+    shutdown_timeout_s: float = 3.0  # a stopping relay's wait for the last export
 
 
 @dataclass(frozen=True, slots=True)
@@ -610,7 +611,7 @@ def _validate_tracing(config: Config) -> None:
     if not 1 <= tracing.max_export_batch_size <= tracing.max_queue_size:
         raise ConfigError(src, "tracing.max_export_batch_size",
                           "must be between 1 and tracing.max_queue_size")
-    for key in ("schedule_delay_s", "export_timeout_s"):
+    for key in ("schedule_delay_s", "export_timeout_s", "shutdown_timeout_s"):
         if getattr(tracing, key) <= 0:
             raise ConfigError(src, f"tracing.{key}", "must be positive")
 

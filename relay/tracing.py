@@ -40,6 +40,7 @@ class TracingSettings:
     max_export_batch_size: int = 512
     schedule_delay_s: float = 1.0
     export_timeout_s: float = 5.0
+    shutdown_timeout_s: float = 3.0  # shutdown()'s bound unless the caller names one
 
 
 def trace_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -147,8 +148,9 @@ class Tracing:
         span.end()
 
     # -- lifetime ------------------------------------------------------------------------------
-    async def shutdown(self, timeout_s: float = 3.0) -> None:
-        """Flush what is queued and stop the exporter, waiting at most ``timeout_s``.
+    async def shutdown(self, timeout_s: float | None = None) -> None:
+        """Flush what is queued and stop the exporter, waiting at most ``timeout_s`` (the
+        settings' ``shutdown_timeout_s`` when None).
 
         The SDK's shutdown blocks on a last export; a hanging collector must not hold the
         process, so it runs in a daemon thread that is abandoned at the deadline.
@@ -172,7 +174,8 @@ class Tracing:
 
         threading.Thread(target=work, name="otel-shutdown", daemon=True).start()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done, timeout_s)
+            await asyncio.wait_for(
+                done, self.settings.shutdown_timeout_s if timeout_s is None else timeout_s)
 
 
 def build_tracing(config: TracingConfig,
@@ -185,4 +188,5 @@ def build_tracing(config: TracingConfig,
         sample_ratio=config.sample_ratio, max_queue_size=config.max_queue_size,
         max_export_batch_size=config.max_export_batch_size,
         schedule_delay_s=config.schedule_delay_s, export_timeout_s=config.export_timeout_s,
+        shutdown_timeout_s=config.shutdown_timeout_s,
     ), on_dropped)

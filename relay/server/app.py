@@ -117,7 +117,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             await state.verifier.close()
         await state.client.close()
         if state.tracing is not None:
-            await state.tracing.shutdown(timeout_s=3.0)  # bounded: a hung collector loses spans
+            # Bounded (tracing.shutdown_timeout_s): a hung collector loses spans, not the exit.
+            await state.tracing.shutdown()
 
 
 async def _hang_up_refusals(app: web.Application) -> None:
