@@ -37,6 +37,8 @@ TUNNEL_CLOSE = "tunnel-close"
 TUNNEL_RELEASE = "tunnel-release"
 BACKGROUND = "background"
 
+CLOSE_TIMEOUT_S = 2.0  # a black-holed agent never answers our close frame
+
 
 def session_settings(config: Config) -> SessionSettings:
     t = config.tunnel
@@ -88,6 +90,9 @@ class RelayState:
     # The monotonic clock that tunnels opened from now on (keepalive, stalled writes, the PING
     # budget) and the flood lockout read: a test moves a fake one instead of waiting it out.
     clock: Callable[[], float] = time.monotonic
+    # How long a tunnel's close handshake may wait for the agent's close frame before the relay
+    # hangs up: a test lowers it rather than wait out the black-holed agent it plays.
+    close_timeout_s: float = CLOSE_TIMEOUT_S
 
     def request_started(self) -> None:
         self.inflight_http += 1

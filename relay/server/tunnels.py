@@ -43,6 +43,7 @@ from relay.protocol.messages import Hello, Renew, Renewed
 from relay.server.edge import Authorized, authorize, require_param
 from relay.server.httpedge import EdgeProtocol
 from relay.server.registry import Tunnel
+from relay.server.state import CLOSE_TIMEOUT_S as CLOSE_TIMEOUT_S  # the bound, where it is used
 from relay.server.state import STATE, TUNNEL_CLOSE, TUNNEL_RELEASE, RelayState
 from relay.server.throttle import FailureThrottle
 from relay.server.tunnel_socket import SocketOwner, TunnelSocket, switching_protocols
@@ -51,7 +52,6 @@ from relay.tunnel.session import Role, TunnelSession
 
 log = structlog.get_logger("relay.tunnel")
 
-CLOSE_TIMEOUT_S = 2.0  # a black-holed agent never answers our close frame
 # How long a refusal for a flood lockout is held back (at most): no longer than a refused
 # close handshake may take anyway, so it holds a connection no longer than any refusal can.
 FLOOD_REFUSAL_HOLD_S = CLOSE_TIMEOUT_S
@@ -319,8 +319,10 @@ class ServedTunnel:
             return
         self._closing = True
         self.socket.send_close(code, reason_bytes(reason))
-        self.state.tasks.spawn(TUNNEL_CLOSE, finish_close(self.socket, patient=patient),
-                               f"tunnel-close:{self.host_id}")
+        self.state.tasks.spawn(
+            TUNNEL_CLOSE,
+            finish_close(self.socket, patient=patient, timeout_s=self.state.close_timeout_s),
+            f"tunnel-close:{self.host_id}")
 
     def _on_silence(self) -> None:
         self.request_close(int(CloseCode.KEEPALIVE_MISSED), "keepalive missed")
@@ -488,15 +490,17 @@ def _reason_label(code: int | None, label: DisconnectReason | None,
     return _REASON_BY_CODE.get(code, DisconnectReason.OTHER)
 
 
-async def finish_close(socket: TunnelSocket, *, patient: bool) -> None:
-    """After our CLOSE: wait for the agent's, but never on a peer that may be gone for good.
+async def finish_close(socket: TunnelSocket, *, patient: bool,
+                       timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+    """After our CLOSE: wait for the agent's (``timeout_s`` at most), but never on a peer that
+    may be gone for good.
 
     ``patient=False``: drop the connection at once.
     """
     clean = False
     try:
         if patient:
-            clean = await asyncio.wait_for(socket.wait_closed(), CLOSE_TIMEOUT_S)
+            clean = await asyncio.wait_for(socket.wait_closed(), timeout_s)
     except TimeoutError:
         pass
     finally:
