@@ -19,9 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import aiohttp
 import jwt
 import structlog
 from cryptography import x509
@@ -31,6 +30,9 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from relay.aio import SingleFlight
 from relay.errors import ConfigError
 from relay.metrics import FetchResult, Metrics
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
@@ -305,6 +307,10 @@ class JwksKeySource:
 
     async def _fetch(self) -> bool:
         """One JWKS fetch. Never raises (except on cancellation); returns success."""
+        # Here, not at the top: the dev issuer (``relay token``) needs this module's key types
+        # but no HTTP client, and loading aiohttp's is most of that command's start-up.
+        import aiohttp
+
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
