@@ -295,6 +295,36 @@ async def test_token_not_yet_valid_is_refused(rsa_key: rsa.RSAPrivateKey) -> Non
     assert reasons(logs) == ["not_yet_valid"]
 
 
+async def test_time_claims_are_checked_on_the_verifiers_clock_alone(
+    rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    """A relay whose clock a test moves (or one set a day back) verifies by that clock, not by
+    the wall clock PyJWT would read: the cache, the leases and verification agree on time."""
+    now = int(time.time())
+    behind = make_verifier(rsa_key, leeway_s=30, clock=FakeClock(now - 86400))
+    # Expired by the wall clock, a day left by the verifier's.
+    identity = await behind.verify(sign(rsa_key, iat=now - 86400 - 60, nbf=now - 86400 - 60,
+                                        exp=now - 3600))
+    assert identity.expires_at == now - 3600
+    ahead = make_verifier(rsa_key, leeway_s=30, clock=FakeClock(now + 86400))
+    # Issued "tomorrow" by the wall clock, the verifier's now.
+    identity = await ahead.verify(sign(rsa_key, iat=now + 86400, nbf=now + 86400,
+                                       exp=now + 86400 + 300))
+    assert identity.sub == "user-alice"
+    # And what the wall clock would let through, the verifier's clock refuses.
+    for verifier, overrides, reason in ((ahead, {"exp": now + 300}, "expired"),
+                                        (behind, {"nbf": None}, "not_yet_valid"),  # by iat
+                                        (behind, {"iat": None}, "not_yet_valid")):  # by nbf
+        _, logs = await rejected(verifier, sign(rsa_key, **overrides))
+        assert reasons(logs) == [reason], overrides
+
+
+async def test_a_bad_iat_is_refused(rsa_key: rsa.RSAPrivateKey) -> None:
+    verifier = make_verifier(rsa_key, leeway_s=30)
+    _, logs = await rejected(verifier, sign(rsa_key, iat="yesterday"))
+    assert reasons(logs) == ["invalid"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [
