@@ -4,6 +4,8 @@ and a sleep injected where a loop waits, each wait ending only when the test ste
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 
 
 class FakeClock:
@@ -15,6 +17,35 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class ShiftedClock:
+    """The wall clock moved by ``offset`` seconds: real time keeps flowing (so real timers and
+    timeouts behave), but a test can put "now" just before a deadline instead of waiting.
+
+    :meth:`sleep` waits on this clock: it ends when the clock reaches its end, whether real
+    time got there or :meth:`set` moved the clock past it.
+    """
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.offset = offset
+        self._moved = asyncio.Event()
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def set(self, now: float) -> None:
+        """From now on the clock reads ``now`` (and runs on from there)."""
+        self.offset = now - time.time()
+        self._moved.set()
+        self._moved = asyncio.Event()
+
+    async def sleep(self, seconds: float) -> None:
+        until = self() + seconds
+        while (left := until - self()) > 0:
+            moved = self._moved
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(moved.wait(), left)
 
 
 class SteppedSleep:

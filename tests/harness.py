@@ -142,10 +142,13 @@ class RunningRelay:
 
 async def start_relay(config: Config, *,
                       probe_sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                      wall_clock: Callable[[], float] = time.time,
                       ) -> RunningRelay:
     """The relay as ``relay serve`` runs it (same connection edge and listeners), in-process.
-    ``probe_sleep``: the probe loop's wait between probes (see tests.clock.SteppedSleep)."""
-    app = build_app(config, services=probe_services(config, sleep=probe_sleep))
+    ``probe_sleep``: the probe loop's wait between probes (see tests.clock.SteppedSleep);
+    ``wall_clock``: the relay's time for tokens (see tests.clock.ShiftedClock)."""
+    app = build_app(config, services=probe_services(config, sleep=probe_sleep),
+                    wall_clock=wall_clock)
     listeners = Listeners.create(app, config, shutdown_timeout=2.0)
     try:
         await listeners.setup()
@@ -233,12 +236,14 @@ async def start_agent(
     relay_url: str, host_id: str, upstream: str, *, token: str | None = None,
     tokens: TokenSource | None = None, backoff: Backoff | None = None, wait: bool = True,
     on_state: Callable[[Agent], None] | None = None, tracing: Tracing | None = None,
+    renew_clock: Callable[[], float] = time.time,
+    renew_sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     **options: Any,
 ) -> RunningAgent:
     source = tokens or TokenSource(token=token)
     agent = Agent(AgentOptions(relay_url=relay_url, host_id=host_id, upstream=upstream, **options),
                   source, backoff=backoff or Backoff(base=0.05, cap=0.5), on_state=on_state,
-                  tracing=tracing)
+                  tracing=tracing, renew_clock=renew_clock, renew_sleep=renew_sleep)
     stop = asyncio.Event()
     task = asyncio.ensure_future(agent.run(stop))
     task.set_name(f"test-agent:{host_id}")

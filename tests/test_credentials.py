@@ -2,17 +2,18 @@
 
 A WebSocket channel closes 4401 when its token expires and 4403 when its access is revoked; a
 tunnel closes 4401 at its token's expiry unless the agent renews in-band (protocol v2), and a
-v1 agent comes back with a fresh token. Tokens live seconds and the auth leeway is 0, so the
-deadlines arrive during the test; the times from deadline to close are printed.
+v1 agent comes back with a fresh token. The auth leeway is 0, and the relay's wall clock (and
+the agent's renewal clock) is a shifted one the test sets to just before a deadline instead of
+waiting for it: real time still runs, so every timer is the real one; the times from deadline
+to close (on that clock) are printed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from relay.config import load_config
 from relay.errors import CloseCode
 from relay.protocol import frames
 from relay.protocol.frames import FrameType
+from tests.clock import ShiftedClock
 from tests.harness import (
     RunningHost,
     RunningRelay,
@@ -40,15 +42,12 @@ HOST = "acme:laptop"
 SECRET = "admin-secret-for-credential-tests"
 
 
-def short_ttl(at_least_s: float = 0.6) -> int:
-    """A token lifetime in whole seconds (exp is one) that ends ``at_least_s`` from now or up
-    to a second later: a plain ``ttl_s=2`` would leave anything between 1 and 2 s."""
-    now = time.time()
-    return math.ceil(now + at_least_s) - int(now)
+def claim_of(token: str, name: str) -> float:
+    return float(jwt.decode(token, options={"verify_signature": False})[name])
 
 
 def exp_of(token: str) -> float:
-    return float(jwt.decode(token, options={"verify_signature": False})["exp"])
+    return claim_of(token, "exp")
 
 
 @dataclass
@@ -56,6 +55,12 @@ class Setup:
     relay: RunningRelay
     host: RunningHost
     client: aiohttp.ClientSession
+    clock: ShiftedClock  # the relay's wall clock
+
+    def jump(self, now: float) -> None:
+        """Set the relay's time to ``now``; its credential timer re-reads the clock at once."""
+        self.clock.set(now)
+        self.relay.state.leases.clock_stepped()
 
     def ws_url(self, path: str = "/ws") -> str:
         return f"{self.relay.ws_url}/hosts/{HOST}{path}"
@@ -80,11 +85,12 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
         "auth": {"leeway_s": 0},
         "admin": {"secret": SECRET},
     }), env={})
-    relay = await start_relay(config)
+    clock = ShiftedClock()
+    relay = await start_relay(config, wall_clock=clock)
     host = await start_host()
     client = aiohttp.ClientSession()
     try:
-        yield Setup(relay, host, client)
+        yield Setup(relay, host, client, clock)
     finally:
         await client.close()
         await relay.stop()
@@ -97,16 +103,17 @@ async def creds(tmp_path: Path) -> AsyncIterator[Setup]:
         yield running
 
 
-async def closed_within(ws: aiohttp.ClientWebSocketResponse, seconds: float
+async def closed_within(ws: aiohttp.ClientWebSocketResponse, seconds: float,
+                        clock: Callable[[], float] = time.time,
                         ) -> tuple[int | None, str, float]:
-    """Wait for the relay to close ``ws``: its code, reason and when (wall clock)."""
+    """Wait for the relay to close ``ws``: its code, reason and when (on ``clock``)."""
     async with asyncio.timeout(seconds):
         while True:
             msg = await ws.receive()
             if msg.type is aiohttp.WSMsgType.CLOSE:
-                return int(msg.data), str(msg.extra or ""), time.time()
+                return int(msg.data), str(msg.extra or ""), clock()
             if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                return ws.close_code, "", time.time()
+                return ws.close_code, "", clock()
 
 
 # -- channels ---------------------------------------------------------------------------------
@@ -116,9 +123,10 @@ async def test_a_channel_is_closed_4401_when_its_token_expires(creds: Setup) -> 
     agent = await start_agent(creds.relay.ws_url, HOST, creds.host.url,
                               token=creds.relay.agent_token(HOST, sub="agent"))
     try:
-        token = creds.relay.token(sub="alice", ttl_s=short_ttl())
+        token = creds.relay.token(sub="alice", ttl_s=60)
         ws = await creds.channel(token)
-        code, reason, at = await closed_within(ws, 5)
+        creds.jump(exp_of(token) - 0.05)
+        code, reason, at = await closed_within(ws, 5, creds.clock)
         lag = at - exp_of(token)
         print(f"channel closed {code} {reason!r} {lag * 1000:.0f} ms after exp")
         assert (code, reason) == (CloseCode.UNAUTHORIZED, "token expired")
@@ -180,20 +188,24 @@ async def test_revoking_a_host_closes_its_tunnel_and_channels_4403(creds: Setup)
 
 
 @contextlib.asynccontextmanager
-async def fresh_token_file(relay: RunningRelay, path: Path, ttl_s: int,
+async def fresh_token_file(creds: Setup, path: Path, ttl_s: int,
                            every_s: float = 0.25) -> AsyncIterator[list[str]]:
-    """A token file that something outside the agent keeps fresh, as a login helper would."""
+    """A token file that something outside the agent keeps fresh, as a login helper would (on
+    the relay's clock, as a login helper's tokens are on the issuer's)."""
     written: list[str] = []
+
+    def mint() -> str:
+        return creds.relay.agent_token(HOST, sub="agent", ttl_s=ttl_s, now=creds.clock())
 
     async def refresh() -> None:
         while True:
-            token = relay.agent_token(HOST, sub="agent", ttl_s=ttl_s)
+            token = mint()
             if not written or written[-1] != token:
                 path.write_text(token)  # noqa: ASYNC240 (a few hundred bytes to a tmp file)
                 written.append(token)
             await asyncio.sleep(every_s)
 
-    first = relay.agent_token(HOST, sub="agent", ttl_s=ttl_s)
+    first = mint()
     path.write_text(first)  # noqa: ASYNC240
     written.append(first)
     task = asyncio.ensure_future(refresh())
@@ -209,7 +221,7 @@ async def fresh_token_file(relay: RunningRelay, path: Path, ttl_s: int,
 async def test_a_v1_tunnel_is_closed_4401_at_exp_and_comes_back_with_a_fresh_token(
     creds: Setup, tmp_path: Path,
 ) -> None:
-    async with fresh_token_file(creds.relay, tmp_path / "token", ttl_s=2) as written:
+    async with fresh_token_file(creds, tmp_path / "token", ttl_s=60) as written:
         agent = await start_agent(creds.relay.ws_url, HOST, creds.host.url,
                                   tokens=TokenSource(file=str(tmp_path / "token")),
                                   versions=(1,))
@@ -217,13 +229,14 @@ async def test_a_v1_tunnel_is_closed_4401_at_exp_and_comes_back_with_a_fresh_tok
             first_exp = exp_of(written[0])
             tunnel = creds.relay.state.registry.get(HOST)
             assert tunnel is not None and tunnel.session.version == 1
+            creds.jump(first_exp - 0.05)
             await eventually(lambda: agent.agent.last_outcome is not None, timeout=6)
-            closed_at = time.time()
+            closed_at = creds.clock()
             outcome = agent.agent.last_outcome
             assert outcome is not None and outcome.code == CloseCode.UNAUTHORIZED
             print(f"v1 tunnel closed 4401 about {(closed_at - first_exp) * 1000:.0f} ms after "
                   "exp (seen by the agent)")
-            assert closed_at - first_exp < 1.0
+            assert 0 <= closed_at - first_exp < 1.0
             await eventually(lambda: agent.agent.connects == 2 and agent.agent.connected,
                              timeout=5)
             async with creds.client.get(f"{creds.relay.url}/hosts/{HOST}/",
@@ -237,48 +250,83 @@ async def test_a_v1_tunnel_is_closed_4401_at_exp_and_comes_back_with_a_fresh_tok
 async def test_a_v2_agent_renews_in_band_and_no_request_fails_across_the_renewal(
     creds: Setup, tmp_path: Path,
 ) -> None:
-    async with fresh_token_file(creds.relay, tmp_path / "token", ttl_s=3) as written:
-        agent = await start_agent(creds.relay.ws_url, HOST, creds.host.url,
-                                  tokens=TokenSource(file=str(tmp_path / "token")))
-        try:
-            tunnel = creds.relay.state.registry.get(HOST)
-            assert tunnel is not None and tunnel.session.version == 2
-            assert tunnel.lease is not None
-            first_deadline = tunnel.lease.deadline
-            assert first_deadline == exp_of(written[0])
-            token = creds.relay.token(sub="alice")
-            statuses: list[int] = []
-            # Requests back to back until a second past the first token's exp: the lease of a
-            # tunnel that was not renewed closes it at exp (+1 ms), and tokens read from the
-            # file are renewed at half their 3 s life, so this crosses more than one renewal.
-            until = first_deadline + 1.0
-            while time.time() < until:
-                async with creds.client.get(f"{creds.relay.url}/hosts/{HOST}/",
-                                            headers={"Authorization": f"Bearer {token}"}) as resp:
-                    await resp.read()
-                    statuses.append(resp.status)
-                await asyncio.sleep(0.02)
-            assert statuses and set(statuses) == {200}
-            assert agent.agent.connects == 1 and agent.agent.connected
-            assert creds.relay.state.registry.get(HOST) is tunnel
-            assert tunnel.lease.deadline > first_deadline + 1
-            print(f"v2 tunnel renewed: {len(statuses)} requests across the renewal, all 200; "
-                  f"deadline moved {tunnel.lease.deadline - first_deadline:.0f} s")
-        finally:
-            await agent.stop()
+    """Tokens of 60 s, renewed at half their life: the test writes each fresh token to the
+    file (as a login helper would), then moves the relay's and the agent's clock to just
+    before the renewal is due; requests run back to back throughout."""
+    clock, path = creds.clock, tmp_path / "token"
+
+    def write_token(now: float) -> str:
+        token = creds.relay.agent_token(HOST, sub="agent", ttl_s=60, now=now)
+        path.write_text(token)
+        return token
+
+    current = write_token(clock())
+    agent = await start_agent(creds.relay.ws_url, HOST, creds.host.url,
+                              tokens=TokenSource(file=str(path)),
+                              renew_clock=clock, renew_sleep=clock.sleep)
+    statuses: list[int] = []
+
+    async def requests() -> None:
+        token = creds.relay.token(sub="alice")
+        while True:
+            async with creds.client.get(f"{creds.relay.url}/hosts/{HOST}/",
+                                        headers={"Authorization": f"Bearer {token}"}) as resp:
+                await resp.read()
+                statuses.append(resp.status)
+            await asyncio.sleep(0.02)
+
+    async def more_requests() -> None:
+        seen = len(statuses)
+        await eventually(lambda: len(statuses) >= seen + 3)
+
+    traffic = asyncio.ensure_future(requests())
+    try:
+        tunnel = creds.relay.state.registry.get(HOST)
+        assert tunnel is not None and tunnel.session.version == 2
+        assert tunnel.lease is not None
+        first_deadline = tunnel.lease.deadline
+        assert first_deadline == exp_of(current)
+        await more_requests()
+        # Two renewals, then past the first token's exp (+1 s): the lease of a tunnel that was
+        # not renewed closes it at exp (+1 ms).
+        for _ in range(2):
+            due = claim_of(current, "iat") + 30
+            current = write_token(due)
+            creds.jump(due - 0.05)
+            fresh = exp_of(current)
+
+            def renewed(fresh: float = fresh) -> bool:
+                return tunnel.lease is not None and tunnel.lease.deadline == fresh
+
+            await eventually(renewed)
+            await more_requests()
+        assert tunnel.lease.deadline > first_deadline + 1
+        creds.jump(first_deadline + 1.0)
+        await more_requests()
+        assert statuses and set(statuses) == {200}
+        assert agent.agent.connects == 1 and agent.agent.connected
+        assert creds.relay.state.registry.get(HOST) is tunnel
+        print(f"v2 tunnel renewed: {len(statuses)} requests across the renewals, all 200; "
+              f"deadline moved {tunnel.lease.deadline - first_deadline:.0f} s")
+    finally:
+        traffic.cancel()
+        with contextlib.suppress(BaseException):
+            await traffic
+        await agent.stop()
 
 
 async def test_a_v2_tunnel_that_does_not_renew_is_closed_4401_at_exp(creds: Setup) -> None:
-    token = creds.relay.agent_token(HOST, sub="agent", ttl_s=short_ttl())
+    token = creds.relay.agent_token(HOST, sub="agent", ttl_s=60)
     tunnel = await RawTunnel.connect(creds.client, creds.relay, HOST, token,
                                      query=f"hostId={HOST}&v=1,2")
     try:
         assert tunnel.hello["version"] == 2 and tunnel.hello["renew"] is True
         assert tunnel.hello["expiresAt"] == exp_of(token)
+        creds.jump(exp_of(token) - 0.05)
         code, reason = await tunnel.expect_close(within=5)
-        lag = time.time() - exp_of(token)
+        lag = creds.clock() - exp_of(token)
         assert (code, reason) == (CloseCode.UNAUTHORIZED, "token expired")
-        assert lag < 1.0
+        assert 0 <= lag < 1.0
     finally:
         await tunnel.close()
 

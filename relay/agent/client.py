@@ -154,8 +154,13 @@ class Agent:
         backoff: Backoff | None = None,
         on_state: Callable[[Agent], None] | None = None,
         tracing: Tracing | None = None,
+        renew_clock: Callable[[], float] = time.time,
+        renew_sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
         self.options = options
+        # The in-band renewal's wall clock and wait (relay.agent.renewal): a test moves them
+        # to a renewal's due time instead of waiting half a token's life.
+        self._renew_clock, self._renew_sleep = renew_clock, renew_sleep
         self.tokens = tokens
         self.tracing = tracing
         self._ssl = client_ssl_context(options.ca_file)
@@ -390,7 +395,8 @@ class Agent:
             session.version = version
             session.start()
             if version >= 2 and body.renew:
-                session.spawn(renew_forever(token, self.tokens, renew),
+                session.spawn(renew_forever(token, self.tokens, renew, clock=self._renew_clock,
+                                            sleep=self._renew_sleep),
                               f"agent-renew:{self.options.host_id}")
             self.session = session
             self.connected = True

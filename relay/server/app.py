@@ -9,6 +9,7 @@ A request then reads one way: middlewares (relay.server.middleware) → routing
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, NamedTuple
 
@@ -28,6 +29,7 @@ from relay.server.cors import CorsPolicy
 from relay.server.drain import stop
 from relay.server.health import handle_healthz, handle_metrics, handle_readyz
 from relay.server.httpedge import edge_limits, parser_args
+from relay.server.leases import LeaseWatch
 from relay.server.middleware import CORS, cors_headers, error_middleware
 from relay.server.observe import observe_middleware, wanted
 from relay.server.peer_answer import close_answered_links, handle_peer_link
@@ -76,8 +78,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         cookie_jar=aiohttp.DummyCookieJar(),
     )
     try:
-        state.sessions = SessionCookies(load_session_key(config))
-        state.verifier = build_verifier(config, state.client, state.metrics)
+        state.sessions = SessionCookies(load_session_key(config), clock=state.wall_clock)
+        state.verifier = build_verifier(config, state.client, state.metrics,
+                                        clock=state.wall_clock)
         state.access = build_access_policy(config, state.client, state.metrics)
         state.directory = build_directory(config, state.metrics)
         await state.verifier.start()
@@ -129,11 +132,14 @@ async def _hang_up_refusals(app: web.Application) -> None:
 
 
 def build_app(config: Config, metrics: Metrics | None = None, *,
-              services: Sequence[Service] = ()) -> web.Application:
+              services: Sequence[Service] = (),
+              wall_clock: Callable[[], float] = time.time) -> web.Application:
     """The relay's public app. ``services`` run beside it, owned and cancelled at stop; the
-    layer that may import both sides passes the synthetic probe here (relay.serve)."""
+    layer that may import both sides passes the synthetic probe here (relay.serve).
+    ``wall_clock``: what tokens' times are checked against (RelayState.wall_clock)."""
     state = RelayState(
-        config=config, metrics=metrics or Metrics(), settings=session_settings(config)
+        config=config, metrics=metrics or Metrics(), settings=session_settings(config),
+        wall_clock=wall_clock, leases=LeaseWatch(clock=wall_clock),
     )
     closes = state.metrics.credential_closes_total
     state.leases.on_close = lambda kind, why: closes.labels(kind=kind, reason=why).inc()

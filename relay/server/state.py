@@ -90,6 +90,10 @@ class RelayState:
     # The monotonic clock that tunnels opened from now on (keepalive, stalled writes, the PING
     # budget) and the flood lockout read: a test moves a fake one instead of waiting it out.
     clock: Callable[[], float] = time.monotonic
+    # The wall clock tokens' exp, nbf and iat are read against: the verifier, the credential
+    # leases (LeaseWatch) and session cookies. A test sets the relay's time to just before a
+    # token's exp rather than wait for it (build_app's wall_clock).
+    wall_clock: Callable[[], float] = time.time
     # How long a tunnel's close handshake may wait for the agent's close frame before the relay
     # hangs up: a test lowers it rather than wait out the black-holed agent it plays.
     close_timeout_s: float = CLOSE_TIMEOUT_S

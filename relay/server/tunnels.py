@@ -451,7 +451,7 @@ async def _renew(state: RelayState, tunnel: Tunnel, token: str) -> None:
         state.leases.move(tunnel.lease, deadline)
     session.send_renewed(Renewed(expires_at=deadline))
     log.info("tunnel.renewed", host_id=tunnel.host_id, sub=tunnel.subject,
-             expires_in_s=round(deadline - time.time(), 1))
+             expires_in_s=round(deadline - state.wall_clock(), 1))
 
 
 async def _unregister(state: RelayState, host_id: str, epoch: str) -> None:
