@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import structlog
 from aiohttp import web
+from multidict import CIMultiDict
 
 from relay.aio import cancel_and_wait
 from relay.errors import (
@@ -44,6 +45,8 @@ class Exchange:
     upload_progress: float = field(default_factory=time.monotonic)
     upload_done: bool = False
     body_too_large: bool = False
+    first_byte: float = 0.0  # when the host's HEAD arrived (monotonic; 0: it never did)
+    ended: float = 0.0
 
 
 def request_has_body(request: web.Request) -> bool:
@@ -106,7 +109,6 @@ async def proxy_http(
         timer.lap("tunnel")
     metrics.http_streams.inc()
     upload: asyncio.Task[None] | None = None
-    response: web.StreamResponse | None = None
     status = 0
     complete = False  # the whole response went to the client
     timed_out = False  # no HEAD within requestTimeoutS: the agent is told 4408, not 1001
@@ -129,37 +131,36 @@ async def proxy_http(
                 raise Overloaded("the host's agent is at its stream limit; retry shortly") from None
             why = closed.reason or closed.code
             raise TunnelClosed(f"the host aborted the request: {why}") from None
-        metrics.http_time_to_first_byte_seconds.observe(time.monotonic() - exchange.started)
+        exchange.first_byte = time.monotonic()
         if timer is not None:
             timer.lap("host")
         status = host_head.status
         raw_headers = host_head.headers
-        response = web.StreamResponse(status=status, reason=host_head.reason or None)
+        reason = host_head.reason or None
         length = None
         for name, value in raw_headers:
             if name.lower() == "content-length":
                 length = value
         public = client_view(request, config.server.trust_forwarded, client_chain)
-        for name, value in response_headers_for_client(
+        headers = CIMultiDict(response_headers_for_client(
             raw_headers, host_prefix(host_id), public.origin,
-        ):
-            response.headers.add(name, value)
+        ))
         if timer is not None and (timing := timer.header()) is not None:
-            response.headers.add("Server-Timing", timing)  # beside any the host sent
+            headers.add("Server-Timing", timing)  # beside any the host sent
         whole = channel.take_whole_body()
         # aiohttp's Response would invent a Content-Type the host did not send; stream then.
-        if whole is not None and "Content-Type" in response.headers and (
+        if whole is not None and "Content-Type" in headers and (
             length is None or length == str(len(whole))
         ):
             # Everything is here already (the common small response): one write, not three.
-            single = web.Response(status=status, reason=response.reason, body=whole,
-                                  headers=response.headers)
+            single = web.Response(status=status, reason=reason, body=whole, headers=headers)
             exchange.bytes_down += len(whole)
             channel.consumed(len(whole))
             complete = True
             return single
         if whole is not None:  # a length mismatch: stream it and let aiohttp police it
             channel.unread(whole)
+        response = web.StreamResponse(status=status, reason=reason, headers=headers)
         declared = int(length) if length is not None and length.isdigit() else None
         if declared is not None:
             response.content_length = declared
@@ -217,14 +218,27 @@ async def proxy_http(
                 channel.close(int(CloseCode.TIMED_OUT), "no response head in time")
             else:
                 channel.close(int(CloseCode.GOING_AWAY), "client went away")
-        metrics.http_streams.dec()
-        duration = time.monotonic() - exchange.started
-        metrics.requests_with_status(status).inc()
-        metrics.http_request_duration_seconds.observe(duration)
-        metrics.bytes_to_host.inc(exchange.bytes_up)
-        metrics.bytes_to_client.inc(exchange.bytes_down)
-        if config.log.access_log and _ACCESS.enabled():
-            _ACCESS.info("http.access", host_id=host_id, method=request.method, path=path,
+        exchange.ended = time.monotonic()
+        # A returned response is written by aiohttp after this block, in the same loop step;
+        # the metrics and the access line wait for the next one, so the client does not wait
+        # for them (bench W0: the relay's response leg about a quarter shorter).
+        session.loop.call_soon(_account, state, exchange, status, host_id, request.method, path)
+
+
+def _account(state: RelayState, exchange: Exchange, status: int, host_id: str, method: str,
+             path: str) -> None:
+    """The metrics and the access line of one finished exchange."""
+    metrics = state.metrics
+    metrics.http_streams.dec()
+    duration = exchange.ended - exchange.started
+    if exchange.first_byte:
+        metrics.http_time_to_first_byte_seconds.observe(exchange.first_byte - exchange.started)
+    metrics.requests_with_status(status).inc()
+    metrics.http_request_duration_seconds.observe(duration)
+    metrics.bytes_to_host.inc(exchange.bytes_up)
+    metrics.bytes_to_client.inc(exchange.bytes_down)
+    if state.config.log.access_log and _ACCESS.enabled():
+        _ACCESS.info("http.access", host_id=host_id, method=method, path=path,
                      status=status, bytes_in=exchange.bytes_up, bytes_out=exchange.bytes_down,
                      duration_ms=round(duration * 1000, 2))
 
