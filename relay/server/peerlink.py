@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Coroutine
 from functools import partial
+from typing import Any
 
-import aiohttp
 import structlog
-from yarl import URL
 
 from relay.aio import KeyedSingleFlight, TaskGroup
 from relay.auth.ttlcache import TTLCache
@@ -27,14 +27,15 @@ from relay.directory.base import Owner
 from relay.errors import CloseCode, ProtocolViolation
 from relay.metrics import LinkOpen, PeerSide
 from relay.protocol import frames
+from relay.protocol.close import reason_bytes
 from relay.protocol.frames import MAX_STREAM_ID
 from relay.protocol.messages import Hello
+from relay.server.link_dial import HandshakeRefused, dial
 from relay.server.peers import LINK_PATH, sign_link
 from relay.server.state import RelayState
-from relay.server.tunnels import CLOSE_TIMEOUT_S
-from relay.tunnel.feed import close_ws, feed_from
+from relay.server.tunnel_socket import TunnelSocket
+from relay.server.tunnels import finish_close
 from relay.tunnel.session import Role, SessionSettings, TunnelSession
-from relay.tunnel.sink import WebSocketSink
 
 log = structlog.get_logger("relay.peer")
 
@@ -63,27 +64,105 @@ def backoff_s(failures: int) -> float:
     return float(min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** max(0, failures - 1)))
 
 
-@dataclasses.dataclass(eq=False)
 class PeerLink:
-    owner_url: str
-    session: TunnelSession
-    ws: aiohttp.ClientWebSocketResponse
+    """The entry's end of one link, on a client :class:`TunnelSocket` (its SocketOwner): the
+    socket feeds the session synchronously, with no reader task."""
+
+    def __init__(self, links: PeerLinks, owner_url: str) -> None:
+        self.links = links
+        self.owner_url = owner_url
+        self.reason = "closed"
+        self.counted = False  # in the relay_peer_links gauge
+        self.started = False  # the upgrade went through: socket and session exist
+        self.socket: TunnelSocket
+        self.session: TunnelSession
+        self._closing = False
+        self._over = False
+
+    def start(self, socket: TunnelSocket) -> None:
+        """The upgrade is through: the session, and the HELLO that opens the link."""
+        settings = link_settings(self.links.state.settings)
+        self.socket = socket
+        self.session = TunnelSession(
+            socket, settings, role=Role.RELAY, name=f"peer-link:{self.owner_url}",
+            on_silence=lambda: self.close(int(CloseCode.KEEPALIVE_MISSED), "keepalive missed"),
+            on_backlog=lambda why: self.close(int(CloseCode.POLICY_VIOLATION),
+                                              "peer not reading"))
+        self.session.send_hello(Hello(
+            host_id="", window=settings.window, max_frame=settings.max_frame,
+            max_streams=settings.max_streams, ping_interval_s=settings.ping_interval_s,
+            keepalive_misses=settings.keepalive_misses, max_ws_message=settings.max_ws_message))
+        self.session.start()
+        self.started = True
+
+    async def discard(self) -> None:
+        """A link given up before it was offered: stop its session's tasks now."""
+        if self.started:
+            await self.session.close(int(CloseCode.GOING_AWAY), "relay stopping")
 
     def usable(self) -> bool:
         mux = self.session.mux
-        return (mux.alive and not self.ws.closed and mux.next_stream_id <= MAX_STREAM_ID
+        return (mux.alive and not self._closing and not self.socket.closed
+                and mux.next_stream_id <= MAX_STREAM_ID
                 and len(mux.streams) < mux.settings.max_streams)
 
     @property
     def exhausted(self) -> bool:
         return self.session.mux.next_stream_id > MAX_STREAM_ID
 
+    def close(self, code: int, reason: str) -> None:
+        """Our CLOSE now; the bounded wait for the owner's in a task of the links'."""
+        if self._closing:
+            return
+        self._closing = True
+        self.socket.send_close(code, reason_bytes(reason))
+        self.links.spawn(finish_close(self.socket, patient=True),
+                         f"peer-link-close:{self.owner_url}")
+
+    # -- the socket's reports (SocketOwner) ----------------------------------------------------
+    def received(self, data: bytes) -> None:
+        try:
+            self.session.feed(data)
+        except ProtocolViolation as exc:
+            self._violation(exc.message)
+
+    def received_text(self) -> None:
+        self._violation("text message on a peer link")
+
+    def _violation(self, message: str) -> None:
+        self.reason = "protocol_violation"
+        log.warning("peer.link_protocol_violation", owner=self.owner_url, error=message)
+        self.close(int(CloseCode.PROTOCOL_ERROR), "protocol violation")
+
+    def refused(self, message: str) -> None:
+        self.reason = "protocol_violation"
+        self._closing = True  # the socket sent its CLOSE and hung up itself
+        log.warning("peer.link_protocol_violation", owner=self.owner_url, error=message)
+
+    def ended(self, error: bool) -> None:
+        if error:
+            self.reason = "error"
+        # Not from inside the socket's callback (a feed may be on the stack): next iteration.
+        asyncio.get_running_loop().call_soon(self._disconnect)
+
+    def _disconnect(self) -> None:
+        """The link is over: its streams fail (the entry answers as for an unreachable owner)
+        and the next forward opens a new one."""
+        if self._over:
+            return
+        self._over = True
+        self.session.fail_all(int(CloseCode.TUNNEL_GONE), "the peer link closed")
+        self.links.ended(self)
+        log.info("peer.link_down", side=str(PeerSide.ENTRY), owner=self.owner_url,
+                 reason=self.reason, close_code=self.socket.close_code)
+        self.links.spawn(self.session.close(), f"peer-link-end:{self.owner_url}")
+
 
 class PeerLinks:
     """The links this relay opened, one per owner URL (owners come from the directory)."""
 
     def __init__(self, state: RelayState) -> None:
-        self._state = state
+        self.state = state
         self._links: dict[str, PeerLink] = {}
         self._opening: KeyedSingleFlight[str, PeerLink | None] = KeyedSingleFlight(
             "peer-link-open")
@@ -135,86 +214,64 @@ class PeerLinks:
         return link.session if link is not None and link.usable() else None
 
     async def _open(self, owner_url: str) -> PeerLink | None:
-        state = self._state
-        assert state.client is not None and state.signer is not None
-        metrics = state.metrics
+        state = self.state
+        assert state.signer is not None
         url = owner_url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
-        settings = link_settings(state.settings)
+        max_message = (frames.max_message(link_settings(state.settings).max_frame)
+                       + frames.MESSAGE_SLACK)
+        link = PeerLink(self, owner_url)
         try:
-            ws = await asyncio.wait_for(state.client.ws_connect(
-                URL(url + LINK_PATH, encoded=True), headers=sign_link(state.signer),
-                compress=0, autoping=True,
-                max_msg_size=frames.max_message(settings.max_frame) + frames.MESSAGE_SLACK,
-                timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT_S),
-            ), LINK_OPEN_TIMEOUT_S)
-        except aiohttp.WSServerHandshakeError as exc:
+            await asyncio.wait_for(dial(url + LINK_PATH, sign_link(state.signer), link,
+                                        max_message=max_message, start=link.start),
+                                   LINK_OPEN_TIMEOUT_S)
+        except HandshakeRefused as exc:
             offered = exc.status not in (404, 405)
             self._failed(owner_url, LinkOpen.REFUSED if offered else LinkOpen.NOT_OFFERED,
                          status=exc.status)
             return None
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:
             self._failed(owner_url, LinkOpen.UNREACHABLE, error=type(exc).__name__)
             return None
+        except asyncio.CancelledError:
+            await link.discard()  # stopping: the dial hung up; its session's tasks end too
+            raise
         if self._closed:
-            await close_ws(ws, int(CloseCode.GOING_AWAY), "relay stopping")
+            link.socket.abort()
+            await link.discard()
             return None
-        link = PeerLink(owner_url, TunnelSession(
-            WebSocketSink(ws), settings, role=Role.RELAY, name=f"peer-link:{owner_url}",
-            on_silence=lambda: self._close_soon(link, int(CloseCode.KEEPALIVE_MISSED),
-                                                "keepalive missed"),
-            on_backlog=lambda why: self._close_soon(link, int(CloseCode.POLICY_VIOLATION),
-                                                    "peer not reading"),
-        ), ws)
-        link.session.send_hello(Hello(
-            host_id="", window=settings.window, max_frame=settings.max_frame,
-            max_streams=settings.max_streams, ping_interval_s=settings.ping_interval_s,
-            keepalive_misses=settings.keepalive_misses, max_ws_message=settings.max_ws_message))
-        link.session.start()
         self._links[owner_url] = link
         self._failures.pop(owner_url, None)
         self._retry_at.pop(owner_url, None)
         self.opened += 1
-        metrics.peer_link_opens_total.labels(outcome=LinkOpen.UP).inc()
-        metrics.peer_links.labels(side=PeerSide.ENTRY).inc()
+        state.metrics.peer_link_opens_total.labels(outcome=LinkOpen.UP).inc()
+        state.metrics.peer_links.labels(side=PeerSide.ENTRY).inc()
+        link.counted = True
         log.info("peer.link_up", side=str(PeerSide.ENTRY), owner=owner_url)
-        self._tasks.spawn(self._serve(link), f"peer-link:{owner_url}")
         return link
 
     def _failed(self, owner_url: str, outcome: LinkOpen, **detail: object) -> None:
         failures = self._failures[owner_url] = self._failures.get(owner_url, 0) + 1
         wait = NOT_OFFERED_RETRY_S if outcome is LinkOpen.NOT_OFFERED else backoff_s(failures)
         self._retry_at[owner_url] = time.monotonic() + wait
-        self._state.metrics.peer_link_opens_total.labels(outcome=outcome).inc()
+        self.state.metrics.peer_link_opens_total.labels(outcome=outcome).inc()
         event = "peer.link_unavailable" if outcome is LinkOpen.NOT_OFFERED else "peer.link_failed"
         log.warning(event, owner=owner_url, outcome=str(outcome), retry_in_s=round(wait, 2),
                     **detail)
 
-    async def _serve(self, link: PeerLink) -> None:
-        """Read the link until it ends; then its streams fail (the entry answers as for an
-        unreachable owner) and the next forward opens a new one."""
-        reason = "closed"
-        try:
-            if await feed_from(link.ws, link.session, "a peer link"):
-                reason = "error"
-        except ProtocolViolation as exc:
-            reason = "protocol_violation"
-            log.warning("peer.link_protocol_violation", owner=link.owner_url, error=exc.message)
-            await close_ws(link.ws, int(CloseCode.PROTOCOL_ERROR), "protocol violation")
-        finally:
-            link.session.fail_all(int(CloseCode.TUNNEL_GONE), "the peer link closed")
-            if self._links.get(link.owner_url) is link:
-                del self._links[link.owner_url]
-            self._state.metrics.peer_links.labels(side=PeerSide.ENTRY).dec()
-            log.info("peer.link_down", side=str(PeerSide.ENTRY), owner=link.owner_url,
-                     reason=reason, close_code=link.ws.close_code)
-            await asyncio.shield(link.session.close())
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.spawn(coro, name)
 
-    def _close_soon(self, link: PeerLink, code: int, reason: str) -> None:
-        self._tasks.spawn(close_ws(link.ws, code, reason), f"peer-link-close:{link.owner_url}")
+    def ended(self, link: PeerLink) -> None:
+        """``link`` is down: it is no longer offered, nor counted."""
+        if self._links.get(link.owner_url) is link:
+            del self._links[link.owner_url]
+        if link.counted:
+            link.counted = False
+            self.state.metrics.peer_links.labels(side=PeerSide.ENTRY).dec()
 
     async def _retire(self, link: PeerLink) -> None:
-        await link.session.wait_idle(self._state.config.tunnel.request_timeout_s)
-        await close_ws(link.ws, int(CloseCode.NORMAL), "stream ids exhausted")
+        await link.session.wait_idle(self.state.config.tunnel.request_timeout_s)
+        link.close(int(CloseCode.NORMAL), "stream ids exhausted")
 
     def fail_all(self, code: int, reason: str) -> None:
         """End every stream of every link now (a drain's end: 4503 to forwarded channels)."""
@@ -228,8 +285,9 @@ class PeerLinks:
         links = list(self._links.values())
         for link in links:
             link.session.fail_all(int(CloseCode.GOING_AWAY), "relay stopping")
-        await asyncio.gather(*(close_ws(link.ws, int(CloseCode.GOING_AWAY), "relay stopping")
-                               for link in links))
+            link.close(int(CloseCode.GOING_AWAY), "relay stopping")
+        # Each close handshake is bounded (CLOSE_TIMEOUT_S, then a hang-up).
+        await asyncio.gather(*(finish_close(link.socket, patient=True) for link in links))
         await self._tasks.cancel()
         for link in links:
             await link.session.close()

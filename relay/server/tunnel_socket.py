@@ -1,4 +1,5 @@
-"""The relay's side of an agent's tunnel WebSocket once the relay took it over from aiohttp.
+"""A tunnel's WebSocket on a raw transport: the relay's side of an agent's tunnel once the relay
+took it over from aiohttp, and either end of a peer link between relays.
 
 Served by aiohttp, an idle tunnel kept its whole HTTP machinery alive: the request handler and
 its parser, the parsed upgrade request, the handler's tasks and the coroutine frames of the
@@ -23,6 +24,11 @@ What it keeps of aiohttp's server WebSocket (tests/test_tunnel_socket.py pins it
   transport write, unmasked, one FIN binary message per frame; ``pause_writing`` makes
   :meth:`TunnelSocket.write` answer False and the session wait in :meth:`TunnelSocket.drain`
   (so its write-stall verdict, 1008 "not reading", still sees a peer that stops reading).
+
+``client=True`` is the other side of the same socket (the entry relay's end of a peer link,
+after :mod:`relay.server.link_dial` made the upgrade): every frame it writes is masked with a
+fresh key (RFC 6455 5.3), and a *masked* frame from the server is 1002 (5.1). It replaces
+aiohttp's client WebSocket, whose reader parsed into a queue that a task then drained.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import os
 import struct
 from collections.abc import Sequence
 from typing import Protocol
@@ -37,7 +44,7 @@ from typing import Protocol
 from aiohttp._websocket.helpers import websocket_mask
 
 from relay.errors import CloseCode, PayloadTooLarge, ProtocolViolation
-from relay.tunnel.sink import write_messages
+from relay.tunnel.sink import JOIN_BELOW, message_header, write_messages
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -46,10 +53,34 @@ _CONTROL_OPCODES = frozenset((CLOSE, PING, PONG))
 MAX_CONTROL_PAYLOAD = 125
 _LEN64 = struct.Struct("!BBQ")
 _CODE = struct.Struct("!H")
+_MASK_BIT = 0x80
 # Close codes a peer may send (RFC 6455 7.4): the defined ones and the registered/private
 # ranges; 1005, 1006 and 1015 must never appear on the wire.
 _PEER_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012,
                                1013, 1014))
+
+
+def write_masked(transport: asyncio.WriteTransport, frames: Sequence[bytes | bytearray],
+                 first: int = 0x80 | BINARY) -> None:
+    """Each frame as one masked message (a client's side), in one transport write.
+
+    The keys come from the OS's random source, one read per write: RFC 6455 10.3 asks for
+    keys a page script cannot predict (what masking protects proxies from).
+    """
+    keys = os.urandom(4 * len(frames))
+    parts: list[bytes | bytearray] = []
+    size = 0
+    for index, frame in enumerate(frames):
+        key = keys[4 * index:4 * index + 4]
+        masked = bytearray(frame)
+        if masked:
+            websocket_mask(key, masked)
+        parts += (message_header(len(frame), _MASK_BIT, first), key, masked)
+        size += len(frame)
+    if size < JOIN_BELOW:
+        transport.write(b"".join(parts))
+    else:
+        transport.writelines(parts)
 
 
 def accept_key(key: str) -> str:
@@ -83,20 +114,24 @@ class SocketOwner(Protocol):
 
 
 class TunnelSocket(asyncio.Protocol):
-    """One tunnel WebSocket, server side, on a transport taken from aiohttp."""
+    """One tunnel WebSocket on a raw transport: the server's side (a transport taken from
+    aiohttp), or with ``client=True`` the client's (a peer link the entry relay dialled)."""
 
-    __slots__ = ("_buffer", "_close_waiter", "_closing", "_drain_waiter", "_ended",
+    __slots__ = ("_buffer", "_client", "_close_waiter", "_closing", "_drain_waiter", "_ended",
                  "_fragments", "_fragments_size", "_lost", "_max_message", "_paused",
-                 "_peer_closed", "_sockets", "_stopped", "_text", "owner", "transport")
+                 "_peer_closed", "_sockets", "_stopped", "_text", "close_code", "owner",
+                 "transport")
 
     def __init__(self, transport: asyncio.Transport, owner: SocketOwner, *, max_message: int,
-                 sockets: set[TunnelSocket] | None = None) -> None:
+                 sockets: set[TunnelSocket] | None = None, client: bool = False) -> None:
         self.transport = transport
         self.owner = owner
         self._max_message = max_message
         self._sockets = sockets
+        self._client = client
+        self.close_code: int | None = None  # the code of the peer's CLOSE, once it came
         self._buffer: bytearray | None = None  # an incomplete frame (none, mostly)
-        self._fragments: list[bytearray] | None = None  # a fragmented message being joined
+        self._fragments: list[bytes | bytearray] | None = None  # a message being joined
         self._fragments_size = 0
         self._text = False
         self._closing = False  # our CLOSE was sent: nothing more may be written
@@ -171,13 +206,20 @@ class TunnelSocket(asyncio.Protocol):
                     head = 10
                 opcode = first & 0x0F
                 self._check_header(first, second, opcode, length)
-                end = pos + head + 4 + length
-                if end > size:
-                    break
-                key = bytes(data[pos + head:pos + head + 4])
-                payload = bytearray(memoryview(data)[pos + head + 4:end])
-                if length:
-                    websocket_mask(key, payload)
+                payload: bytes | bytearray
+                if self._client:  # a server's frames are never masked (checked above)
+                    end = pos + head + length
+                    if end > size:
+                        break
+                    payload = data[pos + head:end]
+                else:
+                    end = pos + head + 4 + length
+                    if end > size:
+                        break
+                    key = bytes(data[pos + head:pos + head + 4])
+                    payload = bytearray(memoryview(data)[pos + head + 4:end])
+                    if length:
+                        websocket_mask(key, payload)
                 pos = end
                 self._frame(first & 0x80 != 0, opcode, payload)
         except (ProtocolViolation, PayloadTooLarge) as exc:
@@ -189,7 +231,10 @@ class TunnelSocket(asyncio.Protocol):
     def _check_header(self, first: int, second: int, opcode: int, length: int) -> None:
         if first & 0x70:
             raise ProtocolViolation("reserved bits set")
-        if not second & 0x80:
+        if self._client:
+            if second & 0x80:
+                raise ProtocolViolation("server frame masked")
+        elif not second & 0x80:
             raise ProtocolViolation("client frame not masked")
         if opcode in _CONTROL_OPCODES:
             if not first & 0x80 or length > MAX_CONTROL_PAYLOAD:
@@ -199,7 +244,7 @@ class TunnelSocket(asyncio.Protocol):
         elif length >= self._max_message - self._fragments_size:
             raise PayloadTooLarge("WebSocket message too big")
 
-    def _frame(self, fin: bool, opcode: int, payload: bytearray) -> None:
+    def _frame(self, fin: bool, opcode: int, payload: bytes | bytearray) -> None:
         if opcode == PING:
             if not self._closing and not self.transport.is_closing():
                 self._write_control(PONG, payload)
@@ -235,10 +280,11 @@ class TunnelSocket(asyncio.Protocol):
         else:
             self.owner.received(message)
 
-    def _close_received(self, payload: bytearray) -> None:
-        if len(payload) == 1 or (len(payload) >= 2 and not _valid_peer_code(
-                _CODE.unpack_from(payload)[0])):
+    def _close_received(self, payload: bytes | bytearray) -> None:
+        code = _CODE.unpack_from(payload)[0] if len(payload) >= 2 else None
+        if len(payload) == 1 or (code is not None and not _valid_peer_code(code)):
             raise ProtocolViolation("bad close frame")
+        self.close_code = 1005 if code is None else code  # 1005: a CLOSE without a code
         self._peer_closed = self._stopped = True
         if not self._closing:
             self._send_close(int(CloseCode.NORMAL), b"")  # the answer, as aiohttp's autoclose
@@ -264,8 +310,11 @@ class TunnelSocket(asyncio.Protocol):
 
     # -- writing --------------------------------------------------------------------------------
     def _write_control(self, opcode: int, payload: bytes | bytearray) -> None:
-        """A PONG or CLOSE: FIN, unmasked, at most 125 bytes (so a one-byte length)."""
-        self.transport.write(bytes((0x80 | opcode, len(payload))) + payload)
+        """A PONG or CLOSE: FIN, at most 125 bytes (so a one-byte length), masked by a client."""
+        if self._client:
+            write_masked(self.transport, (payload,), 0x80 | opcode)
+        else:
+            self.transport.write(bytes((0x80 | opcode, len(payload))) + payload)
 
     def _check_open(self) -> None:
         if self._closing or self.transport.is_closing():
@@ -275,7 +324,10 @@ class TunnelSocket(asyncio.Protocol):
         """Each frame as one binary message, in one write (a FrameSink); False when the socket
         is full: the session waits for :meth:`drain` before it writes more."""
         self._check_open()
-        write_messages(self.transport, frames)
+        if self._client:
+            write_masked(self.transport, frames)
+        else:
+            write_messages(self.transport, frames)
         return not self._paused
 
     async def drain(self) -> None:

@@ -1,0 +1,172 @@
+"""Dial a peer link: the WebSocket upgrade made by hand, then the connection served by a client
+:class:`relay.server.tunnel_socket.TunnelSocket`.
+
+aiohttp's client WebSocket parsed each frame into a queue that a reader task drained, one
+wake-up and several coroutine steps per batch of frames on the entry relay's busiest
+connection (bench W5). Here the upgrade is one request written and one response head read;
+from the ``101`` on, frames are parsed as they arrive and fed to the link's session
+synchronously, as on the owner's end.
+
+What is checked of the answer (RFC 6455 4.1): the status (anything but ``101`` is a refusal with
+that status, as aiohttp's ``WSServerHandshakeError``), ``Upgrade: websocket``, ``Connection:
+upgrade`` and ``Sec-WebSocket-Accept`` for our key; no extension or subprotocol may be
+accepted, since none was offered. The response head is bounded; the whole dial is bounded by
+the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import ssl
+from collections.abc import Callable, Mapping
+from typing import cast
+
+from yarl import URL
+
+from relay.server.tunnel_socket import SocketOwner, TunnelSocket, accept_key
+
+# A 101 is a few hundred bytes; a head larger than this is no answer of a relay.
+MAX_RESPONSE_HEAD = 16 * 1024
+
+
+class HandshakeRefused(Exception):
+    """The peer answered the upgrade with something other than a valid ``101``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status} {message}")
+        self.status = status
+        self.message = message
+
+
+def upgrade_request(url: URL, key: str, headers: Mapping[str, str]) -> bytes:
+    """The ``GET`` that asks for the upgrade (no extension, no subprotocol)."""
+    default_port = 443 if url.scheme == "wss" else 80
+    host = url.raw_host or ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal
+    authority = host if url.port in (None, default_port) else f"{host}:{url.port}"
+    lines = [f"GET {url.raw_path_qs} HTTP/1.1", f"Host: {authority}", "Upgrade: websocket",
+             "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+    for name, value in headers.items():
+        if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
+            raise ValueError(f"header {name!r} holds a line break")
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def check_response(head: bytes, key: str) -> None:
+    """Raise HandshakeRefused unless ``head`` (up to its blank line) accepts our upgrade."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise HandshakeRefused(0, f"not an HTTP response: {lines[0][:80]!r}")
+    status = int(parts[1])
+    if status != 101:
+        raise HandshakeRefused(status, parts[2] if len(parts) > 2 else "")
+    fields: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise HandshakeRefused(status, "malformed header line")
+        name = name.strip().lower()
+        # Repeated fields fold into one list (RFC 9110 5.3).
+        fields[name] = f"{fields[name]}, {value.strip()}" if name in fields else value.strip()
+    if fields.get("upgrade", "").lower() != "websocket":
+        raise HandshakeRefused(status, "no 'Upgrade: websocket'")
+    if "upgrade" not in (t.strip().lower() for t in fields.get("connection", "").split(",")):
+        raise HandshakeRefused(status, "no 'Connection: upgrade'")
+    if fields.get("sec-websocket-accept") != accept_key(key):
+        raise HandshakeRefused(status, "wrong Sec-WebSocket-Accept")
+    if fields.get("sec-websocket-extensions") or fields.get("sec-websocket-protocol"):
+        raise HandshakeRefused(status, "an extension or subprotocol nobody asked for")
+
+
+class _Upgrading(asyncio.Protocol):
+    """The connection until the answer's head is in: then the socket takes over, in the same
+    callback, so no frame that came with the head (or right after it) is missed."""
+
+    def __init__(self, request: bytes, key: str,
+                 take_over: Callable[[asyncio.Transport, bytes], TunnelSocket]) -> None:
+        self._request = request
+        self._key = key
+        self._take_over = take_over
+        self._buffer = bytearray()
+        self.done: asyncio.Future[TunnelSocket] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but they are one.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self._request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_RESPONSE_HEAD:
+                self._fail(HandshakeRefused(0, "response head too large"))
+            return
+        head, tail = bytes(self._buffer[:end]), bytes(self._buffer[end + 4:])
+        self._buffer = bytearray()
+        try:
+            check_response(head, self._key)
+        except HandshakeRefused as refused:
+            self._fail(refused)
+            return
+        assert self.transport is not None
+        self.done.set_result(self._take_over(self.transport, tail))
+
+    def _fail(self, error: Exception) -> None:
+        self.done.set_exception(error)
+        if self.transport is not None:
+            self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionResetError(
+                "the peer closed the connection during the upgrade"))
+
+
+async def dial(url: str, headers: Mapping[str, str], owner: SocketOwner, *, max_message: int,
+               start: Callable[[TunnelSocket], None],
+               ssl_context: ssl.SSLContext | None = None) -> TunnelSocket:
+    """Open ``url`` (``ws://`` or ``wss://``) as a WebSocket served by a client TunnelSocket
+    reporting to ``owner``; ``start`` sets the owner up on the socket before its first frame is
+    read. Unbounded: the caller bounds it (a cancelled dial hangs up what it opened).
+
+    Raises HandshakeRefused (any answer but a valid 101), OSError (unreachable, reset).
+    """
+    target = URL(url, encoded=True)
+    if target.scheme not in ("ws", "wss") or not target.raw_host:
+        raise ValueError(f"not a WebSocket URL: {url}")
+    secure = target.scheme == "wss"
+    key = base64.b64encode(os.urandom(16)).decode()
+
+    def take_over(transport: asyncio.Transport, tail: bytes) -> TunnelSocket:
+        socket = TunnelSocket(transport, owner, max_message=max_message, client=True)
+        transport.set_protocol(socket)
+        start(socket)
+        if tail:
+            socket.data_received(tail)
+        return socket
+
+    loop = asyncio.get_running_loop()
+    upgrading = _Upgrading(upgrade_request(target, key, headers), key, take_over)
+    context = (ssl_context or ssl.create_default_context()) if secure else None
+    transport, _ = await loop.create_connection(
+        lambda: upgrading, target.raw_host, target.port or (443 if secure else 80),
+        ssl=context)
+    try:
+        return await upgrading.done
+    except BaseException:
+        transport.abort()  # refused, reset, or the caller gave up: nothing is left open
+        raise
