@@ -7,7 +7,9 @@ other's ``receive()``; the test decides when, so every rule is checked frame by 
 from __future__ import annotations
 
 import ast
+import collections
 import json
+import tracemalloc
 from dataclasses import replace
 from pathlib import Path
 
@@ -285,6 +287,48 @@ def test_many_tiny_body_chunks_coalesce_in_the_receive_buffer() -> None:
     assert p.agent.send_data(agent_s, b"x") is None
     p.pump()
     assert relay_s.buffered == SMALL.window and relay_s.queued_items == 1
+
+
+def test_tiny_body_frames_cost_their_bytes_not_an_object_each() -> None:
+    """Bodies are held by reference to their frames; tiny frames must not be (memory bound)."""
+    p = Pair()
+    relay_s, agent_s, _ = p.open(fin=True)
+    p.agent.send_head(agent_s, Head(200))
+    for i in range(SMALL.window):
+        assert p.agent.send_data(agent_s, bytes([i % 256])) == 1
+    sent_frames = p.agent.data_to_send()
+    relay_s.hooks = collections.deque(maxlen=1)  # the test's record of hooks is not measured
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for frame in sent_frames:
+            p.relay.receive(frame, 0)
+        sent_frames.clear()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert relay_s.buffered == SMALL.window
+    assert held < 4 * SMALL.window  # a view per 1-byte frame held about 50 times that
+    assert relay_s.take_all() == bytes(i % 256 for i in range(SMALL.window))
+
+
+def test_a_body_of_large_and_small_frames_reads_back_byte_exact_in_one_piece() -> None:
+    settings = replace(SMALL, window=64 * 1024, max_frame=16 * 1024)
+    p = Pair(settings)
+    relay_s, agent_s, _ = p.open(fin=True)
+    p.agent.send_head(agent_s, Head(200))
+    sizes = [16 * 1024, 1, 5000, 7, 3, 16 * 1024, 100, 16 * 1024]
+    body = bytes((n * 7 + k) % 251 for n, size in enumerate(sizes) for k in range(size))
+    at = 0
+    for size in sizes:
+        assert p.agent.send_data(agent_s, body[at:at + size]) == size
+        at += size
+    p.agent.send_data(agent_s, b"", fin=True)
+    p.pump()
+    assert relay_s.queued_items == 2  # the body, then the FIN
+    chunk = relay_s.pop_input()
+    assert chunk is not None and chunk.data == body and relay_s.buffered == 0
+    assert relay_s.pop_input() is None
 
 
 # -- WebSocket channels ---------------------------------------------------------------------------

@@ -379,7 +379,8 @@ class Mux(Generic[S]):
             if stream is None:
                 self._check_opened(stream_id, ftype)
                 return  # raced with our CLOSE; the peer could not know yet
-            stream.receive_data(data[HEADER_SIZE:], flags)
+            # A view, not a copy: the stream copies the bytes once, when they are read.
+            stream.receive_data(memoryview(data)[HEADER_SIZE:], flags)
             if stream.state is StreamState.CLOSED:
                 self._forget(stream)
             return
