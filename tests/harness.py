@@ -90,11 +90,14 @@ def abort_connections(runner: web.BaseRunner) -> None:
     for connection in server.connections if server is not None else ():
         if connection.transport is not None:
             connection.transport.abort()
-    # A relay's tunnels are no longer aiohttp's connections once taken over.
+    # A relay's tunnels and its clients' WebSocket channels are no longer aiohttp's
+    # connections once taken over.
     app = getattr(runner, "app", None)
     if isinstance(app, web.Application) and STATE in app:
         for socket in list(app[STATE].tunnel_sockets):
             socket.abort()
+        for bridge in list(app[STATE].ws_bridges):
+            bridge.abort()
 
 
 @dataclass

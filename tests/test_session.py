@@ -742,3 +742,25 @@ async def test_whole_messages_go_to_deliver_while_the_reader_waits(link: Link) -
     assert await asyncio.wait_for(agent_ch.read_message(deliver), 5) == (big, False)
     await sending
     assert len(delivered) == count
+
+
+async def test_send_now_queues_what_credit_allows_and_hands_back_the_rest(link: Link) -> None:
+    """The client socket's read sends with send_now: whole messages go at once while credit
+    lasts; past it the rest comes back, and finishes through write() once credit returns."""
+    relay_ch = link.relay.open_channel(Open("ws"))
+    agent_ch, _ = await link.accept()
+    assert relay_ch.send_now(b"", text=True) is None  # an empty message is a message too
+    assert relay_ch.send_now(b"hello", text=False) is None
+    assert await asyncio.wait_for(agent_ch.read_message(), 5) == (b"", True)
+    assert await asyncio.wait_for(agent_ch.read_message(), 5) == (b"hello", False)
+    # Nobody reads: the window runs out part-way through a message.
+    big = bytes(range(256)) * (2 * SMALL.window // 256)
+    rest = relay_ch.send_now(big, text=False)
+    assert rest is not None and 0 < len(rest) < len(big)
+    finishing = asyncio.ensure_future(relay_ch.write(rest, message=True))
+    assert await asyncio.wait_for(agent_ch.read_message(), 5) == (big, False)
+    await asyncio.wait_for(finishing, 5)
+    agent_ch.close(4000, "done")
+    await settle()
+    with pytest.raises(ChannelClosed):
+        relay_ch.send_now(b"x", text=False)

@@ -16,6 +16,7 @@ from relay.errors import CloseCode
 from relay.protocol.messages import Drain
 from relay.server.registry import Tunnel
 from relay.server.state import TUNNEL_CLOSE, TUNNEL_RELEASE, RelayState
+from relay.tunnel.bridge import CLOSE_TIMEOUT_S
 
 log = structlog.get_logger("relay.server")
 
@@ -81,3 +82,18 @@ async def stop(state: RelayState) -> None:
     await state.tasks.cancel(timeout=5)
     for socket in list(state.tunnel_sockets):  # whatever did not close in time
         socket.abort()
+    await _end_ws_channels(state)
+
+
+async def _end_ws_channels(state: RelayState) -> None:
+    """The clients' channels ended with their tunnels (closed above); their close handshakes
+    run in their handlers' tasks, which aiohttp's shutdown no longer waits for (the relay took
+    their connections over). Wait for them (bounded), then hang up on the rest."""
+    pumps = {bridge.task for bridge in state.ws_bridges if bridge.task is not None}
+    if pumps:
+        await asyncio.wait(pumps, timeout=CLOSE_TIMEOUT_S + 0.5)
+    for bridge in list(state.ws_bridges):
+        bridge.abort()
+    pumps = {bridge.task for bridge in state.ws_bridges if bridge.task is not None}
+    if pumps:  # a hung-up socket ends its pump at once
+        await asyncio.wait(pumps, timeout=1.0)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from relay.server.throttle import FailureThrottle
     from relay.server.tls import TlsContext
     from relay.server.tunnel_socket import TunnelSocket
+    from relay.server.ws_channel import ChannelBridge
     from relay.tracing import Tracing
 
 
@@ -77,6 +78,9 @@ class RelayState:
     # The tunnels' sockets, taken over from aiohttp's server (relay.server.tunnels): the relay's
     # stop hangs up what is left of them, as aiohttp's shutdown did for its connections.
     tunnel_sockets: set[TunnelSocket] = field(default_factory=set)
+    # The clients' WebSocket channels, taken over from aiohttp too (relay.server.ws_channel):
+    # the stop waits for their close handshakes (bounded), then hangs up what is left.
+    ws_bridges: set[ChannelBridge] = field(default_factory=set)
     # Refused tunnels in their lingering close (relay.server.tunnels.hang_up_refused): a
     # stopping relay hangs them up at once rather than wait out the grace.
     refusing: set[asyncio.Transport] = field(default_factory=set)

@@ -88,10 +88,12 @@ def accept_key(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode("latin-1") + WS_GUID).digest()).decode()
 
 
-def switching_protocols(key: str) -> bytes:
-    """The whole ``101`` answer: no subprotocol, no extension (no compression), as before."""
+def switching_protocols(key: str, protocol: str | None = None) -> bytes:
+    """The whole ``101`` answer: no extension (no compression), the subprotocol if one was
+    chosen (a tunnel never has one)."""
+    chosen = f"Sec-WebSocket-Protocol: {protocol}\r\n" if protocol else ""
     return ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n"
-            f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n").encode("latin-1")
+            f"Sec-WebSocket-Accept: {accept_key(key)}\r\n{chosen}\r\n").encode("latin-1")
 
 
 class SocketOwner(Protocol):
@@ -118,7 +120,7 @@ class TunnelSocket(asyncio.Protocol):
     aiohttp), or with ``client=True`` the client's (a peer link the entry relay dialled)."""
 
     __slots__ = ("_buffer", "_client", "_close_waiter", "_closing", "_drain_waiter", "_ended",
-                 "_fragments", "_fragments_size", "_lost", "_max_message", "_paused",
+                 "_fragments", "_fragments_size", "_held", "_lost", "_max_message", "_paused",
                  "_peer_closed", "_sockets", "_stopped", "_text", "close_code", "owner",
                  "transport")
 
@@ -140,6 +142,7 @@ class TunnelSocket(asyncio.Protocol):
         self._stopped = False  # nothing more is parsed: the peer's CLOSE, bad framing, or lost
         self._lost = False
         self._paused = False
+        self._held = False  # see hold(): parsing stops at the next frame boundary
         self._drain_waiter: asyncio.Future[None] | None = None
         self._close_waiter: asyncio.Future[bool] | None = None
         if sockets is not None:
@@ -152,15 +155,39 @@ class TunnelSocket(asyncio.Protocol):
         buffer = self._buffer
         if buffer is not None:
             buffer += data
-            used = self._parse(buffer)
-            if self._buffer is buffer:  # not dropped meanwhile
-                del buffer[:used]
-                if not buffer:
-                    self._buffer = None
+            self._parse_buffer(buffer)
             return
         used = self._parse(data)
         if used < len(data) and not self._stopped:
             self._buffer = bytearray(memoryview(data)[used:])
+
+    def _parse_buffer(self, buffer: bytearray) -> None:
+        used = self._parse(buffer)
+        if self._buffer is buffer:  # not dropped meanwhile
+            del buffer[:used]
+            if not buffer:
+                self._buffer = None
+
+    def hold(self) -> None:
+        """Stop parsing after the frame being handled and stop reading: the owner cannot take
+        another message yet. What was read and not parsed waits (at most one read's worth)."""
+        if not self._held:
+            self._held = True
+            if not self._lost:
+                self.transport.pause_reading()
+
+    def release(self) -> None:
+        """Parse what waited since :meth:`hold`, then read again."""
+        if not self._held:
+            return
+        self._held = False
+        if self._stopped:
+            return
+        buffer = self._buffer
+        if buffer is not None:
+            self._parse_buffer(buffer)
+        if not self._held and not self._stopped:
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         return None  # the transport closes itself; connection_lost follows
@@ -190,7 +217,7 @@ class TunnelSocket(asyncio.Protocol):
         """Handle every whole frame in ``data``; returns how many bytes were used."""
         pos, size = 0, len(data)
         try:
-            while not self._stopped and size - pos >= 2:
+            while not self._stopped and not self._held and size - pos >= 2:
                 first, second = data[pos], data[pos + 1]
                 length = second & 0x7F
                 head = 2
@@ -275,6 +302,10 @@ class TunnelSocket(asyncio.Protocol):
             message, text = bytes(payload), opcode == TEXT
         if self._closing:
             return  # after our CLOSE, messages are dropped unread until the peer's CLOSE
+        self._message(message, text)
+
+    def _message(self, message: bytes, text: bool) -> None:
+        """One whole message for the owner."""
         if text:
             self.owner.received_text()
         else:
@@ -292,12 +323,12 @@ class TunnelSocket(asyncio.Protocol):
         self._wake_closer()
         self._end(error=False)
 
-    def _refuse(self, code: int, message: str) -> None:
-        """Framing the socket refuses: close with ``code`` (no reason) and hang up without
+    def _refuse(self, code: int, message: str, reason: bytes = b"") -> None:
+        """Framing the socket refuses: close with ``code`` (and ``reason``) and hang up without
         waiting for the peer's CLOSE, as aiohttp did: the stream cannot be parsed any further."""
         self._stopped = True
         if not self._closing:
-            self._send_close(code, b"")
+            self._send_close(code, reason)
         self.transport.close()
         if not self._ended:
             self.owner.refused(message)

@@ -17,12 +17,13 @@ from aiohttp import web
 from relay.errors import CloseCode, RelayError, TunnelClosed
 from relay.metrics import WsOutcome
 from relay.protocol.messages import Open
+from relay.server.client_socket import take_over_client
 from relay.server.forwarded import host_request_head
 from relay.server.state import RelayState
 from relay.server.timing import timer_of, trace_next_hop
-from relay.server.tunnels import CLOSE_TIMEOUT_S, close_refused, credential_deadline
-from relay.tunnel.bridge import bridge
-from relay.tunnel.session import Channel, ChannelClosed, TunnelSession
+from relay.server.tunnels import CLOSE_TIMEOUT_S, TakenOver, close_refused, credential_deadline
+from relay.server.ws_channel import ChannelBridge
+from relay.tunnel.session import ChannelClosed, TunnelSession
 
 log = structlog.get_logger("relay.ws")
 
@@ -93,6 +94,10 @@ async def proxy_ws(
     expires_at: float = math.inf, claims: tuple[tuple[str, str], ...] = (),
 ) -> web.StreamResponse:
     metrics = state.metrics
+    if not web.WebSocketResponse().can_prepare(request).ok:
+        # Checked before the host is asked: the relay answers the upgrade itself (no aiohttp
+        # prepare() would refuse a bad handshake later). This raises aiohttp's 400.
+        await client_ws(state).prepare(request)
     open_head = ws_open_head(request, path, query, state.config.server.trust_forwarded,
                              client_chain, host_id, claims)
     timer = timer_of(request)
@@ -131,19 +136,26 @@ async def proxy_ws(
             refusal.close_code = CloseCode.INTERNAL_ERROR
             return await refuse_ws(state, request, refusal)
         chosen = head.protocol
-        ws = client_ws(state, (str(chosen),) if chosen else ())
-        await ws.prepare(request)
+        protocol = str(chosen) if chosen and str(chosen) in offered_protocols(request) else None
+        bridge = ChannelBridge(channel, lost_code=_lost_code,
+                               on_outbound=metrics.bytes_to_host.inc,
+                               on_inbound=metrics.bytes_to_client.inc)
+        take_over_client(request, bridge, protocol,
+                         max_message_bytes=state.config.tunnel.max_ws_message_bytes,
+                         start=bridge.attach)
         metrics.ws_channels_total.labels(outcome=WsOutcome.OPENED).inc()
         log.info("ws.opened", host_id=host_id, path=path, stream=channel.id)
-        # Closing the channel with the lease's code ends the bridge, which closes the client's
+        # Closing the channel with the lease's code ends the pump, which closes the client's
         # socket with the same code; the host's socket gets it through the agent.
         lease = state.leases.hold(subject, host_id, credential_deadline(state, expires_at),
                                   "channel", channel.close)
+        state.ws_bridges.add(bridge)
         try:
-            await _bridge(ws, channel, state)
+            await bridge.run()
         finally:
+            state.ws_bridges.discard(bridge)
             state.leases.end(lease)
-        return ws
+        return TakenOver()
     finally:
         channel.close(int(CloseCode.GOING_AWAY), "client went away")
         metrics.ws_streams.dec()
@@ -157,9 +169,3 @@ def _lost_code(closed: ChannelClosed) -> tuple[int, str]:
         return int(CloseCode.DRAINING), closed.reason
     return int(CloseCode.TUNNEL_GONE), "the host's tunnel went away"
 
-
-async def _bridge(ws: web.WebSocketResponse, channel: Channel, state: RelayState) -> None:
-    to_host = state.metrics.bytes_to_host
-    to_client = state.metrics.bytes_to_client
-    await bridge(ws, channel, lost_code=_lost_code, on_outbound=to_host.inc,
-                 on_inbound=to_client.inc)

@@ -290,6 +290,36 @@ class Channel(Stream):
             if not view:
                 return
 
+    def send_now(self, data: bytes, *, text: bool) -> memoryview | None:
+        """Queue one whole WebSocket message as far as credit and the queue's high-water mark
+        allow, without waiting: None once all of it is queued, else the rest (the whole message
+        when nothing went), which must follow through ``await write(rest, text=text,
+        message=True)`` before anything else is sent on this channel.
+
+        The socket's read hands a client's message on with this, so no task wakes for it.
+        Raises ChannelClosed as :meth:`write` does.
+        """
+        session = self.session
+        mux = session._mux
+        view = memoryview(data)
+        while True:
+            self._check_writable()
+            if mux.outbox_bytes > OUTBOX_HIGH_WATER:
+                return view
+            try:
+                taken = mux.send_data(self, view, text=text, message=True)
+            except LocalProtocolError as exc:
+                raise ChannelClosed(int(CloseCode.INTERNAL_ERROR), str(exc)) from None
+            if taken is None:
+                return view
+            session._queued()
+            if not mux.alive:
+                raise self._closed_with or ChannelClosed(
+                    int(CloseCode.TUNNEL_GONE), "tunnel write failed", tunnel_lost=True)
+            view = view[taken:]
+            if not view:
+                return None
+
     async def finish(self) -> None:
         await self.write(b"", fin=True)
 
