@@ -274,18 +274,11 @@ class Channel(Stream):
             if mux.outbox_bytes > OUTBOX_HIGH_WATER:
                 await session._room()
                 self._check_writable()
-            try:
-                taken = mux.send_data(self, view, text=text, message=message, fin=fin)
-            except LocalProtocolError as exc:
-                raise ChannelClosed(int(CloseCode.INTERNAL_ERROR), str(exc)) from None
+            taken = self._send(view, text, message, fin)
             if taken is None:
                 self._credit.clear()
                 await self._credit.wait()
                 continue
-            session._queued()
-            if not mux.alive:  # the write failed (or the peer was cut off): nothing arrives
-                raise self._closed_with or ChannelClosed(
-                    int(CloseCode.TUNNEL_GONE), "tunnel write failed", tunnel_lost=True)
             view = view[taken:]
             if not view:
                 return
@@ -306,19 +299,29 @@ class Channel(Stream):
             self._check_writable()
             if mux.outbox_bytes > OUTBOX_HIGH_WATER:
                 return view
-            try:
-                taken = mux.send_data(self, view, text=text, message=True)
-            except LocalProtocolError as exc:
-                raise ChannelClosed(int(CloseCode.INTERNAL_ERROR), str(exc)) from None
+            taken = self._send(view, text, True, False)
             if taken is None:
                 return view
-            session._queued()
-            if not mux.alive:
-                raise self._closed_with or ChannelClosed(
-                    int(CloseCode.TUNNEL_GONE), "tunnel write failed", tunnel_lost=True)
             view = view[taken:]
             if not view:
                 return None
+
+    def _send(self, view: memoryview, text: bool, message: bool, fin: bool) -> int | None:
+        """One step of :meth:`write` and :meth:`send_now`: what the credit lets through is
+        queued and its flush scheduled; returns how many bytes went, None when no credit."""
+        session = self.session
+        mux = session._mux
+        try:
+            taken = mux.send_data(self, view, text=text, message=message, fin=fin)
+        except LocalProtocolError as exc:
+            raise ChannelClosed(int(CloseCode.INTERNAL_ERROR), str(exc)) from None
+        if taken is None:
+            return None
+        session._queued()
+        if not mux.alive:  # the write failed (or the peer was cut off): nothing arrives
+            raise self._closed_with or ChannelClosed(
+                int(CloseCode.TUNNEL_GONE), "tunnel write failed", tunnel_lost=True)
+        return taken
 
     async def finish(self) -> None:
         await self.write(b"", fin=True)
