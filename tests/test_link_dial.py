@@ -1,5 +1,5 @@
-"""The entry relay's end of a peer link: the hand-made upgrade (relay.server.link_dial) and the
-client side of the lean WebSocket (relay.server.tunnel_socket, ``client=True``).
+"""The entry relay's end of a peer link: the hand-made upgrade (relay.tunnel.dial) and the
+client side of the lean WebSocket (relay.tunnel.tunnel_socket, ``client=True``).
 
 The peer is a scripted server on loopback written here frame by frame, so masking, framing
 and closing are checked against RFC 6455, not against the relay's own parser.
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from relay.server.link_dial import HandshakeRefused, check_response, dial, upgrade_request
-from relay.server.tunnel_socket import BINARY, CLOSE, PING, PONG, TEXT, TunnelSocket, accept_key
+from relay.tunnel.dial import HandshakeRefused, check_response, dial, upgrade_request
+from relay.tunnel.tunnel_socket import BINARY, CLOSE, PING, PONG, TEXT, TunnelSocket, accept_key
 from tests.harness import eventually
 from tests.rawws import GUID
 

@@ -1,4 +1,4 @@
-"""The tunnel's WebSocket once the relay took it over from aiohttp (relay.server.tunnel_socket).
+"""The tunnel's WebSocket once the relay took it over from aiohttp (relay.tunnel.tunnel_socket).
 
 A hand-written WebSocket client (tests/rawws.py) plays the agent against a real relay on
 loopback, so the framing rules are checked against RFC 6455, not against the relay's parser.

@@ -7,7 +7,7 @@ moves the transport to a :class:`ClientSocket`: frames are parsed as they arrive
 message goes to the socket's owner (the channel's bridge, :mod:`relay.server.ws_channel`)
 synchronously, from the read.
 
-It is a :class:`relay.server.tunnel_socket.TunnelSocket` (the same RFC 6455 server-side parser
+It is a :class:`relay.tunnel.tunnel_socket.TunnelSocket` (the same RFC 6455 server-side parser
 and close handshake, tests/test_tunnel_socket.py) with what a client's socket needs besides:
 
 - text messages are passed on (with their type), not refused; their bytes are not decoded
@@ -20,7 +20,7 @@ and close handshake, tests/test_tunnel_socket.py) with what a client's socket ne
 - messages are written whole (one FIN frame each, text or binary, unmasked);
   ``pause_writing`` makes :meth:`ClientSocket.try_message` answer False, so a client that does
   not read holds the channel's credit rather than the relay's memory;
-- :meth:`~relay.server.tunnel_socket.TunnelSocket.hold` stops reading while the channel has no
+- :meth:`~relay.tunnel.tunnel_socket.TunnelSocket.hold` stops reading while the channel has no
   credit for the client's next message (at most one read waits, unparsed).
 """
 
@@ -34,8 +34,8 @@ from aiohttp import web
 
 from relay.errors import CloseCode
 from relay.server.httpedge import EdgeProtocol
-from relay.server.tunnel_socket import SocketOwner, TunnelSocket, switching_protocols
 from relay.tunnel.sink import JOIN_BELOW, message_header
+from relay.tunnel.tunnel_socket import SocketOwner, TunnelSocket, switching_protocols
 
 _TEXT_FIN = 0x81
 _BINARY_FIN = 0x82

@@ -39,11 +39,11 @@ from relay.server.edge import error_response
 from relay.server.peers import H_ORIGIN, StreamClaims, split_claims, verify_link
 from relay.server.registry import Tunnel
 from relay.server.state import STATE, TUNNEL_CLOSE, TUNNEL_RELEASE, RelayState
-from relay.server.tunnel_socket import TunnelSocket
 from relay.server.tunnels import CLOSE_TIMEOUT_S, finish_close, peer_address, serve_upgraded
 from relay.tracing import Tracing, trace_headers, with_trace_headers
 from relay.tunnel.session import Channel, ChannelClosed, Role, SessionSettings
 from relay.tunnel.splice import SplicedChannel, SplicingSession, copy_body, copy_messages
+from relay.tunnel.tunnel_socket import TunnelSocket
 
 log = structlog.get_logger("relay.peer")
 

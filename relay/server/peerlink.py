@@ -30,12 +30,12 @@ from relay.protocol import frames
 from relay.protocol.close import reason_bytes
 from relay.protocol.frames import MAX_STREAM_ID
 from relay.protocol.messages import Hello
-from relay.server.link_dial import HandshakeRefused, dial
 from relay.server.peers import LINK_PATH, sign_link
 from relay.server.state import RelayState
-from relay.server.tunnel_socket import TunnelSocket
 from relay.server.tunnels import finish_close
+from relay.tunnel.dial import HandshakeRefused, dial
 from relay.tunnel.session import Role, SessionSettings, TunnelSession
+from relay.tunnel.tunnel_socket import TunnelSocket
 
 log = structlog.get_logger("relay.peer")
 

@@ -27,9 +27,9 @@ if TYPE_CHECKING:
     from relay.server.peers import PeerSigner
     from relay.server.throttle import FailureThrottle
     from relay.server.tls import TlsContext
-    from relay.server.tunnel_socket import TunnelSocket
     from relay.server.ws_channel import ChannelBridge
     from relay.tracing import Tracing
+    from relay.tunnel.tunnel_socket import TunnelSocket
 
 
 # The relay's task groups. Drain and stop wait for TUNNEL_CLOSE (the close handshakes they

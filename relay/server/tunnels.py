@@ -1,7 +1,7 @@
 """``GET /tunnel``: accept an agent's WebSocket, register it (directory first), serve its frames.
 
 An authorized tunnel is taken over from aiohttp (:func:`take_over`): the relay answers the
-upgrade itself and serves the connection on a :class:`relay.server.tunnel_socket.TunnelSocket`,
+upgrade itself and serves the connection on a :class:`relay.tunnel.tunnel_socket.TunnelSocket`,
 so an idle tunnel holds no HTTP request, handler task or WebSocketResponse. Refusals still go
 through aiohttp's WebSocket (a close code is all a browser can read).
 
@@ -46,9 +46,9 @@ from relay.server.registry import Tunnel
 from relay.server.state import CLOSE_TIMEOUT_S as CLOSE_TIMEOUT_S  # the bound, where it is used
 from relay.server.state import STATE, TUNNEL_CLOSE, TUNNEL_RELEASE, RelayState
 from relay.server.throttle import FailureThrottle
-from relay.server.tunnel_socket import SocketOwner, TunnelSocket, switching_protocols
 from relay.tunnel.gate import StreamGate
 from relay.tunnel.session import Role, TunnelSession
+from relay.tunnel.tunnel_socket import SocketOwner, TunnelSocket, switching_protocols
 
 log = structlog.get_logger("relay.tunnel")
 

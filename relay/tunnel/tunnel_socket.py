@@ -1,5 +1,6 @@
 """A tunnel's WebSocket on a raw transport: the relay's side of an agent's tunnel once the relay
-took it over from aiohttp, and either end of a peer link between relays.
+took it over from aiohttp, and either end of a peer link between relays. It knows neither side
+(it lives in relay.tunnel): the relay's modules hand it their transports.
 
 Served by aiohttp, an idle tunnel kept its whole HTTP machinery alive: the request handler and
 its parser, the parsed upgrade request, the handler's tasks and the coroutine frames of the
@@ -26,7 +27,7 @@ What it keeps of aiohttp's server WebSocket (tests/test_tunnel_socket.py pins it
   (so its write-stall verdict, 1008 "not reading", still sees a peer that stops reading).
 
 ``client=True`` is the other side of the same socket (the entry relay's end of a peer link,
-after :mod:`relay.server.link_dial` made the upgrade): every frame it writes is masked with a
+after :mod:`relay.tunnel.dial` made the upgrade): every frame it writes is masked with a
 fresh key (RFC 6455 5.3), and a *masked* frame from the server is 1002 (5.1). It replaces
 aiohttp's client WebSocket, whose reader parsed into a queue that a task then drained.
 """

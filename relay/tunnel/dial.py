@@ -1,5 +1,6 @@
-"""Dial a peer link: the WebSocket upgrade made by hand, then the connection served by a client
-:class:`relay.server.tunnel_socket.TunnelSocket`.
+"""Dial a tunnel WebSocket: the upgrade made by hand, then the connection served by a client
+:class:`relay.tunnel.tunnel_socket.TunnelSocket`. Used for the entry relay's peer links; it
+lives in relay.tunnel, beside the socket, so that any dialling side may use it.
 
 aiohttp's client WebSocket parsed each frame into a queue that a reader task drained, one
 wake-up and several coroutine steps per batch of frames on the entry relay's busiest
@@ -25,7 +26,7 @@ from typing import cast
 
 from yarl import URL
 
-from relay.server.tunnel_socket import SocketOwner, TunnelSocket, accept_key
+from relay.tunnel.tunnel_socket import SocketOwner, TunnelSocket, accept_key
 
 # A 101 is a few hundred bytes; a head larger than this is no answer of a relay.
 MAX_RESPONSE_HEAD = 16 * 1024
