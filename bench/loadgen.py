@@ -579,7 +579,8 @@ async def _pingflood(args: argparse.Namespace) -> int:
         await flooder.flood(until)
         sent += flooder.sent
         if flooder.closed.done():
-            codes[str(flooder.closed.result())] += 1
+            code = flooder.closed.result()
+            codes["cut without a close frame" if code is None else str(code)] += 1
         elif flooder.transport is not None:
             flooder.transport.abort()
     emit({"pings_sent": sent, "connects": connects, "refused": refused, "closes": dict(codes)})

@@ -569,12 +569,17 @@ class Bench:
         hostile_share = sum(meter.share(k) for k in meter.used if k.startswith("hostile-"))
         growth_mib = (rss.peak["relay"] - rss_before) / 1024
         what = "+".join(workers)
+        # Only the abuse that ran is described: a run without the flood has no pings to count.
+        parts = [f"CPU {meter.describe()}"]
+        if channels:
+            parts.append(f"channels held {held.get('ready')} -> {held_after.get('held')}")
+        if flood:
+            parts.append(f"pings sent {flooded.get('pings_sent')} over "
+                         f"{flooded.get('connects')} tunnels ({flooded.get('refused')} attempts "
+                         f"refused), closes {flooded.get('closes')}")
+        parts.append(f"relay RSS +{growth_mib:.0f} MiB")
         print(f"  W6 {what:14s} {honest_rps:8,.0f} answered req/s (x{ratio:.2f}), errors "
-              f"{hostile.errors}, relay {relay_us:.0f} µs/req; CPU {meter.describe()}; "
-              f"channels held {held.get('ready')} -> {held_after.get('held')}; pings sent "
-              f"{flooded.get('pings_sent')} over {flooded.get('connects')} tunnels "
-              f"({flooded.get('refused')} attempts refused), closes "
-              f"{flooded.get('closes')}; relay RSS +{growth_mib:.0f} MiB", flush=True)
+              f"{hostile.errors}, relay {relay_us:.0f} µs/req; " + "; ".join(parts), flush=True)
         return {"honest_rps": honest_rps, "ratio": ratio, "errors": hostile.errors,
                 "relay_us": relay_us, "hostile_share": hostile_share,
                 "cpu_s": meter.used, "wall_s": meter.wall, "rss_growth_mib": growth_mib,
