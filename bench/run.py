@@ -39,6 +39,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import subprocess
@@ -919,6 +920,22 @@ class Bench:
             "bad": sum(p["bad"] + p["closed"] for p in parts), "hist": hist,
         }
 
+    @staticmethod
+    def _w4_capacity_row(registered: int, results: dict[str, Any]) -> Row:
+        """The 50,000-tunnel target: held here, or why this machine cannot show it."""
+        target = 50_000
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        note = f"open-file hard limit {hard:,}"
+        if hard != resource.RLIM_INFINITY and hard < target + 100:
+            stages = results.get("stages") or [{}]
+            per_kib = float(stages[-1].get("kib_per_tunnel", 0.0))
+            note = (f"this machine's hard limit of open files is {hard:,} per process (one "
+                    f"socket per tunnel; raising it needs CAP_SYS_RESOURCE), so 50,000 cannot "
+                    f"be opened here; at {per_kib:.1f} KiB each, 50,000 idle tunnels would take "
+                    f"about {per_kib * target / 1024:,.0f} MiB")
+        return Row("W4", "tunnels held by one relay process", None, registered, "",
+                   "≥ 50,000", registered >= target, ratio=False, note=note)
+
     def w4(self) -> None:
         """Idle tunnels: relay RSS per tunnel at each stage (1,000 and 19,000) on a fresh relay."""
         stages = sorted(int(n) for n in self.args.tunnels.split(","))
@@ -970,6 +987,7 @@ class Bench:
             results.update(registered_at_end=registered, closed_early=dict(dropped),
                            pings_answered=pings)
             lost = sum(dropped.values())
+            self.report.rows.append(self._w4_capacity_row(registered, results))
             self.report.rows.append(Row(
                 "W4", "tunnels dropped while idle", None, lost, "", "0", lost == 0, ratio=False,
                 note=f"{registered:,} registered at the end; {pings:,} relay PINGs answered "
