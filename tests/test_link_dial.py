@@ -78,6 +78,27 @@ def test_only_a_101_with_our_accept_key_and_nothing_unasked_is_an_upgrade() -> N
         assert refused.value.status == status, head
 
 
+
+def test_offered_subprotocols_are_asked_for_and_only_one_of_them_is_accepted() -> None:
+    from yarl import URL
+
+    request = upgrade_request(URL("ws://127.0.0.1:3000/ws"), "k", [("X-A", "1"), ("X-A", "2")],
+                              ("chat", "superchat"))
+    lines = request.decode().split("\r\n")
+    assert "Sec-WebSocket-Protocol: chat, superchat" in lines
+    assert lines.index("X-A: 1") < lines.index("X-A: 2")  # a repeated name kept, in order
+    assert b"Sec-WebSocket-Protocol" not in upgrade_request(URL("ws://h/x"), "k", {})
+    key = base64.b64encode(os.urandom(16)).decode()
+    offered = ("chat", "superchat")
+    assert check_response(_answer(key), key, offered) is None
+    assert check_response(_answer(key, "Sec-WebSocket-Protocol: superchat"), key,
+                          offered) == "superchat"
+    for answer in ("Sec-WebSocket-Protocol: evil", "Sec-WebSocket-Protocol: chat, superchat",
+                   "Sec-WebSocket-Protocol: Chat", "Sec-WebSocket-Extensions: x-y"):
+        with pytest.raises(HandshakeRefused) as refused:
+            check_response(_answer(key, answer), key, offered)
+        assert refused.value.status == 101, answer
+
 # -- a scripted server ----------------------------------------------------------------------
 
 @dataclass

@@ -12,18 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp import web
 
 from relay.protocol import frames
 from relay.protocol.frames import FrameType
 from relay.protocol.messages import Head, Open
 from relay.tunnel.session import ChannelClosed, Role, SessionSettings, TunnelSession
-from relay.tunnel.sink import WebSocketSink
-from tests.harness import start_host
 from tests.test_session import read_all, socket_link
 
 SETTINGS = SessionSettings(window=1 << 20, max_frame=1024, max_streams=64)
@@ -170,55 +165,3 @@ async def test_every_websocket_length_form_crosses_a_real_socket_byte_exact() ->
         sizes = (0, 1, 125, 126, 65535, 65536, 99_999)
         expected = b"".join(payload[:n] for n in sizes) + payload
         assert await read_all(relay_ch) == expected
-
-
-@contextlib.asynccontextmanager
-async def ws_pair() -> AsyncIterator[tuple[web.WebSocketResponse, aiohttp.ClientWebSocketResponse]]:
-    """A bare WebSocket over 127.0.0.1: nothing reads either end but the test."""
-    served: asyncio.Future[web.WebSocketResponse] = asyncio.get_running_loop().create_future()
-    done = asyncio.Event()
-
-    async def handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        served.set_result(ws)
-        await done.wait()
-        return ws
-
-    app = web.Application()
-    app.router.add_get("/ws", handler)
-    host = await start_host(app)
-    try:
-        async with aiohttp.ClientSession() as client:
-            client_ws = await client.ws_connect(f"{host.url}/ws")
-            server_ws = await asyncio.wait_for(served, 5)
-            yield server_ws, client_ws
-            await client_ws.close()
-    finally:
-        done.set()
-        await host.stop()
-
-
-async def test_a_direct_message_goes_only_to_a_socket_that_takes_it_now() -> None:
-    """WebSocketSink.try_message: text and binary arrive as sent (masked from the client
-    side); a full or closing socket is refused, nothing written."""
-    async with ws_pair() as (server_ws, client_ws):
-        ends: list[tuple[Any, Any]] = [(server_ws, client_ws), (client_ws, server_ws)]
-        for ws, peer in ends:
-            sink = WebSocketSink(ws)
-            protocol = ws._writer.protocol
-            protocol.pause_writing()  # as the transport does past its high-water mark
-            assert not sink.try_message(b"held", False)
-            protocol.resume_writing()
-            assert sink.try_message("h\u00e9llo".encode(), True)
-            assert sink.try_message(b"\x00" * 70_000, False)
-            first = await asyncio.wait_for(peer.receive(), 5)
-            assert (first.type, first.data) == (aiohttp.WSMsgType.TEXT, "h\u00e9llo")
-            second = await asyncio.wait_for(peer.receive(), 5)
-            assert (second.type, second.data) == (aiohttp.WSMsgType.BINARY, b"\x00" * 70_000)
-        closing = asyncio.ensure_future(client_ws.close())
-        await asyncio.sleep(0)
-        assert not WebSocketSink(client_ws).try_message(b"late", False)  # its close is out
-        closing.cancel()  # nobody reads the server end to answer it
-        with contextlib.suppress(asyncio.CancelledError):
-            await closing

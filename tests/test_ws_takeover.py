@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-import relay.server.ws_channel as ws_channel
+import relay.tunnel.ws_channel as ws_channel
 from relay.aio import cancel_and_wait
 from relay.config import load_config
 from relay.errors import CloseCode
 from relay.protocol import frames
 from relay.protocol.frames import WS_FRAME_COST, Flags, FrameType
-from relay.server.client_socket import ClientSocket
+from relay.tunnel.channel_socket import ChannelSocket
 from tests.harness import (
     Stack,
     eventually,
@@ -62,7 +62,7 @@ async def connect(s: Stack, path: str = "/ws") -> RawWebSocket:
     return ws
 
 
-def client_socket(s: Stack) -> ClientSocket:
+def client_socket(s: Stack) -> ChannelSocket:
     (bridge,) = s.relay.state.ws_bridges
     assert bridge.socket is not None
     return bridge.socket
@@ -88,7 +88,7 @@ async def no_channels_left(s: Stack) -> None:
 
 async def test_the_channel_is_served_on_the_relays_own_socket(s: Stack) -> None:
     ws = await connect(s)
-    assert isinstance(client_socket(s), ClientSocket)
+    assert isinstance(client_socket(s), ChannelSocket)
     # aiohttp no longer lists the connection: its shutdown would not see it.
     server = s.relay.listeners.public.server
     assert server is not None and not server.connections

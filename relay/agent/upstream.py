@@ -6,8 +6,19 @@ idle, a parse error, a reset) is never reused. A request that meets a dead or di
 connection before any byte of an answer is sent again, once, on a fresh connection -- only
 ``GET``/``HEAD``/``OPTIONS``/``TRACE`` and ``PUT``/``DELETE`` without a body (a body was
 streamed from the tunnel and cannot be replayed). Nothing is sent to the relay until the
-host's head is in, so a retried request is invisible to the client. WebSocket channels use
-aiohttp's client.
+host's head is in, so a retried request is invisible to the client.
+
+WebSocket channels are the relay's own code at both ends: the upgrade to the host is made by
+hand (:func:`relay.tunnel.dial.upgrade`: the client's subprotocols offered, its end-to-end
+headers forwarded, no extension offered, so an accepted one is a refusal, and so is a
+subprotocol that was not offered), then the connection is served by a client-mode
+:class:`relay.tunnel.channel_socket.ChannelSocket` (masked writes with fresh keys; a masked
+frame from the host is 1002) bridged to the channel by :class:`relay.tunnel.ws_channel.
+ChannelBridge`, the same bridge the relay runs for the client's socket. The host's messages go
+down the tunnel from the socket's read, with no reader task, queue or future per message, and a
+channel out of credit leaves the host's socket unread. A refused upgrade is the host's status
+to the relay (a 1xx or nonsense one 502); a host that cannot be reached, or breaks the
+handshake, is 502 and ``agent.upstream_ws_failed``.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import json
 import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeAlias
 
 import aiohttp
 import structlog
@@ -29,8 +40,10 @@ from relay.errors import CloseCode, ErrorCode
 from relay.protocol.headers import WS_HANDSHAKE, strip_hop_by_hop
 from relay.protocol.hostpaths import localize_response_headers
 from relay.protocol.messages import Head, Open
-from relay.tunnel.bridge import bridge
+from relay.tunnel.channel_socket import ChannelSocket
+from relay.tunnel.dial import HandshakeRefused, upgrade
 from relay.tunnel.session import Channel, ChannelClosed, ChannelKind
+from relay.tunnel.ws_channel import ChannelBridge
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -52,9 +65,14 @@ def _refusal_status(status: int | None) -> int:
     return status if status is not None and 200 <= status <= 599 else 502
 
 
-async def _connect_while_open(
-    channel: Channel, connecting: Awaitable[aiohttp.ClientWebSocketResponse[Any]]
-) -> aiohttp.ClientWebSocketResponse[Any]:
+# The host's answer to an upgrade, bounded as aiohttp's connect timeout bounded it (the relay
+# usually gives up first: tunnel.open_timeout_s).
+UPGRADE_TIMEOUT_S = 10.0
+
+Upgraded: TypeAlias = tuple[ChannelSocket, str | None]
+
+
+async def _connect_while_open(channel: Channel, connecting: Awaitable[Upgraded]) -> Upgraded:
     """Await the host's WebSocket until the relay ends the stream (it gives up on a host that
     is slow to accept), then cancel it rather than hold a socket to the host for nobody."""
     task = asyncio.ensure_future(connecting)
@@ -68,8 +86,12 @@ async def _connect_while_open(
             task.cancel()
             await asyncio.wait({task})
             if not task.cancelled() and task.exception() is None:
-                await task.result().close()  # it connected just then: hang up
+                task.result()[0].abort()  # it connected just then: hang up
     return task.result()
+
+
+def _tunnel_lost(_: ChannelClosed) -> tuple[int, str]:
+    return int(CloseCode.GOING_AWAY), "tunnel lost"
 
 
 def parse_origin(origin: str) -> URL:
@@ -87,6 +109,8 @@ def parse_origin(origin: str) -> URL:
 
 
 _HOST = frozenset({"host"})
+# The handshake's own fields are the agent's to write (and Host is the origin's).
+_WS_OWN = WS_HANDSHAKE | _HOST
 # What the relay forwards percent-encoded: raw, it would corrupt the request line to the host.
 _MUST_BE_ENCODED = re.compile(r"[\x00-\x20\x7f#]")
 
@@ -94,10 +118,12 @@ _MUST_BE_ENCODED = re.compile(r"[\x00-\x20\x7f#]")
 class LocalOrigin:
     """The agent's view of its host service: one origin, never anything else."""
 
-    def __init__(self, origin: str, client: aiohttp.ClientSession, *, max_ws_message: int,
-                 pool: OriginPool | None = None, tracing: Tracing | None = None) -> None:
-        """``client`` carries WebSocket channels; ``pool`` (made here by default, and then
-        closed by :meth:`close`) carries plain HTTP exchanges."""
+    def __init__(self, origin: str, client: aiohttp.ClientSession | None = None, *,
+                 max_ws_message: int, pool: OriginPool | None = None,
+                 tracing: Tracing | None = None) -> None:
+        """``pool`` (made here by default, and then closed by :meth:`close`) carries plain
+        HTTP exchanges; WebSocket channels are dialled by hand. ``client`` is not used (it
+        carried the WebSocket channels once)."""
         url = parse_origin(origin)
         assert url.host is not None and url.port is not None  # parse_origin checked both
         self.origin = url
@@ -107,11 +133,9 @@ class LocalOrigin:
         self._bases = {False: (str(url), url), True: (str(ws_url), ws_url)}
         self.client = client
         self.max_ws_message = max_ws_message
+        self._ssl = ssl.create_default_context() if url.scheme == "https" else None
         self._owns_pool = pool is None
-        self.pool = pool or OriginPool(
-            url.host, url.port,
-            ssl_context=ssl.create_default_context() if url.scheme == "https" else None,
-        )
+        self.pool = pool or OriginPool(url.host, url.port, ssl_context=self._ssl)
         self.tracing = tracing
 
     async def close(self) -> None:
@@ -240,26 +264,38 @@ class LocalOrigin:
         await channel.write(body, fin=True)
 
     async def _serve_ws(self, channel: Channel, head: Open) -> None:
-        headers = strip_hop_by_hop(head.headers, extra=WS_HANDSHAKE)
-        protocols = list(head.protocols)
+        headers = strip_hop_by_hop(head.headers, extra=_WS_OWN)
+        bridge = ChannelBridge(channel, lost_code=_tunnel_lost)
+        max_message = self.max_ws_message
+
+        def take_over(transport: asyncio.Transport, tail: bytes,
+                      protocol: str | None) -> Upgraded:
+            socket = ChannelSocket(transport, bridge, max_message_bytes=max_message,
+                                   client=True)
+            transport.set_protocol(socket)
+            bridge.attach(socket)
+            # Nothing of the host's is parsed before the channel's HEAD is out (below).
+            socket.hold()
+            if tail:
+                socket.data_received(tail)
+            return socket, protocol
+
         try:
             url = self.url_for(head, websocket=True)
-            ws = await _connect_while_open(channel, self.client.ws_connect(
-                url, protocols=protocols, headers=headers, autoping=True, compress=0,
-                max_msg_size=self.max_ws_message, decode_text=False,
-                timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
-            ))
-        except aiohttp.WSServerHandshakeError as exc:
-            channel.send_head(Head(status=_refusal_status(exc.status)))
+            socket, protocol = await _connect_while_open(channel, asyncio.wait_for(upgrade(
+                str(url), headers, take_over, protocols=head.protocols, ssl_context=self._ssl,
+            ), UPGRADE_TIMEOUT_S))
+        except HandshakeRefused as refused:
+            if refused.status == 101 or refused.status == 0:
+                # Not a refusal: an answer that breaks the handshake (or no HTTP at all).
+                log.info("agent.upstream_ws_failed", error=type(refused).__name__,
+                         path=head.path, status=refused.status, detail=refused.message)
+            channel.send_head(Head(status=_refusal_status(refused.status)))
             return
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:
             log.info("agent.upstream_ws_failed", error=type(exc).__name__, path=head.path)
             channel.send_head(Head(status=502))
             return
-        channel.send_head(Head(status=101, protocol=ws.protocol))
-        try:
-            await bridge(ws, channel,
-                         lost_code=lambda _: (int(CloseCode.GOING_AWAY), "tunnel lost"))
-        finally:
-            if not ws.closed:
-                await ws.close()
+        channel.send_head(Head(status=101, protocol=protocol))
+        socket.release()
+        await bridge.run()

@@ -16,7 +16,7 @@ from relay.errors import CloseCode
 from relay.protocol.messages import Drain
 from relay.server.registry import Tunnel
 from relay.server.state import TUNNEL_CLOSE, TUNNEL_RELEASE, RelayState
-from relay.tunnel.bridge import CLOSE_TIMEOUT_S
+from relay.tunnel.ws_channel import CLOSE_TIMEOUT_S
 
 log = structlog.get_logger("relay.server")
 

@@ -27,9 +27,9 @@ if TYPE_CHECKING:
     from relay.server.peers import PeerSigner
     from relay.server.throttle import FailureThrottle
     from relay.server.tls import TlsContext
-    from relay.server.ws_channel import ChannelBridge
     from relay.tracing import Tracing
     from relay.tunnel.tunnel_socket import TunnelSocket
+    from relay.tunnel.ws_channel import ChannelBridge
 
 
 # The relay's task groups. Drain and stop wait for TUNNEL_CLOSE (the close handshakes they
@@ -78,7 +78,7 @@ class RelayState:
     # The tunnels' sockets, taken over from aiohttp's server (relay.server.tunnels): the relay's
     # stop hangs up what is left of them, as aiohttp's shutdown did for its connections.
     tunnel_sockets: set[TunnelSocket] = field(default_factory=set)
-    # The clients' WebSocket channels, taken over from aiohttp too (relay.server.ws_channel):
+    # The clients' WebSocket channels, taken over from aiohttp too (relay.tunnel.ws_channel):
     # the stop waits for their close handshakes (bounded), then hangs up what is left.
     ws_bridges: set[ChannelBridge] = field(default_factory=set)
     # Refused tunnels in their lingering close (relay.server.tunnels.hang_up_refused): a

@@ -22,8 +22,8 @@ from relay.server.forwarded import host_request_head
 from relay.server.state import RelayState
 from relay.server.timing import timer_of, trace_next_hop
 from relay.server.tunnels import CLOSE_TIMEOUT_S, TakenOver, close_refused, credential_deadline
-from relay.server.ws_channel import ChannelBridge
 from relay.tunnel.session import ChannelClosed, TunnelSession
+from relay.tunnel.ws_channel import ChannelBridge
 
 log = structlog.get_logger("relay.ws")
 

@@ -10,9 +10,14 @@ synchronously, as on the owner's end.
 
 What is checked of the answer (RFC 6455 4.1): the status (anything but ``101`` is a refusal with
 that status, as aiohttp's ``WSServerHandshakeError``), ``Upgrade: websocket``, ``Connection:
-upgrade`` and ``Sec-WebSocket-Accept`` for our key; no extension or subprotocol may be
-accepted, since none was offered. The response head is bounded; the whole dial is bounded by
-the caller.
+upgrade`` and ``Sec-WebSocket-Accept`` for our key; no extension may be accepted, since none is
+offered, and a subprotocol only if it is one of those offered (none on a peer link). The
+response head is bounded; the whole dial is bounded by the caller.
+
+:func:`upgrade` is the same handshake for any socket: the agent dials its host service's
+WebSocket channels with it (relay.agent.upstream), offering the client's subprotocols and
+forwarding the client's headers, and serves them on a client-mode
+:class:`relay.tunnel.channel_socket.ChannelSocket`.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ import asyncio
 import base64
 import os
 import ssl
-from collections.abc import Callable, Mapping
-from typing import cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Generic, TypeAlias, TypeVar, cast
 
 from yarl import URL
 
@@ -30,6 +35,10 @@ from relay.tunnel.tunnel_socket import SocketOwner, TunnelSocket, accept_key
 
 # A 101 is a few hundred bytes; a head larger than this is no answer of a relay.
 MAX_RESPONSE_HEAD = 16 * 1024
+
+S = TypeVar("S")
+# The connection after a valid 101: (transport, bytes read past the head, chosen subprotocol).
+TakeOver: TypeAlias = Callable[[asyncio.Transport, bytes, str | None], S]
 
 
 class HandshakeRefused(Exception):
@@ -41,8 +50,11 @@ class HandshakeRefused(Exception):
         self.message = message
 
 
-def upgrade_request(url: URL, key: str, headers: Mapping[str, str]) -> bytes:
-    """The ``GET`` that asks for the upgrade (no extension, no subprotocol)."""
+def upgrade_request(url: URL, key: str,
+                    headers: Mapping[str, str] | Iterable[tuple[str, str]],
+                    protocols: Sequence[str] = ()) -> bytes:
+    """The ``GET`` that asks for the upgrade: no extension, the ``protocols`` offered (if any).
+    ``headers`` may repeat a name (as a list of pairs); each is sent as given."""
     default_port = 443 if url.scheme == "wss" else 80
     host = url.raw_host or ""
     if ":" in host:
@@ -50,15 +62,21 @@ def upgrade_request(url: URL, key: str, headers: Mapping[str, str]) -> bytes:
     authority = host if url.port in (None, default_port) else f"{host}:{url.port}"
     lines = [f"GET {url.raw_path_qs} HTTP/1.1", f"Host: {authority}", "Upgrade: websocket",
              "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
-    for name, value in headers.items():
+    if protocols:
+        lines.append(f"Sec-WebSocket-Protocol: {', '.join(protocols)}")
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    for name, value in pairs:
         if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
             raise ValueError(f"header {name!r} holds a line break")
         lines.append(f"{name}: {value}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    # UTF-8 as aiohttp's client wrote header values (the same bytes for ASCII); a value the
+    # relay's edge decoded with surrogateescape goes back out as the bytes it came in as.
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
-def check_response(head: bytes, key: str) -> None:
-    """Raise HandshakeRefused unless ``head`` (up to its blank line) accepts our upgrade."""
+def check_response(head: bytes, key: str, protocols: Sequence[str] = ()) -> str | None:
+    """Raise HandshakeRefused unless ``head`` (up to its blank line) accepts our upgrade; the
+    subprotocol it chose, one of ``protocols`` (None: it chose none)."""
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
@@ -82,21 +100,29 @@ def check_response(head: bytes, key: str) -> None:
         raise HandshakeRefused(status, "no 'Connection: upgrade'")
     if fields.get("sec-websocket-accept") != accept_key(key):
         raise HandshakeRefused(status, "wrong Sec-WebSocket-Accept")
-    if fields.get("sec-websocket-extensions") or fields.get("sec-websocket-protocol"):
-        raise HandshakeRefused(status, "an extension or subprotocol nobody asked for")
+    if fields.get("sec-websocket-extensions"):
+        raise HandshakeRefused(status, "an extension nobody asked for")
+    chosen = fields.get("sec-websocket-protocol")
+    if not chosen:
+        return None
+    # RFC 6455 4.1: one of the offered values, exactly; anything else fails the connection.
+    if chosen not in protocols:
+        raise HandshakeRefused(status, f"a subprotocol nobody asked for: {chosen[:80]!r}")
+    return chosen
 
 
-class _Upgrading(asyncio.Protocol):
+class _Upgrading(asyncio.Protocol, Generic[S]):
     """The connection until the answer's head is in: then the socket takes over, in the same
     callback, so no frame that came with the head (or right after it) is missed."""
 
-    def __init__(self, request: bytes, key: str,
-                 take_over: Callable[[asyncio.Transport, bytes], TunnelSocket]) -> None:
+    def __init__(self, request: bytes, key: str, protocols: Sequence[str],
+                 take_over: TakeOver[S]) -> None:
         self._request = request
         self._key = key
+        self._protocols = protocols
         self._take_over = take_over
         self._buffer = bytearray()
-        self.done: asyncio.Future[TunnelSocket] = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[S] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -116,12 +142,12 @@ class _Upgrading(asyncio.Protocol):
         head, tail = bytes(self._buffer[:end]), bytes(self._buffer[end + 4:])
         self._buffer = bytearray()
         try:
-            check_response(head, self._key)
+            protocol = check_response(head, self._key, self._protocols)
         except HandshakeRefused as refused:
             self._fail(refused)
             return
         assert self.transport is not None
-        self.done.set_result(self._take_over(self.transport, tail))
+        self.done.set_result(self._take_over(self.transport, tail, protocol))
 
     def _fail(self, error: Exception) -> None:
         self.done.set_exception(error)
@@ -137,31 +163,25 @@ class _Upgrading(asyncio.Protocol):
                 "the peer closed the connection during the upgrade"))
 
 
-async def dial(url: str, headers: Mapping[str, str], owner: SocketOwner, *, max_message: int,
-               start: Callable[[TunnelSocket], None],
-               ssl_context: ssl.SSLContext | None = None) -> TunnelSocket:
-    """Open ``url`` (``ws://`` or ``wss://``) as a WebSocket served by a client TunnelSocket
-    reporting to ``owner``; ``start`` sets the owner up on the socket before its first frame is
-    read. Unbounded: the caller bounds it (a cancelled dial hangs up what it opened).
+async def upgrade(url: str, headers: Mapping[str, str] | Iterable[tuple[str, str]],
+                  take_over: TakeOver[S], *, protocols: Sequence[str] = (),
+                  ssl_context: ssl.SSLContext | None = None) -> S:
+    """Open ``url`` (``ws://`` or ``wss://``), ask for a WebSocket offering ``protocols``, and
+    once a valid ``101`` is in hand the connection to ``take_over`` (it sets the transport's
+    protocol and feeds it what came after the head): what it returns. Unbounded: the caller
+    bounds it (a cancelled upgrade hangs up what it opened).
 
-    Raises HandshakeRefused (any answer but a valid 101), OSError (unreachable, reset).
+    Raises HandshakeRefused (any answer but a valid 101), OSError (unreachable, reset, TLS),
+    ValueError (not a WebSocket URL, a header with a line break).
     """
     target = URL(url, encoded=True)
     if target.scheme not in ("ws", "wss") or not target.raw_host:
         raise ValueError(f"not a WebSocket URL: {url}")
     secure = target.scheme == "wss"
     key = base64.b64encode(os.urandom(16)).decode()
-
-    def take_over(transport: asyncio.Transport, tail: bytes) -> TunnelSocket:
-        socket = TunnelSocket(transport, owner, max_message=max_message, client=True)
-        transport.set_protocol(socket)
-        start(socket)
-        if tail:
-            socket.data_received(tail)
-        return socket
-
     loop = asyncio.get_running_loop()
-    upgrading = _Upgrading(upgrade_request(target, key, headers), key, take_over)
+    upgrading = _Upgrading(upgrade_request(target, key, headers, protocols), key, protocols,
+                           take_over)
     context = (ssl_context or ssl.create_default_context()) if secure else None
     transport, _ = await loop.create_connection(
         lambda: upgrading, target.raw_host, target.port or (443 if secure else 80),
@@ -171,3 +191,24 @@ async def dial(url: str, headers: Mapping[str, str], owner: SocketOwner, *, max_
     except BaseException:
         transport.abort()  # refused, reset, or the caller gave up: nothing is left open
         raise
+
+
+async def dial(url: str, headers: Mapping[str, str], owner: SocketOwner, *, max_message: int,
+               start: Callable[[TunnelSocket], None],
+               ssl_context: ssl.SSLContext | None = None) -> TunnelSocket:
+    """Open ``url`` (``ws://`` or ``wss://``) as a WebSocket served by a client TunnelSocket
+    reporting to ``owner``; ``start`` sets the owner up on the socket before its first frame is
+    read. Unbounded: the caller bounds it (a cancelled dial hangs up what it opened).
+
+    Raises HandshakeRefused (any answer but a valid 101), OSError (unreachable, reset).
+    """
+
+    def take_over(transport: asyncio.Transport, tail: bytes, _: str | None) -> TunnelSocket:
+        socket = TunnelSocket(transport, owner, max_message=max_message, client=True)
+        transport.set_protocol(socket)
+        start(socket)
+        if tail:
+            socket.data_received(tail)
+        return socket
+
+    return await upgrade(url, headers, take_over, ssl_context=ssl_context)

@@ -112,25 +112,6 @@ class WebSocketSink:
     async def drain(self) -> None:
         await self._protocol._drain_helper()
 
-    def try_message(self, data: bytes, text: bool) -> bool:
-        """Write one whole message now if the socket takes it at once: open, not closing, not
-        full. False: nothing was written (the caller sends it the ordinary, waiting way)."""
-        transport = self._transport
-        if (self._writer._closing or transport.is_closing()
-                or self._protocol.writing_paused):
-            return False
-        first = _TEXT_FIN if text else _BINARY_FIN
-        if self._use_mask:
-            key = _MASK_KEY.pack(self._random_bits())
-            masked = bytearray(data)
-            websocket_mask(key, masked)
-            transport.write(b"".join((message_header(len(data), _MASK_BIT, first), key, masked)))
-        elif len(data) < JOIN_BELOW:
-            transport.write(message_header(len(data), 0, first) + data)
-        else:
-            transport.writelines((message_header(len(data), 0, first), data))
-        return True
-
 
 class CallbackSink:
     """An ``async send(frame)`` as a sink; frames wait in a deque until :meth:`drain`."""
