@@ -99,3 +99,19 @@ def test_hostid_is_hashable_and_frozen() -> None:
     assert {host: 1}[HostId("a", "b")] == 1
     with pytest.raises(AttributeError):
         host.org = "x"  # type: ignore[misc]
+
+
+def test_a_parsed_host_id_is_reused_and_garbage_never_cached() -> None:
+    from relay.auth import hostid
+
+    assert parse_host_id("acme:cached") is parse_host_id("acme:cached")
+    before = len(hostid._PARSED)
+    for raw in ("acme", "acme:", "a:b:c", "acme:%2F", "x" * 300):
+        with pytest.raises(InvalidHost):
+            parse_host_id(raw)
+        with pytest.raises(InvalidHost):
+            parse_host_id(raw)  # still refused the second time
+    assert len(hostid._PARSED) == before
+    for index in range(hostid._PARSED_MAX + 5):
+        parse_host_id(f"acme:m{index}")
+    assert len(hostid._PARSED) <= hostid._PARSED_MAX

@@ -109,3 +109,61 @@ def test_drain_renew_and_renewed() -> None:
     assert Renewed.decode(deferred.encode()) == deferred
     with pytest.raises(ProtocolViolation):
         Renewed.decode(b"{}")
+
+
+def test_a_header_pair_seen_before_is_still_checked_for_its_exact_text() -> None:
+    good = j({"status": 200, "headers": [["X-A", "1"], ["Content-Type", "text/plain"]]})
+    assert Head.decode(good) == Head.decode(good)  # the second decode is served by the cache
+    # The same name with a bad value, and a look-alike name, are refused after the good pair.
+    for bad in ([["X-A", "1\r\nX: y"]], [["X-A ", "1"]], [["X-A", 1]], [("X-A", "1", "2")]):
+        with pytest.raises(ProtocolViolation):
+            Head.decode(j({"status": 200, "headers": bad}))
+    assert Head.decode(good).headers == (("X-A", "1"), ("Content-Type", "text/plain"))
+
+
+def test_the_validated_pair_cache_stays_bounded() -> None:
+    from relay.protocol import messages
+
+    for index in range(messages._VALID_MAX + 10):
+        Head.decode(j({"status": 200, "headers": [["X-N", str(index)]]}))
+    big = "v" * messages._VALID_MAX_CHARS
+    Head.decode(j({"status": 200, "headers": [["X-Big", big]]}))
+    assert len(messages._VALID_PAIRS) <= messages._VALID_MAX
+    assert ("X-Big", big) not in messages._VALID_PAIRS
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"status":200}', b'{"status":200}  \r\n\t', b'{"status":200} x', b'{"status":200}{}',
+    b'{"status":', b"{", b"{}", b'{"status":200,"reason":"\xff"}', b' {"status":200}',
+    b'{"status":200}\x00', b'{"status":200}\xc2\xa0', b'{"status":NaN}', b"[200]",
+    '{"status":200,"reason":"\u00e9"}'.encode(), b'\xef\xbb\xbf{"status":200}',
+    '{"status":200}'.encode("utf-16"), '{"status":200}'.encode("utf-16-le"),
+    '{"status":200}'.encode("utf-32"), b'{"status":200,"reason":"\xed\xa0\x80"}',
+])
+def test_frames_decode_exactly_as_json_loads_reads_them(payload: bytes) -> None:
+    from relay.protocol.messages import _loads
+
+    try:
+        expected: object = json.loads(payload)
+    except ValueError:  # UnicodeDecodeError included
+        with pytest.raises(ValueError):
+            _loads(payload)
+        return
+    got = _loads(payload)
+    assert repr(got) == repr(expected)  # repr: NaN != NaN
+
+
+@pytest.mark.parametrize("head", [
+    Open(kind="http"),
+    Open(kind="http", method="POST", path="/a\"b\\c", query="x=\u00e9&y=%20",
+         headers=(("Host", "h:1"), ("X-U", "\u2028\x01\u00ff"), ("Cookie", ""))),
+    Open(kind="ws", path="/ws", protocols=("chat", "v2.\u00e9")),
+    Open(kind="ws"),
+])
+def test_open_encodes_to_the_json_text_of_its_fields(head: Open) -> None:
+    body: dict[str, object] = {"kind": head.kind, "method": head.method, "path": head.path,
+                               "query": head.query, "headers": [list(h) for h in head.headers]}
+    if head.kind == "ws":
+        body["protocols"] = list(head.protocols)
+    assert head.encode() == json.dumps(body, separators=(",", ":")).encode()
+    assert Open.decode(head.encode()) == head

@@ -40,3 +40,28 @@ async def test_metrics_serve_process_health_and_renamed_byte_counter(tmp_path: P
     # No _created twin beside any counter or histogram.
     assert not [name for name in names if name.endswith("_created")]
     assert "_created" not in text
+
+
+def test_metric_values_count_without_a_lock_and_render_as_before() -> None:
+    from relay.metrics import LoopValue, Metrics
+
+    metrics = Metrics()
+    assert type(metrics.bytes_to_host._value) is LoopValue  # what every increment updates
+    metrics.bytes_to_host.inc(5)
+    metrics.bytes_to_host.inc(7)
+    metrics.http_streams.inc()
+    metrics.http_streams.inc()
+    metrics.http_streams.dec()
+    metrics.http_request_duration_seconds.observe(0.003)
+    metrics.http_request_duration_seconds.observe(50)
+    metrics.requests_with_status(404).inc()
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in families.values() for s in family.samples}
+    assert samples[("relay_proxied_bytes_total", (("direction", "to_host"),))] == 12
+    assert samples[("relay_streams_active", (("kind", "http"),))] == 1
+    assert samples[("relay_http_request_duration_seconds_count", ())] == 2
+    assert samples[("relay_http_request_duration_seconds_sum", ())] == 50.003
+    assert samples[("relay_http_request_duration_seconds_bucket", (("le", "0.005"),))] == 1
+    assert samples[("relay_http_request_duration_seconds_bucket", (("le", "+Inf"),))] == 2
+    assert samples[("relay_http_requests_total", (("status", "404"),))] == 1

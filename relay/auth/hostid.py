@@ -68,6 +68,13 @@ class HostId:
         return f"{self.org}:{self.machine}"
 
 
+# Valid ids already parsed (HostId is frozen, so one value serves every request for its host):
+# a proxied request parses its host id more than once, and validation is two regex matches.
+# Only valid ids enter, so a client's garbage cannot grow it; cleared when full.
+_PARSED: dict[str, HostId] = {}
+_PARSED_MAX = 4096
+
+
 def parse_host_id(raw: str) -> HostId:
     """Parse ``org:machine`` or raise :class:`InvalidHost`.
 
@@ -76,11 +83,19 @@ def parse_host_id(raw: str) -> HostId:
     # Length first, so a 10k-character id costs nothing more than a len().
     if not isinstance(raw, str) or len(raw) > MAX_HOST_ID_LENGTH:
         raise InvalidHost()
+    host = _PARSED.get(raw)
+    if host is not None and type(raw) is str:  # a str subclass could compare equal yet differ
+        return host
     org, sep, machine = raw.partition(":")
     if not sep:
         raise InvalidHost()
     # A second ':' lands in `machine` and fails the part charset there.
-    return HostId(org, machine)
+    host = HostId(org, machine)
+    if type(raw) is str:
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[raw] = host
+    return host
 
 
 def parse_host_pattern(raw: object) -> HostId | str | None:
