@@ -159,6 +159,7 @@ class TokenVerifier:
         self._agent_claim = agent_claim
         self._leeway = float(leeway_s)
         self._metrics = metrics
+        self._counters: dict[TokenResult, Any] = {}  # the labelled children, resolved once
         self._clock = clock
         # Deadlines are the tokens' exp (wall-clock), so the cache runs on the same clock.
         self._cache: TTLCache[bytes, _Verified] = TTLCache(cache_size, clock=clock)
@@ -333,9 +334,13 @@ class TokenVerifier:
         return identity, nbf - self._leeway
 
     def _count(self, result: TokenResult) -> None:
-        if self._metrics is not None:
+        counter = self._counters.get(result)
+        if counter is None and self._metrics is not None:
             metrics = self._metrics
-            metrics.child(metrics.token_verifications_total, result).inc()
+            counter = self._counters[result] = metrics.child(
+                metrics.token_verifications_total, result)
+        if counter is not None:
+            counter.inc()
 
     def _reject(self, reason: str, message: str, *, level: str = "info", **fields: Any) -> NoReturn:
         self._count(TokenResult.REJECTED)

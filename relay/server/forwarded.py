@@ -78,12 +78,15 @@ def host_request_head(
     request: web.Request, path: str, query: str, trust_forwarded: bool,
     client_chain: str | None = None, *, websocket: bool = False, host_id: str = "",
     protocols: tuple[str, ...] = (), claims: tuple[tuple[str, str], ...] = (),
+    view: ClientView | None = None,
 ) -> Open:
     """What the host sees of the request, for HTTP exchanges and WebSocket channels alike.
 
     ``claims``: a peer link's per-stream claims, for the owner relay (it takes them out).
+    ``view``: the request's :func:`client_view` when the caller has it already.
     """
-    view = client_view(request, trust_forwarded, client_chain, websocket=websocket)
+    if view is None:
+        view = client_view(request, trust_forwarded, client_chain, websocket=websocket)
     headers = request_headers_for_host(
         list(request.headers.items()), client_ip=view.ip, scheme=view.scheme, host=view.host,
         prior_forwarded_for=view.prior, websocket=websocket,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
@@ -41,8 +41,8 @@ class Exchange:
 
     bytes_up: int = 0
     bytes_down: int = 0
-    started: float = field(default_factory=time.monotonic)
-    upload_progress: float = field(default_factory=time.monotonic)
+    started: float = 0.0  # monotonic
+    upload_progress: float = 0.0  # monotonic: the request's arrival, then every chunk sent
     upload_done: bool = False
     body_too_large: bool = False
     first_byte: float = 0.0  # when the host's HEAD arrived (monotonic; 0: it never did)
@@ -90,13 +90,16 @@ async def proxy_http(
 ) -> web.StreamResponse:
     config = state.config
     metrics = state.metrics
-    exchange = Exchange()
+    now = time.monotonic()
+    exchange = Exchange(started=now, upload_progress=now)
     limit = config.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
     has_body = request_has_body(request)
+    # Once per exchange: the host's X-Forwarded-* and the origin its redirects are rewritten to.
+    public = client_view(request, config.server.trust_forwarded, client_chain)
     head = host_request_head(request, path, query, config.server.trust_forwarded, client_chain,
-                             host_id=host_id, claims=claims)
+                             host_id=host_id, claims=claims, view=public)
     timer = timer_of(request)
     if timer is not None:
         head = trace_next_hop(timer, head)
@@ -141,7 +144,6 @@ async def proxy_http(
         for name, value in raw_headers:
             if name.lower() == "content-length":
                 length = value
-        public = client_view(request, config.server.trust_forwarded, client_chain)
         headers = CIMultiDict(response_headers_for_client(
             raw_headers, host_prefix(host_id), public.origin,
         ))

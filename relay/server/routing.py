@@ -73,8 +73,9 @@ def is_websocket_upgrade(request: web.Request) -> bool:
 async def handle_hosts(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     route = parse_host_route(request)
-    cors = request.app.get(CORS)
-    if cors is not None and request.method == "OPTIONS":
+    # Looked up for OPTIONS only: Application.get of a missing key raises and catches KeyError.
+    cors = request.app.get(CORS) if request.method == "OPTIONS" else None
+    if cors is not None:
         # A preflight carries no credentials: the relay answers it, or nobody could.
         grant = cors.preflight(request.headers.get("Origin"),
                                request.headers.get("Access-Control-Request-Method"),
