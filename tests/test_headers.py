@@ -174,3 +174,48 @@ def test_a_trusted_proxy_keeps_identity_headers_but_never_the_forwarding_trio() 
     assert "Forwarded" not in out  # would disagree with the extended chain
     assert out["X-Forwarded-For"] == "1.2.3.4, 10.0.0.9"
     assert (out["X-Forwarded-Proto"], out["X-Forwarded-Host"]) == ("https", "relay.example")
+
+
+def _for_host_step_by_step(headers: list[tuple[str, str]], *, websocket: bool,
+                           keep: bool, prior: str) -> list[tuple[str, str]]:
+    """The rules of request_headers_for_host applied one after the other, as they read."""
+    from relay.protocol.headers import (
+        _TO_HOST_HTTP,
+        _TO_HOST_WS,
+        RELAY_INTERNAL_PREFIX,
+        RELAY_SET,
+        is_client_identity,
+        strip_session_cookie,
+    )
+
+    extra = _TO_HOST_WS if websocket else _TO_HOST_HTTP
+    out = [(n, v) for n, v in strip_session_cookie(strip_hop_by_hop(headers, extra=extra))
+           if not (n.lower().startswith(RELAY_INTERNAL_PREFIX) or n.lower() in RELAY_SET
+                   or (not keep and is_client_identity(n)))]
+    out += [("X-Forwarded-For", ", ".join(p for p in (prior, "10.0.0.9") if p)),
+            ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "relay.example"),
+            ("X-Forwarded-Prefix", "/hosts/a:b")]
+    return [(n, v) for n, v in out if v]
+
+
+def test_the_one_pass_filter_keeps_exactly_what_the_rules_keep() -> None:
+    import random
+
+    pool = [*HOP_BY_HOP, ("Connection", "X-Drop, keep-alive"), ("x-drop", "1"),
+            ("X-Keep", "1"), ("X-Empty", ""), ("Authorization", "Bearer t"), ("Host", "h"),
+            ("Expect", "100-continue"), ("Cookie", "relay_session=s; a=1"),
+            ("Cookie", "relay_session=s"), ("cookie", "a=relay_session"),
+            ("X-Relay-Signature", "x"), ("X-Forwarded-For", "1.2.3.4"), ("X-Real-IP", "1"),
+            ("Forwarded", "for=1"), ("X-Forwarded-Port", "443"), ("Sec-WebSocket-Key", "k"),
+            ("Sec-WebSocket-Protocol", "chat"), ("ACCEPT", "*/*"), ("Origin", "o"),
+            ("CONNECTION", "Origin")]
+    rng = random.Random(7)
+    for _ in range(400):
+        headers = rng.sample(pool, rng.randint(0, 12))
+        websocket, keep = rng.random() < 0.5, rng.random() < 0.5
+        prior = rng.choice(["", "9.9.9.9"])
+        for _twice in range(2):  # the second time from the cached fates
+            got = for_host(headers, websocket=websocket, keep_client_identity=keep,
+                           prior_forwarded_for=prior, prefix="/hosts/a:b")
+            assert got == _for_host_step_by_step(headers, websocket=websocket, keep=keep,
+                                                 prior=prior), headers

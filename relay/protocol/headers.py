@@ -108,22 +108,63 @@ def request_headers_for_host(
     ``keep_client_identity`` (a trusted reverse proxy in front) lets the proxy's
     ``X-Real-IP``, ``X-Forwarded-Port`` etc. through; the relay's own forwarding headers are
     set last either way.
+
+    The same as :func:`strip_hop_by_hop` (with the host's ``extra`` names), then
+    :func:`strip_session_cookie`, then the identity rules, in one pass: this runs for every
+    proxied request, and a header name's fate is looked up rather than worked out each time.
     """
-    extra = _TO_HOST_WS if websocket else _TO_HOST_HTTP
-    out = []
-    for name, value in strip_session_cookie(strip_hop_by_hop(headers, extra=extra)):
-        lower = name.lower()
-        if (lower.startswith(RELAY_INTERNAL_PREFIX) or lower in RELAY_SET
-                or (not keep_client_identity and _is_identity(lower))):
+    dropped = _HOST_DROPS[(websocket, keep_client_identity)]
+    out: Headers = []
+    connection = False
+    for name, value in headers:
+        fate = dropped.get(name)
+        if fate is None:
+            fate = _host_fate(name, websocket, keep_client_identity, dropped)
+        lower, drop = fate
+        if drop:
+            connection = connection or lower == "connection"
             continue
-        out.append((name, value))
+        if lower == "cookie" and SESSION_COOKIE in value:
+            value = _without_session(value)
+        if value:
+            out.append((name, value))
+    if connection:  # what Connection lists is hop-by-hop too (its values are dropped above)
+        tokens = _connection_tokens(headers)
+        out = [(n, v) for n, v in out if n.lower() not in tokens]
     # A chain from a trusted reverse proxy is extended; otherwise the client cannot forge one.
-    chain = [p for p in (prior_forwarded_for, client_ip) if p]
-    out.append(("X-Forwarded-For", ", ".join(chain)))
-    out.append(("X-Forwarded-Proto", scheme))
-    out.append(("X-Forwarded-Host", host))
-    out.append(("X-Forwarded-Prefix", prefix))
-    return [(n, v) for n, v in out if v]
+    chain = ", ".join([p for p in (prior_forwarded_for, client_ip) if p])
+    for name, value in (("X-Forwarded-For", chain), ("X-Forwarded-Proto", scheme),
+                        ("X-Forwarded-Host", host), ("X-Forwarded-Prefix", prefix)):
+        if value:
+            out.append((name, value))
+    return out
+
+
+# (websocket, keep_client_identity) -> header name as sent -> (its lower case, dropped?).
+# Bounded: names are the client's choice, and each table is cleared when full.
+_HOST_DROPS: dict[tuple[bool, bool], dict[str, tuple[str, bool]]] = {
+    (ws, keep): {} for ws in (False, True) for keep in (False, True)}
+_HOST_DROPS_MAX = 1024
+
+
+def _host_fate(name: str, websocket: bool, keep_client_identity: bool,
+               table: dict[str, tuple[str, bool]]) -> tuple[str, bool]:
+    lower = name.lower()
+    extra = _TO_HOST_WS if websocket else _TO_HOST_HTTP
+    drop = (lower in HOP_BY_HOP or lower in extra or lower.startswith(HOP_BY_HOP_PREFIX)
+            or lower.startswith(RELAY_INTERNAL_PREFIX) or lower in RELAY_SET
+            or (not keep_client_identity and _is_identity(lower)))
+    fate = (lower, drop)
+    if type(name) is str:
+        if len(table) >= _HOST_DROPS_MAX:
+            table.clear()
+        table[name] = fate
+    return fate
+
+
+def _without_session(value: str) -> str:
+    return "; ".join(pair.strip() for pair in value.split(";")
+                     if pair.strip() and pair.partition("=")[0].strip() != SESSION_COOKIE)
 
 
 def strip_session_cookie(headers: Iterable[tuple[str, str]]) -> Headers:
@@ -132,10 +173,7 @@ def strip_session_cookie(headers: Iterable[tuple[str, str]]) -> Headers:
     out: Headers = []
     for name, value in headers:
         if SESSION_COOKIE in value and name.lower() == "cookie":
-            kept = "; ".join(
-                pair.strip() for pair in value.split(";")
-                if pair.strip() and pair.partition("=")[0].strip() != SESSION_COOKIE
-            )
+            kept = _without_session(value)
             if not kept:
                 continue
             value = kept
