@@ -135,7 +135,8 @@ class LoopValue:
     """A metric's value without prometheus_client's lock: the relay and the agent update and
     render their metrics on the event loop's thread only, so the ``threading.Lock`` taken on
     every increment (about ten per proxied request: counters, the streams gauge, two histogram
-    observations) bought nothing but its cost."""
+    observations) bought nothing but its cost. The one value another thread updates, the
+    tracing exporter's dropped spans, is incremented under relay.tracing's own lock."""
 
     __slots__ = ("_exemplar", "_value")
     _multiprocess = False

@@ -104,10 +104,12 @@ class Tracing:
         self._closed = False
 
     def _drop(self, count: int) -> None:
+        # Under the lock too: the relay's metric values take no lock of their own (they are
+        # updated on the loop's thread, relay.metrics.LoopValue), and this one is the exception.
         with self._lock:
             self.dropped += count
-        if self._on_dropped is not None:
-            self._on_dropped(count)
+            if self._on_dropped is not None:
+                self._on_dropped(count)
 
     # -- context -------------------------------------------------------------------------------
     def extract(self, carrier: Mapping[str, str]) -> Context:
