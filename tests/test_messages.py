@@ -29,6 +29,35 @@ def test_a_malformed_http_head_is_a_violation(body: object) -> None:
         Head.decode(j(body))
 
 
+GOOD = [["X-A", "1"], ["Content-Type", "text/html; charset=utf-8"], ["x!#$%&'*+.^_`|~9", ""]]
+
+
+@pytest.mark.parametrize(("bad", "says"), [
+    ("not a pair", "string pairs"), ({"X-B": "2"}, "string pairs"), (["X-B"], "string pairs"),
+    (["X-B", "2", "3"], "string pairs"), (["X-B", 2], "string pairs"),
+    ([2, "X-B"], "string pairs"), (["X B", "2"], "not a token"), (["", "2"], "not a token"),
+    (["X-B\n", "2"], "not a token"), (["\nX-B", "2"], "not a token"),
+    (["X-B\r", "2"], "not a token"), (["X-B", "2\n"], "CR, LF or NUL"),
+    (["X-B", "\r"], "CR, LF or NUL"), (["X-B", "a\x00b"], "CR, LF or NUL"),
+])
+@pytest.mark.parametrize("at", [0, 1, 3])
+def test_a_bad_header_pair_anywhere_in_the_list_is_named(bad: object, says: str,
+                                                          at: int) -> None:
+    """Whichever pair breaks the list, the violation names what is wrong. A name with a
+    trailing newline is not a token (``^...$`` matched before it: fails before)."""
+    headers = [*GOOD[:at], bad, *GOOD[at:]]
+    with pytest.raises(ProtocolViolation, match=says):
+        Head.decode(j({"status": 200, "headers": headers}))
+    with pytest.raises(ProtocolViolation, match=says):
+        Open.decode(j({"kind": "http", "headers": headers}))
+
+
+def test_good_headers_decode_in_order_as_tuples() -> None:
+    head = Head.decode(j({"status": 200, "headers": [*GOOD, ["X-A", "again"]]}))
+    assert head.headers == (*(tuple(pair) for pair in GOOD), ("X-A", "again"))
+    assert Head.decode(j({"status": 200, "headers": []})).headers == ()
+
+
 def test_a_good_head_decodes_and_round_trips() -> None:
     head = Head.decode(j({"status": 200.0, "reason": "OK", "headers": [["X-A", "1"]],
                           "future": {"ignored": True}}))
@@ -78,7 +107,7 @@ def test_hello_goes_out_with_plain_integers() -> None:
     {"kind": "ftp"}, {}, {"kind": "http", "method": "GE T"}, {"kind": "http", "path": "x"},
     {"kind": "http", "path": "/a b"}, {"kind": "http", "path": "/a\r\n"},
     {"kind": "http", "query": "a=1#frag"}, {"kind": "ws", "protocols": "chat"},
-    {"kind": "http", "headers": [["Host", "a\nb"]]},
+    {"kind": "http", "headers": [["Host", "a\nb"]]}, {"kind": "http", "method": "GET\n"},
 ])
 def test_a_malformed_open_is_a_violation(body: dict[str, object]) -> None:
     with pytest.raises(ProtocolViolation):

@@ -28,7 +28,7 @@ from relay.protocol.frames import MAX_STREAM_ID
 from relay.protocol.messages import Open
 from relay.server.drain import drain
 from relay.server.peerlink import OWNER_CACHE_S, PeerLinks
-from relay.server.peers import LINK_PATH, PeerSigner, sign_link, stream_claims
+from relay.server.peers import LINK_CORK_S, LINK_PATH, PeerSigner, sign_link, stream_claims
 from relay.tunnel.session import ChannelClosed, TunnelSession
 from tests.harness import (
     LogCapture,
@@ -202,6 +202,13 @@ async def test_requests_and_channels_through_b_share_one_link_and_stay_exact(
                    kind="http") == forwarded + http_count
     assert _metric(b.state.metrics, "relay_peer_links", side="entry") == 1
     assert _metric(a.state.metrics, "relay_peer_links", side="owner") == 1
+    # Both ends write a link's batches at most LINK_CORK_S apart; a tunnel waits for the
+    # whole loop iteration (bench W5: a relay busy with a burst no longer holds it back).
+    (answered,) = a.state.answered_links
+    (entry_end,) = fleet.links()._links.values()
+    assert answered.session.cork_s == entry_end.session.cork_s == LINK_CORK_S
+    (tunnel,) = a.state.registry
+    assert tunnel.session.cork_s is None
 
 
 async def test_an_owner_without_peer_links_is_reached_by_the_http_forward(fleet: Fleet) -> None:

@@ -109,6 +109,61 @@ async def test_frames_queued_in_one_iteration_cost_two_writes_in_order() -> None
         assert [(f.stream_id, f.payload) for f in sent] == [(i, b"%d" % i) for i in ids]
 
 
+async def test_a_bounded_cork_writes_what_waited_longer_than_the_bound() -> None:
+    """A peer link's session (``cork_s``): frames queued after a write wait for the flush
+    only while the bound lasts; the first one queued past it takes them all out at once, in
+    the same iteration, while the peer would otherwise wait for the iteration to end."""
+    now = [100.0]
+    sink = RecordingSink()
+    session = TunnelSession(sink, SETTINGS, role=Role.AGENT, name="link", clock=lambda: now[0],
+                            on_open=lambda channel, head: None, cork_s=0.001)
+    session.start(keepalive=False)
+    try:
+        ids = (1, 3, 5, 7)
+        for stream_id in ids:
+            session.feed(frames.encode(FrameType.OPEN, stream_id, Open("ws", path="/").encode()))
+            session.channels[stream_id].send_head(Head(101))
+        await settle()
+        sink.writes.clear()
+        first, second, third, fourth = (session.channels[i] for i in ids)
+        first.send_now(b"1", text=False)  # written at once, as ever: the cork starts
+        second.send_now(b"2", text=False)  # within the bound: it waits
+        assert [len(batch) for batch in sink.writes] == [1]
+        now[0] += 0.0011
+        third.send_now(b"3", text=False)  # past it: out now, with the one that waited
+        assert [len(batch) for batch in sink.writes] == [1, 2]
+        fourth.send_now(b"4", text=False)  # a new bound began with that write
+        assert [len(batch) for batch in sink.writes] == [1, 2]
+        await settle()
+        sent = [frames.decode(f, 1024) for batch in sink.writes for f in batch]
+        assert [f.payload for f in sent] == [b"1", b"2", b"3", b"4"]  # in order, each once
+        assert [len(batch) for batch in sink.writes] == [1, 2, 1]  # the flush took the last
+    finally:
+        await session.close()
+
+
+async def test_without_a_bound_the_cork_lasts_the_whole_iteration() -> None:
+    now = [100.0]
+    sink = RecordingSink()
+    session = TunnelSession(sink, SETTINGS, role=Role.AGENT, name="tunnel",
+                            clock=lambda: now[0], on_open=lambda channel, head: None)
+    session.start(keepalive=False)
+    try:
+        for stream_id in (1, 3):
+            session.feed(frames.encode(FrameType.OPEN, stream_id, Open("ws", path="/").encode()))
+            session.channels[stream_id].send_head(Head(101))
+        await settle()
+        sink.writes.clear()
+        session.channels[1].send_now(b"1", text=False)
+        now[0] += 60.0
+        session.channels[3].send_now(b"3", text=False)
+        assert [len(batch) for batch in sink.writes] == [1]
+        await settle()
+        assert [len(batch) for batch in sink.writes] == [1, 1]
+    finally:
+        await session.close()
+
+
 async def test_a_full_socket_holds_every_write_until_it_drains() -> None:
     sink = RecordingSink()
     async with agent(sink) as session:

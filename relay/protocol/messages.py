@@ -23,8 +23,9 @@ from relay.protocol import defaults
 
 Headers = tuple[tuple[str, str], ...]
 
-# RFC 9110 token: a header name or method.
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# RFC 9110 token: a header name or method. Always fullmatch: ``$`` matches before a trailing
+# newline too, which let "Host\n" through as a name.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
 _FORBIDDEN_IN_PATH = re.compile(r"[\r\n\x00 ]")
 _FORBIDDEN_IN_QUERY = re.compile(r"[\r\n\x00 #]")
@@ -147,7 +148,7 @@ def _headers(body: dict[str, Any], what: str) -> Headers:
                 or not isinstance(pair[0], str) or not isinstance(pair[1], str)):
             raise ProtocolViolation(f"{what} headers must be [name, value] string pairs")
         name, value = pair
-        if not _TOKEN.match(name):
+        if not _TOKEN.fullmatch(name):
             raise ProtocolViolation(f"{what} header name {name[:40]!r} is not a token")
         if _FORBIDDEN_IN_VALUE.search(value):
             raise ProtocolViolation(f"{what} header {name} has CR, LF or NUL in its value")
@@ -254,7 +255,7 @@ class Open:
         if kind not in KINDS:
             raise ProtocolViolation("OPEN with an unknown kind")
         method = _str(body, "method", "OPEN", "GET")
-        if not _TOKEN.match(method):
+        if not _TOKEN.fullmatch(method):
             raise ProtocolViolation("OPEN method is not a token")
         path = _str(body, "path", "OPEN", "/")
         if not path.startswith("/") or _FORBIDDEN_IN_PATH.search(path):

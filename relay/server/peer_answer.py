@@ -36,7 +36,13 @@ from relay.protocol.close import fit_reason, reason_bytes
 from relay.protocol.messages import Head, Hello, Open
 from relay.protocol.streams import StreamKind, StreamState
 from relay.server.edge import error_response
-from relay.server.peers import H_ORIGIN, StreamClaims, split_claims, verify_link
+from relay.server.peers import (
+    H_ORIGIN,
+    LINK_CORK_S,
+    StreamClaims,
+    split_claims,
+    verify_link,
+)
 from relay.server.registry import Tunnel
 from relay.server.state import STATE, TUNNEL_CLOSE, TUNNEL_RELEASE, RelayState
 from relay.server.tunnels import CLOSE_TIMEOUT_S, finish_close, peer_address, serve_upgraded
@@ -104,6 +110,7 @@ class AnsweredLink:
         self.session = SplicingSession(
             socket, state.settings, role=Role.AGENT, name=f"peer-link:{self.origin}",
             clock=state.clock, on_open=self._on_open, on_hello=self._on_hello,
+            cork_s=LINK_CORK_S,
             on_silence=lambda: self.close(int(CloseCode.KEEPALIVE_MISSED), "keepalive missed"),
             on_backlog=lambda why: self.close(int(CloseCode.POLICY_VIOLATION),
                                               "peer not reading"))

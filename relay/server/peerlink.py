@@ -30,7 +30,7 @@ from relay.protocol import frames
 from relay.protocol.close import reason_bytes
 from relay.protocol.frames import MAX_STREAM_ID
 from relay.protocol.messages import Hello
-from relay.server.peers import LINK_PATH, sign_link
+from relay.server.peers import LINK_CORK_S, LINK_PATH, sign_link
 from relay.server.state import RelayState
 from relay.server.tunnels import finish_close
 from relay.tunnel.dial import HandshakeRefused, dial
@@ -85,6 +85,7 @@ class PeerLink:
         self.socket = socket
         self.session = TunnelSession(
             socket, settings, role=Role.RELAY, name=f"peer-link:{self.owner_url}",
+            cork_s=LINK_CORK_S,
             on_silence=lambda: self.close(int(CloseCode.KEEPALIVE_MISSED), "keepalive missed"),
             on_backlog=lambda why: self.close(int(CloseCode.POLICY_VIOLATION),
                                               "peer not reading"))

@@ -119,6 +119,15 @@ class PeerSigner:
 # stream's OPEN as these headers, which the owner takes out before the host sees the request
 # (a client's own X-Relay-* headers never get that far: request_headers_for_host drops them).
 LINK_PATH = "/peer-link"
+# How long frames queued on a link after one of its writes may wait for more to join them
+# (both ends; a tunnel waits for the next loop iteration however long that takes). A relay
+# serving 32 requests in one iteration held 31 of them for the whole iteration, while the
+# relay at the other end sat idle, then sent them on as a burst: the hops took turns instead
+# of overlapping, and bench W5's non-owner path used about 1.5 of the 2 cores. Written at
+# least every millisecond instead, W5 through the non-owner went from about 0.6x to about
+# 0.75x of the owner (bench/profile.md). Not for tunnels: there the relay is the one busy
+# process, and more writes would only cost it CPU.
+LINK_CORK_S = 0.001
 H_HOST = "X-Relay-Host"
 H_EXPIRES = "X-Relay-Expires"  # the caller's token expiry (Unix seconds), held by the entry
 

@@ -11,7 +11,10 @@ before it), to the sink (:mod:`relay.tunnel.sink`) in one socket write. The firs
 in a loop iteration is written at once (latency); what the rest of that iteration queues waits
 for one flush at the start of the next, so 16 channels answering in the same iteration cost
 two writes, not 16. A HEAD waits for that flush too: the DATA that follows it in the same task
-carries it out in its own write. When the socket is full, the writer task waits for it to
+carries it out in its own write. A session given ``cork_s`` (a peer link's, both ends) waits for
+the flush at most that long after its last write: the first frame queued later takes everything
+out at once, so a peer relay can work on the first requests of a long iteration while this one
+is still busy with the rest. When the socket is full, the writer task waits for it to
 drain and writes what queued meanwhile; data senders wait once the queue passes its
 high-water mark.
 """
@@ -372,6 +375,7 @@ class TunnelSession:
         on_exhausted: Callable[[], None] | None = None,
         version: int = PROTOCOL_VERSION,
         clock: Callable[[], float] = time.monotonic,
+        cork_s: float | None = None,
     ) -> None:
         self.role = role
         self.name = name
@@ -396,6 +400,10 @@ class TunnelSession:
         # The flush at the start of the next loop iteration, when one is due.
         self._flush_handle: asyncio.Handle | None = None
         self._corked = False  # a write went out in this iteration: the rest waits for the flush
+        # None: frames queued after a write wait for the flush however long the iteration
+        # runs; else they wait at most this long after it (see _queued).
+        self._cork_s = cork_s
+        self._cork_until = 0.0
         self._draining = False  # the socket is full: the writer task waits for it
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
@@ -410,6 +418,10 @@ class TunnelSession:
     @property
     def sink(self) -> FrameSink:
         return self._sink
+
+    @property
+    def cork_s(self) -> float | None:
+        return self._cork_s
 
     @property
     def settings(self) -> SessionSettings:
@@ -513,10 +525,16 @@ class TunnelSession:
         self._flushed.clear()
         if not self._started or self._draining:
             return  # start() flushes; the writer task writes once the socket drained
-        if defer or self._corked:
+        if defer:
+            self._schedule_flush()
+            return
+        cork_s = self._cork_s
+        if self._corked and (cork_s is None or self._clock() < self._cork_until):
             self._schedule_flush()
             return
         self._corked = True
+        if cork_s is not None:
+            self._cork_until = self._clock() + cork_s
         self._schedule_flush()
         self._write_out()
 
