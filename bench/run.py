@@ -233,13 +233,14 @@ class Bench:
         self._wait_up(popen, "fasthost", lambda: http_get(url, timeout=1)[0] == 200, 15)
 
     def start_relay(self, name: str, extra: dict[str, dict[str, Any]] | None = None, *,
-                    launcher: tuple[str, ...] = (PYTHON, "-m", "relay")) -> Relay:
+                    launcher: tuple[str, ...] = (PYTHON, "-m", "relay"),
+                    ready_timeout: float = 30) -> Relay:
         port = free_port()
         config = write_config(self.tmp / f"{name}.toml", self.state_dir, port, extra)
         popen = self.procs.start(name, [*launcher, "serve", "--config", str(config)])
         relay = Relay(name, port, config, popen)
         self._wait_up(popen, name, lambda: http_get(f"{relay.http}/readyz", timeout=1)[0] == 200,
-                      30)
+                      ready_timeout)
         return relay
 
     def mint_token(self, config: Path, *serve: str, sub: str = "bench") -> str:
