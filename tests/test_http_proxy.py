@@ -15,13 +15,12 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from relay.agent.client import abandon
 from relay.agent.upstream import LocalOrigin
 from relay.devhost import STREAMS, Streams, pattern_bytes
 from relay.protocol import frames
 from relay.protocol.frames import Flags, FrameType
 from relay.tunnel.session import Role, SessionSettings, TunnelSession
-from relay.tunnel.sink import WebSocketSink
+from relay.tunnel.tunnel_socket import TunnelSocket
 from tests.harness import Stack, eventually, host_app_with_hold, stack, start_agent, start_host
 
 MiB = 1 << 20
@@ -449,8 +448,8 @@ async def test_tunnel_lost_mid_body_aborts_the_clients_connection(
                     if received >= 128 * 1024 and s.agent.agent.session is not None:
                         # The network drops under the agent: no close frame, nothing.
                         sink = s.agent.agent.session.sink
-                        assert isinstance(sink, WebSocketSink)
-                        abandon(sink.ws)
+                        assert isinstance(sink, TunnelSocket)
+                        sink.abort()
         assert 0 < received < 64 * MiB
         await relay_still_serves_other_hosts(s)
 

@@ -21,6 +21,7 @@ from relay.server.app import build_app
 from tests.certs import PrivateCA, make_ca
 from tests.clock import SteppedSleep
 from tests.harness import (
+    LogCapture,
     eventually,
     free_port,
     spawn_relay_process,
@@ -108,16 +109,21 @@ async def test_an_agent_without_the_ca_cannot_connect(tmp_path: Path) -> None:
     tls_files(tmp_path, ca)
     config = load_config(write_config(tmp_path, tls_sections()), env={})
     relay = await start_relay(config)
-    agent = await start_agent(f"wss://127.0.0.1:{config.server.port}", HOST_ID,
-                              "http://127.0.0.1:9", token=relay.agent_token(HOST_ID), wait=False)
-    try:
-        await eventually(lambda: agent.agent.last_outcome is not None, timeout=5)
-        assert agent.agent.last_outcome is not None
-        assert agent.agent.last_outcome.reason == "connect_failed"
-        assert not agent.agent.connected
-    finally:
-        await agent.stop()
-        await relay.stop()
+    with LogCapture() as logs:
+        agent = await start_agent(f"wss://127.0.0.1:{config.server.port}", HOST_ID,
+                                  "http://127.0.0.1:9", token=relay.agent_token(HOST_ID),
+                                  wait=False)
+        try:
+            await eventually(lambda: agent.agent.last_outcome is not None, timeout=5)
+            assert agent.agent.last_outcome is not None
+            assert agent.agent.last_outcome.reason == "connect_failed"
+            assert not agent.agent.connected
+        finally:
+            await agent.stop()
+            await relay.stop()
+    failed = next(e for e in logs.events if e["event"] == "agent.connect_failed")
+    assert failed["error"] == "ClientConnectorCertificateError"
+    assert failed["cause"].startswith("TLS certificate rejected: [SSL: CERTIFICATE_VERIFY_FAILED]")
 
 
 def test_tls_needs_both_files(tmp_path: Path) -> None:

@@ -4,6 +4,10 @@ Reconnects with jittered exponential backoff; the relay's close code decides how
 code table in docs/protocol.md). A watchdog abandons a socket that has gone silent without
 waiting for a close handshake, because on a black-holed TCP path that handshake never completes.
 On a v2 tunnel the agent renews its token in-band before it expires (relay.agent.renewal).
+
+The tunnel is dialled by hand (relay.tunnel.dial: the upgrade written, its 101 checked) and
+served by a client TunnelSocket whose callbacks feed the session (relay.agent.relay_socket):
+no aiohttp client WebSocket, reader task or queue per tunnel.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import contextlib
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
@@ -21,16 +25,17 @@ import structlog
 from yarl import URL
 
 from relay.agent.backoff import Backoff
+from relay.agent.relay_socket import RelaySocket
 from relay.agent.renewal import ANSWER_TIMEOUT_S, renew_forever
 from relay.agent.tokens import TokenSource, TokenUnavailable, expiry_hint
 from relay.agent.upstream import LocalOrigin
-from relay.connect_errors import connect_error_cause
-from relay.errors import CloseCode, ProtocolViolation
+from relay.connect_errors import connect_error_cause, connect_error_name
+from relay.errors import CloseCode
 from relay.protocol import defaults
 from relay.protocol.frames import HEADER_SIZE, SUPPORTED_VERSIONS
 from relay.protocol.messages import Drain, Hello, Open, Renew, Renewed
+from relay.tunnel.dial import HandshakeRefused, dial
 from relay.tunnel.session import Channel, Role, SessionSettings, TunnelSession
-from relay.tunnel.sink import WebSocketSink
 
 if TYPE_CHECKING:
     from relay.tracing import Tracing
@@ -41,6 +46,8 @@ T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 10.0
 MAX_TUNNEL_FRAME = 1 << 24  # the largest tunnel.max_frame_bytes a relay may configure
+# The largest WebSocket message taken from the relay; one past it is refused (1009).
+MAX_MESSAGE = MAX_TUNNEL_FRAME + 64 * 1024 + HEADER_SIZE
 HELLO_TIMEOUT_S = 10.0
 # After a DRAIN, streams in flight get this long on the old tunnel before the agent leaves it
 # (the relay closes it sooner, after its own grace period, when it is still alive to do so).
@@ -88,20 +95,6 @@ def tunnel_url(relay_url: str, host_id: str, versions: tuple[int, ...] = (1,)) -
     return url.with_path(path).with_query({"hostId": host_id, "v": offered})
 
 
-def abandon(ws: aiohttp.ClientWebSocketResponse) -> None:
-    """Drop the TCP connection at once, with no close handshake.
-
-    aiohttp offers no public abort; its connection's transport is the only way to not wait.
-    """
-    conn = getattr(ws, "_conn", None)
-    transport = getattr(conn, "transport", None)
-    if transport is not None:
-        transport.abort()
-    response = getattr(ws, "_response", None)
-    if response is not None:
-        response.close()
-
-
 async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
     """``work``'s result, or None (with ``work`` cancelled) when ``stop`` is set first."""
     task = asyncio.ensure_future(work)
@@ -122,10 +115,6 @@ async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
     return None
 
 
-def _printable(text: str, limit: int = 123) -> str:
-    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
-
-
 def _relay_max_frame(hello: Hello, default: int) -> int:
     """The relay decides the largest DATA frame; the agent must not send bigger ones."""
     if 1024 <= hello.max_frame <= MAX_TUNNEL_FRAME:
@@ -143,6 +132,15 @@ class Outcome:
     drained: bool = False
     abandoned: bool = False
     close_reason: str = ""  # what the relay's close frame said (e.g. why a 4403)
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One connection's state between the socket's callbacks and the loop."""
+
+    outcome: Outcome
+    hello: asyncio.Future[Hello]
+    renewed: list[asyncio.Future[Renewed]] = field(default_factory=list)  # the RENEW in flight
 
 
 class Agent:
@@ -218,13 +216,9 @@ class Agent:
             self._origin = LocalOrigin(self.options.upstream, client,
                                        max_ws_message=self.options.max_ws_message,
                                        tracing=self.tracing)
-            tunnel_client = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl) if self._ssl else None,
-                timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S),
-            )
             try:
                 while not stop.is_set():
-                    outcome = await self._attempt(tunnel_client, stop)
+                    outcome = await self._attempt(stop)
                     self.last_outcome = outcome
                     self.first_attempt_done.set()
                     if stop.is_set():
@@ -239,7 +233,6 @@ class Agent:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), delay)
             finally:
-                await tunnel_client.close()
                 await self._origin.close()
 
     def _delay_after(self, outcome: Outcome) -> float:
@@ -270,7 +263,16 @@ class Agent:
             self.backoff.reset()
         return self.backoff.next_delay()
 
-    async def _attempt(self, tunnel_client: aiohttp.ClientSession, stop: asyncio.Event) -> Outcome:
+    def _tls(self) -> ssl.SSLContext | None:
+        """The context for a wss:// relay: the CA file's, or system trust (made once, since
+        loading the system's certificates is not free)."""
+        if self.url.scheme != "wss":
+            return None
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    async def _attempt(self, stop: asyncio.Event) -> Outcome:
         self.attempts += 1
         self.next_attempt_at = None
         self._changed()
@@ -282,25 +284,31 @@ class Agent:
             return Outcome(None, "token_unavailable")
         if token is None:
             return Outcome(None, "stopped")
+        attempt = _Attempt(Outcome(None, "closed"), asyncio.get_running_loop().create_future())
+        relay = RelaySocket(lambda relay: self._new_session(relay, attempt))
         try:
-            ws = await _unless_stopped(asyncio.wait_for(
-                tunnel_client.ws_connect(
-                    self.url, headers={"Authorization": f"Bearer {token}"}, autoping=True,
-                    heartbeat=None, compress=0,
-                    max_msg_size=MAX_TUNNEL_FRAME + 64 * 1024 + HEADER_SIZE,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
-                ),
+            opened = await _unless_stopped(asyncio.wait_for(
+                dial(str(self.url), {"Authorization": f"Bearer {token}"}, relay,
+                     max_message=MAX_MESSAGE + 1,  # the socket refuses a message *at* its limit
+                     start=relay.start, ssl_context=self._tls()),
                 CONNECT_TIMEOUT_S,
             ), stop)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (HandshakeRefused, OSError, TimeoutError, ValueError) as exc:
+            relay.abort()  # the dial hung up already unless it had just finished
+            await self._discard(relay)
             log.info("agent.connect_failed", relay=str(self.url.origin()),
-                     address=f"{self.url.host}:{self.url.port}", error=type(exc).__name__,
+                     address=f"{self.url.host}:{self.url.port}", error=connect_error_name(exc),
                      cause=connect_error_cause(exc))
             return Outcome(None, "connect_failed")
-        if ws is None:
+        except BaseException:
+            relay.abort()  # the dial hung up already unless it had just finished
+            raise
+        if opened is None:
+            relay.abort()  # stopped; the dial may have finished just before
+            await self._discard(relay)
             return Outcome(None, "stopped")
         try:
-            outcome = await self._serve(ws, stop, token)
+            outcome = await self._serve(relay, attempt, stop, token)
             if outcome.code == CloseCode.UNAUTHORIZED:
                 hint = expiry_hint(token, self.tokens.describe())
                 if hint is not None:
@@ -310,15 +318,19 @@ class Agent:
             self.connected = False
             self.connected_event.clear()
             self._changed()
-            if not ws.closed:
-                abandon(ws)
+            if not relay.closed:
+                relay.abort()
 
-    async def _serve(self, ws: aiohttp.ClientWebSocketResponse, stop: asyncio.Event,
-                     token: str) -> Outcome:
-        outcome = Outcome(None, "closed")
-        loop = asyncio.get_running_loop()
-        hello: asyncio.Future[Hello] = loop.create_future()
-        renewed: list[asyncio.Future[Renewed]] = []
+    @staticmethod
+    async def _discard(relay: RelaySocket) -> None:
+        """A connection given up before it was served: its session (if the upgrade went through
+        at all) ends with it."""
+        if relay.session is not None:
+            await relay.session.close(int(CloseCode.GOING_AWAY), "tunnel closed")
+
+    def _new_session(self, relay: RelaySocket, attempt: _Attempt) -> TunnelSession:
+        """The session on a socket whose upgrade just went through (called by the dial, before
+        the first frame is read); its callbacks run from the socket's and the session's."""
         settings = SessionSettings(
             window=defaults.WINDOW, max_frame=self.options.max_frame,
             max_streams=self.options.max_streams,
@@ -326,6 +338,7 @@ class Agent:
             ping_interval_s=self.options.ping_interval_s,
             keepalive_misses=self.options.keepalive_misses,
         )
+        outcome, hello = attempt.outcome, attempt.hello
 
         def on_hello(body: Hello) -> None:
             if not hello.done():
@@ -337,22 +350,39 @@ class Agent:
             log.info("agent.drain_received", reason=body.reason)
             # The relay's close frame often never arrives once it is going away: leave on the
             # in-band notice itself, as soon as the streams in flight are done.
-            session.spawn(self._leave_drained(ws, session), f"agent-drain:{self.options.host_id}")
+            session.spawn(self._leave_drained(relay, session),
+                          f"agent-drain:{self.options.host_id}")
 
         def on_silence() -> None:
             outcome.abandoned = True
             log.warning("agent.watchdog_abandon", silent_s=round(session.silent_for(), 1))
-            abandon(ws)
+            relay.abort()
 
         def on_backlog(reason: str) -> None:
             # The relay stopped reading what we send: as dead as a silent one.
             outcome.abandoned = True
             log.warning("agent.relay_not_reading", reason=reason)
-            abandon(ws)
+            relay.abort()
 
         def on_renewed(body: Renewed) -> None:
+            renewed = attempt.renewed
             if renewed and not renewed[-1].done():
                 renewed[-1].set_result(body)
+
+        assert relay.socket is not None
+        session = TunnelSession(relay.socket, settings, role=Role.AGENT,
+                                name=self.options.host_id, on_open=self._on_open,
+                                on_drain=on_drain, on_silence=on_silence, on_hello=on_hello,
+                                on_backlog=on_backlog, on_renewed=on_renewed,
+                                version=max(self.options.versions))
+        return session
+
+    async def _serve(self, relay: RelaySocket, attempt: _Attempt, stop: asyncio.Event,
+                     token: str) -> Outcome:
+        assert relay.session is not None
+        session: TunnelSession = relay.session
+        loop = asyncio.get_running_loop()
+        outcome, hello, renewed = attempt.outcome, attempt.hello, attempt.renewed
 
         async def renew(fresh: str) -> Renewed | None:
             answer: asyncio.Future[Renewed] = loop.create_future()
@@ -363,20 +393,13 @@ class Agent:
             except TimeoutError:
                 return None
 
-        session = TunnelSession(WebSocketSink(ws), settings, role=Role.AGENT,
-                                name=self.options.host_id, on_open=self._on_open,
-                                on_drain=on_drain, on_silence=on_silence, on_hello=on_hello,
-                                on_backlog=on_backlog, on_renewed=on_renewed,
-                                version=max(self.options.versions))
-        reader = asyncio.ensure_future(self._read(ws, session, outcome))
-        reader.set_name(f"agent-reader:{self.options.host_id}")
         stopper = asyncio.ensure_future(stop.wait())
         try:
-            first: set[asyncio.Future[Any]] = {hello, reader, stopper}
+            first: set[asyncio.Future[Any]] = {hello, relay.over, stopper}
             await asyncio.wait(first, timeout=HELLO_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
             if not hello.done():
-                if reader.done() or stopper.done():
-                    return self._closed_outcome(ws, outcome)
+                if relay.over.done() or stopper.done():
+                    return await self._closed_outcome(relay, outcome)
                 log.warning("agent.hello_timeout")
                 outcome.abandoned = True
                 outcome.reason = "hello_timeout"
@@ -388,8 +411,8 @@ class Agent:
             if version not in self.options.versions:
                 log.warning("agent.protocol_violation",
                             error=f"HELLO picked version {version!r}, which was not offered")
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(ws.close(code=int(CloseCode.PROTOCOL_ERROR)), 2.0)
+                relay.close(int(CloseCode.PROTOCOL_ERROR), b"", within=2.0)
+                await relay.finish()
                 outcome.reason = "protocol_violation"
                 return outcome
             session.version = version
@@ -405,31 +428,25 @@ class Agent:
             self._changed()
             log.info("agent.connected", relay=str(self.url.origin()), host_id=self.options.host_id,
                      version=body.version)
-            await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if stopper.done() and not reader.done():
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(ws.close(code=int(CloseCode.GOING_AWAY)), 2.0)
+            served: set[asyncio.Future[Any]] = {relay.over, stopper}
+            await asyncio.wait(served, return_when=asyncio.FIRST_COMPLETED)
+            if stopper.done() and not relay.over.done():
+                relay.close(int(CloseCode.GOING_AWAY), b"", within=2.0)
+                await relay.finish()
                 outcome.reason = "stopped"
                 return outcome
-            return self._closed_outcome(ws, outcome)
+            return await self._closed_outcome(relay, outcome)
         finally:
             stopper.cancel()
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
             await session.close(int(CloseCode.GOING_AWAY), "tunnel closed")
             self.session = None
 
     @staticmethod
-    async def _leave_drained(ws: aiohttp.ClientWebSocketResponse, session: TunnelSession) -> None:
+    async def _leave_drained(relay: RelaySocket, session: TunnelSession) -> None:
         await session.wait_idle(DRAIN_LINGER_S)
         log.info("agent.leaving_drained_relay", streams_left=len(session.channels))
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                ws.close(code=int(CloseCode.GOING_AWAY), message=b"relay draining"), 1.0
-            )
-        if not ws.closed:
-            abandon(ws)
+        # No wait for the relay's answer: one going away often never sends it.
+        relay.close(int(CloseCode.GOING_AWAY), b"relay draining", within=0.0)
 
     @staticmethod
     def _adopt_hello(session: TunnelSession, body: Hello) -> TunnelSession:
@@ -445,32 +462,17 @@ class Agent:
         )
         return session
 
-    def _closed_outcome(self, ws: aiohttp.ClientWebSocketResponse, outcome: Outcome) -> Outcome:
-        outcome.code = ws.close_code
+    @staticmethod
+    async def _closed_outcome(relay: RelaySocket, outcome: Outcome) -> Outcome:
+        """Nothing more is read: once our CLOSE (if we sent one) had its answer, the relay's
+        code and reason (the reason says what to do, e.g. "mint an agent token")."""
+        over = relay.over.done()  # not when we stopped waiting for a HELLO
+        await relay.finish()
+        outcome.code = relay.code() if over else None
+        outcome.close_reason = relay.close_reason() if over else ""
         log.info("agent.disconnected", code=outcome.code, close_reason=outcome.close_reason,
                  abandoned=outcome.abandoned, drained=outcome.drained)
         return outcome
-
-    async def _read(
-        self, ws: aiohttp.ClientWebSocketResponse, session: TunnelSession, outcome: Outcome
-    ) -> None:
-        try:
-            while True:
-                msg = await ws.receive()
-                if msg.type is aiohttp.WSMsgType.BINARY:
-                    session.feed(msg.data)
-                elif msg.type is aiohttp.WSMsgType.CLOSE:
-                    # The reason says what to do (e.g. "mint an agent token"): keep it for the
-                    # log and the status line, bounded and printable (it comes off the wire).
-                    outcome.close_reason = _printable(str(msg.extra or ""))
-                    break
-                elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
-                                  aiohttp.WSMsgType.ERROR):
-                    break
-        except ProtocolViolation as exc:
-            log.warning("agent.protocol_violation", error=exc.message)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(code=int(CloseCode.PROTOCOL_ERROR)), 2.0)
 
     def _on_open(self, channel: Channel, head: Open) -> None:
         assert self._origin is not None

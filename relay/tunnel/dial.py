@@ -1,12 +1,18 @@
 """Dial a tunnel WebSocket: the upgrade made by hand, then the connection served by a client
-:class:`relay.tunnel.tunnel_socket.TunnelSocket`. Used for the entry relay's peer links; it
-lives in relay.tunnel, beside the socket, so that any dialling side may use it.
+:class:`relay.tunnel.tunnel_socket.TunnelSocket`. The entry relay dials its peer links with it
+and the agent its tunnel (it lives in relay.tunnel so that both sides may).
 
 aiohttp's client WebSocket parsed each frame into a queue that a reader task drained, one
-wake-up and several coroutine steps per batch of frames on the entry relay's busiest
-connection (bench W5). Here the upgrade is one request written and one response head read;
-from the ``101`` on, frames are parsed as they arrive and fed to the link's session
-synchronously, as on the owner's end.
+wake-up and several coroutine steps per batch of frames (bench W5 on a peer link, W0-W3 on the
+agent's tunnel). Here the upgrade is one request written and one response head read; from the
+``101`` on, frames are parsed as they arrive and fed to the session synchronously, as on the
+relay's end.
+
+The connection is made as aiohttp's connector made it: the name resolved (``AI_ADDRCONFIG``;
+an IP literal is not looked up), its addresses tried with Happy Eyeballs (RFC 8305, 250 ms
+apart) through aiohappyeyeballs, whose error keeps the errno when every address failed alike
+("connection refused" rather than "multiple exceptions"), and TLS started on that socket with
+the host as the server name.
 
 What is checked of the answer (RFC 6455 4.1): the status (anything but ``101`` is a refusal with
 that status, as aiohttp's ``WSServerHandshakeError``), ``Upgrade: websocket``, ``Connection:
@@ -24,17 +30,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import os
+import socket
 import ssl
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Generic, TypeAlias, TypeVar, cast
 
+import aiohappyeyeballs
 from yarl import URL
 
 from relay.tunnel.tunnel_socket import SocketOwner, TunnelSocket, accept_key
 
 # A 101 is a few hundred bytes; a head larger than this is no answer of a relay.
 MAX_RESPONSE_HEAD = 16 * 1024
+# RFC 8305's "Connection Attempt Delay", aiohttp's default.
+HAPPY_EYEBALLS_DELAY_S = 0.25
+_AI_ADDRCONFIG = socket.AI_ADDRCONFIG & getattr(socket, "AI_MASK", socket.AI_ADDRCONFIG)
 
 S = TypeVar("S")
 # The connection after a valid 101: (transport, bytes read past the head, chosen subprotocol).
@@ -179,13 +191,11 @@ async def upgrade(url: str, headers: Mapping[str, str] | Iterable[tuple[str, str
         raise ValueError(f"not a WebSocket URL: {url}")
     secure = target.scheme == "wss"
     key = base64.b64encode(os.urandom(16)).decode()
-    loop = asyncio.get_running_loop()
     upgrading = _Upgrading(upgrade_request(target, key, headers, protocols), key, protocols,
                            take_over)
     context = (ssl_context or ssl.create_default_context()) if secure else None
-    transport, _ = await loop.create_connection(
-        lambda: upgrading, target.raw_host, target.port or (443 if secure else 80),
-        ssl=context)
+    transport = await _connect(lambda: upgrading, target.raw_host,
+                               target.port or (443 if secure else 80), context)
     try:
         return await upgrading.done
     except BaseException:
@@ -204,11 +214,44 @@ async def dial(url: str, headers: Mapping[str, str], owner: SocketOwner, *, max_
     """
 
     def take_over(transport: asyncio.Transport, tail: bytes, _: str | None) -> TunnelSocket:
-        socket = TunnelSocket(transport, owner, max_message=max_message, client=True)
-        transport.set_protocol(socket)
-        start(socket)
+        ws = TunnelSocket(transport, owner, max_message=max_message, client=True)
+        transport.set_protocol(ws)
+        start(ws)
         if tail:
-            socket.data_received(tail)
-        return socket
+            ws.data_received(tail)
+        return ws
 
     return await upgrade(url, headers, take_over, ssl_context=ssl_context)
+
+
+async def _connect(factory: Callable[[], asyncio.Protocol], host: str, port: int,
+                   context: ssl.SSLContext | None) -> asyncio.Transport:
+    """The TCP connection (and TLS on it) as aiohttp's connector makes it (module docstring)."""
+    loop = asyncio.get_running_loop()
+    version = _ip_version(host)
+    if version is None:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=_AI_ADDRCONFIG)
+        if not infos:
+            raise OSError(f"no address for {host}")
+    elif version == 6:
+        infos = [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
+    else:
+        infos = [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+    sock = await aiohappyeyeballs.start_connection(
+        infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY_S)
+    try:
+        transport, _ = await loop.create_connection(
+            factory, sock=sock, ssl=context,
+            server_hostname=host.rstrip(".") if context is not None else None)
+    except BaseException:
+        sock.close()  # a no-op when the transport took it and closed it already
+        raise
+    return transport
+
+
+def _ip_version(host: str) -> int | None:
+    """4 or 6 for an IP literal (no lookup needed), None for a name."""
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None

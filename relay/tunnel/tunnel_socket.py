@@ -1,6 +1,6 @@
 """A tunnel's WebSocket on a raw transport: the relay's side of an agent's tunnel once the relay
-took it over from aiohttp, and either end of a peer link between relays. It knows neither side
-(it lives in relay.tunnel): the relay's modules hand it their transports.
+took it over from aiohttp, the agent's side of it, and either end of a peer link between
+relays. It knows neither side (it lives in relay.tunnel): each hands it its transport.
 
 Served by aiohttp, an idle tunnel kept its whole HTTP machinery alive: the request handler and
 its parser, the parsed upgrade request, the handler's tasks and the coroutine frames of the
@@ -26,10 +26,12 @@ What it keeps of aiohttp's server WebSocket (tests/test_tunnel_socket.py pins it
   :meth:`TunnelSocket.write` answer False and the session wait in :meth:`TunnelSocket.drain`
   (so its write-stall verdict, 1008 "not reading", still sees a peer that stops reading).
 
-``client=True`` is the other side of the same socket (the entry relay's end of a peer link,
-after :mod:`relay.tunnel.dial` made the upgrade): every frame it writes is masked with a
-fresh key (RFC 6455 5.3), and a *masked* frame from the server is 1002 (5.1). It replaces
-aiohttp's client WebSocket, whose reader parsed into a queue that a task then drained.
+``client=True`` is the other side of the same socket (the agent's end of its tunnel and the
+entry relay's end of a peer link, after :mod:`relay.tunnel.dial` made the upgrade): every frame
+it writes is masked with a fresh key (RFC 6455 5.3; :func:`write_masked`), and a *masked*
+frame from the server is 1002 (5.1). It replaces aiohttp's client WebSocket, whose reader
+parsed into a queue that a task then drained. The peer's close reason is kept
+(``close_reason``) for the agent's log, and so is the code of our own CLOSE (``sent_code``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _DATA_OPCODES = frozenset((CONTINUATION, TEXT, BINARY))
 _CONTROL_OPCODES = frozenset((CLOSE, PING, PONG))
 MAX_CONTROL_PAYLOAD = 125
+_LEN7 = struct.Struct("!BB")
 _LEN64 = struct.Struct("!BBQ")
 _CODE = struct.Struct("!H")
 _MASK_BIT = 0x80
@@ -61,24 +64,66 @@ _PEER_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1
                                1013, 1014))
 
 
+class _MaskKeys:
+    """Masking keys from the OS's random source, read 4 KiB at a time and each used once: RFC
+    6455 10.3 asks for keys a page script cannot predict (what masking protects proxies from),
+    and a read per write was a system call on every write of the agent's tunnel."""
+
+    __slots__ = ("_at", "_pool")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def take(self, size: int) -> bytes:
+        at = self._at
+        end = at + size
+        if end > len(self._pool):
+            self._pool = os.urandom(max(4096, size))
+            at, end = 0, size
+        self._at = end
+        return self._pool[at:end]
+
+
+_keys = _MaskKeys()
+
+
 def write_masked(transport: asyncio.WriteTransport, frames: Sequence[bytes | bytearray],
                  first: int = 0x80 | BINARY) -> None:
     """Each frame as one masked message (a client's side), in one transport write.
 
-    The keys come from the OS's random source, one read per write: RFC 6455 10.3 asks for
-    keys a page script cannot predict (what masking protects proxies from).
+    Each payload is copied once, into the bytearray it is masked in (bytes cannot be masked in
+    place, and aiohttp's mask works on a whole bytearray only); a lone frame, the usual write,
+    goes out as header + key + payload without a parts list.
     """
-    keys = os.urandom(4 * len(frames))
-    parts: list[bytes | bytearray] = []
-    size = 0
-    for index, frame in enumerate(frames):
-        key = keys[4 * index:4 * index + 4]
+    if len(frames) == 1:
+        frame = frames[0]
+        size = len(frame)
+        key = _keys.take(4)
         masked = bytearray(frame)
-        if masked:
+        if size:
             websocket_mask(key, masked)
-        parts += (message_header(len(frame), _MASK_BIT, first), key, masked)
-        size += len(frame)
-    if size < JOIN_BELOW:
+        head = (_LEN7.pack(first, size | _MASK_BIT) if size < 126
+                else message_header(size, _MASK_BIT, first))
+        if size < JOIN_BELOW:
+            transport.write(head + key + masked)
+        else:
+            transport.writelines((head + key, masked))
+        return
+    keys = _keys.take(4 * len(frames))
+    parts: list[bytes | bytearray] = []
+    total = at = 0
+    for frame in frames:
+        size = len(frame)
+        key = keys[at:at + 4]
+        at += 4
+        masked = bytearray(frame)
+        if size:
+            websocket_mask(key, masked)
+        parts += (_LEN7.pack(first, size | _MASK_BIT) if size < 126
+                  else message_header(size, _MASK_BIT, first), key, masked)
+        total += size
+    if total < JOIN_BELOW:
         transport.write(b"".join(parts))
     else:
         transport.writelines(parts)
@@ -122,8 +167,8 @@ class TunnelSocket(asyncio.Protocol):
 
     __slots__ = ("_buffer", "_client", "_close_waiter", "_closing", "_drain_waiter", "_ended",
                  "_fragments", "_fragments_size", "_held", "_lost", "_max_message", "_paused",
-                 "_peer_closed", "_sockets", "_stopped", "_text", "close_code", "owner",
-                 "transport")
+                 "_peer_closed", "_sockets", "_stopped", "_text", "close_code",
+                 "close_reason", "owner", "sent_code", "transport")
 
     def __init__(self, transport: asyncio.Transport, owner: SocketOwner, *, max_message: int,
                  sockets: set[TunnelSocket] | None = None, client: bool = False) -> None:
@@ -133,6 +178,8 @@ class TunnelSocket(asyncio.Protocol):
         self._sockets = sockets
         self._client = client
         self.close_code: int | None = None  # the code of the peer's CLOSE, once it came
+        self.close_reason = b""  # and its reason (raw: whoever shows it decodes and bounds it)
+        self.sent_code: int | None = None  # the code of our own CLOSE, once it was sent
         self._buffer: bytearray | None = None  # an incomplete frame (none, mostly)
         self._fragments: list[bytes | bytearray] | None = None  # a message being joined
         self._fragments_size = 0
@@ -317,6 +364,7 @@ class TunnelSocket(asyncio.Protocol):
         if len(payload) == 1 or (code is not None and not _valid_peer_code(code)):
             raise ProtocolViolation("bad close frame")
         self.close_code = 1005 if code is None else code  # 1005: a CLOSE without a code
+        self.close_reason = bytes(payload[2:])
         self._peer_closed = self._stopped = True
         if not self._closing:
             self._send_close(int(CloseCode.NORMAL), b"")  # the answer, as aiohttp's autoclose
@@ -376,6 +424,7 @@ class TunnelSocket(asyncio.Protocol):
     # -- closing --------------------------------------------------------------------------------
     def _send_close(self, code: int, reason: bytes) -> None:
         self._closing = True
+        self.sent_code = code
         if not self.transport.is_closing():
             self._write_control(CLOSE, _CODE.pack(code) + reason)
 
