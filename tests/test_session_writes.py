@@ -111,12 +111,14 @@ async def test_frames_queued_in_one_iteration_cost_two_writes_in_order() -> None
 
 async def test_a_bounded_cork_writes_what_waited_longer_than_the_bound() -> None:
     """A peer link's session (``cork_s``): frames queued after a write wait for the flush
-    only while the bound lasts; the first one queued past it takes them all out at once, in
-    the same iteration, while the peer would otherwise wait for the iteration to end."""
+    only while the bound lasts (in CPU time: ``cork_clock``); the first one queued past it
+    takes them all out at once, in the same iteration, while the peer would otherwise wait
+    for the iteration to end."""
     now = [100.0]
     sink = RecordingSink()
-    session = TunnelSession(sink, SETTINGS, role=Role.AGENT, name="link", clock=lambda: now[0],
-                            on_open=lambda channel, head: None, cork_s=0.001)
+    session = TunnelSession(sink, SETTINGS, role=Role.AGENT, name="link",
+                            on_open=lambda channel, head: None, cork_s=0.001,
+                            cork_clock=lambda: now[0])
     session.start(keepalive=False)
     try:
         ids = (1, 3, 5, 7)
@@ -146,7 +148,7 @@ async def test_without_a_bound_the_cork_lasts_the_whole_iteration() -> None:
     now = [100.0]
     sink = RecordingSink()
     session = TunnelSession(sink, SETTINGS, role=Role.AGENT, name="tunnel",
-                            clock=lambda: now[0], on_open=lambda channel, head: None)
+                            cork_clock=lambda: now[0], on_open=lambda channel, head: None)
     session.start(keepalive=False)
     try:
         for stream_id in (1, 3):

@@ -124,9 +124,11 @@ LINK_PATH = "/peer-link"
 # serving 32 requests in one iteration held 31 of them for the whole iteration, while the
 # relay at the other end sat idle, then sent them on as a burst: the hops took turns instead
 # of overlapping, and bench W5's non-owner path used about 1.5 of the 2 cores. Written at
-# least every millisecond instead, W5 through the non-owner went from about 0.6x to about
-# 0.75x of the owner (bench/profile.md). Not for tunnels: there the relay is the one busy
-# process, and more writes would only cost it CPU.
+# least every millisecond of the relay's CPU time instead, W5 through the non-owner went from
+# about 0.6x to about 0.8x of the owner (bench/profile.md). CPU time, not wall time: on a
+# machine too busy to run the relay, a wall-clock bound wrote nearly every frame on its own
+# and cost both relays a fifth more CPU per request. Not for tunnels: there the relay is the
+# one busy process, and more writes would only cost it CPU.
 LINK_CORK_S = 0.001
 H_HOST = "X-Relay-Host"
 H_EXPIRES = "X-Relay-Expires"  # the caller's token expiry (Unix seconds), held by the entry

@@ -12,11 +12,11 @@ in a loop iteration is written at once (latency); what the rest of that iteratio
 for one flush at the start of the next, so 16 channels answering in the same iteration cost
 two writes, not 16. A HEAD waits for that flush too: the DATA that follows it in the same task
 carries it out in its own write. A session given ``cork_s`` (a peer link's, both ends) waits for
-the flush at most that long after its last write: the first frame queued later takes everything
-out at once, so a peer relay can work on the first requests of a long iteration while this one
-is still busy with the rest. When the socket is full, the writer task waits for it to
-drain and writes what queued meanwhile; data senders wait once the queue passes its
-high-water mark.
+the flush for at most that much CPU time after its last write: the first frame queued later
+takes everything out at once, so a peer relay can work on the first requests of a long
+iteration while this one is still busy with the rest. When the socket is full, the writer
+task waits for it to drain and writes what queued meanwhile; data senders wait once the queue
+passes its high-water mark.
 """
 
 from __future__ import annotations
@@ -376,6 +376,7 @@ class TunnelSession:
         version: int = PROTOCOL_VERSION,
         clock: Callable[[], float] = time.monotonic,
         cork_s: float | None = None,
+        cork_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.role = role
         self.name = name
@@ -401,8 +402,11 @@ class TunnelSession:
         self._flush_handle: asyncio.Handle | None = None
         self._corked = False  # a write went out in this iteration: the rest waits for the flush
         # None: frames queued after a write wait for the flush however long the iteration
-        # runs; else they wait at most this long after it (see _queued).
+        # runs; else for at most this much of the loop thread's CPU time after it (see
+        # _queued). CPU time, not wall time: a relay that other processes keep off the CPU is
+        # not holding its peer up meanwhile, and writing more often then would only add work.
         self._cork_s = cork_s
+        self._cork_clock = cork_clock
         self._cork_until = 0.0
         self._draining = False  # the socket is full: the writer task waits for it
         self._tasks: set[asyncio.Task[None]] = set()
@@ -529,12 +533,12 @@ class TunnelSession:
             self._schedule_flush()
             return
         cork_s = self._cork_s
-        if self._corked and (cork_s is None or self._clock() < self._cork_until):
+        if self._corked and (cork_s is None or self._cork_clock() < self._cork_until):
             self._schedule_flush()
             return
         self._corked = True
         if cork_s is not None:
-            self._cork_until = self._clock() + cork_s
+            self._cork_until = self._cork_clock() + cork_s
         self._schedule_flush()
         self._write_out()
 
