@@ -44,7 +44,7 @@ class ChannelOwner(SocketOwner, Protocol):
 class ChannelSocket(TunnelSocket):
     """One channel's WebSocket: the server's side by default, the client's with ``client``."""
 
-    __slots__ = ("_too_big", "peer_reason", "refused_with")
+    __slots__ = ("_too_big", "refused_with")
 
     owner: ChannelOwner
 
@@ -54,18 +54,16 @@ class ChannelSocket(TunnelSocket):
         # passes.
         super().__init__(transport, owner, max_message=max_message_bytes + 1, client=client)
         self._too_big = f"message too big: the limit is {max_message_bytes} bytes".encode()
-        self.peer_reason = ""  # the reason of the peer's CLOSE (close_code: its code)
         self.refused_with: int | None = None  # the code of our CLOSE for framing we refused
 
     # -- reading --------------------------------------------------------------------------------
     def _message(self, message: bytes, text: bool) -> None:
         self.owner.message(message, text)
 
-    def _close_received(self, payload: bytes | bytearray) -> None:
-        if len(payload) > 2:
-            self.peer_reason = bytes(payload[2:]).decode("utf-8", errors="replace")
-        # Validates the code (close_code: 1005 for none), answers 1000, ends reading.
-        super()._close_received(payload)
+    @property
+    def peer_reason(self) -> str:
+        """The reason of the peer's CLOSE (``close_code``: its code), as text."""
+        return self.close_reason.decode("utf-8", errors="replace")
 
     def _refuse(self, code: int, message: str, reason: bytes = b"") -> None:
         if code == CloseCode.MESSAGE_TOO_BIG and not reason:
