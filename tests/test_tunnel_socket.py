@@ -305,3 +305,59 @@ async def test_an_agent_that_never_answers_our_close_is_dropped_in_time(
     waited = time.monotonic() - started
     assert 0.2 <= waited < 2.0, waited
     await eventually(lambda: not relay.state.tunnel_sockets)
+
+
+class _Owner:
+    def received(self, data: bytes) -> None:
+        pass
+
+    def received_text(self) -> None:
+        pass
+
+    def refused(self, message: str) -> None:
+        pass
+
+    def ended(self, error: bool) -> None:
+        pass
+
+
+async def test_a_drain_given_up_before_the_connection_is_lost_logs_nothing() -> None:
+    """A peer that stops reading pauses our writes; a drainer that gave up on it (the session's
+    write-stall bound) must not leave asyncio an exception 'never retrieved' when the
+    connection is then lost."""
+    import gc
+
+    from relay.tunnel.tunnel_socket import TunnelSocket
+
+    loop = asyncio.get_running_loop()
+    problems: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: problems.append(context))
+    # Small kernel buffers both ways and a peer that never reads: the writes stay paused.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    try:
+        client.connect(listener.getsockname())
+        peer, _ = listener.accept()
+        client.setblocking(False)
+        # As relay.tunnel.dial hands a connection over once its upgrade is done.
+        transport, _ = await loop.create_connection(asyncio.Protocol, sock=client)
+        sock = TunnelSocket(transport, _Owner(), max_message=1 << 20, client=True)
+        transport.set_protocol(sock)
+        assert not sock.write([b"x" * 262144])
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(sock.drain(), 0.2)  # gave up: the waiter stays unawaited
+        transport.abort()
+        await eventually(lambda: sock.transport.is_closing())
+        await asyncio.sleep(0.01)  # connection_lost runs in a later iteration
+        with pytest.raises(ConnectionResetError):
+            await sock.drain()
+        gc.collect()
+        await asyncio.sleep(0)
+        assert not [p for p in problems if "never retrieved" in str(p.get("message"))]
+        peer.close()
+    finally:
+        loop.set_exception_handler(None)
+        listener.close()
+        client.close()

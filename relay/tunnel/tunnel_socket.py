@@ -257,6 +257,10 @@ class TunnelSocket(asyncio.Protocol):
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("the tunnel's connection is gone"))
+            # Drainers wait through a shield: one that gave up (its write-stall bound) leaves
+            # the waiter unawaited, and asyncio would log its exception as never retrieved. A
+            # drainer still waiting raises it all the same.
+            waiter.exception()
         self._wake_closer()
         self._end(error=exc is not None)
 
