@@ -17,6 +17,11 @@ from relay.errors import CloseCode
 from tests.harness import Stack, eventually, host_app_with_hold, stack
 from tests.rawhttp import parse_responses
 
+# These tests put hundreds of clients on the one event loop the relay and the agent share: on a
+# loaded machine it can stall for seconds, and the harness's 1 s keepalive (3 s of silence and
+# the tunnel is dropped) would cut the tunnel under the test rather than test the queue.
+QUIET_KEEPALIVE_S = 5
+
 
 async def test_a_burst_of_1500_concurrent_requests_to_one_host_all_complete(
     tmp_path: Path,
@@ -27,7 +32,8 @@ async def test_a_burst_of_1500_concurrent_requests_to_one_host_all_complete(
     whatever else runs), so the queue and host timeouts are generous here (a 504 under a loaded
     machine said nothing about queueing); relay logs are kept quiet.
     """
-    sections = {"tunnel": {"queue_timeout_s": 30, "request_timeout_s": 30},
+    sections = {"tunnel": {"queue_timeout_s": 30, "request_timeout_s": 30,
+                           "ping_interval_s": QUIET_KEEPALIVE_S},
                 "log": {"level": "warning"}}
     async with stack(tmp_path, sections) as s:
         port = s.relay.config.server.port
@@ -82,7 +88,8 @@ async def _open_idle_channels(s: Stack, client: aiohttp.ClientSession, token: st
 async def test_one_client_holding_300_idle_channels_cannot_lock_out_another(
     tmp_path: Path,
 ) -> None:
-    async with stack(tmp_path) as s, aiohttp.ClientSession(
+    keepalive = {"tunnel": {"ping_interval_s": QUIET_KEEPALIVE_S}}
+    async with stack(tmp_path, keepalive) as s, aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0),
     ) as client:
         alice = s.token(sub="alice")
