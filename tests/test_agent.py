@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import pytest
@@ -462,8 +462,7 @@ ESCAPES = ["//evil.example/x", "http://evil.example/x", "https://evil.example:84
 
 
 def local_origin(upstream: str) -> LocalOrigin:
-    # url_for never touches the HTTP client.
-    return LocalOrigin(upstream, cast(aiohttp.ClientSession, None), max_ws_message=1024)
+    return LocalOrigin(upstream, max_ws_message=1024)
 
 
 @pytest.mark.parametrize("path", ESCAPES)

@@ -528,30 +528,29 @@ async def test_agent_forwards_a_small_body_that_arrived_with_the_open(tmp_path: 
     async def send_frame(data: bytes) -> None:
         sent.append(data)
 
-    async with aiohttp.ClientSession() as client:
-        origin = LocalOrigin(host.url, client, max_ws_message=1 << 20)
-        session = TunnelSession(
-            send_frame, SessionSettings(), role=Role.AGENT, name="agent",
-            on_open=lambda ch, head: ch.session.spawn(origin.serve(ch, head), "serve"),
-        )
-        session.start()
-        try:
-            session.feed(frames.encode_json(FrameType.OPEN, 1, {
-                "kind": "http", "method": "POST", "path": "/echo", "query": "",
-                "headers": [["Content-Length", "5"]],
-            }))
-            session.feed(frames.encode(FrameType.DATA, 1, b"hello", Flags.FIN))
+    origin = LocalOrigin(host.url, max_ws_message=1 << 20)
+    session = TunnelSession(
+        send_frame, SessionSettings(), role=Role.AGENT, name="agent",
+        on_open=lambda ch, head: ch.session.spawn(origin.serve(ch, head), "serve"),
+    )
+    session.start()
+    try:
+        session.feed(frames.encode_json(FrameType.OPEN, 1, {
+            "kind": "http", "method": "POST", "path": "/echo", "query": "",
+            "headers": [["Content-Length", "5"]],
+        }))
+        session.feed(frames.encode(FrameType.DATA, 1, b"hello", Flags.FIN))
 
-            def finished() -> bool:
-                return any(f[0] == FrameType.DATA and f[1] & Flags.FIN for f in sent)
+        def finished() -> bool:
+            return any(f[0] == FrameType.DATA and f[1] & Flags.FIN for f in sent)
 
-            await eventually(finished)
-            decoded = [frames.decode(f, 1 << 20) for f in sent if f[0] != FrameType.PING]
-            heads = [frames.decode_json(f) for f in decoded if f.type is FrameType.HEAD]
-            body = b"".join(f.payload for f in decoded if f.type is FrameType.DATA)
-            assert [h["status"] for h in heads] == [200]
-            assert body == b"hello"
-        finally:
-            await session.close()
-            await origin.close()
-            await host.stop()
+        await eventually(finished)
+        decoded = [frames.decode(f, 1 << 20) for f in sent if f[0] != FrameType.PING]
+        heads = [frames.decode_json(f) for f in decoded if f.type is FrameType.HEAD]
+        body = b"".join(f.payload for f in decoded if f.type is FrameType.DATA)
+        assert [h["status"] for h in heads] == [200]
+        assert body == b"hello"
+    finally:
+        await session.close()
+        await origin.close()
+        await host.stop()

@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiohttp
 import structlog
 from yarl import URL
 
@@ -173,7 +172,6 @@ class Agent:
         self.next_attempt_at: float | None = None
         self.last_outcome: Outcome | None = None
         self.session: TunnelSession | None = None
-        self._client: aiohttp.ClientSession | None = None
         self._origin: LocalOrigin | None = None
         self.first_attempt_done = asyncio.Event()
         self.connected_event = asyncio.Event()
@@ -203,37 +201,29 @@ class Agent:
 
     # -- the loop ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        # WebSocket channels to the host go through aiohttp; plain HTTP exchanges through the
-        # origin's own pooled HTTP/1.1 client (relay.agent.http1), which LocalOrigin owns.
-        connector = aiohttp.TCPConnector(limit=self.options.max_streams, keepalive_timeout=30)
-        # No cookie jar: the agent serves many users through one client, and a Set-Cookie
-        # from the host must never ride along on another user's request.
-        async with aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10),
-        ) as client:
-            self._client = client
-            self._origin = LocalOrigin(self.options.upstream, client,
-                                       max_ws_message=self.options.max_ws_message,
-                                       tracing=self.tracing)
-            try:
-                while not stop.is_set():
-                    outcome = await self._attempt(stop)
-                    self.last_outcome = outcome
-                    self.first_attempt_done.set()
-                    if stop.is_set():
-                        break
-                    delay = self._delay_after(outcome)
-                    # The relay's own words ("token expired; get a fresh token and retry")
-                    # say more than "closed".
-                    log.info("agent.reconnecting", delay_s=round(delay, 2), code=outcome.code,
-                             reason=outcome.close_reason or outcome.reason)
-                    self.next_attempt_at = time.monotonic() + delay
-                    self._changed()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), delay)
-            finally:
-                await self._origin.close()
+        # Plain HTTP exchanges go through the origin's own pooled HTTP/1.1 client
+        # (relay.agent.http1) and WebSocket channels are dialled by hand; LocalOrigin owns both.
+        self._origin = LocalOrigin(self.options.upstream,
+                                   max_ws_message=self.options.max_ws_message,
+                                   tracing=self.tracing)
+        try:
+            while not stop.is_set():
+                outcome = await self._attempt(stop)
+                self.last_outcome = outcome
+                self.first_attempt_done.set()
+                if stop.is_set():
+                    break
+                delay = self._delay_after(outcome)
+                # The relay's own words ("token expired; get a fresh token and retry")
+                # say more than "closed".
+                log.info("agent.reconnecting", delay_s=round(delay, 2), code=outcome.code,
+                         reason=outcome.close_reason or outcome.reason)
+                self.next_attempt_at = time.monotonic() + delay
+                self._changed()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        finally:
+            await self._origin.close()
 
     def _delay_after(self, outcome: Outcome) -> float:
         code = outcome.code

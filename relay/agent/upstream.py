@@ -31,7 +31,6 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, TypeAlias
 
-import aiohttp
 import structlog
 from yarl import URL
 
@@ -118,12 +117,10 @@ _MUST_BE_ENCODED = re.compile(r"[\x00-\x20\x7f#]")
 class LocalOrigin:
     """The agent's view of its host service: one origin, never anything else."""
 
-    def __init__(self, origin: str, client: aiohttp.ClientSession | None = None, *,
-                 max_ws_message: int, pool: OriginPool | None = None,
+    def __init__(self, origin: str, *, max_ws_message: int, pool: OriginPool | None = None,
                  tracing: Tracing | None = None) -> None:
         """``pool`` (made here by default, and then closed by :meth:`close`) carries plain
-        HTTP exchanges; WebSocket channels are dialled by hand. ``client`` is not used (it
-        carried the WebSocket channels once)."""
+        HTTP exchanges; WebSocket channels are dialled by hand."""
         url = parse_origin(origin)
         assert url.host is not None and url.port is not None  # parse_origin checked both
         self.origin = url
@@ -131,7 +128,6 @@ class LocalOrigin:
         # share of the agent's CPU under small requests).
         ws_url = url.with_scheme("wss" if url.scheme == "https" else "ws")
         self._bases = {False: (str(url), url), True: (str(ws_url), ws_url)}
-        self.client = client
         self.max_ws_message = max_ws_message
         self._ssl = ssl.create_default_context() if url.scheme == "https" else None
         self._owns_pool = pool is None
