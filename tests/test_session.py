@@ -8,16 +8,15 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
-import aiohttp
 import pytest
-from aiohttp import web
 
 from relay.errors import CloseCode, Draining, Overloaded, ProtocolViolation
 from relay.protocol import frames
 from relay.protocol.frames import WS_FRAME_COST, Flags, FrameType
 from relay.protocol.messages import Drain, Head, Hello, Open
+from relay.tunnel.dial import dial
 from relay.tunnel.session import (
     Channel,
     ChannelClosed,
@@ -25,7 +24,7 @@ from relay.tunnel.session import (
     SessionSettings,
     TunnelSession,
 )
-from relay.tunnel.sink import WebSocketSink
+from relay.tunnel.tunnel_socket import TunnelSocket, switching_protocols
 from tests.clock import FakeClock
 from tests.harness import eventually
 
@@ -579,55 +578,96 @@ class SocketLink:
     relay: TunnelSession
     agent: TunnelSession
     opened: asyncio.Queue[tuple[Channel, Open]]
-    server_ws: web.WebSocketResponse
-    client_ws: aiohttp.ClientWebSocketResponse
+    relay_socket: TunnelSocket
+    agent_socket: TunnelSocket
 
 
-async def _pump(ws: Any, session: TunnelSession) -> None:
-    async for msg in ws:
-        if msg.type is aiohttp.WSMsgType.BINARY:
-            session.feed(msg.data)
-    session.fail_all(int(CloseCode.TUNNEL_GONE), "the tunnel's socket closed")
+class _Feeds:
+    """A SocketOwner feeding one session; the socket's end fails its channels."""
+
+    def __init__(self) -> None:
+        self.session: TunnelSession | None = None
+
+    def received(self, data: bytes) -> None:
+        assert self.session is not None
+        self.session.feed(data)
+
+    def received_text(self) -> None:
+        raise AssertionError("text on the tunnel")
+
+    def refused(self, message: str) -> None:
+        raise AssertionError(message)
+
+    def ended(self, error: bool) -> None:
+        if self.session is not None:
+            self.session.fail_all(int(CloseCode.TUNNEL_GONE), "the tunnel's socket closed")
+
+
+class _Accepting(asyncio.Protocol):
+    """The relay's end: the upgrade answered by hand, then the connection a TunnelSocket's, as
+    relay.server.tunnels.serve_upgraded hands it over."""
+
+    def __init__(self, settings: SessionSettings,
+                 served: asyncio.Future[tuple[TunnelSession, TunnelSocket]]) -> None:
+        self._settings = settings
+        self._served = served
+        self._head = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._head += data
+        if b"\r\n\r\n" not in self._head:
+            return
+        head, tail = self._head.split(b"\r\n\r\n", 1)
+        key = next(line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:"))
+        self._transport.write(switching_protocols(key))
+        owner = _Feeds()
+        ws = TunnelSocket(self._transport, owner,
+                          max_message=frames.max_message(self._settings.max_frame))
+        owner.session = TunnelSession(ws, self._settings, role=Role.RELAY, name="relay")
+        self._transport.set_protocol(ws)
+        owner.session.start()
+        self._served.set_result((owner.session, ws))
+        if tail:
+            ws.data_received(tail)
 
 
 @contextlib.asynccontextmanager
 async def socket_link(settings: SessionSettings = SMALL) -> AsyncIterator[SocketLink]:
-    """A relay session and an agent session over a real WebSocket on 127.0.0.1."""
-    served: asyncio.Future[tuple[TunnelSession, web.WebSocketResponse]] = (
-        asyncio.get_running_loop().create_future())
+    """A relay session and an agent session over a real WebSocket on 127.0.0.1, on the
+    sockets the relay and the agent run (relay.tunnel.tunnel_socket, relay.tunnel.dial)."""
+    loop = asyncio.get_running_loop()
+    served: asyncio.Future[tuple[TunnelSession, TunnelSocket]] = loop.create_future()
     opened: asyncio.Queue[tuple[Channel, Open]] = asyncio.Queue()
+    server = await loop.create_server(lambda: _Accepting(settings, served), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    owner = _Feeds()
 
-    async def tunnel(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=frames.max_message(settings.max_frame))
-        await ws.prepare(request)
-        session = TunnelSession(WebSocketSink(ws), settings, role=Role.RELAY, name="relay")
-        session.start()
-        served.set_result((session, ws))
-        await _pump(ws, session)
-        return ws
+    def start(ws: TunnelSocket) -> None:
+        owner.session = TunnelSession(
+            ws, settings, role=Role.AGENT, name="agent",
+            on_open=lambda ch, head: opened.put_nowait((ch, head)))
+        owner.session.start()
 
-    app = web.Application()
-    app.router.add_get("/tunnel", tunnel)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    async with aiohttp.ClientSession() as client:
-        client_ws = await client.ws_connect(f"http://127.0.0.1:{port}/tunnel")
-        agent = TunnelSession(WebSocketSink(client_ws), settings, role=Role.AGENT, name="agent",
-                              on_open=lambda ch, head: opened.put_nowait((ch, head)))
-        agent.start()
-        reader = asyncio.ensure_future(_pump(client_ws, agent))
-        relay, server_ws = await asyncio.wait_for(served, 5)
+    try:
+        agent_socket = await asyncio.wait_for(dial(
+            f"ws://127.0.0.1:{port}/tunnel", {}, owner,
+            max_message=frames.max_message(settings.max_frame), start=start), 5)
+        assert owner.session is not None
+        relay, relay_socket = await asyncio.wait_for(served, 5)
         try:
-            yield SocketLink(relay, agent, opened, server_ws, client_ws)
+            yield SocketLink(relay, owner.session, opened, relay_socket, agent_socket)
         finally:
-            await agent.close()
+            await owner.session.close()
             await relay.close()
-            await client_ws.close()
-            await asyncio.wait_for(reader, 5)
-    await runner.cleanup()
+            agent_socket.abort()
+            relay_socket.abort()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_an_exchange_crosses_a_real_socket_byte_exact_under_flow_control() -> None:
@@ -668,7 +708,7 @@ async def test_the_socket_going_away_fails_every_channel_as_tunnel_lost() -> Non
         agent_ch, _ = await asyncio.wait_for(s.opened.get(), 5)
         reading = asyncio.ensure_future(agent_ch.read())
         assert await asyncio.wait_for(reading, 5) is None  # the OPEN's FIN
-        await s.client_ws.close()
+        s.agent_socket.send_close(1000, b"")
         with pytest.raises(ChannelClosed) as info:
             await asyncio.wait_for(relay_ch.head, 5)
         assert info.value.tunnel_lost

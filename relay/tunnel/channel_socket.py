@@ -27,7 +27,7 @@ import asyncio
 from typing import Protocol
 
 from relay.errors import CloseCode
-from relay.tunnel.sink import JOIN_BELOW, message_header
+from relay.tunnel.sink import write_messages
 from relay.tunnel.tunnel_socket import SocketOwner, TunnelSocket, write_masked
 
 _TEXT_FIN = 0x81
@@ -93,8 +93,4 @@ class ChannelSocket(TunnelSocket):
         if self._client:
             write_masked(self.transport, (data,), first)
             return
-        head = message_header(len(data), 0, first)
-        if len(data) < JOIN_BELOW:
-            self.transport.write(head + data)
-        else:
-            self.transport.writelines((head, data))
+        write_messages(self.transport, (data,), first)

@@ -5,12 +5,9 @@ A session hands its sink every frame queued since the last write at once. On loo
 cheaper than 16 writes (bench W3), and the agent's HEAD and its last DATA leave in one
 segment, which the relay reads in one go (bench W0).
 
-- :class:`WebSocketSink` frames the messages itself and writes them straight to the
-  aiohttp WebSocket's transport: one binary message per tunnel frame, masked when it is the
-  client's side (RFC 6455 5.3), exactly what ``send_bytes`` would put on the wire. It reads
-  aiohttp's writer (``ws._writer``: its transport, protocol, mask and closing flag);
-  tests/test_session.py runs sessions over real sockets through it, so an aiohttp upgrade
-  that moves them fails there.
+- :class:`relay.tunnel.tunnel_socket.TunnelSocket` (the relay's and the agent's tunnel, the
+  peer links) is the sink in production: it frames the messages itself with
+  :func:`message_header` and :func:`write_parts`, masked on the client's side.
 - :class:`CallbackSink` adapts any ``async send(frame)`` (test doubles): every write waits
   for :meth:`drain`, which sends the frames one at a time.
 """
@@ -21,17 +18,13 @@ import asyncio
 import collections
 import struct
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
-
-from aiohttp._websocket.helpers import websocket_mask
+from typing import Protocol
 
 _BINARY_FIN = 0x82  # FIN + opcode 2 (binary): one whole message per frame, never fragmented
 _TEXT_FIN = 0x81
-_MASK_BIT = 0x80
 _LEN7 = struct.Struct("!BB")
 _LEN16 = struct.Struct("!BBH")
 _LEN64 = struct.Struct("!BBQ")
-_MASK_KEY = struct.Struct("!I")
 # Past this, the pieces go to the transport as they are (writelines) rather than joined: a
 # copy of a few small frames is cheaper than a vector of them, a copy of big DATA frames not.
 JOIN_BELOW = 64 * 1024
@@ -56,61 +49,24 @@ def message_header(size: int, mask_bit: int = 0, first: int = _BINARY_FIN) -> by
     return _LEN64.pack(first, 127 | mask_bit, size)
 
 
-def write_messages(transport: asyncio.WriteTransport, frames: Sequence[bytes]) -> None:
-    """Each frame as one unmasked binary message (a server's side), in one transport write."""
+def write_messages(transport: asyncio.WriteTransport, frames: Sequence[bytes],
+                   first: int = _BINARY_FIN) -> None:
+    """Each frame as one unmasked message (a server's side; binary unless ``first`` says
+    otherwise), in one transport write."""
     parts: list[bytes | bytearray] = []
     size = 0
     for frame in frames:
-        parts += (message_header(len(frame)), frame)
+        parts += (message_header(len(frame), 0, first), frame)
         size += len(frame)
-    _write_parts(transport, parts, size)
+    write_parts(transport, parts, size)
 
 
-def _write_parts(transport: asyncio.WriteTransport, parts: list[bytes | bytearray],
+def write_parts(transport: asyncio.WriteTransport, parts: list[bytes | bytearray],
                  size: int) -> None:
     if size < JOIN_BELOW:
         transport.write(b"".join(parts))
     else:
         transport.writelines(parts)
-
-
-class WebSocketSink:
-    """Binary messages straight onto an open aiohttp WebSocket (server or client side)."""
-
-    __slots__ = ("_protocol", "_random_bits", "_transport", "_use_mask", "_writer", "ws")
-
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
-        writer = ws._writer
-        if writer is None:
-            raise RuntimeError("the WebSocket is not open yet")
-        self._writer = writer
-        self._transport = writer.transport
-        self._protocol = writer.protocol
-        self._use_mask: bool = writer.use_mask
-        self._random_bits: Callable[[], int] = writer.get_random_bits
-
-    def write(self, frames: Sequence[bytes]) -> bool:
-        transport = self._transport
-        if self._writer._closing or transport.is_closing():
-            # What aiohttp's own send raises: nothing may follow our close frame.
-            raise ConnectionResetError("Cannot write to closing transport")
-        if not self._use_mask:
-            write_messages(transport, frames)
-            return not self._protocol.writing_paused
-        parts: list[bytes | bytearray] = []
-        size = 0
-        for frame in frames:
-            key = _MASK_KEY.pack(self._random_bits())
-            masked = bytearray(frame)
-            websocket_mask(key, masked)
-            parts += (message_header(len(frame), _MASK_BIT), key, masked)
-            size += len(frame)
-        _write_parts(transport, parts, size)
-        return not self._protocol.writing_paused
-
-    async def drain(self) -> None:
-        await self._protocol._drain_helper()
 
 
 class CallbackSink:

@@ -47,14 +47,13 @@ from typing import Protocol
 from aiohttp._websocket.helpers import websocket_mask
 
 from relay.errors import CloseCode, PayloadTooLarge, ProtocolViolation
-from relay.tunnel.sink import JOIN_BELOW, message_header, write_messages
+from relay.tunnel.sink import message_header, write_messages, write_parts
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _DATA_OPCODES = frozenset((CONTINUATION, TEXT, BINARY))
 _CONTROL_OPCODES = frozenset((CLOSE, PING, PONG))
 MAX_CONTROL_PAYLOAD = 125
-_LEN7 = struct.Struct("!BB")
 _LEN64 = struct.Struct("!BBQ")
 _CODE = struct.Struct("!H")
 _MASK_BIT = 0x80
@@ -93,23 +92,8 @@ def write_masked(transport: asyncio.WriteTransport, frames: Sequence[bytes | byt
     """Each frame as one masked message (a client's side), in one transport write.
 
     Each payload is copied once, into the bytearray it is masked in (bytes cannot be masked in
-    place, and aiohttp's mask works on a whole bytearray only); a lone frame, the usual write,
-    goes out as header + key + payload without a parts list.
+    place, and aiohttp's mask works on a whole bytearray only).
     """
-    if len(frames) == 1:
-        frame = frames[0]
-        size = len(frame)
-        key = _keys.take(4)
-        masked = bytearray(frame)
-        if size:
-            websocket_mask(key, masked)
-        head = (_LEN7.pack(first, size | _MASK_BIT) if size < 126
-                else message_header(size, _MASK_BIT, first))
-        if size < JOIN_BELOW:
-            transport.write(head + key + masked)
-        else:
-            transport.writelines((head + key, masked))
-        return
     keys = _keys.take(4 * len(frames))
     parts: list[bytes | bytearray] = []
     total = at = 0
@@ -120,13 +104,9 @@ def write_masked(transport: asyncio.WriteTransport, frames: Sequence[bytes | byt
         masked = bytearray(frame)
         if size:
             websocket_mask(key, masked)
-        parts += (_LEN7.pack(first, size | _MASK_BIT) if size < 126
-                  else message_header(size, _MASK_BIT, first), key, masked)
+        parts += (message_header(size, _MASK_BIT, first), key, masked)
         total += size
-    if total < JOIN_BELOW:
-        transport.write(b"".join(parts))
-    else:
-        transport.writelines(parts)
+    write_parts(transport, parts, total)
 
 
 def accept_key(key: str) -> str:
